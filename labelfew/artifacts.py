@@ -1,0 +1,175 @@
+"""The only module that reads or writes weights and their metadata.
+
+An artifact is a `.safetensors` file (tensors + str→str metadata) with a `run.json` beside it.
+Loading never unpickles, so a crafted artifact cannot run code; `run.json` records every
+artifact's sha256 and a mismatch is reported as a corrupt file.
+
+Files per stage:
+    pretrain/backbone.safetensors   backbone state dict, timm key layout (no prefixes)
+    pretrain/head.safetensors       projection head state dict (`layers.*`)
+    finetune/model.safetensors      `backbone.*`, optional `head.*`, `classifier.*`
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from labelfew import __version__
+from labelfew.errors import UserError
+from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
+
+FORMAT_VERSION = "1"
+STAGE_FILES = {"pretrain": "backbone.safetensors", "finetune": "model.safetensors"}
+RUNS_ROOT = Path("runs")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Tensors and metadata read from one safetensors file."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def stage(self) -> str:
+        return self.metadata.get("stage", "")
+
+    @property
+    def arch(self) -> str:
+        return self.metadata["arch"]
+
+    def json_field(self, key: str) -> Any:
+        """A metadata value stored as JSON (class_names, mean, std, config)."""
+        return json.loads(self.metadata[key])
+
+    def run_info(self) -> dict[str, Any]:
+        """The `run.json` beside the artifact ({} when absent)."""
+        run_file = self.path.parent / "run.json"
+        if not run_file.is_file():
+            return {}
+        return json.loads(run_file.read_text(encoding="utf-8"))
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Writes a safetensors file atomically and returns its sha256.
+
+    Tensors are made contiguous and moved to the CPU; metadata gets `format_version` and
+    `labelfew_version`.
+    """
+    plain = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+    full_metadata = {"format_version": FORMAT_VERSION, "labelfew_version": __version__, **metadata}
+    atomic_write(Path(path), lambda temporary: save_file(plain, str(temporary), metadata=full_metadata))
+    return sha256_file(path)
+
+
+def write_run_json(folder: Path, record: dict[str, Any]) -> None:
+    """Writes `run.json` (resolved config, hashes, data summary, metrics, versions) atomically."""
+    record = {
+        "labelfew_version": __version__,
+        "torch_version": torch.__version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **record,
+    }
+    atomic_write_json(Path(folder) / "run.json", record)
+
+
+def load_artifact(path: Path, expected_stage: str | None = None) -> Artifact:
+    """Reads and checks an artifact.
+
+    Raises:
+        UserError: missing file, not a safetensors file (truncated, random bytes), a sha256 that
+            differs from run.json, or a stage other than `expected_stage`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such artifact file")
+    expected_hash = _recorded_hash(path)
+    if expected_hash is not None and sha256_file(path) != expected_hash:
+        raise UserError(f"{path}: corrupt (its sha256 differs from run.json); rerun the stage that wrote it")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(
+            f"{path}: not a readable safetensors artifact ({error}); rerun the stage that wrote it"
+        ) from None
+    if "stage" not in metadata or "arch" not in metadata:
+        raise UserError(f"{path}: not a labelfew artifact (no stage/arch metadata)")
+    if expected_stage is not None and metadata["stage"] != expected_stage:
+        raise UserError(
+            f"{path}: a {metadata['stage']} artifact, but a {expected_stage} artifact is needed here"
+        )
+    return Artifact(path=path, tensors=tensors, metadata=metadata)
+
+
+def _recorded_hash(path: Path) -> str | None:
+    run_file = path.parent / "run.json"
+    if not run_file.is_file():
+        return None
+    try:
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{run_file}: corrupt run.json; rerun the stage that wrote it") from None
+    value = record.get("artifacts", {}).get(path.name, {}).get("sha256")
+    return value if isinstance(value, str) else None
+
+
+def resolve_artifact(source: Path | None, stages: tuple[str, ...], runs_root: Path = RUNS_ROOT) -> Path:
+    """Finds the artifact file a command should start from.
+
+    `source` may be an artifact file, a stage folder (`runs/NAME/pretrain`), or a run folder
+    (`runs/NAME`, which resolves to its newest completed stage among `stages`, in order of
+    preference). Without `source`, the most recently modified run under `runs_root`.
+
+    Raises:
+        UserError: nothing suitable found, with what was looked for.
+    """
+    wanted = " or ".join(stages)
+    if source is None:
+        runs = (
+            sorted(
+                (
+                    folder
+                    for folder in runs_root.glob("*")
+                    if folder.is_dir() and _stage_files(folder, stages)
+                ),
+                key=lambda folder: max(p.stat().st_mtime for p in _stage_files(folder, stages)),
+            )
+            if runs_root.is_dir()
+            else []
+        )
+        if not runs:
+            raise UserError(f"no {wanted} artifact under {runs_root}/; run that stage first or pass --from")
+        source = runs[-1]
+    source = Path(source)
+    if source.is_file():
+        return source
+    if not source.is_dir():
+        raise UserError(f"--from {source}: no such file or folder")
+    candidates = _stage_files(source, stages)
+    if not candidates:
+        raise UserError(f"--from {source}: holds no completed {wanted} artifact")
+    return candidates[0]
+
+
+def _stage_files(folder: Path, stages: tuple[str, ...]) -> list[Path]:
+    """Completed artifacts in a run or stage folder, in `stages` preference order, newest first."""
+    found: list[Path] = []
+    for stage in stages:
+        name = STAGE_FILES[stage]
+        direct = folder / name
+        if direct.is_file() and (folder / "run.json").is_file():
+            found.append(direct)
+        nested = [p for p in folder.glob(f"{stage}*/{name}") if (p.parent / "run.json").is_file()]
+        found.extend(sorted(nested, key=lambda p: p.stat().st_mtime, reverse=True))
+    return found

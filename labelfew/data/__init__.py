@@ -1,0 +1,1 @@
+"""Finding images, label CSVs, class-balanced subsets, decoding and datasets."""

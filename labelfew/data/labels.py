@@ -1,0 +1,165 @@
+"""Labelled image lists: read from a CSV (`path,label`) or a class-per-folder tree, and written back.
+
+A label CSV has a header with at least `path` and `label`; other columns are ignored. `path` is
+relative to the CSV's folder, or absolute. Class names are strings; their order (sorted) is the
+class index order that every artifact stores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from labelfew.data.images import find_images
+from labelfew.errors import UserError
+from labelfew.fileio import atomic_write_text
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    """Image paths with their class names.
+
+    Attributes:
+        paths: absolute image paths.
+        labels: the class name of each image.
+        root: the folder that relative paths are written against (the CSV's folder or the tree root).
+    """
+
+    paths: tuple[Path, ...]
+    labels: tuple[str, ...]
+    root: Path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Sorted unique class names: index i of a classifier means class_names[i]."""
+        return sorted(set(self.labels))
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per class, in class-name order."""
+        result = dict.fromkeys(self.class_names, 0)
+        for label in self.labels:
+            result[label] += 1
+        return result
+
+    def label_indices(self, class_names: list[str]) -> list[int]:
+        """Maps every label to its index in `class_names`.
+
+        Raises:
+            UserError: a label is not one of `class_names` (e.g. a class unseen at finetune time).
+        """
+        lookup = {name: index for index, name in enumerate(class_names)}
+        unknown = sorted(set(self.labels) - set(lookup))
+        if unknown:
+            shown = ", ".join(repr(name) for name in unknown[:5])
+            raise UserError(
+                f"{self.root}: labels {shown} are not classes of the model "
+                f"(it knows {len(class_names)}: {', '.join(class_names[:10])}); "
+                "evaluate on the same classes the model was fine-tuned on"
+            )
+        return [lookup[label] for label in self.labels]
+
+    def relative_key(self, path: Path) -> str:
+        """The path as written in a CSV: relative to `root` when below it, POSIX separators."""
+        try:
+            return Path(os.path.relpath(path, self.root)).as_posix()
+        except ValueError:  # another drive on Windows
+            return path.as_posix()
+
+
+def read_labels(source: Path) -> LabeledImages:
+    """Reads a label CSV or a class-per-subfolder tree.
+
+    Raises:
+        UserError: with one sentence naming the file and the problem.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise UserError(
+            f"{source}: no such file or folder. Pass a label CSV (path,label) or a class-per-folder tree."
+        )
+    if source.is_dir():
+        return _read_tree(source)
+    return _read_csv(source)
+
+
+def _read_tree(root: Path) -> LabeledImages:
+    paths, labels = [], []
+    for class_folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in find_images(class_folder):
+            paths.append(path.absolute())
+            labels.append(class_folder.name)
+    if not paths:
+        raise UserError(
+            f"{root}: no images in class subfolders. A labelled folder holds one subfolder per class "
+            "(root/<class>/*.jpg), or pass a CSV with path,label columns"
+        )
+    return LabeledImages(paths=tuple(paths), labels=tuple(labels), root=root.absolute())
+
+
+def _decode(source: Path) -> str:
+    data = source.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{source}: not UTF-8 text (byte {error.start}); save the CSV as UTF-8") from None
+
+
+def _read_csv(source: Path) -> LabeledImages:
+    text = _decode(source)
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as error:
+        raise UserError(f"{source}: not a valid CSV ({error})") from None
+    header = csv.reader(io.StringIO(text))
+    columns = [name.strip() for name in next(header, [])]
+    missing = [name for name in ("path", "label") if name not in columns]
+    if missing:
+        raise UserError(
+            f"{source}: missing column(s) {', '.join(missing)}; the header must include path,label "
+            f"(found: {', '.join(columns) or 'nothing'})"
+        )
+    root = source.parent.absolute()
+    chosen: dict[Path, str] = {}
+    missing_files: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        row = {(key or "").strip(): (value or "") for key, value in row.items() if key is not None}
+        raw_path, label = row.get("path", "").strip(), row.get("label", "").strip()
+        if not raw_path or not label:
+            raise UserError(f"{source}:{line}: empty path or label; every row needs both")
+        path = Path(raw_path) if Path(raw_path).is_absolute() else root / raw_path
+        if not path.is_file():
+            missing_files.append(raw_path)
+            continue
+        path = Path(os.path.normpath(path))
+        if path in chosen and chosen[path] != label:
+            raise UserError(
+                f"{source}:{line}: {raw_path} is labelled both {chosen[path]!r} and {label!r}; keep one"
+            )
+        chosen[path] = label
+    if missing_files:
+        shown = ", ".join(missing_files[:3])
+        raise UserError(
+            f"{source}: {len(missing_files)} path(s) do not exist (e.g. {shown}); "
+            "paths are relative to the CSV's folder"
+        )
+    if not chosen:
+        raise UserError(f"{source}: no rows; add path,label rows")
+    return LabeledImages(paths=tuple(chosen), labels=tuple(chosen.values()), root=root)
+
+
+def write_labels(labeled: LabeledImages, out: Path) -> None:
+    """Writes a `path,label` CSV (paths relative to the CSV's folder), atomically."""
+    out = Path(out)
+    view = LabeledImages(labeled.paths, labeled.labels, root=out.parent.absolute())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label"])
+    for path, label in zip(labeled.paths, labeled.labels, strict=True):
+        writer.writerow([view.relative_key(path), label])
+    atomic_write_text(out, buffer.getvalue())

@@ -1,0 +1,80 @@
+"""Class-balanced, seeded label subsets (the 1% / 10% splits).
+
+Each image gets a rank from sha256(seed, path relative to the label root); a class keeps its
+lowest-ranked images. So a subset depends only on the seed and the set of images, not on the
+CSV's row order or the machine, and for one seed the 1% subset is contained in the 10% one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from pathlib import Path
+
+from labelfew.data.labels import LabeledImages
+from labelfew.errors import UserError
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()
+
+
+def balanced_subset(
+    labeled: LabeledImages,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    allow_empty: bool = False,
+) -> LabeledImages:
+    """Keeps `fraction` of each class (rounded) or `per_class` images of each class.
+
+    Args:
+        labeled: the full labelled set.
+        fraction: in (0, 1]; each class keeps round(fraction × its size) images.
+        per_class: a count per class (>= 1); classes with fewer images keep all of them.
+        seed: selects which images; the same seed gives the same subset.
+        allow_empty: keep going when the fraction rounds a class down to zero images
+            (that class is then absent from the subset).
+
+    Raises:
+        UserError: invalid fraction/count, or a class left empty without `allow_empty`.
+    """
+    if (fraction is None) == (per_class is None):
+        raise UserError("give exactly one of --fraction or --per-class")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"--fraction {fraction} is out of range; use a value in (0, 1], e.g. 0.01 for 1%")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"--per-class {per_class} is out of range; use at least 1")
+    by_class: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for path, label in zip(labeled.paths, labeled.labels, strict=True):
+        by_class[label].append((labeled.relative_key(path), path))
+    chosen: list[tuple[str, Path, str]] = []
+    empty: list[str] = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda item: _rank(seed, item[0]))
+        count = per_class if per_class is not None else round(fraction * len(members))  # type: ignore[operator]
+        if count == 0:
+            empty.append(label)
+            continue
+        chosen.extend((key, path, label) for key, path in members[:count])
+    if empty and not allow_empty:
+        raise UserError(
+            f"--fraction {fraction} leaves {len(empty)} class(es) empty ({', '.join(empty[:5])}); "
+            "use a larger fraction, --per-class, or --allow-empty"
+        )
+    chosen.sort(key=lambda item: (item[2], item[0]))
+    return LabeledImages(
+        paths=tuple(path for _, path, _ in chosen),
+        labels=tuple(label for _, _, label in chosen),
+        root=labeled.root,
+    )
+
+
+def subset_hash(labeled: LabeledImages) -> str:
+    """A sha256 over the (relative path, label) pairs, independent of row order."""
+    digest = hashlib.sha256()
+    for key, label in sorted(
+        (labeled.relative_key(path), label) for path, label in zip(labeled.paths, labeled.labels, strict=True)
+    ):
+        digest.update(f"{key}\0{label}\n".encode())
+    return digest.hexdigest()

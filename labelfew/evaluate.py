@@ -1,0 +1,302 @@
+"""Evaluation: kNN and a linear probe on frozen backbone features, and fine-tuned model accuracy.
+
+kNN and the probe use the backbone's pooled features, never the projection head's output
+(trap 6 in DESIGN.md: the head is for the loss; SimCLR arXiv 2002.05709 section 4.2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import DataLoader
+
+from labelfew import engine, report
+from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
+from labelfew.augment import eval_transform
+from labelfew.config import EvaluateConfig, to_json
+from labelfew.data.images import ImageDataset, collate
+from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.errors import UserError
+from labelfew.finetune import load_classifier
+from labelfew.models import build_backbone
+
+PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def knn_scores(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Weighted kNN class scores (Wu et al. 2018, arXiv 1805.01978; DINO's eval_knn).
+
+    Cosine similarity of each query to the bank; the k nearest vote for their class with
+    weight exp(similarity / temperature). k is capped by the bank size.
+
+    Shape: bank (B, D), bank_labels (B,), queries (Q, D) -> scores (Q, num_classes)
+    """
+    bank = nn.functional.normalize(bank.float(), dim=1)
+    queries = nn.functional.normalize(queries.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, queries.shape[0], chunk):
+        similarity = queries[start : start + chunk] @ bank.T
+        top_similarity, top_index = similarity.topk(k, dim=1)
+        weights = (top_similarity / temperature).exp()
+        votes = torch.zeros(similarity.shape[0], num_classes)
+        votes.scatter_add_(1, bank_labels[top_index], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def linear_probe_scores(
+    train: np.ndarray,
+    train_labels: np.ndarray,
+    test: np.ndarray,
+    num_classes: int,
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, float | None]:
+    """Logistic regression on L2-normalised frozen features; returns (scores, chosen C).
+
+    C is chosen from PROBE_C_GRID on a stratified held-out part of the training features, then
+    the probe is refit on all of them. With fewer than two examples of a class no split is
+    possible and C = 1 is used (the second value is then None).
+
+    Shape: train (N, D), train_labels (N,), test (Q, D) -> scores (Q, num_classes)
+    """
+    train = train / np.linalg.norm(train, axis=1, keepdims=True).clip(1e-12)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True).clip(1e-12)
+    counts = np.bincount(train_labels, minlength=num_classes)
+    present = counts > 0
+    chosen: float | None = None
+    if (counts[present] >= 2).all() and holdout > 0 and len(np.unique(train_labels)) > 1:
+        fit_x, val_x, fit_y, val_y = train_test_split(
+            train,
+            train_labels,
+            test_size=max(holdout, present.sum() / len(train_labels)),
+            stratify=train_labels,
+            random_state=seed,
+        )
+        best = -1.0
+        for c in PROBE_C_GRID:
+            score = _fit(fit_x, fit_y, c, seed).score(val_x, val_y)
+            if score > best:
+                best, chosen = score, c
+    probe = _fit(train, train_labels, chosen or 1.0, seed)
+    scores = np.zeros((test.shape[0], num_classes))
+    scores[:, probe.classes_] = probe.predict_proba(test)
+    return scores, chosen
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, y)
+
+
+@dataclass(frozen=True)
+class Models:
+    """What one evaluation covers: a pretrain backbone and/or fine-tuned models."""
+
+    pretrain: Artifact | None
+    finetunes: list[Artifact]
+    run_folder: Path
+
+
+def find_models(source: Path | None) -> Models:
+    """Resolves --from into the pretrain artifact and every fine-tuned model of the run.
+
+    Raises:
+        UserError: nothing to evaluate.
+    """
+    if source is None or (Path(source).is_dir() and not any(Path(source).glob("*.safetensors"))):
+        path = resolve_artifact(source, ("pretrain", "finetune"))
+        run_folder = path.parent.parent if source is None else Path(source)
+        pretrain_path = run_folder / "pretrain" / "backbone.safetensors"
+        pretrain = load_artifact(pretrain_path, "pretrain") if pretrain_path.is_file() else None
+        finetunes = [
+            load_artifact(p, "finetune") for p in sorted(run_folder.glob("finetune*/model.safetensors"))
+        ]
+        return Models(pretrain, finetunes, run_folder)
+    path = resolve_artifact(source, ("finetune", "pretrain"))
+    artifact = load_artifact(path)
+    if artifact.stage == "pretrain":
+        return Models(artifact, [], path.parent.parent)
+    parent = (artifact.run_info().get("parent") or {}).get("path")
+    pretrain = load_artifact(Path(parent), "pretrain") if parent and Path(parent).is_file() else None
+    return Models(pretrain, [artifact], path.parent.parent)
+
+
+def _loader(
+    labeled: LabeledImages, class_names: list[str], artifact: Artifact, config: EvaluateConfig
+) -> DataLoader[Any]:
+    transform = eval_transform(
+        int(artifact.metadata["image_size"]), artifact.json_field("mean"), artifact.json_field("std")
+    )
+    dataset = ImageDataset(list(labeled.paths), transform, labeled.label_indices(class_names))
+    workers = engine.default_workers(config.workers)
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate
+    )
+
+
+@torch.no_grad()
+def _outputs(
+    model: nn.Module, loader: DataLoader[Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval().to(device)
+    outputs, labels = [], []
+    for batch in loader:
+        outputs.append(model(batch["images"].to(device)).float().cpu())
+        labels.append(batch["labels"])
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def _backbone(artifact: Artifact, random_init: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_backbone(
+        artifact.arch,
+        small_stem=bool(artifact.json_field("small_stem")),
+        image_size=int(artifact.metadata["image_size"]),
+    )
+    if not random_init:
+        model.load_state_dict(artifact.tensors)
+    return model
+
+
+def _bank_source(config: EvaluateConfig, models: Models) -> Path:
+    if config.bank is not None:
+        return config.bank
+    ordered = sorted(models.finetunes, key=lambda a: json.loads(a.metadata.get("scratch", "false")))
+    for artifact in ordered:
+        labels = (artifact.run_info().get("labels") or {}).get("path")
+        if labels and Path(labels).exists():
+            return Path(labels)
+    raise UserError(
+        "no labelled images for kNN and the linear probe: pass --bank labels.csv (e.g. your fine-tuning labels)"
+    )
+
+
+def run(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluates every model of the run on the test set; prints the table and writes report.json."""
+    started = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = find_models(config.source)
+    test = read_labels(config.test)
+    class_names = models.finetunes[0].json_field("class_names") if models.finetunes else None
+    for artifact in models.finetunes[1:]:
+        if artifact.json_field("class_names") != class_names:
+            raise UserError(
+                f"{artifact.path}: its classes differ from {models.finetunes[0].path}; evaluate them separately (--from)"
+            )
+    rows: list[dict[str, Any]] = []
+    if models.pretrain is not None:
+        bank = read_labels(_bank_source(config, models))
+        class_names = class_names or bank.class_names
+        rows += _frozen_rows(models.pretrain, bank, test, class_names, config, device)
+    if class_names is None:
+        raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
+    for artifact in models.finetunes:
+        rows.append(_finetune_row(artifact, test, class_names, config, device))
+    result = {
+        "test": {"path": str(config.test.resolve()), "images": len(test)},
+        "class_names": class_names,
+        "rows": rows,
+        "config": to_json(config),
+        "models": {
+            "pretrain": str(models.pretrain.path) if models.pretrain else None,
+            "finetunes": [str(a.path) for a in models.finetunes],
+        },
+        "device": str(device),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    out = config.out or models.run_folder / "evaluate"
+    report.write_json(out / "report.json", result)
+    if not config.quiet:
+        report.print_report(result, out / "report.json")
+    return result
+
+
+def _frozen_rows(
+    pretrain: Artifact,
+    bank: LabeledImages,
+    test: LabeledImages,
+    class_names: list[str],
+    config: EvaluateConfig,
+    device: torch.device,
+) -> list[dict[str, Any]]:
+    bank_loader, test_loader = (
+        _loader(bank, class_names, pretrain, config),
+        _loader(test, class_names, pretrain, config),
+    )
+    variants = [("", False)] + ([(" (random init)", True)] if config.random_baseline else [])
+    rows = []
+    for suffix, random_init in variants:
+        backbone = _backbone(pretrain, random_init, config.seed)
+        bank_x, bank_y = _outputs(backbone, bank_loader, device)
+        test_x, test_y = _outputs(backbone, test_loader, device)
+        knn = knn_scores(
+            bank_x, bank_y, test_x, len(class_names), k=config.knn_k, temperature=config.knn_temperature
+        )
+        k_used = min(config.knn_k, len(bank))
+        rows.append(
+            report.metrics_row(
+                f"kNN{suffix}",
+                knn.numpy(),
+                test_y.numpy(),
+                class_names,
+                {"k": k_used, "temperature": config.knn_temperature, "bank_images": len(bank)},
+            )
+        )
+        if random_init:
+            continue
+        probe, c = linear_probe_scores(
+            bank_x.numpy(),
+            bank_y.numpy(),
+            test_x.numpy(),
+            len(class_names),
+            holdout=config.probe_holdout,
+            seed=config.seed,
+        )
+        rows.append(
+            report.metrics_row(
+                "linear probe",
+                probe,
+                test_y.numpy(),
+                class_names,
+                {"C": c if c is not None else "1.0 (too few labels to choose)", "bank_images": len(bank)},
+            )
+        )
+    return rows
+
+
+def _finetune_row(
+    artifact: Artifact,
+    test: LabeledImages,
+    class_names: list[str],
+    config: EvaluateConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    model = load_classifier(artifact)
+    logits, labels = _outputs(model, _loader(test, class_names, artifact, config), device)
+    name = "fine-tuned (scratch)" if json.loads(artifact.metadata.get("scratch", "false")) else "fine-tuned"
+    info = artifact.run_info().get("labels", {})
+    return report.metrics_row(
+        name,
+        torch.softmax(logits, dim=1).numpy(),
+        labels.numpy(),
+        class_names,
+        {"labels": info.get("path"), "labelled_images": info.get("images"), "artifact": str(artifact.path)},
+    )

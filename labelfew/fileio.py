@@ -1,0 +1,76 @@
+"""Atomic file writes: a killed writer never leaves a partial file under the final name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from labelfew.errors import UserError
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls `write(temporary_path)` then fsyncs and renames the file to `path`.
+
+    The temporary file lives in the same folder (so the rename is atomic) and is removed
+    if `write` fails.
+
+    Raises:
+        UserError: the folder cannot be created or written.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError:
+        raise UserError(f"{path.parent}: not writable; choose another output folder (--out)") from None
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes UTF-8 text atomically."""
+
+    def write(temporary: Path) -> None:
+        temporary.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    """Writes indented JSON atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

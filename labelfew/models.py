@@ -1,0 +1,159 @@
+"""Backbones (through timm), the small-image stem, the projection head and the classifier."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from labelfew.errors import UserError
+
+SMALL_IMAGE_SIDE = 64
+"""Images this size or smaller get the small-image stem (trap 4 in DESIGN.md)."""
+
+
+def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -> nn.Module:
+    """A timm model with no classifier, returning pooled features of size `num_features`.
+
+    Args:
+        arch: any timm model name (`timm.list_models()`), e.g. resnet18, resnet50, vit_small_patch16_224.
+        small_stem: replace a ResNet-style stem (7×7 stride-2 conv + max-pool) with a 3×3 stride-1
+            conv and no pool, as the SimCLR paper does for CIFAR-10 (appendix B.9). Without it a
+            32 px image is 8 px after the stem and most of the network sees almost nothing.
+        image_size: passed to models whose size is fixed at build time (vision transformers).
+
+    Raises:
+        UserError: unknown arch, or `small_stem` for a model without a ResNet-style stem.
+    """
+    if arch not in timm.list_models():
+        close = [name for name in timm.list_models(f"*{arch}*")][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
+        raise UserError(f"--arch {arch}: not a timm model{hint}")
+    model = _create(arch, image_size)
+    if not hasattr(model, "num_features"):
+        raise UserError(
+            f"--arch {arch}: the timm model has no num_features; choose a classification backbone"
+        )
+    if small_stem:
+        _use_small_stem(model, arch)
+    return model
+
+
+def _create(arch: str, image_size: int | None) -> nn.Module:
+    """Models built for a fixed input size (ViTs) take `img_size`; the others refuse it."""
+    if image_size is not None:
+        try:
+            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
+        except TypeError:
+            pass
+    return timm.create_model(arch, pretrained=False, num_classes=0)
+
+
+def _use_small_stem(model: nn.Module, arch: str) -> None:
+    stem = getattr(model, "conv1", None)
+    if not hasattr(model, "maxpool") or stem is None:
+        raise UserError(
+            f"--arch {arch}: the small-image stem is implemented for ResNet-style models "
+            "(conv1 + maxpool); pass --no-small-stem or choose a resnet"
+        )
+    first = (
+        stem if isinstance(stem, nn.Conv2d) else next(m for m in stem.modules() if isinstance(m, nn.Conv2d))
+    )
+    replacement = nn.Conv2d(
+        first.in_channels, first.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+    )
+    if isinstance(stem, nn.Conv2d):
+        model.conv1 = replacement
+    else:  # deep stems (resnet*d, *t): a sequence of 3×3 convs; drop the stride of the first
+        names = [name for name, module in stem.named_modules() if module is first]
+        parent_name, _, child_name = names[0].rpartition(".")
+        parent = stem.get_submodule(parent_name) if parent_name else stem
+        first_stride_one = nn.Conv2d(
+            first.in_channels, first.out_channels, kernel_size=3, stride=1, padding=1, bias=False
+        )
+        setattr(parent, child_name, first_stride_one)
+    model.maxpool = nn.Identity()
+
+
+class ProjectionHead(nn.Module):
+    """The SimCLR projection MLP g(·) on top of the backbone features.
+
+    depth 2 is SimCLR v1 (arXiv 2002.05709): Linear → BN → ReLU → Linear. depth 3 is SimCLR v2
+    (arXiv 2006.10029), which also fine-tunes from the first layer of the head
+    (`--from-head-layer 1`). Every hidden block is Linear (no bias) → BatchNorm → ReLU.
+
+    Shape: (batch_size, in_features) -> (batch_size, output_dim)
+    """
+
+    def __init__(self, in_features: int, hidden_dim: int, output_dim: int = 128, depth: int = 2) -> None:
+        super().__init__()
+        if depth < 2:
+            raise UserError(f"--projection-depth {depth}: use 2 (SimCLR v1) or 3 (SimCLR v2)")
+        blocks: list[nn.Module] = []
+        width = in_features
+        for _ in range(depth - 1):
+            blocks.append(
+                nn.Sequential(
+                    nn.Linear(width, hidden_dim, bias=False),
+                    nn.BatchNorm1d(hidden_dim),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            width = hidden_dim
+        blocks.append(nn.Linear(width, output_dim))
+        self.layers = nn.Sequential(*blocks)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class SimCLRModel(nn.Module):
+    """Backbone + projection head; returns the projections z used by the contrastive loss."""
+
+    def __init__(self, backbone: nn.Module, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Shape: (batch_size, 3, H, W) -> (batch_size, output_dim)"""
+        return self.head(self.backbone(images))
+
+
+class Classifier(nn.Module):
+    """Backbone (+ optionally the first projection-head blocks) + a linear classifier.
+
+    Keys of its state dict: `backbone.*`, `head.*` (only when fine-tuning from a head layer)
+    and `classifier.weight` / `classifier.bias`.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        width = _output_width(head) if head is not None else int(backbone.num_features)  # type: ignore[arg-type]
+        self.classifier = nn.Linear(width, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Shape: (batch_size, 3, H, W) -> (batch_size, width)"""
+        features = self.backbone(images)
+        return self.head(features) if self.head is not None else features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Shape: (batch_size, 3, H, W) -> (batch_size, num_classes) logits"""
+        return self.classifier(self.features(images))
+
+
+def _output_width(module: nn.Module) -> int:
+    linears = [layer for layer in module.modules() if isinstance(layer, nn.Linear)]
+    return linears[-1].out_features
+
+
+def head_prefix(head: ProjectionHead, layers: int) -> nn.Sequential:
+    """The first `layers` blocks of a projection head (SimCLRv2 fine-tunes from layer 1)."""
+    available = len(head.layers) - 1
+    if not 0 < layers <= available:
+        raise UserError(
+            f"--from-head-layer {layers}: this head has hidden layers 1..{available} (or 0 for none)"
+        )
+    return nn.Sequential(*list(head.layers.children())[:layers])

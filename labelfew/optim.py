@@ -1,0 +1,273 @@
+"""Optimisers and learning-rate schedules for SimCLR pretraining and fine-tuning.
+
+LARS (You et al. 2017, https://arxiv.org/abs/1708.03888) as SimCLR uses it
+(https://arxiv.org/abs/2002.05709, appendix B.1, and the official TensorFlow
+`lars_optimizer.py` in google-research/simclr): weight decay and the layer-wise trust ratio
+apply to weight matrices and convolution kernels only, never to biases or normalisation
+weights; the learning rate scales with the batch size; it warms up linearly, then decays
+along a cosine, and is updated every iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["LARS", "build_optimizer", "parameter_groups", "scaled_learning_rate", "warmup_cosine"]
+
+OptimizerName = Literal["lars", "sgd", "adamw"]
+LearningRateRule = Literal["linear", "sqrt"]
+
+# SimCLR appendix B.1: 0.3 x batch / 256 with LARS; 0.075 x sqrt(batch) works better for
+# small batches and long training.
+DEFAULT_BASE_LEARNING_RATE = {"linear": 0.3, "sqrt": 0.075}
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling, as in SimCLR's `lars_optimizer.py`.
+
+    For each parameter `w` of a group with `lars_adapt=True` (the TensorFlow formulation,
+    `classic_momentum=True`, no Nesterov):
+
+        g = grad + weight_decay * w
+        trust_ratio = trust_coefficient * ||w|| / (||g|| + eps)   (1 when ||w|| or ||g|| is 0)
+        v = momentum * v + lr * trust_ratio * g
+        w = w - v
+
+    The momentum buffer holds the scaled update, so a change of learning rate affects new
+    gradients only (unlike `torch.optim.SGD`, whose buffer is multiplied by the current lr).
+    Groups with `lars_adapt=False` (biases and normalisation weights, see `parameter_groups`)
+    get plain momentum SGD, `v = momentum * v + lr * grad`, without weight decay.
+
+    Args:
+        params: parameters or parameter groups; a group may set `lr`, `momentum`,
+            `weight_decay`, `trust_coefficient`, `eps` and `lars_adapt`.
+        lr: learning rate; see `scaled_learning_rate`.
+        momentum: 0.9 as in SimCLR.
+        weight_decay: 1e-6 in SimCLR pretraining (LARS, batch 4096); applied to adapted
+            groups only.
+        trust_coefficient: `eeta` in the TensorFlow code; 0.001 as there.
+        eps: added to ||g|| in the trust ratio; 0 as in the TensorFlow code.
+        lars_adapt: default for groups that do not set it.
+
+    Raises:
+        ValueError: a negative or out-of-range hyperparameter, or a group with
+            `lars_adapt=False` and non-zero weight decay (LARS never decays those).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 0.0,
+        lars_adapt: bool = True,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "trust_coefficient": trust_coefficient,
+            "eps": eps,
+            "lars_adapt": lars_adapt,
+        }
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_lars_group(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Performs one update.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None without a closure.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise ValueError("LARS does not support sparse gradients.")
+                _update_parameter(param, self.state[param], group)
+        return loss
+
+
+def _check_lars_group(group: dict[str, Any]) -> None:
+    """Raises ValueError for a LARS parameter group with unusable hyperparameters."""
+    if group["lr"] < 0:
+        raise ValueError(f"LARS learning rate must be >= 0, got {group['lr']}.")
+    if not 0 <= group["momentum"] < 1:
+        raise ValueError(f"LARS momentum must be in [0, 1), got {group['momentum']}.")
+    if group["weight_decay"] < 0:
+        raise ValueError(f"LARS weight decay must be >= 0, got {group['weight_decay']}.")
+    if group["trust_coefficient"] <= 0:
+        raise ValueError(f"LARS trust coefficient must be positive, got {group['trust_coefficient']}.")
+    if group["eps"] < 0:
+        raise ValueError(f"LARS eps must be >= 0, got {group['eps']}.")
+    if not group["lars_adapt"] and group["weight_decay"] != 0:
+        raise ValueError(
+            "LARS never applies weight decay to a group with lars_adapt=False; "
+            f"set its weight_decay to 0 (got {group['weight_decay']})."
+        )
+
+
+def _update_parameter(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One LARS (or, for excluded groups, momentum SGD) update of `param`, in place."""
+    grad = param.grad
+    assert grad is not None
+    scale: Tensor | float = group["lr"]
+    if group["lars_adapt"]:
+        if group["weight_decay"] != 0:
+            grad = grad.add(param, alpha=group["weight_decay"])
+        param_norm = torch.linalg.vector_norm(param)
+        grad_norm = torch.linalg.vector_norm(grad)
+        trust_ratio = torch.where(
+            (param_norm > 0) & (grad_norm > 0),
+            group["trust_coefficient"] * param_norm / (grad_norm + group["eps"]),
+            torch.ones_like(param_norm),
+        )
+        scale = trust_ratio * group["lr"]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(param)
+    velocity: Tensor = state["momentum_buffer"]
+    velocity.mul_(group["momentum"]).add_(grad * scale)
+    param.sub_(velocity)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Splits the trainable parameters into a LARS-adapted, decayed group and an excluded one.
+
+    Excluded are parameters with at most one dimension: biases and the weights of BatchNorm,
+    LayerNorm and GroupNorm (SimCLR excludes `batch_normalization` and `bias` variables;
+    decaying or adapting them hurts, DESIGN.md trap 3). Frozen parameters are left out.
+
+    Args:
+        model: the module to optimise.
+        weight_decay: for the adapted group; 1e-6 for SimCLR pretraining with LARS.
+
+    Returns:
+        Two groups, always in this order and possibly empty:
+        `{"params": [...], "weight_decay": weight_decay, "lars_adapt": True}` and
+        `{"params": [...], "weight_decay": 0.0, "lars_adapt": False}`.
+
+    Raises:
+        ValueError: negative weight decay.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"Weight decay must be >= 0, got {weight_decay}.")
+    adapted: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
+    for param in model.parameters():
+        if param.requires_grad:
+            (excluded if param.ndim <= 1 else adapted).append(param)
+    return [
+        {"params": adapted, "weight_decay": weight_decay, "lars_adapt": True},
+        {"params": excluded, "weight_decay": 0.0, "lars_adapt": False},
+    ]
+
+
+def scaled_learning_rate(base_lr: float | None, batch_size: int, rule: LearningRateRule = "linear") -> float:
+    """Learning rate for a global batch size (SimCLR appendix B.1).
+
+    Args:
+        base_lr: per-rule base; None uses SimCLR's 0.3 (linear) or 0.075 (sqrt).
+        batch_size: the global batch size, summed over processes.
+        rule: "linear" gives base_lr * batch_size / 256 (the paper's default with LARS);
+            "sqrt" gives base_lr * sqrt(batch_size), better for small batches.
+
+    Raises:
+        ValueError: an unknown rule, a non-positive batch size or base learning rate.
+    """
+    if rule not in DEFAULT_BASE_LEARNING_RATE:
+        raise ValueError(f"Unknown learning-rate rule {rule!r}; use 'linear' or 'sqrt'.")
+    if batch_size <= 0:
+        raise ValueError(f"Batch size must be positive, got {batch_size}.")
+    if base_lr is None:
+        base_lr = DEFAULT_BASE_LEARNING_RATE[rule]
+    if not base_lr > 0:
+        raise ValueError(f"Base learning rate must be positive, got {base_lr}.")
+    if rule == "linear":
+        return base_lr * batch_size / 256
+    return base_lr * math.sqrt(batch_size)
+
+
+def build_optimizer(
+    name: OptimizerName,
+    groups: Sequence[dict[str, Any]],
+    lr: float,
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    """Builds the named optimizer over groups from `parameter_groups`.
+
+    Args:
+        name: "lars" for SimCLR pretraining; "sgd" (momentum, Nesterov off) as SimCLR
+            fine-tunes; "adamw" (default betas; `momentum` unused) for small-data fine-tuning.
+        groups: parameter groups; each keeps its `weight_decay`. `lars_adapt` is read by LARS
+            and dropped for the others.
+        lr: learning rate, usually from `scaled_learning_rate`.
+        momentum: for "lars" and "sgd".
+
+    Raises:
+        ValueError: an unknown name or a negative learning rate.
+    """
+    if lr < 0:
+        raise ValueError(f"Learning rate must be >= 0, got {lr}.")
+    if name == "lars":
+        return LARS([dict(group) for group in groups], lr=lr, momentum=momentum)
+    plain_groups = [{k: v for k, v in group.items() if k != "lars_adapt"} for group in groups]
+    if name == "sgd":
+        return torch.optim.SGD(plain_groups, lr=lr, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(plain_groups, lr=lr)
+    raise ValueError(f"Unknown optimizer {name!r}; use 'lars', 'sgd' or 'adamw'.")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warmup to the base learning rate, then cosine decay to 0; step it per iteration.
+
+    The factor for optimizer step `s` (counting from 0) is `(s + 1) / warmup_steps` during
+    warmup, so the first step already moves (the TensorFlow code uses `s / warmup_steps`,
+    which wastes it) and step `warmup_steps - 1` reaches 1; then
+    `0.5 * (1 + cos(pi * (s - warmup_steps) / (total_steps - warmup_steps)))`, which is 1 at
+    the end of warmup, 0.5 halfway and 0 from `total_steps` on. SimCLR warms up for 10 epochs
+    (appendix B.1).
+
+    Args:
+        optimizer: its groups' current `lr` become the peak values.
+        warmup_steps: iterations of linear warmup; 0 for none.
+        total_steps: iterations of the whole run, warmup included.
+
+    Raises:
+        ValueError: negative warmup, or total steps not above 0 and at least the warmup.
+    """
+    if warmup_steps < 0 or total_steps <= 0 or warmup_steps > total_steps:
+        raise ValueError(
+            "Schedule needs 0 <= warmup_steps <= total_steps and total_steps > 0, "
+            f"got warmup_steps={warmup_steps}, total_steps={total_steps}."
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step >= total_steps:
+            return 0.0
+        progress = (step - warmup_steps) / (total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, lr_lambda=factor)

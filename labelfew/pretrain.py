@@ -1,0 +1,261 @@
+"""SimCLR pretraining: unlabeled folder -> backbone.safetensors + head.safetensors + run.json.
+
+SimCLR: Chen et al. 2020, arXiv 2002.05709; the v2 head and fine-tuning: arXiv 2006.10029.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from labelfew import engine
+from labelfew.artifacts import save_tensors, write_run_json
+from labelfew.augment import TwoViews, ViewConfig
+from labelfew.config import PretrainConfig, to_json
+from labelfew.data.images import ImageDataset, collate, find_images, typical_image_side
+from labelfew.errors import UserError
+from labelfew.losses import nt_xent_loss
+from labelfew.models import SMALL_IMAGE_SIDE, ProjectionHead, SimCLRModel, build_backbone
+from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+
+
+def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
+    """Fills the automatic values (image size, stem, colour strength, blur, warmup, output)."""
+    image_size = config.image_size or typical_image_side(paths)
+    small = image_size <= SMALL_IMAGE_SIDE
+    warmup = config.warmup_epochs
+    if warmup is None:
+        warmup = min(10.0, config.epochs / 10)
+    out = config.out or Path("runs") / f"{config.data.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _replace(
+        config,
+        image_size=image_size,
+        small_stem=small if config.small_stem is None else config.small_stem,
+        color_strength=(0.5 if small else 1.0) if config.color_strength is None else config.color_strength,
+        blur=image_size > 32 if config.blur is None else config.blur,
+        warmup_epochs=warmup,
+        out=out,
+    )
+
+
+def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def _check(config: PretrainConfig, image_count: int) -> None:
+    if config.epochs < 1:
+        raise UserError(f"--epochs {config.epochs}: use at least 1")
+    if config.temperature <= 0:
+        raise UserError(f"--temperature {config.temperature}: use a positive value (0.1 to 0.5)")
+    if config.batch_size > image_count:
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the {image_count} images in {config.data}; "
+            f"use at most {image_count}"
+        )
+    if config.batch_size < 2:
+        raise UserError(f"--batch-size {config.batch_size}: a contrastive batch needs at least 2 images")
+
+
+def build_model(config: PretrainConfig) -> SimCLRModel:
+    """Backbone + projection head for a resolved config."""
+    backbone = build_backbone(config.arch, small_stem=bool(config.small_stem), image_size=config.image_size)
+    width = int(backbone.num_features)  # type: ignore[arg-type]
+    head = ProjectionHead(
+        width,
+        config.projection_hidden or width,
+        output_dim=config.projection_dim,
+        depth=config.projection_depth,
+    )
+    return SimCLRModel(backbone, head)
+
+
+def contrastive_step(temperature: float, channels_last: bool) -> engine.StepFunction:
+    """One SimCLR step: both views in one forward pass (so BN sees all 2N views), NT-Xent in float32."""
+
+    def step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        first, second = batch["images"]
+        images = torch.cat([first, second])
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        projections = model(images).float()
+        z1, z2 = projections.chunk(2)
+        return nt_xent_loss(z1, z2, temperature), images.shape[0]
+
+    return step
+
+
+def run(config: PretrainConfig) -> Path:
+    """Pretrains and writes the artifact; returns the path of backbone.safetensors."""
+    accelerator = engine.make_accelerator(config.precision)
+    set_seed(config.seed)
+    paths = find_images(config.data)
+    if not paths:
+        raise UserError(
+            f"{config.data}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
+        )
+    config = resolve(config, paths)
+    _check(config, len(paths))
+    assert config.out is not None and config.image_size is not None
+    per_process = engine.per_process_batch(config.batch_size, accelerator)
+    view = ViewConfig(
+        image_size=config.image_size,
+        min_scale=config.min_scale,
+        color_strength=float(config.color_strength or 1.0),
+        blur=config.blur,
+    )
+    workers = engine.default_workers(config.workers)
+    loader = DataLoader(
+        ImageDataset(paths, TwoViews.from_config(view)),
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    model = build_model(config)
+    sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = accelerator.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = _learning_rate(config)
+    optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=lr)  # type: ignore[arg-type]
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = len(loader)
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=round(float(config.warmup_epochs or 0) * steps_per_epoch),
+        total_steps=steps_per_epoch * config.epochs,
+    )
+    if accelerator.is_main_process:
+        config.out.mkdir(parents=True, exist_ok=True)
+        _announce(config, len(paths), lr, accelerator, sync_bn)
+    trainer = engine.Trainer(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loader=loader,
+        step=contrastive_step(config.temperature, channels_last),
+        epochs=config.epochs,
+        description="pretrain",
+        quiet=config.quiet,
+        log_file=config.out / "pretrain" / "log.jsonl",
+    )
+    if accelerator.is_main_process:
+        (config.out / "pretrain").mkdir(parents=True, exist_ok=True)
+        trainer.log_file.unlink(missing_ok=True)  # type: ignore[union-attr]
+    result = trainer.fit()
+    bad = [str(paths[index]) for index in result.bad_indices]
+    if len(bad) > config.max_bad_fraction * len(paths):
+        raise UserError(
+            f"{len(bad)} of {len(paths)} images could not be decoded (more than --max-bad-fraction "
+            f"{config.max_bad_fraction}); e.g. {bad[0]}. Fix or remove them."
+        )
+    artifact = config.out / "pretrain" / "backbone.safetensors"
+    if accelerator.is_main_process:
+        _save(config, accelerator.unwrap_model(model), artifact, result, len(paths), bad, lr, accelerator)
+    accelerator.wait_for_everyone()
+    return artifact
+
+
+def _learning_rate(config: PretrainConfig) -> float:
+    if config.optimizer == "lars":
+        return scaled_learning_rate(config.base_lr, config.batch_size, config.lr_rule)  # type: ignore[arg-type]
+    if config.base_lr is None:
+        return {"sgd": 0.05 * config.batch_size / 256, "adamw": 1e-3}.get(config.optimizer, 0.1)
+    return config.base_lr
+
+
+def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: Any, sync_bn: bool) -> None:
+    if config.quiet:
+        return
+    bn = (
+        "SyncBatchNorm"
+        if sync_bn
+        else (
+            "per-process BatchNorm (SyncBatchNorm is GPU-only)"
+            if accelerator.num_processes > 1
+            else "BatchNorm"
+        )
+    )
+    engine.console.print(
+        f"[bold]pretrain[/] {image_count} images from {config.data} at {config.image_size} px, "
+        f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}, "
+        f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, T {config.temperature}, "
+        f"on {engine.describe_device(accelerator)}, {bn}"
+    )
+
+
+def _save(
+    config: PretrainConfig,
+    model: Any,
+    artifact: Path,
+    result: engine.FitResult,
+    image_count: int,
+    bad: list[str],
+    lr: float,
+    accelerator: Any,
+) -> None:
+    resolved = to_json(config)
+    metadata = {
+        "stage": "pretrain",
+        "arch": config.arch,
+        "num_features": str(model.backbone.num_features),
+        "image_size": str(config.image_size),
+        "small_stem": json.dumps(bool(config.small_stem)),
+        "mean": json.dumps(list(ViewConfig(image_size=8).mean)),
+        "std": json.dumps(list(ViewConfig(image_size=8).std)),
+        "config": json.dumps(resolved),
+    }
+    backbone_hash = save_tensors(artifact, model.backbone.state_dict(), metadata)
+    head_metadata = {
+        **metadata,
+        "part": "head",
+        "projection_depth": str(config.projection_depth),
+        "projection_hidden": str(config.projection_hidden or model.backbone.num_features),
+        "projection_dim": str(config.projection_dim),
+    }
+    head_hash = save_tensors(artifact.parent / "head.safetensors", model.head.state_dict(), head_metadata)
+    write_run_json(
+        artifact.parent,
+        {
+            "stage": "pretrain",
+            "config": resolved,
+            "artifacts": {
+                "backbone.safetensors": {"sha256": backbone_hash},
+                "head.safetensors": {"sha256": head_hash},
+            },
+            "data": {"images": image_count, "skipped": len(bad), "skipped_files": bad},
+            "metrics": {
+                "final_loss": result.final_loss,
+                "epoch_losses": result.epoch_losses,
+                "views_per_second": result.views_per_second,
+                "lr": lr,
+            },
+            "wall_seconds": result.seconds,
+            "steps": result.steps,
+            "device": engine.describe_device(accelerator),
+        },
+    )
+    if not config.quiet:
+        skipped = f"; skipped {len(bad)} undecodable file(s): {', '.join(bad[:3])}" if bad else ""
+        engine.console.print(
+            f"[green]pretrain done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f} "
+            f"(chance {math.log(2 * config.batch_size - 1):.2f}), {result.views_per_second:.0f} views/s{skipped}\n"
+            f"  artifact: {artifact}"
+        )

@@ -1,0 +1,91 @@
+"""Metrics, the terminal table and report.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+from labelfew.fileio import atomic_write_json
+
+console = Console()
+
+
+def metrics_row(
+    method: str, scores: np.ndarray, labels: np.ndarray, class_names: list[str], details: dict[str, Any]
+) -> dict[str, Any]:
+    """Top-1, top-5 (with 5 or more classes), balanced accuracy, per-class accuracy, confusion matrix.
+
+    Shape: scores (N, num_classes), labels (N,)
+    """
+    predictions = scores.argmax(axis=1)
+    classes = list(range(len(class_names)))
+    matrix = confusion_matrix(labels, predictions, labels=classes)
+    totals = matrix.sum(axis=1)
+    per_class = {
+        name: (float(matrix[index, index] / totals[index]) if totals[index] else None)
+        for index, name in enumerate(class_names)
+    }
+    top5 = None
+    if len(class_names) >= 5:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        top5 = float((top == labels[:, None]).any(axis=1).mean())
+    return {
+        "method": method,
+        "top1": float((predictions == labels).mean()),
+        "top5": top5,
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "per_class_accuracy": per_class,
+        "confusion_matrix": matrix.tolist(),
+        "details": details,
+    }
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Writes report.json atomically."""
+    atomic_write_json(path, result)
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def print_report(result: dict[str, Any], path: Path | None = None) -> None:
+    """One row per model/method, then the per-class accuracy of every row."""
+    test = result["test"]
+    table = Table(
+        title=f"labelfew evaluation — {test['images']} test images, {len(result['class_names'])} classes"
+    )
+    for column in ("method", "top-1", "top-5", "balanced acc.", "notes"):
+        table.add_column(column, justify="left" if column in ("method", "notes") else "right")
+    for row in result["rows"]:
+        details = row["details"]
+        if row["method"].startswith("kNN"):
+            note = f"k={details['k']}, bank {details['bank_images']} labelled"
+        elif row["method"] == "linear probe":
+            note = f"C={details['C']}, {details['bank_images']} labelled"
+        else:
+            note = f"{details.get('labelled_images')} labelled"
+        table.add_row(
+            row["method"],
+            _percent(row["top1"]),
+            _percent(row["top5"]),
+            _percent(row["balanced_accuracy"]),
+            note,
+        )
+    console.print(table)
+    names = result["class_names"]
+    if len(names) <= 20 and result["rows"]:
+        per_class = Table(title="per-class accuracy", show_lines=False)
+        per_class.add_column("class")
+        for row in result["rows"]:
+            per_class.add_column(row["method"], justify="right")
+        for name in names:
+            per_class.add_row(name, *(_percent(row["per_class_accuracy"][name]) for row in result["rows"]))
+        console.print(per_class)
+    if path is not None:
+        console.print(f"report: {path}")

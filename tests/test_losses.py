@@ -1,0 +1,214 @@
+"""NT-Xent against a hand-written loop, closed forms, and two real processes (gloo on CPU)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_distributed
+import torch.multiprocessing as torch_multiprocessing
+from torch import Tensor
+
+from labelfew.losses import NTXentLoss, gather_with_grad, global_mean, nt_xent_loss
+
+
+def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time."""
+    views = [z / torch.linalg.vector_norm(z) for z in list(z1) + list(z2)]
+    batch_size = z1.shape[0]
+    total = torch.zeros((), dtype=z1.dtype)
+    for anchor in range(2 * batch_size):
+        positive = (anchor + batch_size) % (2 * batch_size)
+        denominator = torch.zeros((), dtype=z1.dtype)
+        for candidate in range(2 * batch_size):
+            if candidate != anchor:
+                denominator = denominator + torch.exp(
+                    torch.dot(views[anchor], views[candidate]) / temperature
+                )
+        numerator = torch.exp(torch.dot(views[anchor], views[positive]) / temperature)
+        total = total - torch.log(numerator / denominator)
+    return total / (2 * batch_size)
+
+
+def _loss_and_grads(loss_function, z1: Tensor, z2: Tensor, temperature: float):
+    z1 = z1.detach().clone().requires_grad_()
+    z2 = z2.detach().clone().requires_grad_()
+    loss = loss_function(z1, z2, temperature)
+    grad_z1, grad_z2 = torch.autograd.grad(loss, [z1, z2])
+    return loss.detach(), grad_z1, grad_z2
+
+
+@pytest.mark.parametrize("dim", [2, 16, 128])
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 8])
+def test_matches_reference_loop(batch_size: int, temperature: float, dim: int) -> None:
+    generator = torch.Generator().manual_seed(batch_size * 1000 + dim)
+    z1 = torch.randn(batch_size, dim, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(batch_size, dim, generator=generator, dtype=torch.float64)
+
+    loss, grad_z1, grad_z2 = _loss_and_grads(nt_xent_loss, z1, z2, temperature)
+    expected_loss, expected_z1, expected_z2 = _loss_and_grads(reference_nt_xent, z1, z2, temperature)
+
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_z1, expected_z1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_z2, expected_z2, rtol=0, atol=1e-5)
+
+
+def test_float32_matches_reference_loop() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z1 = torch.randn(8, 16, generator=generator)
+    z2 = torch.randn(8, 16, generator=generator)
+    expected = reference_nt_xent(z1.double(), z2.double(), 0.1)
+    loss = nt_xent_loss(z1, z2, 0.1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5, 16])
+def test_identical_embeddings_give_log_2n_minus_1(batch_size: int) -> None:
+    # Every similarity is 1, so each anchor's softmax is uniform over 2N - 1 candidates.
+    z = torch.ones(batch_size, 8, dtype=torch.float64) * 3.0
+    loss = nt_xent_loss(z, z.clone(), temperature=0.5)
+    assert loss.item() == pytest.approx(math.log(2 * batch_size - 1), abs=1e-9)
+
+
+def test_swapping_views_gives_the_same_loss() -> None:
+    generator = torch.Generator().manual_seed(1)
+    z1 = torch.randn(6, 32, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(6, 32, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.2), nt_xent_loss(z2, z1, 0.2))
+
+
+def test_loss_does_not_depend_on_projection_scale() -> None:
+    generator = torch.Generator().manual_seed(2)
+    z1 = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    z2 = torch.randn(4, 8, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.5), nt_xent_loss(7 * z1, 0.1 * z2, 0.5))
+
+
+def test_float32_under_autocast_and_for_half_inputs() -> None:
+    generator = torch.Generator().manual_seed(3)
+    z1 = torch.randn(4, 8, generator=generator)
+    z2 = torch.randn(4, 8, generator=generator)
+    expected = nt_xent_loss(z1, z2, 0.1)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under_autocast = nt_xent_loss(z1, z2, 0.1)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, expected)
+    half_loss = nt_xent_loss(z1.bfloat16(), z2.bfloat16(), 0.1)
+    assert half_loss.dtype == torch.float32
+    torch.testing.assert_close(half_loss, expected, rtol=0, atol=0.05)
+
+
+def test_module_wraps_function() -> None:
+    generator = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(2, 3, 8, generator=generator)
+    module = NTXentLoss(temperature=0.3)
+    assert module.temperature == 0.3
+    assert "temperature=0.3" in repr(module)
+    torch.testing.assert_close(module(z1, z2), nt_xent_loss(z1, z2, 0.3))
+
+
+def test_single_process_helpers_are_identities() -> None:
+    tensor = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(tensor) is tensor
+    mean = global_mean(tensor.sum())
+    assert not mean.requires_grad
+    assert mean.item() == pytest.approx(tensor.sum().item())
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan")])
+def test_rejects_non_positive_temperature(temperature: float) -> None:
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        nt_xent_loss(z, z, temperature)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        NTXentLoss(temperature)
+
+
+@pytest.mark.parametrize(
+    ("shape1", "shape2"), [((2, 4), (3, 4)), ((2, 4), (2, 5)), ((8,), (8,)), ((0, 4), (0, 4))]
+)
+def test_rejects_bad_shapes(shape1: tuple[int, ...], shape2: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        nt_xent_loss(torch.randn(shape1), torch.randn(shape2), 0.1)
+
+
+# --- Two processes, gloo on CPU --------------------------------------------------------------
+
+WORLD_SIZE = 2
+
+
+def _loopback_interface() -> str:
+    """Name of the loopback interface ('lo' on Linux, 'lo0' on macOS), for gloo's transport."""
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    return names[0] if names else "lo"
+
+
+def _distributed_worker(
+    rank: int, init_file: str, z1_global: Tensor, z2_global: Tensor, out_dir: str
+) -> None:
+    """Runs in a spawned process: this rank's loss and input gradients, saved to out_dir."""
+    os.environ["GLOO_SOCKET_IFNAME"] = _loopback_interface()
+    torch_distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        local_size = z1_global.shape[0] // WORLD_SIZE
+        rows = slice(rank * local_size, (rank + 1) * local_size)
+        z1 = z1_global[rows].clone().requires_grad_()
+        z2 = z2_global[rows].clone().requires_grad_()
+        loss = nt_xent_loss(z1, z2, temperature=0.5)
+        loss.backward()
+        assert z1.grad is not None and z2.grad is not None
+        result = {"loss": loss.detach(), "mean": global_mean(loss)}
+        result.update(grad_z1=z1.grad, grad_z2=z2.grad)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        torch_distributed.destroy_process_group()
+
+
+def test_two_processes_match_single_process_on_the_global_batch(tmp_path: Path) -> None:
+    """Per-rank losses and DDP-averaged gradients equal those of one process on the full batch.
+
+    DDP all-reduces parameter gradients and divides by the world size K, so what each rank
+    ends up applying is (1/K) * sum_r dL_r/dtheta, the gradient of the global mean loss
+    L = (1/K) * sum_r L_r. The local projections z1, z2 stand in for the parameters here: the
+    backward of `gather_with_grad` already sums over ranks the gradients that every L_r sends
+    to this rank's rows, so z.grad on rank r is d(sum_s L_s)/dz_r, and dividing it by K
+    (DDP's averaging) must give dL/dz_r, the rank's slice of the single-process gradient of
+    the loss on the full batch (which is that same mean L over all 2NK anchors).
+    """
+    generator = torch.Generator().manual_seed(5)
+    local_size, dim = 3, 8
+    z1_global = torch.randn(WORLD_SIZE * local_size, dim, generator=generator, dtype=torch.float64)
+    z2_global = torch.randn(WORLD_SIZE * local_size, dim, generator=generator, dtype=torch.float64)
+
+    torch_multiprocessing.spawn(
+        _distributed_worker,
+        args=(str(tmp_path / "init"), z1_global, z2_global, str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
+    )
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    full_loss, full_grad_z1, full_grad_z2 = _loss_and_grads(nt_xent_loss, z1_global, z2_global, 0.5)
+    for rank, result in enumerate(results):
+        rows = slice(rank * local_size, (rank + 1) * local_size)
+        torch.testing.assert_close(result["mean"], full_loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["grad_z1"] / WORLD_SIZE, full_grad_z1[rows], rtol=0, atol=1e-6)
+        torch.testing.assert_close(result["grad_z2"] / WORLD_SIZE, full_grad_z2[rows], rtol=0, atol=1e-6)
+        # The per-rank loss used the other rank's negatives: it is not the local-batch loss.
+        local_only = nt_xent_loss(z1_global[rows], z2_global[rows], 0.5)
+        assert abs(result["loss"].item() - local_only.item()) > 1e-3
+    average = sum(result["loss"] for result in results) / WORLD_SIZE
+    torch.testing.assert_close(average, full_loss, rtol=0, atol=1e-6)
