@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from sklearn.metrics import confusion_matrix
 
 from labelfew.fileio import atomic_write_json
 
@@ -19,6 +19,8 @@ def metrics_row(
     method: str, scores: np.ndarray, labels: np.ndarray, class_names: list[str], details: dict[str, Any]
 ) -> dict[str, Any]:
     """Top-1, top-5 (with 5 or more classes), balanced accuracy, per-class accuracy, confusion matrix.
+
+    Balanced accuracy is the mean of the per-class accuracies over the classes present in `labels`.
 
     Shape: scores (N, num_classes), labels (N,)
     """
@@ -38,7 +40,7 @@ def metrics_row(
         "method": method,
         "top1": float((predictions == labels).mean()),
         "top5": top5,
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(np.mean([value for value in per_class.values() if value is not None])),
         "per_class_accuracy": per_class,
         "confusion_matrix": matrix.tolist(),
         "details": details,
