@@ -111,7 +111,7 @@ def load_recipe(path: Path | None) -> dict[str, dict[str, Any]]:
         recipe = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"--recipe {path}: not valid TOML ({error})") from None
-    unknown = set(recipe) - set(_SECTIONS.values()) - {"recipe"}
+    unknown = set(recipe) - set(_SECTIONS.values()) - {"recipe", "benchmark"}  # [benchmark]: benchmarks/
     if unknown:
         raise UserError(
             f"--recipe {path}: unknown section(s) {sorted(unknown)}; use [pretrain], [finetune], [evaluate]"

@@ -176,6 +176,41 @@ def _backbone(artifact: Artifact, random_init: bool, seed: int) -> nn.Module:
     return model
 
 
+def backbone_features(
+    artifact: Artifact,
+    labeled: LabeledImages,
+    class_names: list[str],
+    batch_size: int = 256,
+    workers: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen backbone features of labelled images (eval transform) and their class indices.
+
+    Shape: -> features (N, num_features), labels (N,)
+    """
+    config = EvaluateConfig(test=Path("."), batch_size=batch_size, workers=workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _backbone(artifact, random_init, seed)
+    return _outputs(model, _loader(labeled, class_names, artifact, config), device)
+
+
+def finetuned_logits(
+    artifact: Artifact,
+    labeled: LabeledImages,
+    class_names: list[str],
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fine-tuned model on labelled images, and their class indices.
+
+    Shape: -> logits (N, num_classes), labels (N,)
+    """
+    config = EvaluateConfig(test=Path("."), batch_size=batch_size, workers=workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _outputs(load_classifier(artifact), _loader(labeled, class_names, artifact, config), device)
+
+
 def _bank_source(config: EvaluateConfig, models: Models) -> Path:
     if config.bank is not None:
         return config.bank

@@ -38,6 +38,12 @@ def hymenoptera() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar10_archive() -> Path:
+    """../shared/datasets/cifar10_jpg (the 60k-image JPEG archive and its README)."""
+    return shared_dataset("cifar10_jpg")
+
+
+@pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """scikit-learn's digits as 32 px PNG files: (train folder, test folder), class per subfolder."""
     return write_digits(tmp_path_factory.mktemp("digits"))

@@ -1,0 +1,242 @@
+"""Label efficiency on real CIFAR-10: SimCLR + few labels against the same labels from scratch.
+
+Unpacks ../shared/datasets/cifar10_jpg once into a cache folder, pretrains on (a part of) the
+training images without their labels, then for every label fraction and seed: a class-balanced
+subset, fine-tuning from the pretrained backbone and from scratch, and evaluation on the 10,000
+test images — kNN with the subset as bank, kNN with all training labels as bank (the standard
+representation metric), a linear probe on the subset, and both fine-tuned models. Writes a
+markdown table (mean ± std over seeds) and JSON into benchmarks/results/.
+
+    python benchmarks/label_efficiency.py --recipe recipes/cifar10-cpu.toml
+    python benchmarks/label_efficiency.py --recipe recipes/cifar10-resnet18.toml   # one GPU
+
+Recipe `[benchmark]` keys: unlabeled_images, fractions, seeds, finetune_epochs ({fraction: epochs}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labelfew import finetune, pretrain
+from labelfew.artifacts import load_artifact
+from labelfew.config import FinetuneConfig, PretrainConfig, build_config, load_recipe
+from labelfew.data.labels import LabeledImages, read_labels, write_labels
+from labelfew.data.subsets import balanced_subset
+from labelfew.evaluate import backbone_features, finetuned_logits, knn_scores, linear_probe_scores
+from labelfew.report import metrics_row
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10_jpg" / "cifar10_jpg.tar.gz"
+METHODS = (
+    "kNN (subset bank)",
+    "kNN (all train labels)",
+    "linear probe",
+    "fine-tuned (SSL)",
+    "fine-tuned (scratch)",
+)
+
+
+def unpack(archive: Path, cache: Path) -> Path:
+    """Unpacks the CIFAR-10 JPEG archive into `cache` once; returns the `cifar10_jpg` folder."""
+    root = cache / "cifar10_jpg"
+    marker = cache / ".cifar10_jpg.complete"
+    if marker.is_file():
+        return root
+    if not archive.is_file():
+        raise SystemExit(f"{archive}: not found; the CIFAR-10 JPEG archive lies in ../shared/datasets")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    marker.write_text("ok\n")
+    return root
+
+
+def unlabeled_pool(train: LabeledImages, count: int, cache: Path) -> Path:
+    """A folder of symlinks to `count` class-balanced training images (labels not used by pretraining)."""
+    folder = cache / f"unlabeled-{count}"
+    marker = folder / ".complete"
+    if marker.is_file():
+        return folder
+    per_class = count // len(train.class_names)
+    chosen = balanced_subset(train, per_class=per_class, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(chosen.paths):
+        link = folder / f"{index:05d}{path.suffix}"
+        if not link.exists():
+            link.symlink_to(path.resolve())
+    marker.write_text("ok\n")
+    return folder
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
+    return f"CPU ({model}), {len(os.sched_getaffinity(0))} cores"
+
+
+def commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return (
+        result.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        if result.returncode == 0
+        else "unknown"
+    )
+
+
+def top1(method: str, scores: Any, labels: Any, class_names: list[str]) -> float:
+    return float(metrics_row(method, scores, labels, class_names, {})["top1"])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.perf_counter()
+    recipe = load_recipe(args.recipe)
+    bench = {**recipe.get("benchmark", {}), **{key: value for key, value in vars(args).items()
+                                                  if key in ("unlabeled_images", "fractions", "seeds") and value is not None}}  # fmt: skip
+    cifar = unpack(ARCHIVE, args.cache)
+    train, test = read_labels(cifar / "train"), read_labels(cifar / "test")
+    if args.test_images:
+        test = balanced_subset(test, per_class=args.test_images // 10, seed=0)
+    classes = train.class_names
+    pool = unlabeled_pool(train, int(bench.get("unlabeled_images", len(train))), args.cache)
+    run_folder = args.cache / "runs" / f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
+    pretrain_config = build_config(
+        PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, **overrides
+    )
+    pretrain_started = time.perf_counter()
+    artifact = load_artifact(pretrain.run(pretrain_config), "pretrain")
+    pretrain_seconds = time.perf_counter() - pretrain_started
+    train_x, train_y = backbone_features(artifact, train, classes)
+    test_x, test_y = backbone_features(artifact, test, classes)
+    knn_all = top1("kNN", knn_scores(train_x, train_y, test_x, len(classes)).numpy(), test_y.numpy(), classes)
+    position = {path: index for index, path in enumerate(train.paths)}
+    epochs = {str(key): value for key, value in bench.get("finetune_epochs", {}).items()}
+    results: dict[str, dict[str, list[float]]] = {}
+    for fraction in bench.get("fractions", [0.01, 0.1]):
+        cell = results.setdefault(str(fraction), {method: [] for method in METHODS})
+        for seed in bench.get("seeds", [0]):
+            subset = balanced_subset(train, fraction=fraction, seed=seed)
+            labels_csv = run_folder / f"labels-{fraction}-seed{seed}.csv"
+            write_labels(subset, labels_csv)
+            rows = [position[path] for path in subset.paths]
+            knn = knn_scores(train_x[rows], train_y[rows], test_x, len(classes)).numpy()
+            probe, _ = linear_probe_scores(
+                train_x[rows].numpy(), train_y[rows].numpy(), test_x.numpy(), len(classes), seed=seed
+            )
+            cell["kNN (subset bank)"].append(top1("kNN", knn, test_y.numpy(), classes))
+            cell["kNN (all train labels)"].append(knn_all)
+            cell["linear probe"].append(top1("probe", probe, test_y.numpy(), classes))
+            for scratch in (False, True):
+                tag = f"finetune-{'scratch-' if scratch else ''}{fraction}-seed{seed}"
+                config = build_config(FinetuneConfig, recipe, labels=labels_csv, source=run_folder, scratch=scratch,
+                                      seed=seed, out=run_folder / tag, quiet=args.quiet,
+                                      **({"epochs": epochs[str(fraction)]} if str(fraction) in epochs else {}))  # fmt: skip
+                model = load_artifact(finetune.run(config), "finetune")
+                logits, labels = finetuned_logits(model, test, classes)
+                method = "fine-tuned (scratch)" if scratch else "fine-tuned (SSL)"
+                cell[method].append(top1(method, logits.numpy(), labels.numpy(), classes))
+            print(
+                f"fraction {fraction} seed {seed}: "
+                + ", ".join(f"{m} {100 * v[-1]:.1f}" for m, v in cell.items()),
+                flush=True,
+            )
+    return {
+        "recipe": str(
+            args.recipe.relative_to(REPO) if args.recipe.resolve().is_relative_to(REPO) else args.recipe
+        ),
+        "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:]),
+        "device": device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit(),
+        "wall_seconds": time.perf_counter() - started,
+        "pretrain_seconds": pretrain_seconds,
+        "pretrain_config": {
+            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(pretrain_config).items()
+        },
+        "unlabeled_images": int(bench.get("unlabeled_images", len(train))),
+        "test_images": len(test),
+        "results": results,
+        "torch": torch.__version__,
+    }
+
+
+def _cell(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    fractions = list(result["results"])
+    seeds = len(next(iter(result["results"].values()))["fine-tuned (SSL)"])
+    lines = [
+        f"### {Path(result['recipe']).name} — {result['date']}",
+        "",
+        f"Device: {result['device']}; commit {result['commit']}; torch {result['torch']}; "
+        f"wall time {result['wall_seconds'] / 60:.1f} min (pretraining {result['pretrain_seconds'] / 60:.1f} min); "
+        f"{result['unlabeled_images']} unlabeled images, {result['test_images']} test images, "
+        f"top-1 % on the test set, mean ± std over {seeds} seed(s) of the label subset.",
+        f"Command: `{result['command']}`",
+        "",
+        "| method | " + " | ".join(f"{100 * float(f):g}% labels" for f in fractions) + " |",
+        "| --- | " + " | ".join("---:" for _ in fractions) + " |",
+    ]
+    for method in METHODS:
+        lines.append(
+            f"| {method} | " + " | ".join(_cell(result["results"][f][method]) for f in fractions) + " |"
+        )
+    margins = [ssl - scratch for f in fractions for ssl, scratch in
+               zip(result["results"][f]["fine-tuned (SSL)"], result["results"][f]["fine-tuned (scratch)"], strict=True)]  # fmt: skip
+    lines += [
+        "",
+        f"SSL − scratch (fine-tuned top-1), per fraction and seed: {', '.join(f'{100 * m:+.1f}' for m in margins)} points.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "cifar10-cpu.toml")
+    parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / ".cache")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--unlabeled-images", type=int, help="override the recipe's [benchmark] value")
+    parser.add_argument("--fractions", type=float, nargs="+", help="override the recipe's label fractions")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the recipe's subset seeds")
+    parser.add_argument("--pretrain-epochs", type=int, help="override the recipe's pretraining epochs")
+    parser.add_argument("--test-images", type=int, help="evaluate on a class-balanced part of the test set")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"label_efficiency-{args.recipe.stem}-{result['date']}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
