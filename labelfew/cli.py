@@ -159,6 +159,14 @@ def pretrain(
         float | None,
         typer.Option(help="Fail if more than this fraction of images cannot be decoded (default 0.01)."),
     ] = None,
+    sync_bn: Annotated[
+        bool | None,
+        typer.Option(
+            "--sync-bn/--no-sync-bn",
+            help="SyncBatchNorm: BN statistics over the global batch (default: on with more than one "
+            "CUDA process; GPU-only, so an error on the CPU).",
+        ),
+    ] = None,
     precision: Precision = None,
     workers: Workers = None,
     seed: Seed = None,
@@ -192,6 +200,7 @@ def pretrain(
                 color_strength=color_strength,
                 blur=blur,
                 max_bad_fraction=max_bad_fraction,
+                sync_bn=sync_bn,
                 precision=precision,
                 workers=workers,
                 seed=seed,
@@ -337,6 +346,13 @@ def evaluate(
             "--random-baseline/--no-random-baseline", help="Add kNN on randomly initialised features."
         ),
     ] = None,
+    plots: Annotated[
+        bool | None,
+        typer.Option(
+            "--plots/--no-plots",
+            help="Also write PNG figures and report.html beside report.json (needs matplotlib: labelfew[plots]).",
+        ),
+    ] = None,
     batch_size: BatchSize = None,
     workers: Workers = None,
     out: Out = None,
@@ -358,6 +374,7 @@ def evaluate(
                 knn_k=knn_k,
                 knn_temperature=knn_temperature,
                 random_baseline=random_baseline,
+                plots=plots,
                 batch_size=batch_size,
                 workers=workers,
                 out=out,
@@ -380,6 +397,115 @@ def demo(
     from labelfew import demo as stage
 
     guarded(lambda: stage.run(out=out, epochs=epochs, quiet=quiet), debug)
+
+
+InferenceBatch = Annotated[
+    int, typer.Option("--batch-size", help="Images per forward pass (256; lower it if memory runs out).")
+]
+TopK = Annotated[int, typer.Option("-k", "--top-k", help="How many results to list per image.")]
+
+
+@app.command()
+def predict(
+    images: Annotated[Path, typer.Argument(help="Folder of images to classify, searched recursively.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="CSV to write: path, label, confidence, the next classes, error."),
+    ] = Path("predictions.csv"),
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="Fine-tuned artifact, its folder, or a run folder (default: the latest run)."
+        ),
+    ] = None,
+    top_k: TopK = 3,
+    batch_size: InferenceBatch = 256,
+    workers: Workers = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Classify every image of a folder with the fine-tuned model; writes a CSV."""
+    from labelfew import predict as stage
+
+    config = stage.PredictConfig(
+        images=images, out=out, source=source, top_k=top_k, batch_size=batch_size, workers=workers, quiet=quiet
+    )
+    guarded(lambda: stage.predict(config), debug)
+
+
+@app.command()
+def embed(
+    images: Annotated[Path, typer.Argument(help="Folder of images to embed, searched recursively.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Embeddings file (*.safetensors); the index CSV goes beside it.")
+    ] = Path("embeddings.safetensors"),
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Pretrain or fine-tuned artifact, or a run folder (its pretrain backbone; default: latest run).",
+        ),
+    ] = None,
+    batch_size: InferenceBatch = 256,
+    workers: Workers = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """L2-normalised backbone features of every image, for search and your own models."""
+    from labelfew import predict as stage
+
+    config = stage.EmbedConfig(
+        images=images, out=out, source=source, batch_size=batch_size, workers=workers, quiet=quiet
+    )
+    guarded(lambda: stage.embed(config), debug)
+
+
+@app.command()
+def similar(
+    query: Annotated[Path, typer.Argument(help="The image to search with.")],
+    index: Annotated[
+        Path, typer.Option("--index", help="Embeddings written by `labelfew embed`.")
+    ] = Path("embeddings.safetensors"),
+    top_k: TopK = 10,
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="The model the index was built with, if it has moved since."),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """The indexed images most similar to a query image (cosine similarity of backbone features)."""
+    from labelfew import predict as stage
+
+    config = stage.SimilarConfig(query=query, index=index, top_k=top_k, source=source)
+    guarded(lambda: stage.similar(config), debug)
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Fine-tuned or pretrain artifact, or a run folder (its fine-tuned model; default: latest run).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to write (default: export/ beside the artifact).")
+    ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="safetensors (timm-loadable + config.json), onnx, or both (default)."
+        ),
+    ] = "both",
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Write the model as timm-loadable safetensors + config.json and as ONNX."""
+    from labelfew import export as stage
+
+    config = stage.ExportConfig(source=source, out=out, format=export_format, quiet=quiet)
+    guarded(lambda: stage.run(config), debug)
 
 
 def main() -> None:

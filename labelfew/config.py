@@ -45,6 +45,7 @@ class PretrainConfig:
     workers: int | None = None
     seed: int = 0
     max_bad_fraction: float = 0.01
+    sync_bn: bool | None = None  # None: SyncBatchNorm with more than one CUDA process (GPU-only)
     quiet: bool = False
 
 
@@ -85,6 +86,7 @@ class EvaluateConfig:
     knn_temperature: float = 0.1  # Wu et al. 2018 (arXiv 1805.01978), as in DINO's eval_knn
     probe_holdout: float = 0.2  # part of the bank used to choose the probe's C
     random_baseline: bool = False  # add a kNN row on randomly initialised features
+    plots: bool = False  # PNG figures + report.html beside report.json (needs matplotlib)
     batch_size: int = 256
     workers: int | None = None
     seed: int = 0

@@ -26,8 +26,10 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except PermissionError:
-        raise UserError(f"{path.parent}: not writable; choose another output folder (--out)") from None
+    except OSError as error:  # permission, a file where a folder should be, read-only file system
+        raise UserError(
+            f"{path.parent}: not writable ({error.strerror}); choose another output folder (--out)"
+        ) from None
     os.close(handle)
     try:
         write(Path(temporary))
@@ -38,6 +40,28 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def prepare_folder(folder: Path) -> Path:
+    """Creates `folder` (and parents) and checks that files can be created in it.
+
+    Called before a long run starts, so that an unwritable output folder fails in the first
+    second, not after hours of training.
+
+    Raises:
+        UserError: the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UserError(
+            f"{folder}: not writable ({error.strerror}); choose another output folder (--out)"
+        ) from None
+    return folder
 
 
 def _fsync_folder(folder: Path) -> None:

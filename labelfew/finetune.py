@@ -155,12 +155,18 @@ def _split(labeled: LabeledImages, fraction: float, seed: int) -> tuple[LabeledI
 
 
 def _loader(
-    labeled: LabeledImages, class_names: list[str], transform: Any, config: FinetuneConfig, train: bool
+    labeled: LabeledImages,
+    class_names: list[str],
+    transform: Any,
+    config: FinetuneConfig,
+    train: bool,
+    accelerator: Any,
 ) -> DataLoader[Any]:
     targets = labeled.label_indices(class_names)
     dataset = ImageDataset(list(labeled.paths), transform, targets)
     workers = engine.default_workers(config.workers)
-    batch = min(config.batch_size, len(labeled))
+    # --batch-size is the global batch (capped by the images there are); each process loads its share.
+    batch = max(1, min(config.batch_size, len(labeled)) // accelerator.num_processes)
     sampler = None
     if train and config.balanced:
         counts = torch.bincount(torch.tensor(targets), minlength=len(class_names)).float()
@@ -181,6 +187,7 @@ def _loader(
         collate_fn=collate,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(config.seed) if train and sampler is None else None,
+        worker_init_fn=engine.worker_seeder(accelerator),
     )
 
 
@@ -221,13 +228,26 @@ def default_out(config: FinetuneConfig, start: Start) -> Path:
     return Path("runs") / f"{config.labels.stem}-{time.strftime('%Y%m%d-%H%M%S')}" / name
 
 
+def _prepare_output(out: Path) -> Path:
+    """Creates the stage folder and clears an old log; main process only."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"--out {out}: cannot create the folder ({error.strerror}); pass another --out"
+        ) from None
+    (out / "log.jsonl").unlink(missing_ok=True)
+    return out
+
+
 def run(config: FinetuneConfig) -> Path:
     """Fine-tunes and writes the artifact; returns the path of model.safetensors."""
-    accelerator = engine.make_accelerator(config.precision)
+    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     labeled = read_labels(config.labels)
     if config.epochs < 1:
         raise UserError(f"--epochs {config.epochs}: use at least 1")
+    engine.per_process_batch(config.batch_size, accelerator)
     start = _start(config, labeled)
     class_names = labeled.class_names
     if len(class_names) < 2:
@@ -241,11 +261,21 @@ def run(config: FinetuneConfig) -> Path:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=config.lr)  # type: ignore[arg-type]
     loader = _loader(
-        train, class_names, finetune_transform(start.image_size, start.mean, start.std), config, train=True
+        train,
+        class_names,
+        finetune_transform(start.image_size, start.mean, start.std),
+        config,
+        train=True,
+        accelerator=accelerator,
     )
     val_loader = (
         _loader(
-            held, class_names, eval_transform(start.image_size, start.mean, start.std), config, train=False
+            held,
+            class_names,
+            eval_transform(start.image_size, start.mean, start.std),
+            config,
+            train=False,
+            accelerator=accelerator,
         )
         if held
         else None
@@ -253,8 +283,12 @@ def run(config: FinetuneConfig) -> Path:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
+    engine.seed_augmentations(accelerator, config.seed)
     scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=len(loader) * config.epochs)
-    out = config.out or default_out(config, start)
+    # The main process makes the folder (a default one has a timestamp) and every process uses it.
+    out = engine.on_main_process(
+        accelerator, lambda: _prepare_output(config.out or default_out(config, start))
+    )
     history: list[float] = []
 
     def validate(epoch: int, loss: float) -> dict[str, float]:
@@ -263,15 +297,12 @@ def run(config: FinetuneConfig) -> Path:
         history.append(accuracy(model, val_loader, accelerator))
         return {"val_top1": history[-1]}
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "log.jsonl").unlink(missing_ok=True)
-        if not config.quiet:
-            origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
-            engine.console.print(
-                f"[bold]finetune[/] {len(train)} labelled images, {len(class_names)} classes, from {origin}, "
-                f"{config.epochs} epochs, {config.optimizer} lr {config.lr:g}, on {engine.describe_device(accelerator)}"
-            )
+    if accelerator.is_main_process and not config.quiet:
+        origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
+        engine.console.print(
+            f"[bold]finetune[/] {len(train)} labelled images, {len(class_names)} classes, from {origin}, "
+            f"{config.epochs} epochs, {config.optimizer} lr {config.lr:g}, on {engine.describe_device(accelerator)}"
+        )
     trainer = engine.Trainer(
         accelerator=accelerator,
         model=model,
@@ -287,21 +318,14 @@ def run(config: FinetuneConfig) -> Path:
     )
     result = trainer.fit()
     artifact = out / "model.safetensors"
-    if accelerator.is_main_process:
-        bad = [str(train.paths[index]) for index in result.bad_indices]
-        _save(
-            config,
-            start,
-            accelerator.unwrap_model(model),
-            artifact,
-            class_names,
-            train,
-            result,
-            history,
-            bad,
-            accelerator,
-        )
-    accelerator.wait_for_everyone()
+    bad = [str(train.paths[index]) for index in result.bad_indices]
+    unwrapped = accelerator.unwrap_model(model)
+    engine.on_main_process(
+        accelerator,
+        lambda: _save(
+            config, start, unwrapped, artifact, class_names, train, result, history, bad, accelerator
+        ),
+    )
     return artifact
 
 

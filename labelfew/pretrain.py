@@ -94,9 +94,61 @@ def contrastive_step(temperature: float, channels_last: bool) -> engine.StepFunc
     return step
 
 
+def use_sync_batchnorm(requested: bool | None, accelerator: Any) -> bool:
+    """Whether to convert BatchNorm to SyncBatchNorm (statistics over the global batch).
+
+    Automatic (`requested` None): on CUDA GPUs with more than one process, so that BN sees the
+    global batch as in the paper (and cannot use it to tell a positive pair apart by its local
+    statistics). Forcing it on with one process runs the SyncBatchNorm code path on one GPU.
+
+    Raises:
+        UserError: forced on where PyTorch's SyncBatchNorm cannot run (anything but CUDA).
+    """
+    on_gpu = accelerator.device.type == "cuda"
+    if requested is None:
+        return on_gpu and accelerator.num_processes > 1
+    if requested and not on_gpu:
+        raise UserError(
+            f"--sync-bn: PyTorch's SyncBatchNorm runs on CUDA GPUs only and this run is on "
+            f"{accelerator.device.type}; drop --sync-bn (each process then normalises its own batch)"
+        )
+    return requested
+
+
+def batchnorm_description(sync_bn: bool, accelerator: Any) -> str:
+    """Which BatchNorm the run uses, for the summary line and run.json."""
+    if sync_bn:
+        return "SyncBatchNorm"
+    if accelerator.num_processes == 1:
+        return "BatchNorm"
+    if accelerator.device.type == "cuda":
+        return "per-process BatchNorm (--no-sync-bn)"
+    return "per-process BatchNorm (SyncBatchNorm is GPU-only)"
+
+
+def _prepare_output(config: PretrainConfig) -> Path:
+    """Creates `<out>/pretrain` and clears an old log; main process only."""
+    assert config.out is not None
+    stage = config.out / "pretrain"
+    if stage.exists() and not stage.is_dir():
+        raise UserError(f"{stage} is a file; pass --out a folder for the run")
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"--out {config.out}: cannot create {stage} ({error.strerror}); pass another --out"
+        ) from None
+    (stage / "log.jsonl").unlink(missing_ok=True)
+    return config.out
+
+
 def run(config: PretrainConfig) -> Path:
-    """Pretrains and writes the artifact; returns the path of backbone.safetensors."""
-    accelerator = engine.make_accelerator(config.precision)
+    """Pretrains and writes the artifact; returns the path of backbone.safetensors.
+
+    Every process runs this; the checks below depend only on the config and the image folder,
+    so they fail the same way on every process, before the first collective.
+    """
+    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     paths = find_images(config.data)
     if not paths:
@@ -107,6 +159,10 @@ def run(config: PretrainConfig) -> Path:
     _check(config, len(paths))
     assert config.out is not None and config.image_size is not None
     per_process = engine.per_process_batch(config.batch_size, accelerator)
+    sync_bn = use_sync_batchnorm(config.sync_bn, accelerator)
+    # The default run folder has a timestamp: use the main process's, on every process.
+    config = _replace(config, out=engine.on_main_process(accelerator, lambda: _prepare_output(config)))
+    assert config.out is not None and config.image_size is not None
     view = ViewConfig(
         image_size=config.image_size,
         min_scale=config.min_scale,
@@ -124,9 +180,9 @@ def run(config: PretrainConfig) -> Path:
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=engine.worker_seeder(accelerator),
     )
     model = build_model(config)
-    sync_bn = accelerator.num_processes > 1 and accelerator.device.type == "cuda"
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = accelerator.device.type == "cuda"
@@ -135,6 +191,7 @@ def run(config: PretrainConfig) -> Path:
     lr = _learning_rate(config)
     optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=lr)  # type: ignore[arg-type]
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    engine.seed_augmentations(accelerator, config.seed)
     steps_per_epoch = len(loader)
     scheduler = warmup_cosine(
         optimizer,
@@ -142,8 +199,7 @@ def run(config: PretrainConfig) -> Path:
         total_steps=steps_per_epoch * config.epochs,
     )
     if accelerator.is_main_process:
-        config.out.mkdir(parents=True, exist_ok=True)
-        _announce(config, len(paths), lr, accelerator, sync_bn)
+        _announce(config, len(paths), lr, accelerator, batchnorm_description(sync_bn, accelerator))
     trainer = engine.Trainer(
         accelerator=accelerator,
         model=model,
@@ -156,9 +212,6 @@ def run(config: PretrainConfig) -> Path:
         quiet=config.quiet,
         log_file=config.out / "pretrain" / "log.jsonl",
     )
-    if accelerator.is_main_process:
-        (config.out / "pretrain").mkdir(parents=True, exist_ok=True)
-        trainer.log_file.unlink(missing_ok=True)  # type: ignore[union-attr]
     result = trainer.fit()
     bad = [str(paths[index]) for index in result.bad_indices]
     if len(bad) > config.max_bad_fraction * len(paths):
@@ -167,9 +220,12 @@ def run(config: PretrainConfig) -> Path:
             f"{config.max_bad_fraction}); e.g. {bad[0]}. Fix or remove them."
         )
     artifact = config.out / "pretrain" / "backbone.safetensors"
-    if accelerator.is_main_process:
-        _save(config, accelerator.unwrap_model(model), artifact, result, len(paths), bad, lr, accelerator)
-    accelerator.wait_for_everyone()
+    batchnorm = batchnorm_description(sync_bn, accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    engine.on_main_process(
+        accelerator,
+        lambda: _save(config, unwrapped, artifact, result, len(paths), bad, lr, accelerator, batchnorm),
+    )
     return artifact
 
 
@@ -181,21 +237,14 @@ def _learning_rate(config: PretrainConfig) -> float:
     return config.base_lr
 
 
-def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: Any, sync_bn: bool) -> None:
+def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: Any, bn: str) -> None:
     if config.quiet:
         return
-    bn = (
-        "SyncBatchNorm"
-        if sync_bn
-        else (
-            "per-process BatchNorm (SyncBatchNorm is GPU-only)"
-            if accelerator.num_processes > 1
-            else "BatchNorm"
-        )
-    )
+    processes = accelerator.num_processes
+    split = f" ({config.batch_size // processes} per process)" if processes > 1 else ""
     engine.console.print(
         f"[bold]pretrain[/] {image_count} images from {config.data} at {config.image_size} px, "
-        f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}, "
+        f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}{split}, "
         f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, T {config.temperature}, "
         f"on {engine.describe_device(accelerator)}, {bn}"
     )
@@ -210,6 +259,7 @@ def _save(
     bad: list[str],
     lr: float,
     accelerator: Any,
+    batchnorm: str,
 ) -> None:
     resolved = to_json(config)
     metadata = {
@@ -250,6 +300,11 @@ def _save(
             "wall_seconds": result.seconds,
             "steps": result.steps,
             "device": engine.describe_device(accelerator),
+            "distributed": {
+                "processes": accelerator.num_processes,
+                "per_process_batch": config.batch_size // accelerator.num_processes,
+                "batchnorm": batchnorm,
+            },
         },
     )
     if not config.quiet:

@@ -1,0 +1,355 @@
+"""Every kind of bad input gets one line naming the file or value, exit code 2, and no traceback.
+
+Table-driven: each row builds its input in a fresh folder, runs the CLI as a user would, and checks
+the one line it prints. Bad images inside an otherwise good folder are not errors: they are
+skipped, counted and listed (see test_bad_images_are_skipped_and_listed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from labelfew.artifacts import load_artifact
+from labelfew.cli import app
+from labelfew.data.labels import read_labels
+from labelfew.errors import UserError
+
+runner = CliRunner()
+
+
+def _png(path: Path, side: int = 32, mode: str = "RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = np.random.default_rng(len(str(path))).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(values).convert(mode).save(path)
+    return path
+
+
+def _labelled_tree(root: Path, per_class: int = 6) -> Path:
+    for label in ("cat", "dog"):
+        for index in range(per_class):
+            _png(root / label / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real pretrain run (1 epoch of test_resnet) whose artifacts the rows corrupt or misuse."""
+    root = tmp_path_factory.mktemp("pretrained")
+    images = _labelled_tree(root / "images")
+    result = runner.invoke(app, [
+        "pretrain", str(images), "--arch", "test_resnet", "--no-small-stem", "--epochs", "1",
+        "--batch-size", "8", "--out", str(root / "run"), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root
+
+
+Row = tuple[str, Callable[[Path, Path], list[str]], str]
+
+
+def _csv(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _copy_artifact(pretrained: Path, folder: Path, mangle: Callable[[bytes], bytes]) -> Path:
+    folder.mkdir()
+    data = (pretrained / "run" / "pretrain" / "backbone.safetensors").read_bytes()
+    (folder / "backbone.safetensors").write_bytes(mangle(data))
+    return folder / "backbone.safetensors"
+
+
+def _finetuned(pretrained: Path) -> Path:
+    artifact = pretrained / "run" / "finetune-images" / "model.safetensors"
+    if not artifact.is_file():
+        result = runner.invoke(
+            app,
+            [
+                "finetune",
+                "--labels",
+                str(pretrained / "images"),
+                "--from",
+                str(pretrained / "run"),
+                "--epochs",
+                "1",
+                "--quiet",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    return artifact
+
+
+ROWS: list[Row] = [
+    ("missing folder", lambda t, p: ["pretrain", str(t / "nope")], "no such folder"),
+    ("a file, not a folder", lambda t, p: ["pretrain", str(_csv(t / "a.txt", "x"))], "not a folder"),
+    ("empty folder", lambda t, p: ["pretrain", str(t)], "no image files"),
+    (
+        "no decodable image",
+        lambda t, p: ["pretrain", str(_csv(t / "a.jpg", "not an image").parent)],
+        "could be opened",
+    ),
+    (
+        "batch larger than the data",
+        lambda t, p: ["pretrain", str(_labelled_tree(t)), "--batch-size", "64"],
+        "larger than",
+    ),
+    (
+        "unknown arch",
+        lambda t, p: ["pretrain", str(_labelled_tree(t)), "--arch", "resnet_nope", "--batch-size", "8"],
+        "not a timm model",
+    ),
+    ("fp16 without a GPU", lambda t, p: ["pretrain", str(_labelled_tree(t)), "--precision", "fp16"], "fp16"),
+    (
+        "unknown precision",
+        lambda t, p: ["pretrain", str(_labelled_tree(t)), "--precision", "fp8"],
+        "--precision fp8",
+    ),
+    (
+        "CSV missing columns",
+        lambda t, p: [
+            "subset",
+            str(_csv(t / "l.csv", "file,y\na,b\n")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(t / "o.csv"),
+        ],
+        "missing column",
+    ),
+    (
+        "CSV path that does not exist",
+        lambda t, p: [
+            "subset",
+            str(_csv(t / "l.csv", "path,label\nmissing.png,cat\n")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(t / "o.csv"),
+        ],
+        "do not exist",
+    ),
+    (
+        "CSV duplicate path, two labels",
+        lambda t, p: [
+            "subset",
+            str(_csv(t / "l.csv", f"path,label\n{_png(t / 'a.png')},cat\n{t / 'a.png'},dog\n")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(t / "o.csv"),
+        ],
+        "labelled both",
+    ),
+    (
+        "CSV not UTF-8",
+        lambda t, p: [
+            "subset",
+            str(_csv(t / "l.csv", b"path,label\n\xff\xfe.png,cat\n")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(t / "o.csv"),
+        ],
+        "not UTF-8",
+    ),
+    (
+        "CSV with no rows",
+        lambda t, p: [
+            "subset",
+            str(_csv(t / "l.csv", "path,label\n")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(t / "o.csv"),
+        ],
+        "no rows",
+    ),
+    (
+        "fraction 0",
+        lambda t, p: ["subset", str(_labelled_tree(t)), "--fraction", "0", "--out", str(t / "o.csv")],
+        "out of range",
+    ),
+    (
+        "fraction above 1",
+        lambda t, p: ["subset", str(_labelled_tree(t)), "--fraction", "1.01", "--out", str(t / "o.csv")],
+        "out of range",
+    ),
+    (
+        "fraction that empties a class",
+        lambda t, p: ["subset", str(_labelled_tree(t)), "--fraction", "0.01", "--out", str(t / "o.csv")],
+        "empty",
+    ),
+    (
+        "wrong stage",
+        lambda t, p: ["finetune", "--labels", str(p / "images"), "--from", str(_finetuned(p))],
+        "a finetune artifact, but a pretrain",
+    ),
+    (
+        "different arch than asked",
+        lambda t, p: [
+            "finetune",
+            "--labels",
+            str(p / "images"),
+            "--from",
+            str(p / "run"),
+            "--arch",
+            "resnet18",
+        ],
+        "pretrained as test_resnet",
+    ),
+    (
+        "truncated artifact",
+        lambda t, p: [
+            "finetune",
+            "--labels",
+            str(p / "images"),
+            "--from",
+            str(_copy_artifact(p, t / "x", lambda b: b[: len(b) // 2])),
+        ],
+        "not a readable safetensors",
+    ),
+    (
+        "random-bytes artifact",
+        lambda t, p: [
+            "finetune",
+            "--labels",
+            str(p / "images"),
+            "--from",
+            str(_copy_artifact(p, t / "x", lambda b: os.urandom(len(b)))),
+        ],
+        "not a readable safetensors",
+    ),
+    (
+        "unseen labels at evaluation",
+        lambda t, p: [
+            "evaluate",
+            "--test",
+            str(_csv(t / "test.csv", f"path,label\n{_png(t / 'b.png')},bird\n")),
+            "--from",
+            str(p / "run"),
+            "--bank",
+            str(p / "images"),
+        ],
+        "not classes of the model",
+    ),
+    (
+        "output folder not writable",
+        lambda t, p: [
+            "subset",
+            str(_labelled_tree(t / "d")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(_csv(t / "file", "x") / "sub" / "o.csv"),
+        ],
+        "not writable",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "expected"), ROWS, ids=[row[0] for row in ROWS])
+def test_bad_input_row(case: str, build: Callable[[Path, Path], list[str]], expected: str, tmp_path: Path,
+                       pretrained: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = build(tmp_path, pretrained)
+    result = runner.invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.output}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{case}:\n{result.output}"
+    assert expected in lines[0], f"{case}: {lines[0]}"
+
+
+def test_bad_images_are_skipped_and_listed(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for index in range(12):
+        _png(images / f"good{index}.png")
+    _png(images / "palette.png", mode="P")
+    _png(images / "alpha.png", mode="RGBA")
+    _png(images / "gray.png", mode="L")
+    Image.fromarray(np.full((32, 32), 40000, dtype=np.uint16)).save(images / "sixteen.png")
+    Image.new("CMYK", (32, 32), (10, 20, 30, 0)).save(images / "cmyk.jpg")
+    (images / "zero.jpg").write_bytes(b"")
+    (images / "text.png").write_text("hello")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="JPEG")
+    (images / "truncated.jpg").write_bytes(buffer.getvalue()[:200])
+    (images / "loop").symlink_to(images, target_is_directory=True)
+    result = runner.invoke(app, [
+        "pretrain", str(images), "--arch", "test_resnet", "--no-small-stem", "--epochs", "1", "--image-size", "32",
+        "--batch-size", "8", "--max-bad-fraction", "0.5", "--out", str(tmp_path / "run"), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "pretrain" / "run.json").read_text())
+    skipped = {Path(path).name for path in record["data"]["skipped_files"]}
+    assert skipped <= {"zero.jpg", "text.png", "truncated.jpg"}
+    assert record["data"]["images"] == 20  # the loop is not followed twice
+
+
+def test_too_many_bad_images_fail_clearly(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for index in range(8):
+        _png(images / f"good{index}.png")
+    for index in range(8):
+        (images / f"bad{index}.jpg").write_bytes(b"\x00" * 10)
+    result = runner.invoke(app, [
+        "pretrain", str(images), "--arch", "test_resnet", "--no-small-stem", "--epochs", "2", "--image-size", "32",
+        "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "could not be decoded" in result.output and "--max-bad-fraction" in result.output
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400))
+def test_csv_reader_fuzz_random_bytes(data: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "fuzz.csv"
+    path.write_bytes(data)
+    with contextlib.suppress(UserError):
+        read_labels(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.sampled_from(["a.png", "b.png", "missing.png", "", " a.png", "sub/../a.png"]),
+                               st.sampled_from(["cat", "dog", "", "ü", "a,b"])), max_size=8),
+       header=st.sampled_from(["path,label", "label,path", "path", "path,label,extra", "", "PATH,LABEL"]))  # fmt: skip
+def test_csv_reader_fuzz_rows(rows: list[tuple[str, str]], header: str, tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        if not (tmp_path / name).exists():
+            _png(tmp_path / name)
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if header:
+        buffer.write(header + "\n")
+    for row in rows:
+        writer.writerow(row)
+    path = tmp_path / "rows.csv"
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+    try:
+        labeled = read_labels(path)
+    except UserError:
+        return
+    assert len(labeled.paths) == len(labeled.labels) > 0
+    assert all(path.is_file() for path in labeled.paths)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), header_length=st.integers(min_value=0, max_value=2**40))
+def test_artifact_loader_fuzz(data: bytes, header_length: int, tmp_path: Path) -> None:
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(header_length.to_bytes(8, "little") + data)
+    with contextlib.suppress(UserError):
+        load_artifact(path)
