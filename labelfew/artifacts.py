@@ -66,7 +66,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     `labelfew_version`.
     """
     plain = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    full_metadata = {"format_version": FORMAT_VERSION, "labelfew_version": __version__, **metadata}
+    full_metadata = {**metadata, "format_version": FORMAT_VERSION, "labelfew_version": __version__}
     atomic_write(Path(path), lambda temporary: save_file(plain, str(temporary), metadata=full_metadata))
     return sha256_file(path)
 
@@ -105,6 +105,12 @@ def load_artifact(path: Path, expected_stage: str | None = None) -> Artifact:
         ) from None
     if "stage" not in metadata or "arch" not in metadata:
         raise UserError(f"{path}: not a labelfew artifact (no stage/arch metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: artifact format {metadata.get('format_version')!r}, but this labelfew "
+            f"{__version__} reads format {FORMAT_VERSION!r}; use the labelfew version that wrote it "
+            f"({metadata.get('labelfew_version', 'unknown')}) or rerun the stage"
+        )
     if expected_stage is not None and metadata["stage"] != expected_stage:
         raise UserError(
             f"{path}: a {metadata['stage']} artifact, but a {expected_stage} artifact is needed here"

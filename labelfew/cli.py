@@ -428,7 +428,13 @@ def predict(
     from labelfew import predict as stage
 
     config = stage.PredictConfig(
-        images=images, out=out, source=source, top_k=top_k, batch_size=batch_size, workers=workers, quiet=quiet
+        images=images,
+        out=out,
+        source=source,
+        top_k=top_k,
+        batch_size=batch_size,
+        workers=workers,
+        quiet=quiet,
     )
     guarded(lambda: stage.predict(config), debug)
 
@@ -463,9 +469,9 @@ def embed(
 @app.command()
 def similar(
     query: Annotated[Path, typer.Argument(help="The image to search with.")],
-    index: Annotated[
-        Path, typer.Option("--index", help="Embeddings written by `labelfew embed`.")
-    ] = Path("embeddings.safetensors"),
+    index: Annotated[Path, typer.Option("--index", help="Embeddings written by `labelfew embed`.")] = Path(
+        "embeddings.safetensors"
+    ),
     top_k: TopK = 10,
     source: Annotated[
         Path | None,
@@ -494,9 +500,7 @@ def export(
     ] = None,
     export_format: Annotated[
         str,
-        typer.Option(
-            "--format", help="safetensors (timm-loadable + config.json), onnx, or both (default)."
-        ),
+        typer.Option("--format", help="safetensors (timm-loadable + config.json), onnx, or both (default)."),
     ] = "both",
     quiet: Quiet = False,
     debug: Debug = False,

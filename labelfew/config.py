@@ -118,6 +118,11 @@ def load_recipe(path: Path | None) -> dict[str, dict[str, Any]]:
         raise UserError(
             f"--recipe {path}: unknown section(s) {sorted(unknown)}; use [pretrain], [finetune], [evaluate]"
         )
+    not_tables = [name for name, value in recipe.items() if not isinstance(value, dict)]
+    if not_tables:
+        raise UserError(
+            f"--recipe {path}: {', '.join(not_tables)} must be a [section] table of settings, not a value"
+        )
     return recipe
 
 
@@ -131,11 +136,35 @@ def build_config(config_class: type[Config], recipe: dict[str, dict[str, Any]], 
             f"recipe [{_SECTIONS[config_class]}]: unknown key(s) {sorted(unknown)}; "
             f"valid keys: {', '.join(sorted(names))}"
         )
+    for key, value in section.items():
+        _check_recipe_value(_SECTIONS[config_class], key, str(names[key].type), value)
     values = {**section, **{key: value for key, value in options.items() if value is not None}}
     for key, value in values.items():
         if "Path" in str(names[key].type) and isinstance(value, str):
             values[key] = Path(value)
     return config_class(**values)
+
+
+_RECIPE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "Path": (str,),
+}
+
+
+def _check_recipe_value(section: str, key: str, annotation: str, value: Any) -> None:
+    """Refuses a recipe value of the wrong TOML type (`epochs = "100"`), which would otherwise fail
+    deep inside a run; annotations are strings such as `int | None` (postponed evaluation)."""
+    allowed = [_RECIPE_TYPES.get(part.strip()) for part in annotation.split("|") if part.strip() != "None"]
+    if any(kinds is None for kinds in allowed):
+        return  # a type this check does not know: leave it to the dataclass
+    kinds = tuple(kind for group in allowed if group for kind in group)
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, kinds) or (is_bool and bool not in kinds):
+        expected = " or ".join(part.strip() for part in annotation.split("|") if part.strip() != "None")
+        raise UserError(f"recipe [{section}] {key} = {value!r}: expected {expected}; fix the recipe file")
 
 
 def to_json(config: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader
 
-from labelfew import engine, report
+from labelfew import engine, plots, report
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.augment import eval_transform
 from labelfew.config import EvaluateConfig, to_json
@@ -228,6 +228,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluates every model of the run on the test set; prints the table and writes report.json."""
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.plots:
+        plots.require_matplotlib()
     models = find_models(config.source)
     test = read_labels(config.test)
     class_names = models.finetunes[0].json_field("class_names") if models.finetunes else None
@@ -261,6 +263,18 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     report.write_json(out / "report.json", result)
     if not config.quiet:
         report.print_report(result, out / "report.json")
+    if config.plots:
+        plots.write_report(
+            result,
+            out,
+            pretrain=models.pretrain,
+            finetunes=models.finetunes,
+            run_folder=models.run_folder,
+            test=test,
+            batch_size=config.batch_size,
+            workers=config.workers,
+            quiet=config.quiet,
+        )
     return result
 
 

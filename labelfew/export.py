@@ -15,7 +15,6 @@ labelfew model's outputs, and ONNX Runtime must match PyTorch within `ONNX_TOLER
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,12 +88,20 @@ def run(config: ExportConfig) -> Path:
     if timm_files:
         _check_rebuild(settings["labelfew"]["rebuild"], model, example, out / "config.json")
     if not config.quiet:
-        console.print(f"exported {artifact.stage} model {artifact.path} ({artifact.arch}, {size} px) to {out}/")
+        console.print(
+            f"exported {artifact.stage} model {artifact.path} ({artifact.arch}, {size} px) to {out}/"
+        )
         for path in written:
-            console.print(f"  {path.name:<18} {path.stat().st_size / 1e6:8.1f} MB")
+            console.print(f"  {path.name:<18} {_size(path.stat().st_size):>9}")
         if onnx_wanted:
-            console.print(f"  ONNX Runtime vs PyTorch: max |difference| {difference:.2e} (tolerance {ONNX_TOLERANCE:g})")
+            console.print(
+                f"  ONNX Runtime vs PyTorch: max |difference| {difference:.2e} (tolerance {ONNX_TOLERANCE:g})"
+            )
     return out
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.1f} kB"
 
 
 def _require_onnx() -> None:
@@ -206,7 +213,9 @@ def _check_rebuild(code: list[str], model: nn.Module, example: torch.Tensor, con
         difference = float((namespace["model"](example) - model(example)).abs().max())
     if difference > 1e-5:
         config_file.unlink(missing_ok=True)
-        raise RuntimeError(f"the rebuild code in {config_file} gives outputs {difference:.2e} away from the model")
+        raise RuntimeError(
+            f"the rebuild code in {config_file} gives outputs {difference:.2e} away from the model"
+        )
 
 
 def _classifier_name(model: nn.Module, artifact: Artifact) -> str:

@@ -13,6 +13,16 @@ from typing import Any
 from labelfew.errors import UserError
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once at import: os.umask can only be read by setting it, which is not safe once threads run.
+_UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Calls `write(temporary_path)` then fsyncs and renames the file to `path`.
 
@@ -35,11 +45,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(temporary))
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
+        os.chmod(temporary, _final_mode(path))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _final_mode(path: Path) -> int:
+    """The permissions `path` gets: those of the file it replaces, else 0o666 minus the umask.
+
+    `mkstemp` creates its file readable by the owner only; without this, every artifact and CSV
+    would be unreadable by the other users of a shared run folder.
+    """
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def prepare_folder(folder: Path) -> Path:

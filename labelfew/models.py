@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torch
 from torch import nn
@@ -25,8 +27,8 @@ def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -
     Raises:
         UserError: unknown arch, or `small_stem` for a model without a ResNet-style stem.
     """
-    if arch not in timm.list_models():
-        close = [name for name in timm.list_models(f"*{arch}*")][:5]
+    if not timm.is_model(arch):
+        close = _similar_models(arch)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
         raise UserError(f"--arch {arch}: not a timm model{hint}")
     model = _create(arch, image_size)
@@ -37,6 +39,16 @@ def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -
     if small_stem:
         _use_small_stem(model, arch)
     return model
+
+
+def _similar_models(arch: str, limit: int = 5) -> list[str]:
+    """timm names containing `arch`, else the closest spellings (resnet81 -> resnet18)."""
+    names = timm.list_models()
+    wanted = arch.lower()
+    containing = sorted(
+        (name for name in names if wanted in name), key=lambda name: not name.startswith(wanted)
+    )
+    return containing[:limit] or difflib.get_close_matches(arch.lower(), names, n=limit, cutoff=0.6)
 
 
 def _create(arch: str, image_size: int | None) -> nn.Module:

@@ -145,6 +145,7 @@ def run_model(
         batch_size=batch_size,
         num_workers=engine.default_workers(workers),
         collate_fn=_collate,
+        pin_memory=torch.cuda.is_available(),
     )
     target = device()
     model = model.eval().to(target)
@@ -224,7 +225,9 @@ def _is_scratch(artifact: Artifact) -> bool:
 def _image_files(folder: Path) -> list[Path]:
     paths = find_images(folder)
     if not paths:
-        raise UserError(f"{folder}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively")
+        raise UserError(
+            f"{folder}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
+        )
     return paths
 
 
@@ -344,7 +347,9 @@ def embed(config: EmbedConfig) -> Path:
     embeddings = nn.functional.normalize(outputs.values, dim=1)
     index = config.out.with_suffix(".csv")
     folder = index.absolute().parent
-    _write_csv(index, ["row", "path"], [[row, _relative(paths[i], folder)] for row, i in enumerate(outputs.kept)])
+    _write_csv(
+        index, ["row", "path"], [[row, _relative(paths[i], folder)] for row, i in enumerate(outputs.kept)]
+    )
     metadata = {
         "stage": "embeddings",
         **{key: artifact.metadata[key] for key in ("arch", "image_size", "mean", "std", "small_stem")},

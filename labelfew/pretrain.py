@@ -80,14 +80,18 @@ def build_model(config: PretrainConfig) -> SimCLRModel:
 
 
 def contrastive_step(temperature: float, channels_last: bool) -> engine.StepFunction:
-    """One SimCLR step: both views in one forward pass (so BN sees all 2N views), NT-Xent in float32."""
+    """One SimCLR step: both views in one forward pass (so BN sees all 2N views), then NT-Xent.
+
+    NT-Xent runs in float32 under mixed precision (`nt_xent_loss` upcasts half-precision
+    projections) and in float64 for a float64 model, which the multi-process parity test uses.
+    """
 
     def step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         first, second = batch["images"]
         images = torch.cat([first, second])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        projections = model(images).float()
+        projections = model(images)
         z1, z2 = projections.chunk(2)
         return nt_xent_loss(z1, z2, temperature), images.shape[0]
 

@@ -92,12 +92,12 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = image.convert("F")
-        extrema: Any = image.getextrema()
-        low, high = float(extrema[0]), float(extrema[1])
-        scale = 255.0 / (high - low) if high > low else 0.0
-        image = image.point(lambda value: (value - low) * scale).convert("L")
+    if image.mode.startswith("I;16"):
+        # A fixed gain keeps a pixel value the same grey in every image of a folder (Pillow's own
+        # convert would clip everything above 255 to white).
+        image = image.convert("F").point(lambda value: value * (255.0 / 65535.0)).convert("L")
+    elif image.mode in ("I", "F"):
+        image = _stretch_to_8_bits(image.convert("F"), unit_range=image.mode == "F")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -105,6 +105,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB")
+
+
+def _stretch_to_8_bits(image: Image.Image, unit_range: bool) -> Image.Image:
+    """Mode-F pixels to 8 bits: scaled from [0, 1] when `unit_range` (float images) and they fit,
+    kept when already within [0, 255], else stretched from the image's own minimum and maximum."""
+    extrema: Any = image.getextrema()
+    low, high = float(extrema[0]), float(extrema[1])
+    if unit_range and low >= 0.0 and high <= 1.0:
+        low, scale = 0.0, 255.0
+    elif low >= 0.0 and high <= 255.0:
+        low, scale = 0.0, 1.0
+    else:
+        scale = 255.0 / (high - low) if high > low else 0.0
+    return image.point(lambda value: (value - low) * scale).convert("L")
 
 
 def typical_image_side(paths: Sequence[Path], sample: int = 64, cap: int = 224) -> int:

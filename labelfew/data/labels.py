@@ -103,7 +103,10 @@ def _read_tree(root: Path) -> LabeledImages:
 
 
 def _decode(source: Path) -> str:
-    data = source.read_bytes()
+    try:
+        data = source.read_bytes()
+    except OSError as error:
+        raise UserError(f"{source}: cannot be read ({error.strerror}); check its permissions") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -154,8 +157,16 @@ def _read_csv(source: Path) -> LabeledImages:
 
 
 def write_labels(labeled: LabeledImages, out: Path) -> None:
-    """Writes a `path,label` CSV (paths relative to the CSV's folder), atomically."""
+    """Writes a `path,label` CSV (paths relative to the CSV's folder), atomically.
+
+    Raises:
+        UserError: `labeled` is empty (`read_labels` refuses a CSV with no rows, so none is written).
+    """
     out = Path(out)
+    if len(labeled) == 0:
+        raise UserError(
+            f"{out}: no images to write (the subset is empty); use a larger --fraction or --per-class"
+        )
     view = LabeledImages(labeled.paths, labeled.labels, root=out.parent.absolute())
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
