@@ -127,7 +127,9 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
     fine_tuned = artifact.stage == "finetune"
     head_layers = int(artifact.metadata.get("from_head_layer", "0"))
     class_names = artifact.json_field("class_names") if fine_tuned else []
-    crop_fraction = 1.0 if size <= SMALL_IMAGE_SIDE else EVAL_CROP_FRACTION
+    resize = size if size <= SMALL_IMAGE_SIDE else round(size / EVAL_CROP_FRACTION)
+    # timm resizes to floor(size / crop_pct): this crop_pct gives exactly labelfew's resize side
+    crop_fraction = 1.0 if resize == size else size / (resize + 0.5)
     mean, std = artifact.json_field("mean"), artifact.json_field("std")
     settings: dict[str, Any] = {
         "architecture": artifact.arch,
@@ -146,7 +148,6 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
         settings["label_names"] = class_names
     if _takes_image_size(artifact.arch, size):
         settings["model_args"] = {"img_size": size}
-    resize = size if size <= SMALL_IMAGE_SIDE else round(size / EVAL_CROP_FRACTION)
     settings["labelfew"] = {
         "version": __version__,
         "stage": artifact.stage,

@@ -324,7 +324,7 @@ def _print_predictions(
     console.print(table)
     console.print(
         f"model {_shown(artifact.path)}; wrote {_shown(config.out)} "
-        f"({len(outputs.kept) + len(outputs.errors)} rows, top {config.top_k})"
+        f"({len(outputs.kept) + len(outputs.errors)} rows, top {min(config.top_k, len(class_names))})"
     )
 
 

@@ -41,7 +41,7 @@ def copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
 @pytest.fixture(scope="module")
 def models(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Artifacts of every kind export handles: pretrain backbone, fine-tuned with the small-image stem,
-    fine-tuned from a projection-head layer, and a scratch model at 72 px with timm's own stem."""
+    fine-tuned from a projection-head layer, and a scratch model at 96 px with timm's own stem."""
     train, _ = digits_folder
     work = tmp_path_factory.mktemp("export")
     pool = copy_per_class(train, work / "pool", per_class=15)
@@ -64,7 +64,7 @@ def models(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFa
             source=work / "nothing",
             scratch=True,
             arch="test_resnet",
-            image_size=72,
+            image_size=96,
             out=work / "plain",
             **common,
         )
@@ -128,8 +128,10 @@ def test_timm_loads_a_fine_tuned_model_from_the_folder(models: dict[str, Path], 
         assert torch.allclose(model(batch), reference(models["plain"], batch), atol=1e-5)
     assert model.pretrained_cfg["label_names"] == [str(digit) for digit in range(10)]
     data = timm.data.resolve_data_config({}, model=model)
-    assert tuple(data["input_size"]) == (3, 72, 72)
+    assert tuple(data["input_size"]) == (3, 96, 96)
     assert tuple(data["mean"]) == pytest.approx((0.485, 0.456, 0.406))
+    timm_transform = timm.data.create_transform(**data)  # reproduces labelfew's eval transform
+    assert torch.allclose(torch.stack([timm_transform(load_rgb(path)) for path in images]), batch, atol=1e-5)
     settings = json.loads((out / "config.json").read_text())
     assert settings["architecture"] == "test_resnet" and settings["labelfew"]["small_stem"] is False
     assert not (out / "model.onnx").exists()

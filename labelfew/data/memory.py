@@ -154,7 +154,7 @@ def _decode_square(path: Path, side: int) -> np.ndarray | str:
         return str(error)
     if image.size != (side, side):
         image = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)
 
 
 def _available_cores() -> int:

@@ -1,0 +1,502 @@
+"""Training throughput: labelfew's batched data path against lightly 1.6.0 and the bare model step.
+
+Measures steady-state views/s of one SimCLR training step (forward of both views, NT-Xent,
+backward, LARS update), all in one process, on the same model, batch and device:
+
+  (a) labelfew, batched: images decoded once into a uint8 store (`labelfew.data.memory`), two views
+      per image made on the device (`labelfew.augment_batched`), `pretrain.contrastive_step`
+      (NT-Xent) and labelfew's LARS;
+  (b) lightly 1.6.0 as its examples use it: `SimCLRTransform` in a standard DataLoader over a
+      `LightlyDataset`, one forward pass per view, its `NTXentLoss` and its `LARS` (needs
+      `pip install .[bench]`);
+  (c) the bare step: the same step as (a) on pre-made tensors already on the device (the bound);
+  (d) labelfew, CPU path: `augment.TwoViews` on PIL images in a DataLoader, as `pretrain` uses it
+      without the batched path.
+
+Both labelfew rows and the bare step use the same autocast precision and memory format as
+`pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
+their data path, loss and optimizer. A second table measures the data paths alone (views/s
+without a model). Prints rich tables and writes JSON into benchmarks/results/.
+
+    python benchmarks/throughput.py --arch resnet18 --image-size 32 --batch-size 512 --data FOLDER
+    python benchmarks/throughput.py --arch test_resnet --image-size 32 --batch-size 256 --device cpu
+
+Without --data a synthetic folder is written (JPEGs: 32 px for sizes up to 64, else 500 x 375).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import platform
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader
+
+from labelfew import engine
+from labelfew.augment import TwoViews, ViewConfig
+from labelfew.augment_batched import BatchedTwoViews
+from labelfew.config import PretrainConfig
+from labelfew.data.images import ImageDataset, collate, find_images
+from labelfew.data.memory import (
+    DEFAULT_MEMORY_BUDGET,
+    MemoryBatches,
+    decode_images,
+    store_device,
+    stored_side,
+)
+from labelfew.models import SMALL_IMAGE_SIDE
+from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate
+from labelfew.pretrain import build_model, contrastive_step
+
+console = Console()
+TEMPERATURE = 0.5
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    precision = resolve_precision(args.precision, device)
+    with contextlib.ExitStack() as stack:
+        folder = args.data or write_synthetic_folder(
+            Path(stack.enter_context(tempfile.TemporaryDirectory())), args.image_size, args.synthetic_count
+        )
+        paths = choose_paths(folder, args.limit)
+        flat = link_flat_folder(paths, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+        bench = Bench(args, device, precision, paths, flat)
+        rows = [bench.run_row(name) for name in args.rows]
+        data_rows = [] if args.skip_data_only else bench.data_only_rows()
+    report(args, device, precision, len(paths), rows, data_rows)
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", default="resnet18", help="timm model name (test_resnet for a quick CPU run)"
+    )
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per step (two views each)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers, cuDNN autotune)")
+    parser.add_argument(
+        "--data", type=Path, help="folder of images (searched recursively); default: synthetic"
+    )
+    parser.add_argument("--limit", type=int, help="use this many images of --data, a seeded random sample")
+    parser.add_argument("--synthetic-count", type=int, default=2048)
+    parser.add_argument(
+        "--workers", type=int, help="DataLoader workers for (b) and (d); default: as pretrain"
+    )
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"])
+    parser.add_argument(
+        "--resize", default="bicubic", choices=["bicubic", "roi_align"], help="batched resize"
+    )
+    parser.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30, help="GiB")
+    parser.add_argument(
+        "--rows",
+        default="labelfew,lightly,bare,cpu-path",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        help="comma-separated subset of labelfew, lightly, bare, cpu-path",
+    )
+    parser.add_argument("--skip-data-only", action="store_true", help="skip the data-path-only table")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path"}
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}")
+    return args
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return precision
+
+
+def write_synthetic_folder(root: Path, image_size: int, count: int) -> Path:
+    """Smooth random colour images as JPEG files: CIFAR-like at <= 64 px, photo-sized above."""
+    width, height = (32, 32) if image_size <= SMALL_IMAGE_SIDE else (500, 375)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        noise = rng.normal(0, 12, size=(height, width, 3))
+        pixels = np.clip(np.asarray(image, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{index:06d}.jpg", quality=90)
+    return root
+
+
+def choose_paths(folder: Path, limit: int | None) -> list[Path]:
+    paths = find_images(folder)
+    if limit is not None and limit < len(paths):
+        paths = sorted(random.Random(0).sample(paths, limit))
+    return paths
+
+
+def link_flat_folder(paths: list[Path], root: Path) -> Path:
+    """A flat folder of symlinks to `paths`: what lightly's LightlyDataset reads."""
+    for index, path in enumerate(paths):
+        (root / f"{index:06d}{path.suffix.lower()}").symlink_to(path.resolve())
+    return root
+
+
+class Bench:
+    """Builds each row's model, data and step, and times it."""
+
+    def __init__(
+        self, args: argparse.Namespace, device: torch.device, precision: str, paths: list[Path], flat: Path
+    ):
+        self.args = args
+        self.device = device
+        self.precision = precision
+        self.paths = paths
+        self.flat = flat
+        size = args.image_size
+        self.view = ViewConfig(image_size=size, color_strength=0.5 if size <= SMALL_IMAGE_SIDE else 1.0)
+        self.channels_last = device.type == "cuda"
+        self.workers = engine.default_workers(args.workers)
+
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        config = PretrainConfig(
+            data=self.flat,
+            arch=self.args.arch,
+            image_size=self.args.image_size,
+            small_stem=self.args.image_size <= SMALL_IMAGE_SIDE,
+        )
+        model = build_model(config).to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def run_row(self, name: str) -> dict[str, Any]:
+        console.print(f"[bold]{name}[/] ...")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            row = getattr(self, f"row_{name.replace('-', '_')}")()
+        except ModuleNotFoundError as error:
+            if name != "lightly":
+                raise
+            row = {"status": f"lightly not installed (pip install .[bench]): no module {error.name}"}
+        row["row"] = name
+        row["peak_memory_gib"] = self.peak_memory()
+        return row
+
+    def labelfew_step(self, model: nn.Module) -> Callable[[dict[str, Any]], torch.Tensor]:
+        lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
+        optimizer = build_optimizer("lars", parameter_groups(model, 1e-6), lr=lr)
+        step = contrastive_step(TEMPERATURE, self.channels_last)
+
+        def train(batch: dict[str, Any]) -> torch.Tensor:
+            with self.autocast():
+                loss, _ = step(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return train
+
+    def row_labelfew(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        store = decode_images(
+            self.paths, stored_side(self.args.image_size), budget=int(self.args.memory_budget * 2**30)
+        )
+        decode_seconds = time.perf_counter() - start
+        images = store.images.to(store_device(store.nbytes, self.device))
+        views = BatchedTwoViews(self.view, torch.Generator().manual_seed(0), resize=self.args.resize)
+        batches = MemoryBatches(images, self.args.batch_size, transform=views, device=self.device, seed=0)
+        result = self.time_steps(cycle(batches), self.labelfew_step(self.model()))
+        return {
+            **result,
+            "decode_seconds": decode_seconds,
+            "store_device": str(images.device),
+            "resize": self.args.resize,
+        }
+
+    def row_bare(self) -> dict[str, Any]:
+        shape = (self.args.batch_size, 3, self.args.image_size, self.args.image_size)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        views = tuple(torch.randn(shape, device=self.device, generator=generator) for _ in range(2))
+        return self.time_steps(itertools.repeat({"images": views}), self.labelfew_step(self.model()))
+
+    def row_cpu_path(self) -> dict[str, Any]:
+        loader = DataLoader(
+            ImageDataset(self.paths, TwoViews.from_config(self.view)),
+            batch_size=self.args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0,
+        )
+        batches = (
+            {"images": tuple(v.to(self.device, non_blocking=True) for v in b["images"])}
+            for b in cycle(loader)
+        )
+        return {**self.time_steps(batches, self.labelfew_step(self.model())), "workers": self.workers}
+
+    def row_lightly(self) -> dict[str, Any]:
+        import lightly
+        from lightly.data import LightlyDataset
+        from lightly.loss import NTXentLoss
+        from lightly.transforms import SimCLRTransform
+        from lightly.utils.lars import LARS
+
+        transform = SimCLRTransform(
+            input_size=self.args.image_size,
+            cj_strength=self.view.color_strength,
+            min_scale=self.view.min_scale,
+            gaussian_blur=self.view.blur_prob if self.view.blur_enabled else 0.0,
+        )
+        dataset = LightlyDataset(input_dir=str(self.flat), transform=transform)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0,
+        )
+        model = self.model()
+        criterion = NTXentLoss(temperature=TEMPERATURE)
+        lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
+        optimizer = LARS(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
+
+        def train(batch: Any) -> torch.Tensor:
+            first, second = (view.to(self.device, non_blocking=True) for view in batch[0])
+            if self.channels_last:
+                first = first.contiguous(memory_format=torch.channels_last)
+                second = second.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                loss = criterion(model(first).float(), model(second).float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss.detach()
+
+        return {
+            **self.time_steps(cycle(loader), train),
+            "workers": self.workers,
+            "lightly": lightly.__version__,
+        }
+
+    def time_steps(self, batches: Iterator[Any], train: Callable[[Any], torch.Tensor]) -> dict[str, Any]:
+        """Views/s over `--steps` steps after `--warmup` untimed ones; losses read once at the end."""
+        for _ in range(self.args.warmup):
+            train(next(batches))
+        self.synchronize()
+        start = time.perf_counter()
+        losses = [train(next(batches)) for _ in range(self.args.steps)]
+        self.synchronize()
+        seconds = time.perf_counter() - start
+        views = 2 * self.args.batch_size * self.args.steps
+        final_loss = float(torch.stack(losses)[-1])
+        return {"views_per_second": views / seconds, "seconds": seconds, "final_loss": final_loss}
+
+    def data_only_rows(self) -> list[dict[str, Any]]:
+        """Views/s of each data path alone: batched (both resizes), kornia, PIL per image, lightly."""
+        rows = []
+        store = decode_images(self.paths[: max(self.args.batch_size, 64)], stored_side(self.args.image_size))
+        images = store.images[: self.args.batch_size].to(self.device)
+        for resize in ("bicubic", "roi_align"):
+            views = BatchedTwoViews(self.view, torch.Generator().manual_seed(0), resize=resize)
+            rows.append(
+                {
+                    "path": f"labelfew batched ({resize})",
+                    **self.time_calls(lambda v=views: v(images), 2 * len(images)),
+                }
+            )
+        with contextlib.suppress(ModuleNotFoundError):
+            kornia_views = kornia_two_views(self.view)
+            rows.append(
+                {
+                    "path": "kornia 0.9 AugmentationSequential",
+                    **self.time_calls(lambda: kornia_views(images), 2 * len(images)),
+                }
+            )
+        photos = [Image.open(path).convert("RGB") for path in self.paths[:64]]
+        two_views = TwoViews.from_config(self.view)
+        rows.append(
+            {
+                "path": "labelfew CPU path (PIL, 1 process)",
+                **self.time_calls(lambda: [two_views(p) for p in photos], 2 * len(photos)),
+            }
+        )
+        with contextlib.suppress(ModuleNotFoundError):
+            from lightly.transforms import SimCLRTransform
+
+            blur = self.view.blur_prob if self.view.blur_enabled else 0.0
+            lightly_views = SimCLRTransform(
+                input_size=self.args.image_size, cj_strength=self.view.color_strength, gaussian_blur=blur
+            )
+            rows.append(
+                {
+                    "path": "lightly SimCLRTransform (PIL, 1 process)",
+                    **self.time_calls(lambda: [lightly_views(p) for p in photos], 2 * len(photos)),
+                }
+            )
+        return rows
+
+    def time_calls(self, call: Callable[[], Any], views: int, repeats: int = 5) -> dict[str, Any]:
+        call()
+        self.synchronize()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            self.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return {
+            "views_per_second": views / sorted(seconds)[repeats // 2],
+            "seconds_median": sorted(seconds)[repeats // 2],
+        }
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS so far
+
+
+def kornia_two_views(config: ViewConfig) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The same view recipe from kornia.augmentation (measured only; kornia is not a dependency)."""
+    import kornia.augmentation as augmentation
+
+    strength = config.color_strength
+    steps: list[nn.Module] = [
+        augmentation.RandomResizedCrop((config.image_size, config.image_size), scale=(config.min_scale, 1.0)),
+        augmentation.RandomHorizontalFlip(p=config.flip_prob),
+        augmentation.ColorJitter(
+            0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength, p=config.color_jitter_prob
+        ),
+        augmentation.RandomGrayscale(p=config.grayscale_prob),
+    ]
+    if config.blur_enabled:
+        kernel = config.blur_kernel_size
+        steps.append(augmentation.RandomGaussianBlur((kernel, kernel), config.blur_sigma, p=config.blur_prob))
+    steps.append(augmentation.Normalize(mean=torch.tensor(config.mean), std=torch.tensor(config.std)))
+    pipeline = augmentation.AugmentationSequential(*steps)
+
+    def two_views(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = images.float() / 255
+        return pipeline(pixels), pipeline(pixels)
+
+    return two_views
+
+
+def cycle(iterable: Iterable[Any]) -> Iterator[Any]:
+    """Endless iteration over a re-iterable (a DataLoader or MemoryBatches: a new epoch each pass)."""
+    epoch = 0
+    while True:
+        if hasattr(iterable, "set_epoch"):
+            iterable.set_epoch(epoch)
+        yield from iterable
+        epoch += 1
+
+
+def report(
+    args: argparse.Namespace,
+    device: torch.device,
+    precision: str,
+    image_count: int,
+    rows: list[dict[str, Any]],
+    data_rows: list[dict[str, Any]],
+) -> None:
+    rates = {row["row"]: row.get("views_per_second") for row in rows}
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    )
+    title = (
+        f"{args.arch} @ {args.image_size} px, batch {args.batch_size}, {device_name}, precision {precision}, "
+        f"{image_count} images, {args.steps} steps"
+    )
+    table = Table(title=title)
+    for column in ("row", "views/s", "vs lightly (b)", "vs bare step (c)", "peak memory GiB", "notes"):
+        table.add_column(column, justify="left" if column in ("row", "notes") else "right")
+    labels = {
+        "labelfew": "(a) labelfew batched",
+        "lightly": "(b) lightly 1.6.0",
+        "bare": "(c) bare step",
+        "cpu-path": "(d) labelfew CPU path",
+    }
+    for row in rows:
+        rate = row.get("views_per_second")
+        notes = row.get("status") or ", ".join(
+            f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device", "resize")
+        )
+        table.add_row(
+            labels[row["row"]],
+            f"{rate:,.0f}" if rate else "-",
+            ratio(rate, rates.get("lightly")),
+            ratio(rate, rates.get("bare")),
+            f"{row['peak_memory_gib']:.2f}",
+            notes,
+        )
+    console.print(table)
+    if data_rows:
+        data_table = Table(title=f"data path alone, {args.image_size} px, batch {args.batch_size}")
+        data_table.add_column("path")
+        data_table.add_column("views/s", justify="right")
+        for row in data_rows:
+            data_table.add_row(row["path"], f"{row['views_per_second']:,.0f}")
+        console.print(data_table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = (
+        args.out / f"throughput-{device.type}-{args.arch}-{args.image_size}px-b{args.batch_size}-{stamp}.json"
+    )
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": device_name,
+        "precision": precision,
+        "images": image_count,
+        "settings": settings,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "rows": rows,
+        "data_only": data_rows,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"wrote {path}")
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    return f"{value / reference:.2f}x" if value and reference else "-"
+
+
+if __name__ == "__main__":
+    main()
