@@ -243,9 +243,7 @@ def make_views(
         gray = _grayscale(views).expand_as(views)
         views = torch.where(plan.grayscale, gray, views)
         _gaussian_blur(views, plan, config.blur_kernel_size)
-        mean = torch.tensor(config.mean, device=views.device).view(1, 3, 1, 1)
-        std = torch.tensor(config.std, device=views.device).view(1, 3, 1, 1)
-        views = views.sub_(mean).div_(std)
+        views = views.sub_(plan.mean).div_(plan.std)
         return views.index_select(0, plan.restore)
 
 
@@ -310,6 +308,8 @@ class _Plan:
     hue_ranges: tuple[tuple[int, int], ...]  # rows whose hue is at jitter position 0, 1, 2, 3
     blur_ranges: tuple[tuple[int, int], ...]  # row ranges of blurred views
     restore: Tensor  # (views,): index_select(0, restore) gives the original order
+    mean: Tensor  # (1, 3, 1, 1) normalisation mean
+    std: Tensor  # (1, 3, 1, 1) normalisation standard deviation
 
     @classmethod
     def build(
@@ -338,9 +338,8 @@ class _Plan:
             ],
             dim=1,
         )[permutation].float()
-        if device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=True)
+        flat = _to_device(flat, device)
+        constants = _to_device(torch.tensor([*config.mean, *config.std]), device)
         view_count = flat.shape[0]
         return cls(
             boxes=flat[:, 0:5],
@@ -352,8 +351,17 @@ class _Plan:
             jitter_rows=starts[2 * NO_HUE],
             hue_ranges=hue_ranges,
             blur_ranges=blur_ranges,
-            restore=torch.argsort(permutation).to(device, non_blocking=True),
+            restore=_to_device(torch.argsort(permutation), device),
+            mean=constants[:3].view(1, 3, 1, 1),
+            std=constants[3:].view(1, 3, 1, 1),
         )
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Copies a host tensor to ``device`` without making the host wait for the device's queue."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _linear_weights(parameters: ViewParameters) -> Tensor:
@@ -513,7 +521,7 @@ def _adjust_hue(views: Tensor, shift: Tensor) -> Tensor:
     numerator = torch.where(is_red, green - blue, torch.where(is_green, blue - red, red - green))
     base = torch.where(is_red, 0.0, torch.where(is_green, 2.0, 4.0))
     sextant = numerator.div_(chroma.clamp(min=torch.finfo(views.dtype).tiny)).add_(base).add_(6 * shift)
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
+    offsets = torch.arange(5, 0, -2, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)  # 5, 3, 1
     k = (sextant.unsqueeze(1) + offsets).remainder_(6)
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
     return value.unsqueeze(1) - ramp.mul_(chroma.unsqueeze(1))

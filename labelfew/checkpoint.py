@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from labelfew.errors import UserError
+from labelfew.errors import Interrupted, UserError
 
 PREFIX = "step-"
 
@@ -119,7 +119,9 @@ def load(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
         training_state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
         fingerprint = json.loads((checkpoint / "fingerprint.json").read_text())
     except Exception as error:  # any damage: safetensors, unpickling or JSON errors
-        raise UserError(f"{checkpoint}: damaged checkpoint ({type(error).__name__}); delete it or pass --restart") from None
+        raise UserError(
+            f"{checkpoint}: damaged checkpoint ({type(error).__name__}); delete it or pass --restart"
+        ) from None
     return model_state, training_state, fingerprint
 
 
@@ -144,3 +146,109 @@ def position_from(state: dict[str, Any]) -> Position:
 
 def position_state(position: Position) -> dict[str, Any]:
     return asdict(position)
+
+
+def remove_all(folder: Path) -> None:
+    """Deletes every checkpoint in `folder` (for --restart)."""
+    for path in folder.glob(f"{PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob(f".{PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_training(
+    accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, position: Position, fingerprint: dict[str, Any], metrics: list[dict[str, float]],
+) -> None:  # fmt: skip
+    """Gathers every process's RNG state and has the main process write one checkpoint.
+
+    Every process must call this at the same step.
+    """
+    rng_states = [rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object(rng_states)
+    if accelerator.is_main_process:
+        scaler = getattr(accelerator, "scaler", None)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_states,
+            "position": position_state(position),
+            "metrics": metrics,
+        }
+        save(folder, accelerator.unwrap_model(model).state_dict(), state, fingerprint)
+    accelerator.wait_for_everyone()
+
+
+def restore_training(
+    accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: Any, fingerprint: dict[str, Any],
+) -> tuple[Path, Position, list[dict[str, float]]] | None:  # fmt: skip
+    """Loads the newest checkpoint into the model, optimizer, scheduler, scaler and RNGs.
+
+    Returns (checkpoint folder, position, per-epoch metrics), or None when there is none.
+
+    Raises:
+        UserError: the checkpoint belongs to a run with other settings, or is damaged.
+    """
+    found = latest(folder)
+    if found is None:
+        return None
+    model_state, state, saved = load(found)
+    check_fingerprint(found, saved, fingerprint)
+    accelerator.unwrap_model(model).load_state_dict(model_state)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    rng_states = state["rng"]
+    set_rng_state(rng_states[accelerator.process_index % len(rng_states)])
+    return found, position_from(state), list(state.get("metrics", []))
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the training loop checks after each step.
+
+    The loop then writes a checkpoint and raises `Interrupted` (exit code 130 or 143). A second
+    signal of the same kind stops at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        if self.received is not None:
+            signal.signal(number, self._previous.get(number, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.received = number
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def raise_if_received(self, hint: str) -> None:
+        """Raises `Interrupted` when a signal arrived; `hint` says where the checkpoint is."""
+        if self.received is None:
+            return
+        import signal
+
+        name = signal.Signals(self.received).name
+        raise Interrupted(f"stopped by {name}; {hint}", exit_code=128 + self.received)

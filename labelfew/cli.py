@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from labelfew import __version__
-from labelfew.errors import UserError
+from labelfew.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="labelfew",
@@ -54,6 +54,19 @@ Seed = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+CheckpointEvery = Annotated[
+    float | None,
+    typer.Option(
+        "--checkpoint-every",
+        help="Minutes between checkpoints (default 10; one is also written at every epoch end).",
+    ),
+]
+Restart = Annotated[
+    bool,
+    typer.Option(
+        "--restart", help="Start over instead of resuming from this run's checkpoints (deletes them)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -80,6 +93,9 @@ def guarded(action: Callable[[], T], debug: bool) -> T:
             raise
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    except Interrupted as error:
+        typer.secho(f"interrupted: {error}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(130) from None
@@ -171,6 +187,8 @@ def pretrain(
     workers: Workers = None,
     seed: Seed = None,
     out: Out = None,
+    checkpoint_every: CheckpointEvery = None,
+    restart: Restart = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -205,6 +223,8 @@ def pretrain(
                 workers=workers,
                 seed=seed,
                 out=out,
+                checkpoint_every=checkpoint_every,
+                restart=restart or None,
                 quiet=quiet or None,
             ),
         )
@@ -288,6 +308,8 @@ def finetune(
     workers: Workers = None,
     seed: Seed = None,
     out: Out = None,
+    checkpoint_every: CheckpointEvery = None,
+    restart: Restart = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -317,6 +339,8 @@ def finetune(
                 workers=workers,
                 seed=seed,
                 out=out,
+                checkpoint_every=checkpoint_every,
+                restart=restart or None,
                 quiet=quiet or None,
             ),
         )

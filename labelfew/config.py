@@ -46,6 +46,8 @@ class PretrainConfig:
     seed: int = 0
     max_bad_fraction: float = 0.01
     sync_bn: bool | None = None  # None: SyncBatchNorm with more than one CUDA process (GPU-only)
+    checkpoint_every: float = 10.0  # minutes between checkpoints (also one at every epoch end)
+    restart: bool = False  # ignore (and delete) this run's checkpoints instead of resuming
     quiet: bool = False
 
 
@@ -71,6 +73,8 @@ class FinetuneConfig:
     precision: str = "auto"
     workers: int | None = None
     seed: int = 0
+    checkpoint_every: float = 10.0  # minutes between checkpoints (also one at every epoch end)
+    restart: bool = False
     quiet: bool = False
 
 

@@ -35,6 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from torch.utils.data import DataLoader
 
+from labelfew import checkpoint
 from labelfew.errors import UserError
 
 console = Console(stderr=True)
@@ -216,7 +217,9 @@ class FitResult:
     views_per_second: float
     final_loss: float
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
     bad_indices: list[int] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
 @dataclass
@@ -224,7 +227,10 @@ class Trainer:
     """Runs `step` over `loader` for `epochs`, stepping the optimizer and the per-step schedule.
 
     Loss values are read back to the host only every `log_every` steps and at epoch ends, so the
-    device is not synchronised on every step.
+    device is not synchronised on every step. With `checkpoint_dir`, a checkpoint is written at
+    every epoch end and every `checkpoint_minutes`, a rerun resumes from the newest one (unless
+    `restart`), and SIGINT/SIGTERM finish the current step, write a checkpoint and raise
+    `Interrupted`.
     """
 
     accelerator: Accelerator
@@ -240,64 +246,84 @@ class Trainer:
     log_every: int = 10
     max_grad_norm: float | None = None
     on_epoch_end: Callable[[int, float], dict[str, float]] | None = None
+    checkpoint_dir: Path | None = None
+    checkpoint_minutes: float = 10.0
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    restart: bool = False
     _bad: set[int] = field(default_factory=set)
+    _position: checkpoint.Position = field(default_factory=checkpoint.Position)
+    _metrics: list[dict[str, float]] = field(default_factory=list)
+    _last_checkpoint: float = 0.0
 
     def fit(self) -> FitResult:
         main = self.accelerator.is_main_process
-        show = main and not self.quiet
-        start, views, steps, losses = time.perf_counter(), 0, 0, []
+        resumed = self._resume()
+        position = self._position
+        start = time.perf_counter() - position.seconds
+        self._last_checkpoint = time.perf_counter()
         log = self.log_file.open("a", encoding="utf-8") if (main and self.log_file) else None
-        progress = _progress(self.description, disable=not show)
+        progress = _progress(self.description, disable=not main or self.quiet)
         try:
-            with progress:
-                task = progress.add_task(
-                    self.description,
-                    total=len(self.loader) * self.epochs,
-                    loss=float("nan"),
-                    lr=0.0,
-                    rate=0.0,
-                )
-                for epoch in range(self.epochs):
-                    self.model.train()
-                    if hasattr(self.loader, "set_epoch"):
-                        self.loader.set_epoch(epoch)
-                    running, count, pending = torch.zeros((), device=self.accelerator.device), 0, []
-                    for batch in self.loader:
-                        loss, batch_views = self._train_step(batch)
-                        running += loss.detach().float()
-                        count += 1
-                        steps += 1
-                        views += batch_views * self.accelerator.num_processes
-                        pending.append((steps, loss.detach()))
-                        if steps % self.log_every == 0:
-                            self._flush(
-                                pending, log, epoch, progress, task, views / (time.perf_counter() - start)
-                            )
-                            pending = []
-                        progress.advance(task)
-                    self._flush(pending, log, epoch, progress, task, views / (time.perf_counter() - start))
-                    epoch_loss = float(self.accelerator.reduce(running, reduction="mean")) / max(count, 1)
-                    losses.append(epoch_loss)
-                    extra = self.on_epoch_end(epoch, epoch_loss) if self.on_epoch_end else {}
-                    if main and (self.quiet or extra):
-                        shown = " ".join(f"{key} {value:.4f}" for key, value in extra.items())
-                        console.print(
-                            f"{self.description} epoch {epoch + 1}/{self.epochs} loss {epoch_loss:.4f} {shown}".rstrip()
-                        )
+            with progress, checkpoint.StopSignals() as signals:
+                task = progress.add_task(self.description, total=len(self.loader) * self.epochs,
+                                         completed=position.global_step, loss=float("nan"), lr=0.0, rate=0.0)  # fmt: skip
+                while position.epoch < self.epochs:
+                    self._epoch(position, log, progress, task, start, signals)
         finally:
             if log is not None:
                 log.close()
         seconds = time.perf_counter() - start
         bad = sorted({index for part in gather_object([sorted(self._bad)]) for index in part})
+        losses = position.epoch_losses
         return FitResult(
-            epochs=self.epochs,
-            steps=steps,
-            seconds=seconds,
-            views_per_second=views / max(seconds, 1e-9),
-            final_loss=losses[-1] if losses else float("nan"),
-            epoch_losses=losses,
-            bad_indices=bad,
-        )
+            epochs=self.epochs, steps=position.global_step, seconds=seconds,
+            views_per_second=position.views / max(seconds, 1e-9), final_loss=losses[-1] if losses else float("nan"),
+            epoch_losses=losses, epoch_metrics=self._metrics, bad_indices=bad, resumed_from=resumed,
+        )  # fmt: skip
+
+    def _epoch(self, position: checkpoint.Position, log: Any, progress: Progress, task: Any,
+               start: float, signals: checkpoint.StopSignals) -> None:  # fmt: skip
+        epoch, skip = position.epoch, position.step_in_epoch
+        self.model.train()
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        dataset = getattr(self.loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # type: ignore[union-attr]
+        loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        running = torch.full((), position.running_loss, device=self.accelerator.device)
+        pending: list[tuple[int, torch.Tensor, float]] = []
+        for batch in loader:
+            loss, batch_views = self._train_step(batch)
+            running += loss.detach().float()
+            position.step_in_epoch += 1
+            position.global_step += 1
+            position.views += batch_views * self.accelerator.num_processes
+            pending.append((position.global_step, loss.detach(), self.optimizer.param_groups[0]["lr"]))
+            progress.advance(task)
+            single = self.accelerator.num_processes == 1
+            if position.global_step % self.log_every == 0 or (single and signals.received):
+                rate = position.views / (time.perf_counter() - start)
+                self._flush(pending, log, epoch, progress, task, rate)
+                pending = []
+                if self._agree(self._checkpoint_due() or signals.received is not None):
+                    position.running_loss = float(running)
+                    self._save(start)
+                    signals.raise_if_received(self._checkpoint_hint())
+        self._flush(pending, log, epoch, progress, task, position.views / (time.perf_counter() - start))
+        count = max(position.step_in_epoch, 1)
+        epoch_loss = float(self.accelerator.reduce(running, reduction="mean")) / count
+        position.epoch_losses.append(epoch_loss)
+        extra = self.on_epoch_end(epoch, epoch_loss) if self.on_epoch_end else {}
+        self._metrics.append(extra)
+        position.epoch, position.step_in_epoch, position.running_loss = epoch + 1, 0, 0.0
+        if self.accelerator.is_main_process and (self.quiet or extra):
+            shown = " ".join(f"{key} {value:.4f}" for key, value in extra.items())
+            console.print(
+                f"{self.description} epoch {epoch + 1}/{self.epochs} loss {epoch_loss:.4f} {shown}".rstrip()
+            )
+        self._save(start)
+        signals.raise_if_received(self._checkpoint_hint())
 
     def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         self._bad.update(batch.pop("bad", []))
@@ -316,7 +342,7 @@ class Trainer:
 
     def _flush(
         self,
-        pending: list[tuple[int, torch.Tensor]],
+        pending: list[tuple[int, torch.Tensor, float]],
         log: Any,
         epoch: int,
         progress: Progress,
@@ -326,14 +352,72 @@ class Trainer:
         if not pending:
             return
         # The mean over processes of the per-process losses is the loss of the global batch.
-        stacked = torch.stack([loss for _, loss in pending]).float()
+        stacked = torch.stack([loss for _, loss, _ in pending]).float()
         values = self.accelerator.reduce(stacked, reduction="mean").cpu().tolist()
-        lr = self.optimizer.param_groups[0]["lr"]
-        progress.update(task, loss=values[-1], lr=lr, rate=rate)
+        progress.update(task, loss=values[-1], lr=pending[-1][2], rate=rate)
         if log is not None:
-            for (step, _), value in zip(pending, values, strict=True):
+            for (step, _, lr), value in zip(pending, values, strict=True):
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": value, "lr": lr}) + "\n")
             log.flush()
+
+    def _checkpoint_due(self) -> bool:
+        return (time.perf_counter() - self._last_checkpoint) >= 60 * self.checkpoint_minutes
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any process says yes (every process must call this at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum") > 0)
+
+    def _checkpoint_hint(self) -> str:
+        if self.checkpoint_dir is None:
+            return "no checkpoint was written (checkpoints are off)"
+        return f"checkpoint in {self.checkpoint_dir}; rerun the same command to resume"
+
+    def _save(self, start: float) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self._position.seconds = time.perf_counter() - start
+        self._position.bad_indices = sorted(self._bad)
+        checkpoint.save_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
+                                 self.scheduler, self._position, self.fingerprint, self._metrics)  # fmt: skip
+        self._last_checkpoint = time.perf_counter()
+
+    def _resume(self) -> str | None:
+        if self.checkpoint_dir is None:
+            return None
+        if self.restart:
+            if self.accelerator.is_main_process:
+                checkpoint.remove_all(self.checkpoint_dir)
+            self.accelerator.wait_for_everyone()
+            return None
+        restored = checkpoint.restore_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
+                                               self.scheduler, self.fingerprint)  # fmt: skip
+        if restored is None:
+            return None
+        folder, self._position, self._metrics = restored
+        self._bad = set(self._position.bad_indices)
+        if self.accelerator.is_main_process and self.log_file is not None and self.log_file.is_file():
+            _trim_log(self.log_file, self._position.global_step)
+        if self.accelerator.is_main_process:
+            console.print(
+                f"resuming {self.description} from {folder} (epoch {self._position.epoch + 1}, "
+                f"step {self._position.step_in_epoch} of the epoch); pass --restart to start over"
+            )
+        return str(folder)
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drops the log lines of steps after the checkpoint, which the resumed run repeats."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _progress(description: str, disable: bool) -> Progress:

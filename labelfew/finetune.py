@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +162,7 @@ def _loader(
     accelerator: Any,
 ) -> DataLoader[Any]:
     targets = labeled.label_indices(class_names)
-    dataset = ImageDataset(list(labeled.paths), transform, targets)
+    dataset = ImageDataset(list(labeled.paths), transform, targets, seed=config.seed if train else None)
     workers = engine.default_workers(config.workers)
     # --batch-size is the global batch (capped by the images there are); each process loads its share.
     batch = max(1, min(config.batch_size, len(labeled)) // accelerator.num_processes)
@@ -225,18 +224,28 @@ def default_out(config: FinetuneConfig, start: Start) -> Path:
     name = f"finetune-{'scratch-' if config.scratch else ''}{config.labels.stem}"
     if start.artifact is not None:
         return start.artifact.path.parent.parent / name
-    return Path("runs") / f"{config.labels.stem}-{time.strftime('%Y%m%d-%H%M%S')}" / name
+    return Path("runs") / config.labels.stem / name
 
 
-def _prepare_output(out: Path) -> Path:
-    """Creates the stage folder and clears an old log; main process only."""
+def fingerprint(config: FinetuneConfig, start: Start, train: LabeledImages) -> dict[str, Any]:
+    """What a resumed fine-tuning must share with the run that wrote the checkpoint."""
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source"}
+    values = {key: value for key, value in to_json(config).items() if key not in ignored}
+    parent = sha256_file(start.artifact.path) if start.artifact is not None and not config.scratch else None
+    return {**values, "arch": start.arch, "image_size": start.image_size, "parent_sha256": parent,
+            "labels_sha256": subset_hash(train)}  # fmt: skip
+
+
+def _prepare_output(out: Path, restart: bool) -> Path:
+    """Creates the stage folder (and clears an old log with --restart); main process only."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(
             f"--out {out}: cannot create the folder ({error.strerror}); pass another --out"
         ) from None
-    (out / "log.jsonl").unlink(missing_ok=True)
+    if restart:
+        (out / "log.jsonl").unlink(missing_ok=True)
     return out
 
 
@@ -287,15 +296,11 @@ def run(config: FinetuneConfig) -> Path:
     scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=len(loader) * config.epochs)
     # The main process makes the folder (a default one has a timestamp) and every process uses it.
     out = engine.on_main_process(
-        accelerator, lambda: _prepare_output(config.out or default_out(config, start))
+        accelerator, lambda: _prepare_output(config.out or default_out(config, start), config.restart)
     )
-    history: list[float] = []
 
     def validate(epoch: int, loss: float) -> dict[str, float]:
-        if val_loader is None:
-            return {}
-        history.append(accuracy(model, val_loader, accelerator))
-        return {"val_top1": history[-1]}
+        return {"val_top1": accuracy(model, val_loader, accelerator)} if val_loader is not None else {}
 
     if accelerator.is_main_process and not config.quiet:
         origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
@@ -315,8 +320,13 @@ def run(config: FinetuneConfig) -> Path:
         quiet=config.quiet,
         log_file=out / "log.jsonl",
         on_epoch_end=validate,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_minutes=config.checkpoint_every,
+        fingerprint=fingerprint(config, start, train),
+        restart=config.restart,
     )
     result = trainer.fit()
+    history = [metrics["val_top1"] for metrics in result.epoch_metrics if "val_top1" in metrics]
     artifact = out / "model.safetensors"
     bad = [str(train.paths[index]) for index in result.bad_indices]
     unwrapped = accelerator.unwrap_model(model)

@@ -5,9 +5,9 @@ SimCLR: Chen et al. 2020, arXiv 2002.05709; the v2 head and fine-tuning: arXiv 2
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
     warmup = config.warmup_epochs
     if warmup is None:
         warmup = min(10.0, config.epochs / 10)
-    out = config.out or Path("runs") / f"{config.data.resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = config.out or Path("runs") / config.data.resolve().name
     return _replace(
         config,
         image_size=image_size,
@@ -130,6 +130,18 @@ def batchnorm_description(sync_bn: bool, accelerator: Any) -> str:
     return "per-process BatchNorm (SyncBatchNorm is GPU-only)"
 
 
+def fingerprint(config: PretrainConfig, paths: list[Path]) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the checkpoint.
+
+    Everything that changes the model or its training (arch, batch, schedule, augmentations, the
+    data's file list) — but not where output goes, how often it checkpoints, or how it prints.
+    """
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data"}
+    values = {key: value for key, value in to_json(config).items() if key not in ignored}
+    listing = hashlib.sha256("\n".join(str(path.relative_to(config.data)) for path in paths).encode())
+    return {**values, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16]}
+
+
 def _prepare_output(config: PretrainConfig) -> Path:
     """Creates `<out>/pretrain` and clears an old log; main process only."""
     assert config.out is not None
@@ -142,7 +154,8 @@ def _prepare_output(config: PretrainConfig) -> Path:
         raise UserError(
             f"--out {config.out}: cannot create {stage} ({error.strerror}); pass another --out"
         ) from None
-    (stage / "log.jsonl").unlink(missing_ok=True)
+    if config.restart:
+        (stage / "log.jsonl").unlink(missing_ok=True)
     return config.out
 
 
@@ -175,7 +188,7 @@ def run(config: PretrainConfig) -> Path:
     )
     workers = engine.default_workers(config.workers)
     loader = DataLoader(
-        ImageDataset(paths, TwoViews.from_config(view)),
+        ImageDataset(paths, TwoViews.from_config(view), seed=config.seed),
         batch_size=per_process,
         shuffle=True,
         drop_last=True,
@@ -215,6 +228,10 @@ def run(config: PretrainConfig) -> Path:
         description="pretrain",
         quiet=config.quiet,
         log_file=config.out / "pretrain" / "log.jsonl",
+        checkpoint_dir=config.out / "pretrain" / "checkpoints",
+        checkpoint_minutes=config.checkpoint_every,
+        fingerprint=fingerprint(config, paths),
+        restart=config.restart,
     )
     result = trainer.fit()
     bad = [str(paths[index]) for index in result.bad_indices]

@@ -157,6 +157,13 @@ def _decode_square(path: Path, side: int) -> np.ndarray | str:
     return np.array(image, dtype=np.uint8)
 
 
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """Host tensor to ``device``; to a GPU through pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
@@ -225,10 +232,16 @@ class MemoryBatches:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.first_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the permutation of epoch ``epoch`` (as DistributedSampler.set_epoch)."""
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        """Selects the permutation of epoch ``epoch`` (as DistributedSampler.set_epoch).
+
+        ``first_step`` > 0 resumes inside the epoch: the next iteration starts at that batch
+        without making the views of the batches before it.
+        """
         self.epoch = epoch
+        self.first_step = first_step
 
     def __len__(self) -> int:
         return self.images.shape[0] // (self.batch_size * self.world_size)
@@ -237,7 +250,8 @@ class MemoryBatches:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.images.shape[0], generator=generator)
         global_batch = self.batch_size * self.world_size
-        for step in range(len(self)):
+        first_step, self.first_step = self.first_step, 0
+        for step in range(first_step, len(self)):
             start = step * global_batch + self.rank * self.batch_size
             indices = order[start : start + self.batch_size]
             yield {
@@ -248,9 +262,7 @@ class MemoryBatches:
             }
 
     def _batch(self, indices: Tensor) -> Any:
-        batch = self.images.index_select(0, indices.to(self.images.device))
+        batch = self.images.index_select(0, _to_device(indices, self.images.device))
         if batch.device != self.device:
-            if self.device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(self.device, non_blocking=True)
+            batch = _to_device(batch, self.device)
         return batch if self.transform is None else self.transform(batch)

@@ -112,7 +112,14 @@ def test_batches_cover_an_epoch_once_and_reshuffle_per_epoch() -> None:
     again = [batch["indices"] for batch in batches]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     batches.set_epoch(1)
-    assert not torch.equal(torch.cat([batch["indices"] for batch in batches]), seen)
+    second_epoch = [batch["indices"] for batch in batches]
+    assert not torch.equal(torch.cat(second_epoch), seen)
+    batches.set_epoch(1, first_step=4)  # a resume inside epoch 1 yields its last two batches
+    resumed = [batch["indices"] for batch in batches]
+    assert len(resumed) == 2 and all(
+        torch.equal(a, b) for a, b in zip(resumed, second_epoch[4:], strict=True)
+    )
+    assert len([batch for batch in batches]) == 6  # and the epoch after it is whole again
 
 
 def test_processes_take_disjoint_shares_of_each_global_batch() -> None:
