@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from labelfew.augment import CROP_RATIO, ViewConfig, simclr_view, simclr_view_st
 from labelfew.augment_batched import (
     BatchedTwoViews,
     ViewParameters,
+    _one_thread_on_cpu,
     make_views,
     sample_view_parameters,
 )
@@ -44,6 +46,17 @@ SAME_P_VALUE = 1e-3
 SHIFTED_P_VALUE = 1e-6
 """A shifted parameter must be rejected with a p-value below this."""
 TOLERANCE_IN_STD = 4.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for the reference computations too (the CPU path's blur, the
+    statistics): on a shared 2-core machine a descheduled second OpenMP thread stalls every
+    short operation (see `augment_batched._one_thread_on_cpu`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cpu_step(config: ViewConfig, name: str) -> v2.Transform:
@@ -487,3 +500,12 @@ def describe(cpu: torch.Tensor, ours: torch.Tensor) -> str:
             STATISTICS, difference.mean(dim=0).tolist(), standard_error.tolist(), strict=True
         )
     )
+
+
+def test_cpu_views_use_one_thread_and_restore_the_setting() -> None:
+    torch.set_num_threads(2)  # the autouse fixture restores the original count afterwards
+    with _one_thread_on_cpu(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    BatchedTwoViews(ViewConfig(image_size=8))(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    assert torch.get_num_threads() == 2

@@ -262,7 +262,7 @@ class MemoryBatches:
             }
 
     def _batch(self, indices: Tensor) -> Any:
-        batch = self.images.index_select(0, _to_device(indices, self.images.device))
+        batch = self.images[_to_device(indices, self.images.device)]
         if batch.device != self.device:
             batch = _to_device(batch, self.device)
         return batch if self.transform is None else self.transform(batch)

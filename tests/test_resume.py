@@ -1,0 +1,157 @@
+"""Kill -9 a run in the middle of an epoch, rerun the same command: the same model, bit for bit.
+
+On the CPU with no loader workers every step is deterministic, and the views of image i in epoch
+e come from their own seeded stream (labelfew.data.images.ImageDataset), so a resumed run must
+reproduce the uninterrupted run's tensors exactly, not just closely.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+LABELFEW = str(Path(sys.executable).parent / "labelfew")
+IMAGES, BATCH = 416, 32  # 13 steps per epoch: checkpoints at steps 10 and 20 fall inside epochs 1 and 2
+
+
+def _command(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
+    common = [
+        "--epochs",
+        "2",
+        "--batch-size",
+        str(BATCH),
+        "--workers",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    if stage == "pretrain":
+        return [LABELFEW, "pretrain", str(data), "--arch", "test_resnet", "--no-small-stem", *common]
+    return [LABELFEW, "finetune", "--labels", str(data), *common]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _kill_after_checkpoint(command: list[str], checkpoints: Path, step: int, cwd: Path, kill: int) -> int:
+    """Starts `command`, waits for the checkpoint of `step`, sends `kill`; returns the exit code."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (checkpoints / f"step-{step:08d}" / "state.pt").is_file():
+        assert process.poll() is None, (
+            f"finished before the kill: {process.stdout.read() if process.stdout else ''}"
+        )
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(kill)
+    return process.wait(timeout=120)
+
+
+def _assert_same_tensors(first: Path, second: Path) -> None:
+    a, b = load_file(str(first)), load_file(str(second))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first IMAGES training digits (every class), as a class-per-folder tree."""
+    root = tmp_path_factory.mktemp("small-digits")
+    for path in sorted(digits_folder[0].rglob("*.png"))[:: 1347 // IMAGES][:IMAGES]:
+        (root / path.parent.name).mkdir(exist_ok=True)
+        shutil.copy(path, root / path.parent.name / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted pretrain and finetune (2 epochs each)."""
+    train = small_digits
+    work = tmp_path_factory.mktemp("reference")
+    _run(_command("pretrain", train, work / "run"), work)
+    _run(_command("finetune", train, work / "run" / "finetune", "--from", str(work / "run")), work)
+    return work
+
+
+def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
+    train = small_digits
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    _kill_after_checkpoint(command, tmp_path / "run" / "pretrain" / "checkpoints", 20, tmp_path, signal.SIGKILL)
+    assert not (tmp_path / "run" / "pretrain" / "backbone.safetensors").exists()
+    resumed = _run(command, tmp_path)
+    assert "resuming pretrain" in resumed.stderr and "epoch 2" in resumed.stderr
+    for name in ("backbone.safetensors", "head.safetensors"):
+        _assert_same_tensors(reference / "run" / "pretrain" / name, tmp_path / "run" / "pretrain" / name)
+    reference_log = (reference / "run" / "pretrain" / "log.jsonl").read_text()
+    assert (tmp_path / "run" / "pretrain" / "log.jsonl").read_text() == reference_log  # no step logged twice
+    assert len(list((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())) == 2  # the last two are kept
+
+
+def test_finetune_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
+    train = small_digits
+    out = tmp_path / "finetune"
+    command = _command("finetune", train, out, "--from", str(reference / "run"), "--checkpoint-every", "0")
+    _kill_after_checkpoint(command, out / "checkpoints", 20, tmp_path, signal.SIGKILL)
+    _run(command, tmp_path)
+    _assert_same_tensors(reference / "run" / "finetune" / "model.safetensors", out / "model.safetensors")
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(small_digits: Path, tmp_path: Path) -> None:
+    train = small_digits
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    code = _kill_after_checkpoint(
+        command, tmp_path / "run" / "pretrain" / "checkpoints", 10, tmp_path, signal.SIGTERM
+    )
+    assert code == 143
+    checkpoints = sorted((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())
+    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
+    assert state["position"]["global_step"] >= 10
+
+
+def test_changed_settings_refuse_to_resume_and_restart_starts_over(small_digits: Path, tmp_path: Path) -> None:  # fmt: skip
+    train = small_digits
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    _kill_after_checkpoint(
+        command, tmp_path / "run" / "pretrain" / "checkpoints", 10, tmp_path, signal.SIGKILL
+    )
+    changed = [*command, "--temperature", "0.2"]
+    result = subprocess.run(changed, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 2
+    assert "temperature 0.5 → 0.2" in result.stderr and "--restart" in result.stderr
+    fresh = _run([*changed, "--restart", "--epochs", "1"], tmp_path)
+    assert "resuming" not in fresh.stderr
+    record = json.loads((tmp_path / "run" / "pretrain" / "run.json").read_text())
+    assert record["config"]["temperature"] == 0.2
+
+
+def test_a_checkpoint_never_unpickles_code(tmp_path: Path) -> None:
+    from labelfew import checkpoint
+    from labelfew.errors import UserError
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (Path.touch, (str(tmp_path / "pwned"),))  # type: ignore[return-value]
+
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    folder.mkdir(parents=True)
+    torch.save({"evil": Payload()}, folder / "state.pt")
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "fingerprint.json").write_text("{}")
+    with pytest.raises(UserError, match="damaged checkpoint"):
+        checkpoint.load(folder)
+    assert not (tmp_path / "pwned").exists()
