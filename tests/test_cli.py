@@ -14,7 +14,7 @@ from labelfew import __version__
 from labelfew.cli import app
 
 runner = CliRunner()
-COMMANDS = ("pretrain", "subset", "finetune", "evaluate", "demo")
+COMMANDS = ("pretrain", "subset", "finetune", "evaluate", "demo", "predict", "embed", "similar", "export")
 
 
 @pytest.fixture(autouse=True)
