@@ -15,8 +15,10 @@ backward, LARS update), all in one process, on the same model, batch and device:
 
 Both labelfew rows and the bare step use the same autocast precision and memory format as
 `pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
-their data path, loss and optimizer. A second table measures the data paths alone (views/s
-without a model). Prints rich tables and writes JSON into benchmarks/results/.
+their data path, loss, optimizer and lightly's one forward pass per view. Rows are timed in
+interleaved rounds (a change of machine load hits all alike) and the median round is reported.
+A second table measures the data paths alone (views/s without a model). Prints rich tables and
+writes JSON into benchmarks/results/.
 
     python benchmarks/throughput.py --arch resnet18 --image-size 32 --batch-size 512 --data FOLDER
     python benchmarks/throughput.py --arch test_resnet --image-size 32 --batch-size 256 --device cpu
@@ -34,11 +36,13 @@ import os
 import platform
 import random
 import resource
+import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -64,7 +68,7 @@ from labelfew.models import SMALL_IMAGE_SIDE
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate
 from labelfew.pretrain import build_model, contrastive_step
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)
 TEMPERATURE = 0.5
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +88,7 @@ def main() -> None:
         paths = choose_paths(folder, args.limit)
         flat = link_flat_folder(paths, Path(stack.enter_context(tempfile.TemporaryDirectory())))
         bench = Bench(args, device, precision, paths, flat)
-        rows = [bench.run_row(name) for name in args.rows]
+        rows = bench.measure({name: bench.prepare_row(name) for name in args.rows})
         data_rows = [] if args.skip_data_only else bench.data_only_rows()
     report(args, device, precision, len(paths), rows, data_rows)
 
@@ -99,7 +103,10 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (two views each)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row and round")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all rows, interleaved; the median round counts"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (workers, cuDNN autotune)")
     parser.add_argument(
         "--data", type=Path, help="folder of images (searched recursively); default: synthetic"
@@ -163,6 +170,14 @@ def link_flat_folder(paths: list[Path], root: Path) -> Path:
     return root
 
 
+class Runner(NamedTuple):
+    """One row ready to time: endless batches, a training step on one batch, notes for the table."""
+
+    batches: Iterator[Any]
+    train: Callable[[Any], torch.Tensor]
+    notes: dict[str, Any]
+
+
 class Bench:
     """Builds each row's model, data and step, and times it."""
 
@@ -193,19 +208,44 @@ class Bench:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
-    def run_row(self, name: str) -> dict[str, Any]:
+    def prepare_row(self, name: str) -> Runner | dict[str, Any]:
+        """The row's batches, training step and notes; a status dict when it cannot run."""
         console.print(f"[bold]{name}[/] ...")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            row = getattr(self, f"row_{name.replace('-', '_')}")()
+            runner: Runner = getattr(self, f"row_{name.replace('-', '_')}")()
         except ModuleNotFoundError as error:
             if name != "lightly":
                 raise
-            row = {"status": f"lightly not installed (pip install .[bench]): no module {error.name}"}
-        row["row"] = name
-        row["peak_memory_gib"] = self.peak_memory()
-        return row
+            return {"status": f"lightly not installed (pip install .[bench]): no module {error.name}"}
+        for _ in range(self.args.warmup):
+            runner.train(next(runner.batches))
+        return runner
+
+    def measure(self, runners: dict[str, Runner | dict[str, Any]]) -> list[dict[str, Any]]:
+        """Times every row for `--steps` steps, `--repeats` times round-robin, so that a change of
+        machine load hits every row alike; reports the median round."""
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+        for _ in range(self.args.repeats):
+            for name, runner in runners.items():
+                if isinstance(runner, Runner):
+                    rounds[name].append(self.time_steps(runner))
+        rows = []
+        for name, runner in runners.items():
+            if not isinstance(runner, Runner):
+                rows.append({"row": name, **runner})
+                continue
+            rates = sorted(result["views_per_second"] for result in rounds[name])
+            rows.append(
+                {
+                    "row": name,
+                    "views_per_second": statistics.median(rates),
+                    "rounds_views_per_second": [result["views_per_second"] for result in rounds[name]],
+                    "final_loss": rounds[name][-1]["final_loss"],
+                    "peak_memory_gib": max(result["peak_memory_gib"] for result in rounds[name]),
+                    **runner.notes,
+                }
+            )
+        return rows
 
     def labelfew_step(self, model: nn.Module) -> Callable[[dict[str, Any]], torch.Tensor]:
         lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
@@ -222,7 +262,7 @@ class Bench:
 
         return train
 
-    def row_labelfew(self) -> dict[str, Any]:
+    def row_labelfew(self) -> Runner:
         start = time.perf_counter()
         store = decode_images(
             self.paths, stored_side(self.args.image_size), budget=int(self.args.memory_budget * 2**30)
@@ -231,21 +271,20 @@ class Bench:
         images = store.images.to(store_device(store.nbytes, self.device))
         views = BatchedTwoViews(self.view, torch.Generator().manual_seed(0), resize=self.args.resize)
         batches = MemoryBatches(images, self.args.batch_size, transform=views, device=self.device, seed=0)
-        result = self.time_steps(cycle(batches), self.labelfew_step(self.model()))
-        return {
-            **result,
+        notes = {
             "decode_seconds": decode_seconds,
             "store_device": str(images.device),
             "resize": self.args.resize,
         }
+        return Runner(cycle(batches), self.labelfew_step(self.model()), notes)
 
-    def row_bare(self) -> dict[str, Any]:
+    def row_bare(self) -> Runner:
         shape = (self.args.batch_size, 3, self.args.image_size, self.args.image_size)
         generator = torch.Generator(device=self.device).manual_seed(0)
         views = tuple(torch.randn(shape, device=self.device, generator=generator) for _ in range(2))
-        return self.time_steps(itertools.repeat({"images": views}), self.labelfew_step(self.model()))
+        return Runner(itertools.repeat({"images": views}), self.labelfew_step(self.model()), {})
 
-    def row_cpu_path(self) -> dict[str, Any]:
+    def row_cpu_path(self) -> Runner:
         loader = DataLoader(
             ImageDataset(self.paths, TwoViews.from_config(self.view)),
             batch_size=self.args.batch_size,
@@ -260,9 +299,9 @@ class Bench:
             {"images": tuple(v.to(self.device, non_blocking=True) for v in b["images"])}
             for b in cycle(loader)
         )
-        return {**self.time_steps(batches, self.labelfew_step(self.model())), "workers": self.workers}
+        return Runner(batches, self.labelfew_step(self.model()), {"workers": self.workers})
 
-    def row_lightly(self) -> dict[str, Any]:
+    def row_lightly(self) -> Runner:
         import lightly
         from lightly.data import LightlyDataset
         from lightly.loss import NTXentLoss
@@ -302,24 +341,23 @@ class Bench:
             optimizer.zero_grad()
             return loss.detach()
 
-        return {
-            **self.time_steps(cycle(loader), train),
-            "workers": self.workers,
-            "lightly": lightly.__version__,
-        }
+        return Runner(cycle(loader), train, {"workers": self.workers, "lightly": lightly.__version__})
 
-    def time_steps(self, batches: Iterator[Any], train: Callable[[Any], torch.Tensor]) -> dict[str, Any]:
-        """Views/s over `--steps` steps after `--warmup` untimed ones; losses read once at the end."""
-        for _ in range(self.args.warmup):
-            train(next(batches))
+    def time_steps(self, runner: Runner) -> dict[str, Any]:
+        """Views/s over `--steps` steps; losses stay on the device until the end."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.synchronize()
         start = time.perf_counter()
-        losses = [train(next(batches)) for _ in range(self.args.steps)]
+        losses = [runner.train(next(runner.batches)) for _ in range(self.args.steps)]
         self.synchronize()
         seconds = time.perf_counter() - start
         views = 2 * self.args.batch_size * self.args.steps
-        final_loss = float(torch.stack(losses)[-1])
-        return {"views_per_second": views / seconds, "seconds": seconds, "final_loss": final_loss}
+        return {
+            "views_per_second": views / seconds,
+            "final_loss": float(losses[-1]),
+            "peak_memory_gib": self.peak_memory(),
+        }
 
     def data_only_rows(self) -> list[dict[str, Any]]:
         """Views/s of each data path alone: batched (both resizes), kornia, PIL per image, lightly."""
@@ -439,7 +477,7 @@ def report(
     )
     title = (
         f"{args.arch} @ {args.image_size} px, batch {args.batch_size}, {device_name}, precision {precision}, "
-        f"{image_count} images, {args.steps} steps"
+        f"{image_count} images, median of {args.repeats} interleaved rounds of {args.steps} steps"
     )
     table = Table(title=title)
     for column in ("row", "views/s", "vs lightly (b)", "vs bare step (c)", "peak memory GiB", "notes"):
@@ -460,7 +498,7 @@ def report(
             f"{rate:,.0f}" if rate else "-",
             ratio(rate, rates.get("lightly")),
             ratio(rate, rates.get("bare")),
-            f"{row['peak_memory_gib']:.2f}",
+            f"{row['peak_memory_gib']:.2f}" if "peak_memory_gib" in row else "-",
             notes,
         )
     console.print(table)
