@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
@@ -499,7 +500,7 @@ def report(
             ratio(rate, rates.get("lightly")),
             ratio(rate, rates.get("bare")),
             f"{row['peak_memory_gib']:.2f}" if "peak_memory_gib" in row else "-",
-            notes,
+            escape(notes),
         )
     console.print(table)
     if data_rows:

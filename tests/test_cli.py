@@ -32,7 +32,9 @@ def test_version_and_help() -> None:
 
 
 def test_python_dash_m_runs_the_cli() -> None:
-    result = subprocess.run([sys.executable, "-m", "labelfew", "--version"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "labelfew", "--version"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and __version__ in result.stdout
 
 
@@ -63,15 +65,23 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path: Path, digits_folder:
     assert "no such folder" in _one_line_error(["pretrain", str(tmp_path / "missing")])
     assert "no image files" in _one_line_error(["pretrain", str(tmp_path / "empty")])
     assert "larger than" in _one_line_error(["pretrain", str(train), "--batch-size", "100000"])
-    assert "not a timm model" in _one_line_error(["pretrain", str(train), "--arch", "resnet_nope", "--batch-size", "8"])
+    assert "not a timm model" in _one_line_error(
+        ["pretrain", str(train), "--arch", "resnet_nope", "--batch-size", "8"]
+    )
     assert "fp16" in _one_line_error(["pretrain", str(train), "--precision", "fp16", "--batch-size", "8"])
     assert "out of range" in _one_line_error(["subset", str(train), "--fraction", "0", "--out", "x.csv"])
     assert "out of range" in _one_line_error(["subset", str(train), "--fraction", "1.5", "--out", "x.csv"])
     assert "empty" in _one_line_error(["subset", str(train), "--fraction", "0.001", "--out", "x.csv"])
-    assert "missing column" in _one_line_error(["subset", str(tmp_path / "bad.csv"), "--fraction", "0.5", "--out", "x.csv"])
+    assert "missing column" in _one_line_error(
+        ["subset", str(tmp_path / "bad.csv"), "--fraction", "0.5", "--out", "x.csv"]
+    )
     assert "no pretrain artifact" in _one_line_error(["finetune", "--labels", str(train)])
-    assert "no such file" in _one_line_error(["evaluate", "--test", str(test), "--from", str(tmp_path / "m.safetensors")])
-    assert "not valid TOML" in _one_line_error(["pretrain", str(train), "--recipe", str(tmp_path / "bad.csv")])
+    assert "no such file" in _one_line_error(
+        ["evaluate", "--test", str(test), "--from", str(tmp_path / "m.safetensors")]
+    )
+    assert "not valid TOML" in _one_line_error(
+        ["pretrain", str(train), "--recipe", str(tmp_path / "bad.csv")]
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

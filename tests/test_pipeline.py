@@ -17,7 +17,9 @@ def labelfew(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [LABELFEW, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
     )
-    assert result.returncode == 0, f"labelfew {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"labelfew {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}"
+    )
     return result
 
 
@@ -66,7 +68,10 @@ def test_report_has_a_row_per_method(digits_run: dict[str, Path]) -> None:
 
 
 def test_ssl_features_beat_random_init_features(digits_run: dict[str, Path]) -> None:
-    rows = {row["method"]: row for row in json.loads((digits_run["run"] / "evaluate" / "report.json").read_text())["rows"]}
+    rows = {
+        row["method"]: row
+        for row in json.loads((digits_run["run"] / "evaluate" / "report.json").read_text())["rows"]
+    }
     assert rows["kNN"]["top1"] > rows["kNN (random init)"]["top1"] + 0.05
     assert rows["kNN"]["top1"] > 0.5  # ten classes: chance is 0.1
 
@@ -77,7 +82,9 @@ def test_hymenoptera_photos_run_through_every_stage(hymenoptera: Path, tmp_path:
         "pretrain", hymenoptera / "train", "--arch", "test_resnet", "--image-size", "64", "--epochs", "1",
         "--batch-size", "64", "--out", tmp_path / "runs" / "bugs", "--quiet", cwd=tmp_path,
     )  # fmt: skip
-    labelfew("subset", hymenoptera / "train", "--fraction", "0.1", "--out", tmp_path / "10pct.csv", cwd=tmp_path)
+    labelfew(
+        "subset", hymenoptera / "train", "--fraction", "0.1", "--out", tmp_path / "10pct.csv", cwd=tmp_path
+    )
     labelfew("finetune", "--labels", tmp_path / "10pct.csv", "--epochs", "1", "--quiet", cwd=tmp_path)
     labelfew("evaluate", "--test", hymenoptera / "val", "--quiet", cwd=tmp_path)
     report = json.loads((tmp_path / "runs" / "bugs" / "evaluate" / "report.json").read_text())

@@ -91,7 +91,9 @@ def reference(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
     train = small_digits
     command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
-    _kill_after_checkpoint(command, tmp_path / "run" / "pretrain" / "checkpoints", 20, tmp_path, signal.SIGKILL)
+    _kill_after_checkpoint(
+        command, tmp_path / "run" / "pretrain" / "checkpoints", 20, tmp_path, signal.SIGKILL
+    )
     assert not (tmp_path / "run" / "pretrain" / "backbone.safetensors").exists()
     resumed = _run(command, tmp_path)
     assert "resuming pretrain" in resumed.stderr and "epoch 2" in resumed.stderr
