@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import random
 import time
@@ -328,11 +329,7 @@ class Trainer:
     def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         self._bad.update(batch.pop("bad", []))
         loss, batch_views = self.step(self.model, batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                "the loss became NaN or infinite; lower the learning rate (--lr / --base-lr) or use --precision no"
-            )
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss)  # finiteness is checked where losses reach the host (_flush)
         if self.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -354,6 +351,11 @@ class Trainer:
         # The mean over processes of the per-process losses is the loss of the global batch.
         stacked = torch.stack([loss for _, loss, _ in pending]).float()
         values = self.accelerator.reduce(stacked, reduction="mean").cpu().tolist()
+        if not all(math.isfinite(value) for value in values):
+            raise FloatingPointError(
+                f"the loss became NaN or infinite by step {pending[-1][0]}; lower the learning rate "
+                "(--lr / --base-lr) or use --precision no"
+            )
         progress.update(task, loss=values[-1], lr=pending[-1][2], rate=rate)
         if log is not None:
             for (step, _, lr), value in zip(pending, values, strict=True):
