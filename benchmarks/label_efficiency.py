@@ -166,7 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     return {
         "recipe": str(
-            args.recipe.resolve().relative_to(REPO) if args.recipe.resolve().is_relative_to(REPO) else args.recipe
+            args.recipe.resolve().relative_to(REPO)
+            if args.recipe.resolve().is_relative_to(REPO)
+            else args.recipe
         ),
         "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:]),
         "device": device_name(),

@@ -129,6 +129,9 @@ def parse_arguments() -> argparse.Namespace:
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
         help="comma-separated subset of labelfew, lightly, bare, cpu-path",
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile every row's model (pretrain --compile)"
+    )
     parser.add_argument("--skip-data-only", action="store_true", help="skip the data-path-only table")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -204,7 +207,11 @@ class Bench:
             small_stem=self.args.image_size <= SMALL_IMAGE_SIDE,
         )
         model = build_model(config).to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.args.compile:  # as `labelfew pretrain --compile`; every row, lightly's too
+            model.compile()
+        return model
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -270,7 +277,7 @@ class Bench:
         )
         decode_seconds = time.perf_counter() - start
         images = store.images.to(store_device(store.nbytes, self.device))
-        views = BatchedTwoViews(self.view, torch.Generator().manual_seed(0), resize=self.args.resize)
+        views = BatchedTwoViews(self.view, resize=self.args.resize)  # MemoryBatches seeds each step
         batches = MemoryBatches(images, self.args.batch_size, transform=views, device=self.device, seed=0)
         notes = {
             "decode_seconds": decode_seconds,

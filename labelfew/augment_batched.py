@@ -293,11 +293,16 @@ class BatchedTwoViews:
         self.generator = generator
         self.resize: ResizeMethod = resize
 
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Shape: (batch_size, 3, H, W) uint8 -> two of (batch_size, 3, image_size, image_size)."""
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Shape: (batch_size, 3, H, W) uint8 -> two of (batch_size, 3, image_size, image_size).
+
+        ``generator``, when given, is drawn from instead of the one passed at construction
+        (`labelfew.data.memory.MemoryBatches` passes one seeded per step).
+        """
         _check_images(images)
         batch_size, _, height, width = images.shape
-        parameters = sample_view_parameters(2 * batch_size, (height, width), self.config, self.generator)
+        source = generator if generator is not None else self.generator
+        parameters = sample_view_parameters(2 * batch_size, (height, width), self.config, source)
         sources = torch.arange(batch_size).repeat(2)
         views = make_views(images, parameters, self.config, sources=sources, resize=self.resize)
         return views[:batch_size], views[batch_size:]

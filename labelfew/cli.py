@@ -184,6 +184,26 @@ def pretrain(
         ),
     ] = None,
     precision: Precision = None,
+    augment_on: Annotated[
+        str | None,
+        typer.Option(
+            help="Where views are made: device (images decoded once into memory, both views of a batch "
+            "made on the GPU/CPU that trains), workers (one PIL image at a time in DataLoader workers), "
+            "auto (default: device when the decoded images fit in --memory-budget)."
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(help="GiB the decoded images may take with --augment-on device (default 4)."),
+    ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model (faster steps on GPUs after a "
+            "minute or two of compiling; default off).",
+        ),
+    ] = None,
     workers: Workers = None,
     seed: Seed = None,
     out: Out = None,
@@ -220,6 +240,9 @@ def pretrain(
                 max_bad_fraction=max_bad_fraction,
                 sync_bn=sync_bn,
                 precision=precision,
+                augment_on=augment_on,
+                memory_budget=memory_budget,
+                compile=compile,
                 workers=workers,
                 seed=seed,
                 out=out,

@@ -42,6 +42,11 @@ class PretrainConfig:
     min_scale: float = 0.08
     blur: bool | None = None  # None: on above 32 px, off at 32 px and less
     precision: str = "auto"  # auto: bf16 on GPUs that support it, else no
+    augment_on: str = (
+        "auto"  # device: decoded in memory, batched views; workers: per image; auto: device if it fits
+    )
+    memory_budget: float = 4.0  # GiB of decoded images that --augment-on device may hold
+    compile: bool = False  # torch.compile the model
     workers: int | None = None
     seed: int = 0
     max_bad_fraction: float = 0.01

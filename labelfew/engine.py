@@ -16,11 +16,11 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -208,6 +208,17 @@ def per_process_batch(global_batch: int, accelerator: Accelerator) -> int:
     return global_batch // processes
 
 
+class EpochBatches(Protocol):
+    """Batches that are not a DataLoader (`labelfew.data.memory.MemoryBatches`): one epoch per
+    iteration, chosen by `set_epoch`, which can also start the epoch at a later step."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
+
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None: ...
+
+
 @dataclass
 class FitResult:
     """What a finished training loop reports."""
@@ -238,7 +249,7 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: DataLoader[Any]
+    loader: DataLoader[Any] | EpochBatches
     step: StepFunction
     epochs: int
     description: str
@@ -286,12 +297,16 @@ class Trainer:
                start: float, signals: checkpoint.StopSignals) -> None:  # fmt: skip
         epoch, skip = position.epoch, position.step_in_epoch
         self.model.train()
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(epoch)
-        dataset = getattr(self.loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # type: ignore[union-attr]
-        loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        loader: Iterable[dict[str, Any]] = self.loader
+        if isinstance(self.loader, DataLoader):
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
+            if hasattr(self.loader.dataset, "set_epoch"):
+                self.loader.dataset.set_epoch(epoch)
+            if skip:
+                loader = self.accelerator.skip_first_batches(self.loader, skip)
+        else:  # e.g. MemoryBatches: starts at step `skip` without making the batches before it
+            self.loader.set_epoch(epoch, first_step=skip)
         running = torch.full((), position.running_loss, device=self.accelerator.device)
         pending: list[tuple[int, torch.Tensor, float]] = []
         for batch in loader:

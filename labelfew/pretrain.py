@@ -8,23 +8,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from labelfew import engine
 from labelfew.artifacts import save_tensors, write_run_json
 from labelfew.augment import TwoViews, ViewConfig
+from labelfew.augment_batched import BatchedTwoViews
 from labelfew.config import PretrainConfig, to_json
 from labelfew.data.images import ImageDataset, collate, find_images, typical_image_side
+from labelfew.data.memory import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.errors import UserError
 from labelfew.losses import nt_xent_loss
 from labelfew.models import SMALL_IMAGE_SIDE, ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+
+AUGMENT_PLACES = ("auto", "device", "workers")
 
 
 def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
@@ -37,6 +43,7 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
     out = config.out or Path("runs") / config.data.resolve().name
     return _replace(
         config,
+        augment_on=augment_place(config.augment_on, config.memory_budget, len(paths), image_size),
         image_size=image_size,
         small_stem=small if config.small_stem is None else config.small_stem,
         color_strength=(0.5 if small else 1.0) if config.color_strength is None else config.color_strength,
@@ -44,6 +51,25 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
         warmup_epochs=warmup,
         out=out,
     )
+
+
+def augment_place(requested: str, budget_gib: float, image_count: int, image_size: int) -> str:
+    """Where the views are made: ``device`` or ``workers`` (``auto`` resolved).
+
+    ``device``: every image decoded once into memory (`labelfew.data.memory`) and both views of
+    a batch made on the training device in a few tensor operations (`labelfew.augment_batched`);
+    the data path then costs the GPU ~1% and the CPU nothing. ``workers``: one PIL image at a
+    time in DataLoader workers (`labelfew.augment`), for folders too large to decode into memory.
+    ``auto`` picks ``device`` when the decoded images fit in ``budget_gib``.
+    """
+    if requested not in AUGMENT_PLACES:
+        raise UserError(f"--augment-on {requested}: use one of {', '.join(AUGMENT_PLACES)}")
+    if budget_gib <= 0:
+        raise UserError(f"--memory-budget {budget_gib}: give a positive size in GiB (default 4)")
+    if requested != "auto":
+        return requested
+    fits = fits_in_memory(image_count, stored_side(image_size), int(budget_gib * 2**30))
+    return "device" if fits else "workers"
 
 
 def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
@@ -136,7 +162,8 @@ def fingerprint(config: PretrainConfig, paths: list[Path]) -> dict[str, Any]:
     Everything that changes the model or its training (arch, batch, schedule, augmentations, the
     data's file list) — but not where output goes, how often it checkpoints, or how it prints.
     """
-    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data"}
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data",
+               "memory_budget", "compile"}  # fmt: skip
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
     listing = hashlib.sha256("\n".join(str(path.relative_to(config.data)) for path in paths).encode())
     return {**values, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16]}
@@ -180,25 +207,8 @@ def run(config: PretrainConfig) -> Path:
     # The default run folder has a timestamp: use the main process's, on every process.
     config = _replace(config, out=engine.on_main_process(accelerator, lambda: _prepare_output(config)))
     assert config.out is not None and config.image_size is not None
-    view = ViewConfig(
-        image_size=config.image_size,
-        min_scale=config.min_scale,
-        color_strength=float(config.color_strength or 1.0),
-        blur=config.blur,
-    )
-    workers = engine.default_workers(config.workers)
-    loader = DataLoader(
-        ImageDataset(paths, TwoViews.from_config(view), seed=config.seed),
-        batch_size=per_process,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(config.seed),
-        worker_init_fn=engine.worker_seeder(accelerator),
-    )
+    loader, undecodable = build_batches(config, paths, accelerator, per_process)
+    _check_bad(config, undecodable, len(paths))  # known before training on the device path
     model = build_model(config)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -207,7 +217,9 @@ def run(config: PretrainConfig) -> Path:
         model = model.to(memory_format=torch.channels_last)
     lr = _learning_rate(config)
     optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=lr)  # type: ignore[arg-type]
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:
+        model.compile()  # in place: the state_dict keys (checkpoints, artifacts) stay the same
     engine.seed_augmentations(accelerator, config.seed)
     steps_per_epoch = len(loader)
     scheduler = warmup_cosine(
@@ -234,12 +246,8 @@ def run(config: PretrainConfig) -> Path:
         restart=config.restart,
     )
     result = trainer.fit()
-    bad = [str(paths[index]) for index in result.bad_indices]
-    if len(bad) > config.max_bad_fraction * len(paths):
-        raise UserError(
-            f"{len(bad)} of {len(paths)} images could not be decoded (more than --max-bad-fraction "
-            f"{config.max_bad_fraction}); e.g. {bad[0]}. Fix or remove them."
-        )
+    bad = undecodable + [str(paths[index]) for index in result.bad_indices]
+    _check_bad(config, bad, len(paths))
     artifact = config.out / "pretrain" / "backbone.safetensors"
     batchnorm = batchnorm_description(sync_bn, accelerator)
     unwrapped = accelerator.unwrap_model(model)
@@ -248,6 +256,96 @@ def run(config: PretrainConfig) -> Path:
         lambda: _save(config, unwrapped, artifact, result, len(paths), bad, lr, accelerator, batchnorm),
     )
     return artifact
+
+
+def view_config(config: PretrainConfig) -> ViewConfig:
+    """The view parameters of a resolved config."""
+    assert config.image_size is not None
+    return ViewConfig(
+        image_size=config.image_size,
+        min_scale=config.min_scale,
+        color_strength=float(config.color_strength or 1.0),
+        blur=config.blur,
+    )
+
+
+def build_batches(
+    config: PretrainConfig, paths: list[Path], accelerator: Any, per_process: int
+) -> tuple[DataLoader[Any] | MemoryBatches, list[str]]:
+    """This process's training batches, and the files found undecodable before training.
+
+    ``device`` (see `augment_place`): the images are decoded once (threads, a progress bar) and
+    kept on the GPU when they take at most a quarter of its free memory, else in host memory;
+    every process holds them all and takes its share of each global batch. The views of a batch
+    are drawn from a generator seeded by (seed, epoch, step, process) — per step, not per image
+    as on the ``workers`` path, so the two paths make different (equally distributed) views for
+    the same seed. ``workers``: a DataLoader, sharded by Accelerate.
+    """
+    assert config.image_size is not None
+    view = view_config(config)
+    if config.augment_on == "device":
+        store = decode_images(
+            paths,
+            stored_side(config.image_size),
+            budget=int(config.memory_budget * 2**30),
+            on_progress=_decode_progress(accelerator.is_main_process and not config.quiet),
+        )
+        images = store.images.to(store_device(store.nbytes, accelerator.device))
+        batches = MemoryBatches(
+            images,
+            per_process,
+            transform=BatchedTwoViews(view),
+            device=accelerator.device,
+            seed=config.seed,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        kept = set(store.paths)
+        return batches, [str(path) for path in paths if path not in kept]
+    workers = engine.default_workers(config.workers)
+    loader = DataLoader(
+        ImageDataset(paths, TwoViews.from_config(view), seed=config.seed),
+        batch_size=per_process,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=engine.worker_seeder(accelerator),
+    )
+    return accelerator.prepare(loader), []
+
+
+def _decode_progress(show: bool) -> Callable[[int, int], None] | None:
+    """A progress callback for `decode_images` that prints a bar on the main process."""
+    if not show:
+        return None
+    progress = Progress(
+        TextColumn("[bold]decode"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),
+        TimeElapsedColumn(), console=engine.console, transient=True,
+    )  # fmt: skip
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("decode", total=total)
+        progress.update(task, completed=done)
+        if done >= total:
+            progress.stop()
+
+    return update
+
+
+def _check_bad(config: PretrainConfig, bad: list[str], image_count: int) -> None:
+    if len(bad) > config.max_bad_fraction * image_count:
+        raise UserError(
+            f"{len(bad)} of {image_count} images could not be decoded (more than --max-bad-fraction "
+            f"{config.max_bad_fraction}); e.g. {bad[0]}. Fix or remove them."
+        )
 
 
 def _learning_rate(config: PretrainConfig) -> float:
@@ -267,7 +365,8 @@ def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: 
         f"[bold]pretrain[/] {image_count} images from {config.data} at {config.image_size} px, "
         f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}{split}, "
         f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, T {config.temperature}, "
-        f"on {engine.describe_device(accelerator)}, {bn}"
+        f"views on the {'training device, batched' if config.augment_on == 'device' else 'CPU, per image'}, "
+        f"on {engine.describe_device(accelerator)}, {bn}{', compiled' if config.compile else ''}"
     )
 
 

@@ -106,6 +106,30 @@ ROWS: list[Row] = [
         "larger than",
     ),
     (
+        "unknown place for the views",
+        lambda t, p: ["pretrain", str(_labelled_tree(t)), "--augment-on", "gpu", "--batch-size", "8"],
+        "--augment-on gpu: use one of auto, device, workers",
+    ),
+    (
+        "decoded images over the memory budget",
+        lambda t, p: [
+            "pretrain",
+            str(_labelled_tree(t)),
+            "--augment-on",
+            "device",
+            "--memory-budget",
+            "0.00001",
+            "--batch-size",
+            "8",
+        ],
+        "raise --memory-budget or use --augment-on workers",
+    ),
+    (
+        "memory budget not positive",
+        lambda t, p: ["pretrain", str(_labelled_tree(t)), "--memory-budget", "0", "--batch-size", "8"],
+        "--memory-budget 0.0: give a positive size",
+    ),
+    (
         "unknown arch",
         lambda t, p: ["pretrain", str(_labelled_tree(t)), "--arch", "resnet_nope", "--batch-size", "8"],
         "not a timm model",
@@ -271,7 +295,8 @@ def test_bad_input_row(case: str, build: Callable[[Path, Path], list[str]], expe
     assert expected in lines[0], f"{case}: {lines[0]}"
 
 
-def test_bad_images_are_skipped_and_listed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("place", ["device", "workers"])
+def test_bad_images_are_skipped_and_listed(tmp_path: Path, place: str) -> None:
     images = tmp_path / "images"
     for index in range(12):
         _png(images / f"good{index}.png")
@@ -289,11 +314,15 @@ def test_bad_images_are_skipped_and_listed(tmp_path: Path) -> None:
     result = runner.invoke(app, [
         "pretrain", str(images), "--arch", "test_resnet", "--no-small-stem", "--epochs", "1", "--image-size", "32",
         "--batch-size", "8", "--max-bad-fraction", "0.5", "--out", str(tmp_path / "run"), "--quiet",
+        "--augment-on", place,
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "run" / "pretrain" / "run.json").read_text())
     skipped = {Path(path).name for path in record["data"]["skipped_files"]}
-    assert skipped <= {"zero.jpg", "text.png", "truncated.jpg"}
+    if place == "device":  # every file is decoded before training: all three are found
+        assert skipped == {"zero.jpg", "text.png", "truncated.jpg"}
+    else:  # found when a batch reaches them; drop_last may leave one unread
+        assert skipped <= {"zero.jpg", "text.png", "truncated.jpg"} and skipped
     assert record["data"]["images"] == 20  # the loop is not followed twice
 
 

@@ -1,8 +1,9 @@
 """Kill -9 a run in the middle of an epoch, rerun the same command: the same model, bit for bit.
 
-On the CPU with no loader workers every step is deterministic, and the views of image i in epoch
-e come from their own seeded stream (labelfew.data.images.ImageDataset), so a resumed run must
-reproduce the uninterrupted run's tensors exactly, not just closely.
+On the CPU with no loader workers every step is deterministic, and the views come from seeded
+streams — per image and epoch on the worker path (labelfew.data.images.ImageDataset), per step on
+the device path (labelfew.data.memory.MemoryBatches) — so a resumed run must reproduce the
+uninterrupted run's tensors exactly, not just closely.
 """
 
 from __future__ import annotations
@@ -83,23 +84,27 @@ def reference(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """An uninterrupted pretrain and finetune (2 epochs each)."""
     train = small_digits
     work = tmp_path_factory.mktemp("reference")
-    _run(_command("pretrain", train, work / "run"), work)
+    _run(_command("pretrain", train, work / "run"), work)  # auto: the device path for 416 digits
+    _run(_command("pretrain", train, work / "run-workers", "--augment-on", "workers"), work)
     _run(_command("finetune", train, work / "run" / "finetune", "--from", str(work / "run")), work)
     return work
 
 
-def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize("place", ["device", "workers"])
+def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path, place: str) -> None:  # fmt: skip
     train = small_digits
-    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0", "--augment-on", place)
     _kill_after_checkpoint(
         command, tmp_path / "run" / "pretrain" / "checkpoints", 20, tmp_path, signal.SIGKILL
     )
     assert not (tmp_path / "run" / "pretrain" / "backbone.safetensors").exists()
     resumed = _run(command, tmp_path)
     assert "resuming pretrain" in resumed.stderr and "epoch 2" in resumed.stderr
+    expected = reference / ("run" if place == "device" else "run-workers") / "pretrain"
+    assert json.loads((expected / "run.json").read_text())["config"]["augment_on"] == place
     for name in ("backbone.safetensors", "head.safetensors"):
-        _assert_same_tensors(reference / "run" / "pretrain" / name, tmp_path / "run" / "pretrain" / name)
-    reference_log = (reference / "run" / "pretrain" / "log.jsonl").read_text()
+        _assert_same_tensors(expected / name, tmp_path / "run" / "pretrain" / name)
+    reference_log = (expected / "log.jsonl").read_text()
     assert (tmp_path / "run" / "pretrain" / "log.jsonl").read_text() == reference_log  # no step logged twice
     assert len(list((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())) == 2  # the last two are kept
 

@@ -18,12 +18,13 @@ path draws them from the whole photo). Square datasets (CIFAR, STL-10, digits) a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,8 +42,14 @@ SMALL_IMAGE_MAX_SIDE = 64
 DEVICE_MEMORY_FRACTION = 0.25
 """A store goes on the GPU when it takes at most this share of the GPU's free memory."""
 
-BatchTransform = Callable[[Tensor], Any]
-"""uint8 images (batch_size, 3, side, side) -> what the training step reads as ``images``."""
+
+class BatchTransform(Protocol):
+    """uint8 images (batch_size, 3, side, side) -> what the training step reads as ``images``.
+
+    ``generator`` is the CPU generator every random draw of the batch must come from.
+    """
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Any: ...
 
 
 def stored_side(image_size: int) -> int:
@@ -115,7 +122,7 @@ def decode_images(
     if needed > budget:
         raise UserError(
             f"{len(paths)} images at {side} px need {needed / 2**30:.1f} GiB decoded, more than the "
-            f"memory budget of {budget / 2**30:.1f} GiB; raise --memory-budget or use --augment-on cpu."
+            f"memory budget of {budget / 2**30:.1f} GiB; raise --memory-budget or use --augment-on workers."
         )
     images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)
     failures: dict[int, str] = {}
@@ -183,7 +190,9 @@ class MemoryBatches:
     """Shuffled batches of an in-memory uint8 store, transformed on the training device.
 
     Each epoch is a permutation of the store seeded by ``seed + epoch`` (call `set_epoch`), the
-    same on every process; with ``world_size`` processes each global batch of
+    same on every process, and the transform of each batch draws from a generator seeded by
+    (seed, epoch, step, rank), so a run resumed at any step makes the same views as one that
+    was never stopped; with ``world_size`` processes each global batch of
     ``batch_size * world_size`` images is split so that process ``rank`` takes its own
     ``batch_size`` rows. The last incomplete global batch is dropped (NT-Xent needs equal
     batches on every process).
@@ -255,14 +264,23 @@ class MemoryBatches:
             start = step * global_batch + self.rank * self.batch_size
             indices = order[start : start + self.batch_size]
             yield {
-                "images": self._batch(indices),
+                "images": self._batch(indices, step),
                 "labels": torch.full((self.batch_size,), -1, dtype=torch.long),
                 "indices": indices,
                 "bad": [],
             }
 
-    def _batch(self, indices: Tensor) -> Any:
+    def _batch(self, indices: Tensor, step: int) -> Any:
         batch = self.images[_to_device(indices, self.images.device)]
         if batch.device != self.device:
             batch = _to_device(batch, self.device)
-        return batch if self.transform is None else self.transform(batch)
+        if self.transform is None:
+            return batch
+        generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, step, self.rank))
+        return self.transform(batch, generator)
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """A 63-bit seed for the views of one (seed, epoch, step, process); nearby tuples are unrelated."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
