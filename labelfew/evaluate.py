@@ -27,7 +27,7 @@ from labelfew.data.images import ImageDataset, collate
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.errors import UserError
 from labelfew.finetune import load_classifier
-from labelfew.models import build_backbone
+from labelfew.models import artifact_backbone, load_weights
 
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -166,14 +166,8 @@ def _outputs(
 
 def _backbone(artifact: Artifact, random_init: bool, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = build_backbone(
-        artifact.arch,
-        small_stem=bool(artifact.json_field("small_stem")),
-        image_size=int(artifact.metadata["image_size"]),
-    )
-    if not random_init:
-        model.load_state_dict(artifact.tensors)
-    return model
+    model = artifact_backbone(artifact)
+    return model if random_init else load_weights(model, artifact)
 
 
 def backbone_features(

@@ -77,6 +77,11 @@ def prepare_folder(folder: Path) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"{folder}: cannot create the folder ({error.strerror}); choose another output folder (--out)"
+        ) from None
+    try:
         handle, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
         os.close(handle)
         os.unlink(probe)

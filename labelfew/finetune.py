@@ -31,13 +31,15 @@ from labelfew.data.images import ImageDataset, collate, typical_image_side
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.subsets import balanced_subset, subset_hash
 from labelfew.errors import UserError
-from labelfew.fileio import sha256_file
+from labelfew.fileio import prepare_folder, sha256_file
 from labelfew.models import (
     SMALL_IMAGE_SIDE,
     Classifier,
     ProjectionHead,
+    artifact_backbone,
     build_backbone,
     head_prefix,
+    load_weights,
 )
 from labelfew.optim import build_optimizer, parameter_groups, warmup_cosine
 
@@ -112,11 +114,7 @@ def build_classifier(start: Start, num_classes: int, from_head_layer: int, load_
 def load_classifier(artifact: Artifact) -> Classifier:
     """Rebuilds a fine-tuned model from its artifact (arch, stem, head layers, class count)."""
     metadata = artifact.metadata
-    backbone = build_backbone(
-        artifact.arch,
-        small_stem=bool(artifact.json_field("small_stem")),
-        image_size=int(metadata["image_size"]),
-    )
+    backbone = artifact_backbone(artifact)
     layers = int(metadata.get("from_head_layer", "0"))
     head = None
     if layers > 0:
@@ -128,12 +126,7 @@ def load_classifier(artifact: Artifact) -> Classifier:
         )
         head = head_prefix(full, layers)
     model = Classifier(backbone, len(artifact.json_field("class_names")), head)
-    try:
-        model.load_state_dict(artifact.tensors)
-    except RuntimeError as error:
-        raise UserError(
-            f"{artifact.path}: its tensors do not fit {artifact.arch} ({str(error)[:200]})"
-        ) from None
+    load_weights(model, artifact)
     return model
 
 
@@ -238,12 +231,7 @@ def fingerprint(config: FinetuneConfig, start: Start, train: LabeledImages) -> d
 
 def _prepare_output(out: Path, restart: bool) -> Path:
     """Creates the stage folder (and clears an old log with --restart); main process only."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"--out {out}: cannot create the folder ({error.strerror}); pass another --out"
-        ) from None
+    prepare_folder(out)  # fails now, not at the first checkpoint, if nothing can be written there
     if restart:
         (out / "log.jsonl").unlink(missing_ok=True)
     return out

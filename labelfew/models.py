@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import difflib
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import nn
 
 from labelfew.errors import UserError
+
+if TYPE_CHECKING:
+    from labelfew.artifacts import Artifact
 
 SMALL_IMAGE_SIDE = 64
 """Images this size or smaller get the small-image stem (trap 4 in DESIGN.md)."""
@@ -169,3 +173,27 @@ def head_prefix(head: ProjectionHead, layers: int) -> nn.Sequential:
             f"--from-head-layer {layers}: this head has hidden layers 1..{available} (or 0 for none)"
         )
     return nn.Sequential(*list(head.layers.children())[:layers])
+
+
+def artifact_backbone(artifact: Artifact) -> nn.Module:
+    """An untrained backbone of the arch, stem and size an artifact records."""
+    return build_backbone(
+        artifact.arch,
+        small_stem=bool(artifact.json_field("small_stem")),
+        image_size=int(artifact.metadata["image_size"]),
+    )
+
+
+def load_weights(model: nn.Module, artifact: Artifact) -> nn.Module:
+    """Loads the artifact's tensors into `model` (strictly); returns `model`.
+
+    Raises:
+        UserError: the tensors do not fit the model (another arch, stem or class count).
+    """
+    try:
+        model.load_state_dict(artifact.tensors)
+    except RuntimeError as error:
+        raise UserError(
+            f"{artifact.path}: its tensors do not fit {artifact.arch} ({str(error)[:200]})"
+        ) from None
+    return model

@@ -54,6 +54,10 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: `eeta` in the TensorFlow code; 0.001 as there.
         eps: added to ||g|| in the trust ratio; 0 as in the TensorFlow code.
         lars_adapt: default for groups that do not set it.
+        foreach: update all tensors of a group with `torch._foreach_*` kernels (a handful of
+            launches per group instead of ~8 per tensor: on a GPU, ResNet-18's 62 tensors
+            otherwise cost ~500 small kernel launches per step); False runs the per-tensor
+            reference loop, which the tests compare it with.
 
     Raises:
         ValueError: a negative or out-of-range hyperparameter, or a group with
@@ -69,7 +73,9 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: float = 0.001,
         eps: float = 0.0,
         lars_adapt: bool = True,
+        foreach: bool = True,
     ) -> None:
+        self.foreach = foreach
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -99,12 +105,14 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise ValueError("LARS does not support sparse gradients.")
-                _update_parameter(param, self.state[param], group)
+            params = [param for param in group["params"] if param.grad is not None]
+            if any(param.grad.is_sparse for param in params):
+                raise ValueError("LARS does not support sparse gradients.")
+            if self.foreach:
+                _update_group(params, [self.state[param] for param in params], group)
+            else:
+                for param in params:
+                    _update_parameter(param, self.state[param], group)
         return loss
 
 
@@ -125,6 +133,37 @@ def _check_lars_group(group: dict[str, Any]) -> None:
             "LARS never applies weight decay to a group with lars_adapt=False; "
             f"set its weight_decay to 0 (got {group['weight_decay']})."
         )
+
+
+def _update_group(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]) -> None:
+    """`_update_parameter` for every tensor of a group at once, with multi-tensor kernels.
+
+    The trust ratios stay on the device (no host synchronisation): the norms of all tensors are
+    stacked into one vector, the ratio computed once for all, and split back into 0-d tensors.
+    """
+    if not params:
+        return
+    grads: list[Tensor] = [param.grad for param in params if param.grad is not None]
+    if group["lars_adapt"]:
+        if group["weight_decay"] != 0:
+            grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
+        param_norms = torch.stack(torch._foreach_norm(params))
+        grad_norms = torch.stack(torch._foreach_norm(grads))
+        trust_ratios = torch.where(
+            (param_norms > 0) & (grad_norms > 0),
+            group["trust_coefficient"] * param_norms / (grad_norms + group["eps"]),
+            torch.ones_like(param_norms),
+        )
+        updates = torch._foreach_mul(grads, list((trust_ratios * group["lr"]).unbind()))
+    else:
+        updates = torch._foreach_mul(grads, group["lr"])
+    for param, state in zip(params, states, strict=True):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+    velocities = [state["momentum_buffer"] for state in states]
+    torch._foreach_mul_(velocities, group["momentum"])
+    torch._foreach_add_(velocities, updates)
+    torch._foreach_sub_(params, velocities)
 
 
 def _update_parameter(param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from labelfew.data.images import BadImage, find_images, load_rgb
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text, sha256_file
 from labelfew.finetune import load_classifier
-from labelfew.models import build_backbone
+from labelfew.models import artifact_backbone, load_weights
 
 console = Console()  # results go to stdout; progress goes to engine.console (stderr)
 
@@ -181,18 +181,7 @@ def load_backbone(artifact: Artifact) -> nn.Module:
         return load_classifier(artifact).backbone
     if artifact.stage != "pretrain":
         raise UserError(f"{artifact.path}: a {artifact.stage} file; pass a pretrain or finetune artifact")
-    model = build_backbone(
-        artifact.arch,
-        small_stem=bool(artifact.json_field("small_stem")),
-        image_size=int(artifact.metadata["image_size"]),
-    )
-    try:
-        model.load_state_dict(artifact.tensors)
-    except RuntimeError as error:
-        raise UserError(
-            f"{artifact.path}: its tensors do not fit {artifact.arch} ({str(error)[:200]})"
-        ) from None
-    return model
+    return load_weights(artifact_backbone(artifact), artifact)
 
 
 def resolve_model(source: Path | None, stages: tuple[str, ...]) -> Artifact:

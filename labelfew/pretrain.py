@@ -26,6 +26,7 @@ from labelfew.config import PretrainConfig, to_json
 from labelfew.data.images import ImageDataset, collate, find_images, typical_image_side
 from labelfew.data.memory import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.errors import UserError
+from labelfew.fileio import prepare_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import SMALL_IMAGE_SIDE, ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
@@ -175,12 +176,7 @@ def _prepare_output(config: PretrainConfig) -> Path:
     stage = config.out / "pretrain"
     if stage.exists() and not stage.is_dir():
         raise UserError(f"{stage} is a file; pass --out a folder for the run")
-    try:
-        stage.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(
-            f"--out {config.out}: cannot create {stage} ({error.strerror}); pass another --out"
-        ) from None
+    prepare_folder(stage)  # fails now, not at the first checkpoint, if nothing can be written there
     if config.restart:
         (stage / "log.jsonl").unlink(missing_ok=True)
     return config.out

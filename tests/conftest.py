@@ -7,6 +7,8 @@ but fail under CI (env CI=true), where a skip would hide a test that never ran.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,24 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+CopyPerClass = Callable[[Path, Path, int], Path]
+"""copy_per_class(source, destination, per_class) -> destination"""
+
+
+def _copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
+    """The first `per_class` images of each class folder of `source`, copied to `destination`."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        (destination / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(path, destination / folder.name / path.name)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def copy_per_class() -> CopyPerClass:
+    """Copies the first N images of each class folder (the small real runs of several test modules)."""
+    return _copy_per_class
 
 
 def shared_dataset(name: str) -> Path:

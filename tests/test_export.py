@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+from conftest import CopyPerClass
 from typer.testing import CliRunner
 
 from labelfew import finetune, pretrain
@@ -29,17 +29,10 @@ from labelfew.predict import load_backbone
 runner = CliRunner()
 
 
-def copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder of `source`, copied to `destination`."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        (destination / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(path, destination / folder.name / path.name)
-    return destination
-
-
 @pytest.fixture(scope="module")
-def models(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def models(
+    digits_folder: tuple[Path, Path], copy_per_class: CopyPerClass, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """Artifacts of every kind export handles: pretrain backbone, fine-tuned with the small-image stem,
     fine-tuned from a projection-head layer, and a scratch model at 96 px with timm's own stem."""
     train, _ = digits_folder

@@ -160,6 +160,31 @@ def test_state_dict_round_trip_continues_identically() -> None:
     torch.testing.assert_close(param, resumed_param)
 
 
+def test_multi_tensor_update_matches_the_per_tensor_loop() -> None:
+    """foreach=True (the default) against the reference loop: decay, exclusions, zero tensors."""
+    models = [_small_model(), _small_model()]
+    with torch.no_grad():
+        for model in models:
+            model[0].bias.zero_()  # a zero weight: trust ratio 1
+    optimizers = [
+        LARS(parameter_groups(model, weight_decay=1e-4), lr=0.5, foreach=foreach)
+        for model, foreach in zip(models, (True, False), strict=True)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        images = torch.randn(8, 3, 4, 4, generator=generator)
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 / (step + 1)
+            model(images).square().mean().backward()
+            if step == 1:
+                model[4].bias.grad = None  # a tensor without a gradient is left alone
+            optimizer.step()
+            optimizer.zero_grad()
+    for first, second in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

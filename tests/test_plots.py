@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CopyPerClass
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,17 +31,10 @@ FIGURES = (
 )
 
 
-def copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder of `source`, copied to `destination`."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        (destination / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(path, destination / folder.name / path.name)
-    return destination
-
-
 @pytest.fixture(scope="module")
-def run(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def run(
+    digits_folder: tuple[Path, Path], copy_per_class: CopyPerClass, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """pretrain (2 steps) → finetune (2 epochs, 5 labels per class), then `evaluate --plots` via the CLI."""
     train, test = digits_folder
     work = tmp_path_factory.mktemp("plots")

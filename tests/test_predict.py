@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CopyPerClass
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -31,17 +32,10 @@ def _on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("labelfew.predict.device", lambda: torch.device("cpu"))
 
 
-def copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder of `source`, copied to `destination`."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        (destination / folder.name).mkdir(parents=True)
-        for path in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(path, destination / folder.name / path.name)
-    return destination
-
-
 @pytest.fixture(scope="module")
-def run(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def run(
+    digits_folder: tuple[Path, Path], copy_per_class: CopyPerClass, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """A tiny real run: pretrain (2 steps), fine-tune on 5 labels per class, and a scratch baseline."""
     train, test = digits_folder
     work = tmp_path_factory.mktemp("predict")
