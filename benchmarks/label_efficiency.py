@@ -16,7 +16,6 @@ Recipe `[benchmark]` keys: unlabeled_images, fractions, seeds, finetune_epochs (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,22 @@ def unlabeled_pool(train: LabeledImages, count: int, cache: Path) -> Path:
     return folder
 
 
+def apply_overrides(recipe: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """The recipe with ``SECTION.KEY=VALUE`` settings replaced (VALUE in TOML syntax), for sweeps."""
+    changed = {section: dict(values) for section, values in recipe.items()}
+    for item in overrides:
+        name, _, text = item.partition("=")
+        section, _, key = name.partition(".")
+        if not (section and key and text):
+            raise SystemExit(f"--override {item}: use SECTION.KEY=VALUE, e.g. pretrain.temperature=0.2")
+        try:
+            value = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word such as workers: a string
+        changed.setdefault(section, {})[key] = value
+    return changed
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} × {torch.cuda.device_count()}"
@@ -113,7 +129,8 @@ def top1(method: str, scores: Any, labels: Any, class_names: list[str]) -> float
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    recipe = load_recipe(args.recipe)
+    code = commit()  # the code this run started with, whatever the tree holds when it ends
+    recipe = apply_overrides(load_recipe(args.recipe), args.override)
     bench = {**recipe.get("benchmark", {}), **{key: value for key, value in vars(args).items()
                                                   if key in ("unlabeled_images", "fractions", "seeds") and value is not None}}  # fmt: skip
     cifar = unpack(ARCHIVE, args.cache)
@@ -128,7 +145,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, **overrides
     )
     pretrain_started = time.perf_counter()
-    artifact = load_artifact(pretrain.run(pretrain_config), "pretrain")
+    if args.pretrained:  # the label part only, on the backbone of an earlier run
+        backbone = args.pretrained / "pretrain" / "backbone.safetensors"
+        if not backbone.is_file():
+            raise SystemExit(f"--pretrained {args.pretrained}: no pretrain/backbone.safetensors in it")
+        (run_folder / "pretrain").mkdir(parents=True)
+        for name in ("backbone.safetensors", "head.safetensors", "run.json"):
+            (run_folder / "pretrain" / name).symlink_to((args.pretrained / "pretrain" / name).resolve())
+    artifact = load_artifact(
+        run_folder / "pretrain" / "backbone.safetensors"
+        if args.pretrained
+        else pretrain.run(pretrain_config),
+        "pretrain",
+    )
     pretrain_seconds = time.perf_counter() - pretrain_started
     train_x, train_y = backbone_features(artifact, train, classes)
     test_x, test_y = backbone_features(artifact, test, classes)
@@ -173,12 +202,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:]),
         "device": device_name(),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": commit(),
+        "commit": code,
         "wall_seconds": time.perf_counter() - started,
         "pretrain_seconds": pretrain_seconds,
-        "pretrain_config": {
-            k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(pretrain_config).items()
-        },
+        "pretrained": str(args.pretrained) if args.pretrained else None,
+        "pretrain_config": json.loads((run_folder / "pretrain" / "run.json").read_text())["config"],
+        "finetune_settings": recipe.get("finetune", {}),
+        "overrides": args.override,
         "unlabeled_images": int(bench.get("unlabeled_images", len(train))),
         "test_images": len(test),
         "results": results,
@@ -198,7 +228,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"### {Path(result['recipe']).name} — {result['date']}",
         "",
         f"Device: {result['device']}; commit {result['commit']}; torch {result['torch']}; "
-        f"wall time {result['wall_seconds'] / 60:.1f} min (pretraining {result['pretrain_seconds'] / 60:.1f} min); "
+        f"wall time {result['wall_seconds'] / 60:.1f} min ("
+        + (
+            f"pretraining reused from {result['pretrained']}"
+            if result.get("pretrained")
+            else f"pretraining {result['pretrain_seconds'] / 60:.1f} min"
+        )
+        + "); "
         f"{result['unlabeled_images']} unlabeled images, {result['test_images']} test images, "
         f"top-1 % on the test set, mean ± std over {seeds} seed(s) of the label subset.",
         f"Command: `{result['command']}`",
@@ -229,11 +265,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="override the recipe's subset seeds")
     parser.add_argument("--pretrain-epochs", type=int, help="override the recipe's pretraining epochs")
     parser.add_argument("--test-images", type=int, help="evaluate on a class-balanced part of the test set")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one recipe setting, e.g. finetune.lr=0.1 (repeatable; recorded in the command)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        type=Path,
+        metavar="RUN",
+        help="skip pretraining: use RUN/pretrain/backbone.safetensors (a run folder under --cache/runs)",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"label_efficiency-{args.recipe.stem}-{result['date']}"
+    stem = f"label_efficiency-{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     (args.out / f"{stem}.md").write_text(table)
