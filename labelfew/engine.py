@@ -11,6 +11,7 @@ process instead of leaving the others waiting.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -305,8 +306,12 @@ class Trainer:
                 self.loader.dataset.set_epoch(epoch)
             if skip:
                 loader = self.accelerator.skip_first_batches(self.loader, skip)
-        else:  # e.g. MemoryBatches: starts at step `skip` without making the batches before it
+        elif hasattr(
+            self.loader, "set_epoch"
+        ):  # MemoryBatches: starts at `skip` without making earlier batches
             self.loader.set_epoch(epoch, first_step=skip)
+        elif skip:  # any other re-iterable of batches
+            loader = itertools.islice(self.loader, skip, None)
         running = torch.full((), position.running_loss, device=self.accelerator.device)
         pending: list[tuple[int, torch.Tensor, float]] = []
         for batch in loader:
