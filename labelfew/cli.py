@@ -108,6 +108,10 @@ def guarded(action: Callable[[], T], debug: bool) -> T:
             fg=typer.colors.RED,
         )
         raise typer.Exit(1) from None
+    finally:
+        from labelfew import engine
+
+        engine.shutdown()
 
 
 def _options(**values: Any) -> dict[str, Any]:

@@ -155,6 +155,18 @@ def on_main_process(accelerator: Accelerator, action: Callable[[], T]) -> T:
     return result
 
 
+def shutdown() -> None:
+    """Destroys the process group of a multi-process run, if there is one; safe to call always.
+
+    Without it, the gloo/NCCL process group is torn down by the interpreter's exit, where its
+    threads may still be running: a finished torchrun job then sometimes dies with
+    "terminate called without an active exception" (SIGABRT), and torchrun reports a failure.
+    `labelfew.cli.guarded` calls this in a `finally`, on success, user error and interrupt alike.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def seed_augmentations(accelerator: Accelerator, seed: int) -> None:
     """Gives this process its own random stream for the augmentations done without loader workers.
 
