@@ -387,7 +387,9 @@ def test_torchrun_pretrain_artifact_feeds_finetune_and_evaluate(
 
 
 @pytest.mark.slow  # 20 torchrun launches, ~3 minutes on 2 cores
-def test_finished_torchrun_jobs_exit_zero_every_time(digits_folder: tuple[Path, Path], tmp_path: Path) -> None:
+def test_finished_torchrun_jobs_exit_zero_every_time(
+    digits_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
     """A finished 2-process job exits 0, ten times in a row (it used to die with SIGABRT at exit,
     "terminate called without an active exception", in about 3 runs of 8: the process group was
     never destroyed)."""
@@ -407,7 +409,9 @@ def test_finished_torchrun_jobs_exit_zero_every_time(digits_folder: tuple[Path, 
         )  # fmt: skip
         for name, result in (("pretrain", pretrained), ("finetune", finetuned)):
             if result.returncode != 0:
-                failures.append(f"attempt {attempt} {name}: exit {result.returncode}\n{result.stderr[-2000:]}")
+                failures.append(
+                    f"attempt {attempt} {name}: exit {result.returncode}\n{result.stderr[-2000:]}"
+                )
     assert not failures, "\n".join(failures)
 
 
