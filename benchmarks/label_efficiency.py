@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from labelfew import finetune, pretrain
 from labelfew.artifacts import load_artifact
 from labelfew.config import FinetuneConfig, PretrainConfig, build_config, load_recipe
 from labelfew.data.labels import LabeledImages, read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
-from labelfew.evaluate import backbone_features, finetuned_logits, knn_scores, linear_probe_scores
-from labelfew.report import metrics_row
+from labelfew.report.tables import metrics_row
+from labelfew.stages import finetune, pretrain
+from labelfew.stages.evaluate import backbone_features, finetuned_logits, knn_scores, linear_probe_scores
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10_jpg" / "cifar10_jpg.tar.gz"

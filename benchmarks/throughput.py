@@ -3,8 +3,8 @@
 Measures steady-state views/s of one SimCLR training step (forward of both views, NT-Xent,
 backward, LARS update), all in one process, on the same model, batch and device:
 
-  (a) labelfew, batched: images decoded once into a uint8 store (`labelfew.data.memory`), two views
-      per image made on the device (`labelfew.augment_batched`), `pretrain.contrastive_step`
+  (a) labelfew, batched: images decoded once into a uint8 store (`labelfew.data.store`), two views
+      per image made on the device (`labelfew.views.batched`), `pretrain.contrastive_step`
       (NT-Xent) and labelfew's LARS;
   (b) lightly 1.6.0 as its examples use it: `SimCLRTransform` in a standard DataLoader over a
       `LightlyDataset`, one forward pass per view, its `NTXentLoss` and its `LARS` (needs
@@ -54,11 +54,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelfew import engine
-from labelfew.augment import TwoViews, ViewConfig
-from labelfew.augment_batched import BatchedTwoViews
 from labelfew.config import PretrainConfig
 from labelfew.data.images import ImageDataset, collate, find_images
-from labelfew.data.memory import (
+from labelfew.data.store import (
     DEFAULT_MEMORY_BUDGET,
     MemoryBatches,
     decode_images,
@@ -67,7 +65,9 @@ from labelfew.data.memory import (
 )
 from labelfew.models import SMALL_IMAGE_SIDE
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate
-from labelfew.pretrain import build_model, contrastive_step
+from labelfew.stages.pretrain import build_model, contrastive_step
+from labelfew.views.batched import BatchedTwoViews
+from labelfew.views.pil import TwoViews, ViewConfig
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 TEMPERATURE = 0.5

@@ -217,8 +217,8 @@ def pretrain(
     debug: Debug = False,
 ) -> None:
     """SimCLR pretraining on a folder of unlabeled images."""
-    from labelfew import pretrain as stage
     from labelfew.config import PretrainConfig, build_config, load_recipe
+    from labelfew.stages import pretrain as stage
 
     def action() -> Path:
         config = build_config(
@@ -341,8 +341,8 @@ def finetune(
     debug: Debug = False,
 ) -> None:
     """Fine-tune the pretrained backbone (or a random one, --scratch) on labelled images."""
-    from labelfew import finetune as stage
     from labelfew.config import FinetuneConfig, build_config, load_recipe
+    from labelfew.stages import finetune as stage
 
     def action() -> Path:
         config = build_config(
@@ -411,8 +411,8 @@ def evaluate(
     debug: Debug = False,
 ) -> None:
     """kNN, linear probe and fine-tuned accuracy on a labelled test set."""
-    from labelfew import evaluate as stage
     from labelfew.config import EvaluateConfig, build_config, load_recipe
+    from labelfew.stages import evaluate as stage
 
     def action() -> Any:
         config = build_config(
@@ -476,7 +476,7 @@ def predict(
     debug: Debug = False,
 ) -> None:
     """Classify every image of a folder with the fine-tuned model; writes a CSV."""
-    from labelfew import predict as stage
+    from labelfew.use import predict as stage
 
     config = stage.PredictConfig(
         images=images,
@@ -509,7 +509,7 @@ def embed(
     debug: Debug = False,
 ) -> None:
     """L2-normalised backbone features of every image, for search and your own models."""
-    from labelfew import predict as stage
+    from labelfew.use import predict as stage
 
     config = stage.EmbedConfig(
         images=images, out=out, source=source, batch_size=batch_size, workers=workers, quiet=quiet
@@ -531,7 +531,7 @@ def similar(
     debug: Debug = False,
 ) -> None:
     """The indexed images most similar to a query image (cosine similarity of backbone features)."""
-    from labelfew import predict as stage
+    from labelfew.use import predict as stage
 
     config = stage.SimilarConfig(query=query, index=index, top_k=top_k, source=source)
     guarded(lambda: stage.similar(config), debug)
@@ -557,7 +557,7 @@ def export(
     debug: Debug = False,
 ) -> None:
     """Write the model as timm-loadable safetensors + config.json and as ONNX."""
-    from labelfew import export as stage
+    from labelfew.use import export as stage
 
     config = stage.ExportConfig(source=source, out=out, format=export_format, quiet=quiet)
     guarded(lambda: stage.run(config), debug)

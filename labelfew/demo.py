@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from labelfew import engine, evaluate, finetune, pretrain
+from labelfew import engine
 from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
+from labelfew.stages import evaluate, finetune, pretrain
 
 DEMO_ARCH = "test_resnet"
 DEMO_SIDE = 32

@@ -13,7 +13,7 @@ import timm
 import torch
 from PIL import Image
 
-from labelfew import __version__, pretrain
+from labelfew import __version__
 from labelfew.artifacts import (
     FORMAT_VERSION,
     load_artifact,
@@ -25,6 +25,7 @@ from labelfew.config import PretrainConfig
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import build_backbone
+from labelfew.stages import pretrain
 
 
 @pytest.fixture(scope="module")

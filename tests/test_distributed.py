@@ -35,13 +35,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2.functional import pil_to_tensor
 from typer.testing import CliRunner
 
-from labelfew import engine, pretrain
+from labelfew import engine
 from labelfew.cli import app
 from labelfew.config import PretrainConfig
 from labelfew.data.images import ImageDataset, collate, find_images
 from labelfew.errors import UserError
 from labelfew.losses import global_mean
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+from labelfew.stages import pretrain
 
 PER_PROCESS_BATCH = 4
 STEPS = 3

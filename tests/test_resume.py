@@ -147,7 +147,7 @@ def test_changed_settings_refuse_to_resume_and_restart_starts_over(small_digits:
 
 
 def test_a_checkpoint_never_unpickles_code(tmp_path: Path) -> None:
-    from labelfew import checkpoint
+    from labelfew.engine import checkpoint
     from labelfew.errors import UserError
 
     class Payload:

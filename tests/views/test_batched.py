@@ -1,4 +1,4 @@
-"""Tests for labelfew.augment_batched against the CPU path (labelfew.augment / torchvision).
+"""Tests for labelfew.views.batched against the CPU path (labelfew.views.pil / torchvision).
 
 Three kinds of checks:
 - parameter distributions: the batched draws against the draws of the CPU path's own
@@ -28,16 +28,16 @@ from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from labelfew.augment import CROP_RATIO, ViewConfig, simclr_view, simclr_view_steps
-from labelfew.augment_batched import (
+from labelfew.data.images import find_images
+from labelfew.data.store import decode_images
+from labelfew.views.batched import (
     BatchedTwoViews,
     ViewParameters,
     _one_thread_on_cpu,
     make_views,
     sample_view_parameters,
 )
-from labelfew.data.images import find_images
-from labelfew.data.memory import decode_images
+from labelfew.views.pil import CROP_RATIO, ViewConfig, simclr_view, simclr_view_steps
 
 DRAWS = 4000
 """Draws per distribution comparison."""

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from labelfew import engine
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact, save_tensors
-from labelfew.augment import eval_transform
 from labelfew.data.images import BadImage, find_images, load_rgb
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text, sha256_file
-from labelfew.finetune import load_classifier
 from labelfew.models import artifact_backbone, load_weights
+from labelfew.stages.finetune import load_classifier
+from labelfew.views.pil import eval_transform
 
 console = Console()  # results go to stdout; progress goes to engine.console (stderr)
 

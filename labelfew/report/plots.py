@@ -34,8 +34,8 @@ from labelfew.data.images import BadImage, load_rgb
 from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_text
-from labelfew.finetune import load_classifier
-from labelfew.predict import load_backbone, run_model
+from labelfew.stages.finetune import load_classifier
+from labelfew.use.predict import load_backbone, run_model
 
 TSNE_MAX_POINTS = 5000  # t-SNE above this takes minutes on a CPU; PCA is used instead
 MAX_MISTAKES_SHOWN = 12

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from labelfew.evaluate import knn_scores, linear_probe_scores
-from labelfew.report import metrics_row
+from labelfew.report.tables import metrics_row
+from labelfew.stages.evaluate import knn_scores, linear_probe_scores
 
 
 def knn_reference(bank, bank_labels, queries, num_classes, k, temperature):

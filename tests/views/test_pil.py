@@ -1,4 +1,4 @@
-"""Tests for labelfew.augment: shapes, the paper's settings, and application frequencies."""
+"""Tests for labelfew.views.pil: shapes, the paper's settings, and application frequencies."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from labelfew.augment import (
+from labelfew.errors import UserError
+from labelfew.views.pil import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TwoViews,
@@ -29,7 +30,6 @@ from labelfew.augment import (
     simclr_view,
     simclr_view_steps,
 )
-from labelfew.errors import UserError
 
 TRIALS = 2000
 """Draws per frequency check: 4 binomial standard deviations are at most 0.045 at p=0.5."""

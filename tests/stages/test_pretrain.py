@@ -11,12 +11,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from labelfew import engine, pretrain
+from labelfew import engine
 from labelfew.cli import app
 from labelfew.config import PretrainConfig
 from labelfew.data.images import find_images
-from labelfew.data.memory import MemoryBatches, decoded_bytes
+from labelfew.data.store import MemoryBatches, decoded_bytes
 from labelfew.errors import UserError
+from labelfew.stages import pretrain
 
 runner = CliRunner()
 

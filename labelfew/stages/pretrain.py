@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader
 
 from labelfew import engine
 from labelfew.artifacts import save_tensors, write_run_json
-from labelfew.augment import TwoViews, ViewConfig
-from labelfew.augment_batched import BatchedTwoViews
 from labelfew.config import PretrainConfig, to_json
 from labelfew.data.images import ImageDataset, collate, find_images, typical_image_side
-from labelfew.data.memory import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
+from labelfew.data.store import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import SMALL_IMAGE_SIDE, ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+from labelfew.views.batched import BatchedTwoViews
+from labelfew.views.pil import TwoViews, ViewConfig
 
 AUGMENT_PLACES = ("auto", "device", "workers")
 
@@ -57,10 +57,10 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
 def augment_place(requested: str, budget_gib: float, image_count: int, image_size: int) -> str:
     """Where the views are made: ``device`` or ``workers`` (``auto`` resolved).
 
-    ``device``: every image decoded once into memory (`labelfew.data.memory`) and both views of
-    a batch made on the training device in a few tensor operations (`labelfew.augment_batched`);
+    ``device``: every image decoded once into memory (`labelfew.data.store`) and both views of
+    a batch made on the training device in a few tensor operations (`labelfew.views.batched`);
     the data path then costs the GPU ~1% and the CPU nothing. ``workers``: one PIL image at a
-    time in DataLoader workers (`labelfew.augment`), for folders too large to decode into memory.
+    time in DataLoader workers (`labelfew.views.pil`), for folders too large to decode into memory.
     ``auto`` picks ``device`` when the decoded images fit in ``budget_gib``.
     """
     if requested not in AUGMENT_PLACES:

@@ -25,7 +25,6 @@ from labelfew.artifacts import (
     save_tensors,
     write_run_json,
 )
-from labelfew.augment import eval_transform, finetune_transform
 from labelfew.config import FinetuneConfig, to_json
 from labelfew.data.images import ImageDataset, collate, typical_image_side
 from labelfew.data.labels import LabeledImages, read_labels
@@ -42,6 +41,7 @@ from labelfew.models import (
     load_weights,
 )
 from labelfew.optim import build_optimizer, parameter_groups, warmup_cosine
+from labelfew.views.pil import eval_transform, finetune_transform
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,12 @@ from conftest import CopyPerClass
 from PIL import Image
 from typer.testing import CliRunner
 
-from labelfew import finetune, pretrain
 from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
-from labelfew.plots import TSNE_MAX_POINTS, project_2d, read_log
+from labelfew.report.plots import TSNE_MAX_POINTS, project_2d, read_log
+from labelfew.stages import finetune, pretrain
 
 runner = CliRunner()
 FIGURES = (

@@ -9,10 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from labelfew.augment import ViewConfig
-from labelfew.augment_batched import BatchedTwoViews
 from labelfew.data.images import find_images
-from labelfew.data.memory import (
+from labelfew.data.store import (
     DEFAULT_MEMORY_BUDGET,
     MemoryBatches,
     decode_images,
@@ -22,6 +20,8 @@ from labelfew.data.memory import (
     stored_side,
 )
 from labelfew.errors import UserError
+from labelfew.views.batched import BatchedTwoViews
+from labelfew.views.pil import ViewConfig
 
 
 def test_stored_side_keeps_small_images_and_adds_eval_headroom_above_64() -> None:

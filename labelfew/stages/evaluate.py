@@ -19,15 +19,17 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import DataLoader
 
-from labelfew import engine, plots, report
+from labelfew import engine
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
-from labelfew.augment import eval_transform
 from labelfew.config import EvaluateConfig, to_json
 from labelfew.data.images import ImageDataset, collate
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.errors import UserError
-from labelfew.finetune import load_classifier
 from labelfew.models import artifact_backbone, load_weights
+from labelfew.report import plots
+from labelfew.report import tables as report
+from labelfew.stages.finetune import load_classifier
+from labelfew.views.pil import eval_transform
 
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 

@@ -15,16 +15,16 @@ import torch
 from conftest import CopyPerClass
 from typer.testing import CliRunner
 
-from labelfew import finetune, pretrain
 from labelfew.artifacts import load_artifact
-from labelfew.augment import eval_transform
 from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.images import find_images, load_rgb
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
-from labelfew.export import ExportConfig, run
-from labelfew.predict import load_backbone
+from labelfew.stages import finetune, pretrain
+from labelfew.use.export import ExportConfig, run
+from labelfew.use.predict import load_backbone
+from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
 

@@ -26,12 +26,12 @@ from torch import nn
 
 from labelfew import __version__
 from labelfew.artifacts import Artifact, save_tensors
-from labelfew.augment import EVAL_CROP_FRACTION
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
-from labelfew.finetune import load_classifier
 from labelfew.models import SMALL_IMAGE_SIDE, Classifier, build_backbone
-from labelfew.predict import load_backbone, resolve_model
+from labelfew.stages.finetune import load_classifier
+from labelfew.use.predict import load_backbone, resolve_model
+from labelfew.views.pil import EVAL_CROP_FRACTION
 
 FORMATS = ("safetensors", "onnx", "both")
 ONNX_OPSET = 18  # the torch.export-based exporter's native opset; ONNX Runtime supports it

@@ -5,7 +5,7 @@ thousand photos or CIFAR-size images fits in memory decoded: 50,000 images at 32
 20,000 images stored at 256 px take 3.7 GiB. `decode_images` decodes every file once (threads;
 Pillow releases the GIL while decoding and resizing) into one ``(N, 3, side, side)`` uint8
 tensor, and `MemoryBatches` draws shuffled batches from it on the training device, passes them
-through a batch transform (usually `labelfew.augment_batched.BatchedTwoViews`) and yields them
+through a batch transform (usually `labelfew.views.batched.BatchedTwoViews`) and yields them
 in the layout of `labelfew.data.images.collate`.
 
 Stored side (`stored_side`): the training size itself up to 64 px (a 32 px image is kept pixel
@@ -31,9 +31,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from labelfew.augment import EVAL_CROP_FRACTION
 from labelfew.data.images import BadImage, load_rgb
 from labelfew.errors import UserError
+from labelfew.views.pil import EVAL_CROP_FRACTION
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Bytes of decoded images kept in memory by default (4 GiB: ~21,000 images at 256 px)."""

@@ -12,16 +12,24 @@ from conftest import CopyPerClass
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from labelfew import finetune, pretrain
 from labelfew.artifacts import load_artifact
-from labelfew.augment import eval_transform
 from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.images import load_rgb
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
-from labelfew.finetune import load_classifier
-from labelfew.predict import EmbedConfig, PredictConfig, SimilarConfig, embed, load_backbone, predict, similar
+from labelfew.stages import finetune, pretrain
+from labelfew.stages.finetune import load_classifier
+from labelfew.use.predict import (
+    EmbedConfig,
+    PredictConfig,
+    SimilarConfig,
+    embed,
+    load_backbone,
+    predict,
+    similar,
+)
+from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
 
@@ -29,7 +37,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def _on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The references below run on the CPU; on a GPU, cuDNN's TF32 convolutions differ by ~1e-3."""
-    monkeypatch.setattr("labelfew.predict.device", lambda: torch.device("cpu"))
+    monkeypatch.setattr("labelfew.use.predict.device", lambda: torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

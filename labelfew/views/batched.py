@@ -1,4 +1,4 @@
-"""SimCLR views made in batches on the training device, with the distribution of `labelfew.augment`.
+"""SimCLR views made in batches on the training device, with the distribution of `labelfew.views.pil`.
 
 The CPU path (`augment.simclr_view`) transforms one PIL image at a time in DataLoader workers;
 that feeds a GPU a few thousand views/s, while a ResNet-18 at 32 px trains on tens of thousands.
@@ -41,7 +41,7 @@ PIL views are slightly darker), and PIL rounds after every step. Parameters, ord
 operations and formulas are the same.
 
 Input: a uint8 batch of equal-size images, shape (batch_size, 3, H, W), on any device (what
-`labelfew.data.memory` stores). Output: float32 views normalised with ``config.mean`` /
+`labelfew.data.store` stores). Output: float32 views normalised with ``config.mean`` /
 ``config.std``, shape (views, 3, S, S).
 """
 
@@ -58,7 +58,7 @@ import torch.nn.functional as functional
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from labelfew.augment import CROP_RATIO, ViewConfig
+from labelfew.views.pil import CROP_RATIO, ViewConfig
 
 ResizeMethod = Literal["bicubic", "roi_align"]
 
@@ -273,7 +273,7 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
 class BatchedTwoViews:
     """Two independent SimCLR views of every image of a uint8 batch, made on the batch's device.
 
-    The batched counterpart of `labelfew.augment.TwoViews`: returns ``(first, second)`` where
+    The batched counterpart of `labelfew.views.pil.TwoViews`: returns ``(first, second)`` where
     ``first[i]`` and ``second[i]`` are views of image ``i``, the positive pair of NT-Xent.
 
     Args:
@@ -297,7 +297,7 @@ class BatchedTwoViews:
         """Shape: (batch_size, 3, H, W) uint8 -> two of (batch_size, 3, image_size, image_size).
 
         ``generator``, when given, is drawn from instead of the one passed at construction
-        (`labelfew.data.memory.MemoryBatches` passes one seeded per step).
+        (`labelfew.data.store.MemoryBatches` passes one seeded per step).
         """
         _check_images(images)
         batch_size, _, height, width = images.shape
