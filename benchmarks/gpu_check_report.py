@@ -21,12 +21,13 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-LIGHTLY_ANCHOR = "lightly 1.6.0's benchmark: 84.8% kNN after 200 epochs in 87 min on an A6000 (ResNet-18, batch 512)"
+LIGHTLY_ANCHOR = (
+    "lightly 1.6.0's benchmark: 84.8% kNN after 200 epochs in 87 min on an A6000 (ResNet-18, batch 512)"
+)
 FALLBACK_VIEWS_PER_SECOND = 10_000.0  # only if neither step 1 nor step 2 gave a rate
 ROW_LABELS = {
     "labelfew": "(a) labelfew batched",
@@ -42,9 +43,9 @@ THROUGHPUT_STEPS = {
 STEP_TITLES = {
     "setup": "0. setup: wheels, pip install -e ., CIFAR-10 archive",
     "lightly": "0. lightly 1.6.0 importable (row b)",
-    "t1a": "1. throughput resnet18 @ 32, b512",
-    "t1b": "1. throughput resnet18 @ 32, b512, --compile",
-    "t1c": "1. throughput resnet50 @ 224, b256",
+    "t1a": "1. throughput",
+    "t1b": "1. throughput, --compile (run after step 4)",
+    "t1c": "1. throughput, worker and device paths",
     "sync": "2. host syncs per pretraining step",
     "sizing": "3. epoch count for the pretraining run",
     "pretrain": "3. labelfew pretrain, CIFAR-10 train",
@@ -55,7 +56,9 @@ STEP_TITLES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     record = commands.add_parser("record", help="append one step's outcome to WORK/steps.jsonl")
     record.add_argument("--work", type=Path, required=True)
@@ -138,7 +141,7 @@ def size_epochs(args: argparse.Namespace) -> None:
     if row and row.get("views_per_second"):
         rate = float(row["views_per_second"])
         notes.append(f"views/s {rate:,.0f} from step 1 row (a), no compile")
-        if row.get("decode_seconds") and throughput.get("images"):
+        if throughput and row.get("decode_seconds") and throughput.get("images"):
             decode_per_image = row["decode_seconds"] / throughput["images"]
     elif sync and finite(sync.get("step_seconds_median")):
         rate = 2 * sync["settings"]["batch_size"] / sync["step_seconds_median"]
@@ -161,7 +164,7 @@ def size_epochs(args: argparse.Namespace) -> None:
         notes.append(f"+ decoding {args.images} images at {decode_per_image * 1e6:.0f} µs each")
     startup += 5.0  # finding the files, the recipe, artifact writing at the end
     steps_per_epoch = max(1, args.images // args.batch_size)
-    epoch_seconds = 1.05 * steps_per_epoch * 2 * args.batch_size / rate + overhead
+    epoch_seconds = 1.1 * steps_per_epoch * 2 * args.batch_size / rate + overhead
     epochs = int((args.target_seconds - startup) // epoch_seconds)
     epochs = max(1, min(args.max_epochs, epochs))
     warmup = round(min(10.0, epochs / 10), 2)
@@ -187,11 +190,15 @@ def write_report(args: argparse.Namespace) -> None:
     work, out = args.work, args.out
     steps = read_steps(work)
     commit = git("rev-parse", "--short", "HEAD")
+    dirty = None if commit == "unknown" else bool(git("status", "--porcelain", "--untracked-files=no"))
+    source = read_json(Path(__file__).resolve().parent / ".cache" / "source.json")
+    if commit == "unknown" and source:  # no .git on the device machine: what gpu_prep.sh saw
+        commit, dirty = source.get("commit", "unknown"), source.get("dirty")
     meta = {
         "mode": args.mode,
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "commit": commit,
-        "dirty": None if commit == "unknown" else bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": dirty,
         "host": platform.node(),
         "python": platform.python_version(),
         "cores": os.cpu_count(),
@@ -201,8 +208,13 @@ def write_report(args: argparse.Namespace) -> None:
     throughput = {name: throughput_summary(name, work, steps) for name in THROUGHPUT_STEPS}
     device = next((t["device"] for t in throughput.values() if t.get("device")), None)
     sync = read_json(work / "sync.json")
-    meta["device"] = device or (sync or {}).get("device")
-    meta["torch"] = next((t["torch"] for t in throughput.values() if t.get("torch")), None)
+    env = read_json(work / "env.json") or {}
+    meta["device"] = env.get("device") or device or (sync or {}).get("device")
+    meta["torch"] = env.get("torch") or next(
+        (t["torch"] for t in throughput.values() if t.get("torch")), None
+    )
+    meta["cuda"] = env.get("cuda")
+    meta["gpu_memory_gib"] = env.get("gpu_memory_gib")
     tta = time_to_accuracy(work, steps)
     syncbn = sync_bn_summary(work, steps)
     summary_rows = summary_table(steps, throughput, sync, tta, syncbn)
@@ -215,7 +227,7 @@ def write_report(args: argparse.Namespace) -> None:
         "time_to_accuracy": tta,
         "sync_bn": syncbn,
     }
-    markdown = to_markdown(meta, summary_rows, throughput, tta)
+    markdown = to_markdown(meta, summary_rows, throughput, tta, steps)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown)
@@ -226,7 +238,10 @@ def write_report(args: argparse.Namespace) -> None:
 def throughput_summary(name: str, work: Path, steps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     step = steps.get(name, {})
     data = read_throughput(work / name)
-    summary: dict[str, Any] = {"config": THROUGHPUT_STEPS[name], "status": step.get("status", "not run")}
+    summary: dict[str, Any] = {
+        "config": config_from_command(step.get("command", "")) or THROUGHPUT_STEPS[name],
+        "status": step.get("status", "not run"),
+    }
     if step.get("detail") and step.get("status") != "ok":
         summary["detail"] = step["detail"]
     if not data:
@@ -235,7 +250,9 @@ def throughput_summary(name: str, work: Path, steps: dict[str, dict[str, Any]]) 
     summary.update(
         {
             "config": (
-                f"{settings.get('arch')} @ {settings.get('image_size')} px, batch {settings.get('batch_size')}"
+                f"{settings.get('arch')} @ {settings.get('image_size')} px, batch {settings.get('batch_size')}, "
+                f"{'fp32' if data.get('precision') == 'no' else data.get('precision')}, {data.get('images')} "
+                f"{'JPEGs from ' + Path(settings['data']).name if settings.get('data') else 'synthetic JPEGs'}"
                 f"{', --compile' if settings.get('compile') else ''}"
             ),
             "device": data.get("device"),
@@ -328,13 +345,13 @@ def summary_table(
         elif name == "sizing" and tta.get("sizing"):
             sizing = tta["sizing"]
             result = (
-                f"{sizing['epochs']} epochs (warmup {sizing['warmup_epochs']}) for {sizing['target_seconds']:.0f} s, "
+                f"{sizing['epochs']} epoch(s) (warmup {sizing['warmup_epochs']}) for {sizing['target_seconds']:.0f} s, "
                 f"estimated {sizing['estimated_seconds']:.0f} s at {sizing['views_per_second']:,.0f} views/s"
             )
         elif name == "pretrain" and tta.get("pretrain"):
             run = tta["pretrain"]
             result = (
-                f"{run['epochs']} epochs of {run['images']} images in {minutes(run['process_seconds'])} "
+                f"{run['epochs']} epoch(s) of {run['images']} images in {minutes(run['process_seconds'])} "
                 f"(training loop {minutes(run['train_seconds'])}), {run['views_per_second']:,.0f} views/s, "
                 f"final loss {run['final_loss']:.3f}"
             )
@@ -346,11 +363,11 @@ def summary_table(
                 f"final loss {syncbn['final_loss']:.3f}"
             )
         elif name == "evaluate" and tta.get("evaluate"):
-            result = "; ".join(
-                f"{row.get('method')} {percent(row.get('top1'))}" for row in tta["evaluate"]
-            )
+            result = "; ".join(f"{row.get('method')} {percent(row.get('top1'))}" for row in tta["evaluate"])
         if not result and step and step.get("detail"):
             result = step["detail"].splitlines()[-1][:200]
+        if name in throughput:
+            title = f"{title}: {throughput[name]['config']}"
         rows.append(
             {
                 "step": name,
@@ -382,7 +399,9 @@ def sync_result(sync: dict[str, Any]) -> str:
     counts = sync.get("syncs_by_kind", {})
     shown = ", ".join(f"{kind} {values}" for kind, values in counts.items())
     if not sync.get("applicable"):
-        return f"not applicable on CPU (the loop ran {len(sync.get('steps', []))} steps and was timed); {shown}"
+        return (
+            f"not applicable on CPU (the loop ran {len(sync.get('steps', []))} steps and was timed); {shown}"
+        )
     verdict = "target met" if sync.get("target_met") else "target MISSED"
     where = ", ".join(f"{place} ×{count}" for place, count in list(sync.get("where", {}).items())[:4])
     return f"syncs per step: {shown}; {verdict} (plain 0, log 1); where: {where or 'nowhere'}"
@@ -394,8 +413,8 @@ def knn_result(tta: dict[str, Any]) -> str:
     spent = run.get("process_seconds")
     return (
         f"top-1 {percent(knn['top1'])} (top-5 {percent(knn['top5'])}) on {knn['test_images']} test images, "
-        f"bank {knn['bank_images']}, after {run.get('epochs')} epochs / {minutes(spent)} of pretraining "
-        f"(+{knn['seconds']:.0f} s kNN); anchor: 84.8% in 87 min"
+        f"bank {knn['bank_images']}, after {run.get('epochs')} epoch(s) / {minutes(spent)} of pretraining "
+        f"(+{knn['seconds']:.0f} s for kNN)"
     )
 
 
@@ -404,8 +423,19 @@ def to_markdown(
     summary_rows: list[dict[str, Any]],
     throughput: dict[str, dict[str, Any]],
     tta: dict[str, Any],
+    steps: dict[str, dict[str, Any]],
 ) -> str:
-    title = "GPU check" if meta["mode"] == "gpu" else "GPU check, --smoke (CPU, tiny sizes: a test of the script, no figures)"
+    lightly = steps.get("lightly", {})
+    lightly_missing = (
+        f"not run: {lightly.get('detail', '').splitlines()[-1] if lightly.get('detail') else 'lightly not importable'}"
+        if lightly and lightly.get("status") != "ok"
+        else ""
+    )
+    title = (
+        "GPU check"
+        if meta["mode"] == "gpu"
+        else "GPU check, --smoke (CPU, tiny sizes: a test of the script, no figures)"
+    )
     wall = f"{meta['wall_seconds']:.0f} s" if meta.get("wall_seconds") is not None else "?"
     budget = f"{meta['budget_seconds']:.0f} s" if meta.get("budget_seconds") else "?"
     lines = [
@@ -435,15 +465,20 @@ def to_markdown(
         for key in ("labelfew", "lightly", "bare", "cpu-path"):
             row = rows.get(key)
             if row is None:
-                cells.append("")
+                cells.append(cell(lightly_missing) if key == "lightly" and rows else "")
                 peaks.append("-")
             elif row.get("views_per_second"):
                 cells.append(f"{row['views_per_second']:,.0f}")
-                peaks.append(f"{row['peak_memory_gib']:.2f}" if row.get("peak_memory_gib") is not None else "-")
+                peaks.append(
+                    f"{row['peak_memory_gib']:.2f}" if row.get("peak_memory_gib") is not None else "-"
+                )
             else:
                 cells.append(f"not run: {cell(row.get('status') or '?')}")
                 peaks.append("-")
-        status = summary["status"] + (f": {cell(summary['detail'])}" if summary.get("detail") else "")
+        status = summary["status"]
+        if summary.get("detail"):
+            detail = summary["detail"]
+            status = detail if detail.startswith(status) else f"{status}: {detail}"
         lines.append(
             f"| {summary['config']} | {' | '.join(cells)} | {summary.get('a_over_b') or ''} | "
             f"{summary.get('a_over_c') or ''} | {' / '.join(peaks)} | {cell(status)} |"
@@ -457,11 +492,24 @@ def to_markdown(
         "",
         f"Time to accuracy: {knn_result(tta) if tta.get('knn') else 'not measured'}. Anchor: {LIGHTLY_ANCHOR}.",
         "",
+        "Step 2 counts the warnings of `torch.cuda.set_sync_debug_mode('warn')` per training iteration of "
+        "`labelfew pretrain`'s loop (targets: 0 in a plain step, 1 in a step that logs).",
+        "",
     ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def config_from_command(command: str) -> str:
+    """'resnet18 @ 32 px, batch 512' from a throughput.py command line (when it left no record)."""
+    words = command.split()
+    value = {flag: words[i + 1] for i, flag in enumerate(words[:-1]) if flag.startswith("--")}
+    if "--arch" not in value:
+        return ""
+    compiled = ", --compile" if "--compile" in words else ""
+    return f"{value['--arch']} @ {value.get('--image-size', '32')} px, batch {value.get('--batch-size', '256')}{compiled}"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -511,4 +559,4 @@ def git(*arguments: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from labelfew.artifacts import load_artifact
-from labelfew.config import FinetuneConfig, PretrainConfig, build_config, load_recipe
+from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig, build_config, load_recipe
 from labelfew.data.labels import LabeledImages, read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
 from labelfew.report.tables import metrics_row
@@ -161,7 +161,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pretrain_seconds = time.perf_counter() - pretrain_started
     train_x, train_y = backbone_features(artifact, train, classes)
     test_x, test_y = backbone_features(artifact, test, classes)
-    knn_all = top1("kNN", knn_scores(train_x, train_y, test_x, len(classes)).numpy(), test_y.numpy(), classes)
+    knn_options = {  # the recipe's [evaluate] k and T (the CIFAR recipes: 200 and 0.1)
+        "k": int(recipe.get("evaluate", {}).get("knn_k", EvaluateConfig.knn_k)),
+        "temperature": float(recipe.get("evaluate", {}).get("knn_temperature", EvaluateConfig.knn_temperature)),
+    }
+    knn_all = top1("kNN", knn_scores(train_x, train_y, test_x, len(classes), **knn_options).numpy(),
+                   test_y.numpy(), classes)  # fmt: skip
     position = {path: index for index, path in enumerate(train.paths)}
     epochs = {str(key): value for key, value in bench.get("finetune_epochs", {}).items()}
     results: dict[str, dict[str, list[float]]] = {}
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             labels_csv = run_folder / f"labels-{fraction}-seed{seed}.csv"
             write_labels(subset, labels_csv)
             rows = [position[path] for path in subset.paths]
-            knn = knn_scores(train_x[rows], train_y[rows], test_x, len(classes)).numpy()
+            knn = knn_scores(train_x[rows], train_y[rows], test_x, len(classes), **knn_options).numpy()
             probe, _ = linear_probe_scores(
                 train_x[rows].numpy(), train_y[rows].numpy(), test_x.numpy(), len(classes), seed=seed
             )

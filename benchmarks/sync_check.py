@@ -43,13 +43,14 @@ import torch
 # labelfew imports: every one is here, so that a module that moves is fixed in one place.
 # `pretrain_module` must be the module whose `run` builds the step through its global
 # `contrastive_step` (the name is replaced there while the check runs).
-from labelfew.stages import pretrain as pretrain_module
 from labelfew.config import PretrainConfig, build_config, load_recipe
 from labelfew.data.images import find_images
 from labelfew.engine import Trainer
+from labelfew.stages import pretrain as pretrain_module
 
 SYNC_MESSAGE = "synchroniz"  # "called a synchronizing CUDA operation"
 TARGETS = {"plain": 0, "log": 1}
+NOT_APPLICABLE = "not applicable on CPU: no CUDA syncs to count (the loop ran and was timed)"
 
 
 def main() -> None:
@@ -140,19 +141,21 @@ def counting_steps(
         step = original(*args, **kwargs)
 
         def counted(model: Any, batch: Any) -> Any:
-            if not marks and cuda:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
+            if not marks:
+                warnings.simplefilter("always")  # again: setup code may have added filters since
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
             marks.append((time.perf_counter(), len(caught)))
             return step(model, batch)
 
         return counted
 
-    pretrain_module.contrastive_step = wrapped_factory  # type: ignore[assignment]
+    pretrain_module.contrastive_step = wrapped_factory
     try:
         yield
     finally:
-        pretrain_module.contrastive_step = original  # type: ignore[assignment]
+        pretrain_module.contrastive_step = original
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
 
@@ -169,7 +172,7 @@ def summarise(
     log_every = int(getattr(Trainer, "log_every", 10))
     steps_per_epoch = max(1, images // args.batch_size)
     bounds = [*marks, (finished, len(recorded))]
-    steps = []
+    steps: list[dict[str, Any]] = []
     everywhere: collections.Counter[str] = collections.Counter()
     for index in range(len(marks)):
         (begin, first), (end, last) = bounds[index], bounds[index + 1]
@@ -207,10 +210,12 @@ def summarise(
     record: dict[str, Any] = {
         "status": "ok" if cuda else "not applicable",
         "applicable": cuda,
-        "reason": None if cuda else "not applicable on CPU: no CUDA syncs to count (the loop ran and was timed)",
+        "reason": None if cuda else NOT_APPLICABLE,
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
-        "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+        },
         "images": images,
         "steps_per_epoch": steps_per_epoch,
         "log_every": log_every,

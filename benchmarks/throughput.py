@@ -3,21 +3,25 @@
 Measures steady-state views/s of one SimCLR training step (forward of both views, NT-Xent,
 backward, LARS update), all in one process, on the same model, batch and device:
 
-  (a) labelfew, batched: images decoded once into a uint8 store (`labelfew.data.store`), two views
-      per image made on the device (`labelfew.views.batched`), `pretrain.contrastive_step`
+  (a) labelfew, store: images decoded once into a uint8 store (`labelfew.data.store`), two views
+      per image made on the device (`labelfew.views.simclr`), `pretrain.contrastive_step`
       (NT-Xent) and labelfew's LARS;
   (b) lightly 1.6.0 as its examples use it: `SimCLRTransform` in a standard DataLoader over a
       `LightlyDataset`, one forward pass per view, its `NTXentLoss` and its `LARS` (needs
       `pip install .[bench]`);
   (c) the bare step: the same step as (a) on pre-made tensors already on the device (the bound);
-  (d) labelfew, CPU path: `augment.TwoViews` on PIL images in a DataLoader, as `pretrain` uses it
-      without the batched path.
+  (d) the per-image PIL path (`tests/reference/pil_views.TwoViews` in DataLoader workers), what
+      `pretrain --augment-on workers` was before the streaming source;
+  (e) labelfew, stream: DataLoader workers that only decode and resize (`labelfew.data.stream`),
+      the same views as (a) made on the device: `pretrain --augment-on workers`.
 
 Both labelfew rows and the bare step use the same autocast precision and memory format as
 `pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
 their data path, loss, optimizer and lightly's one forward pass per view. Rows are timed in
 interleaved rounds (a change of machine load hits all alike) and the median round is reported.
-A second table measures the data paths alone (views/s without a model). Prints rich tables and
+A second table measures the data paths alone (without a model): views/s of the view makers, and
+images/s of the streaming source's decoding alone with 1 and 2 workers and with the views made in
+the training process. Prints rich tables and
 writes JSON into benchmarks/results/.
 
     python benchmarks/throughput.py --arch resnet18 --image-size 32 --batch-size 512 --data FOLDER
@@ -55,19 +59,18 @@ from torch.utils.data import DataLoader
 
 from labelfew import engine
 from labelfew.config import PretrainConfig
+from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import ImageDataset, collate, find_images
-from labelfew.data.store import (
-    DEFAULT_MEMORY_BUDGET,
-    MemoryBatches,
-    decode_images,
-    store_device,
-    stored_side,
-)
-from labelfew.models import SMALL_IMAGE_SIDE
+from labelfew.data.store import DEFAULT_MEMORY_BUDGET, MemoryBatches, decode_images, store_device, stored_side
+from labelfew.data.stream import DecodedFiles, StreamBatches
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate
+from labelfew.spec import SMALL_IMAGE_SIDE
 from labelfew.stages.pretrain import build_model, contrastive_step
-from labelfew.views.batched import BatchedTwoViews
-from labelfew.views.pil import TwoViews, ViewConfig
+from labelfew.views.config import ViewConfig
+from labelfew.views.simclr import PairViews, SimCLRViews
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reference.pil_views import TwoViews
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 TEMPERATURE = 0.5
@@ -119,23 +122,21 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "no"])
-    parser.add_argument(
-        "--resize", default="bicubic", choices=["bicubic", "roi_align"], help="batched resize"
-    )
     parser.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / 2**30, help="GiB")
     parser.add_argument(
         "--rows",
-        default="labelfew,lightly,bare,cpu-path",
+        default="labelfew,lightly,bare,cpu-path,stream",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
-        help="comma-separated subset of labelfew, lightly, bare, cpu-path",
+        help="comma-separated subset of labelfew, lightly, bare, cpu-path, stream",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every row's model (pretrain --compile)"
     )
     parser.add_argument("--skip-data-only", action="store_true", help="skip the data-path-only table")
+    parser.add_argument("--stream-images", type=int, default=128, help="files the streaming rows decode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path"}
+    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path", "stream"}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}")
     return args
@@ -255,12 +256,16 @@ class Bench:
             )
         return rows
 
-    def labelfew_step(self, model: nn.Module) -> Callable[[dict[str, Any]], torch.Tensor]:
+    def labelfew_step(
+        self, model: nn.Module, views: PairViews | None = None
+    ) -> Callable[[Batch], torch.Tensor]:
+        """`pretrain.contrastive_step` with labelfew's LARS; ``views`` None takes premade views from
+        ``batch.images`` (two stacked float batches), for the rows whose views are made elsewhere."""
         lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
         optimizer = build_optimizer("lars", parameter_groups(model, 1e-6), lr=lr)
-        step = contrastive_step(TEMPERATURE, self.channels_last)
+        step = contrastive_step(TEMPERATURE, self.channels_last, views or premade_views)
 
-        def train(batch: dict[str, Any]) -> torch.Tensor:
+        def train(batch: Batch) -> torch.Tensor:
             with self.autocast():
                 loss, _ = step(model, batch)
             loss.backward()
@@ -276,21 +281,27 @@ class Bench:
             self.paths, stored_side(self.args.image_size), budget=int(self.args.memory_budget * 2**30)
         )
         decode_seconds = time.perf_counter() - start
-        images = store.images.to(store_device(store.nbytes, self.device))
-        views = BatchedTwoViews(self.view, resize=self.args.resize)  # MemoryBatches seeds each step
-        batches = MemoryBatches(images, self.args.batch_size, transform=views, device=self.device, seed=0)
-        notes = {
-            "decode_seconds": decode_seconds,
-            "store_device": str(images.device),
-            "resize": self.args.resize,
-        }
-        return Runner(cycle(batches), self.labelfew_step(self.model()), notes)
+        store = store.to(store_device(store.nbytes, self.device))
+        batches = MemoryBatches(store, EpochOrder(len(store), self.args.batch_size), self.device)
+        notes = {"decode_seconds": decode_seconds, "store_device": str(store.pixels.device)}
+        return Runner(cycle(batches), self.labelfew_step(self.model(), SimCLRViews(self.view)), notes)
+
+    def row_stream(self) -> Runner:
+        files = DecodedFiles(self.paths, stored_side(self.args.image_size))
+        batches = StreamBatches(
+            files, EpochOrder(len(self.paths), self.args.batch_size), self.device, self.workers
+        )
+        return Runner(
+            cycle(batches),
+            self.labelfew_step(self.model(), SimCLRViews(self.view)),
+            {"workers": self.workers},
+        )
 
     def row_bare(self) -> Runner:
         shape = (self.args.batch_size, 3, self.args.image_size, self.args.image_size)
         generator = torch.Generator(device=self.device).manual_seed(0)
-        views = tuple(torch.randn(shape, device=self.device, generator=generator) for _ in range(2))
-        return Runner(itertools.repeat({"images": views}), self.labelfew_step(self.model()), {})
+        views = torch.randn((2, *shape), device=self.device, generator=generator)
+        return Runner(itertools.repeat(premade_batch(views)), self.labelfew_step(self.model()), {})
 
     def row_cpu_path(self) -> Runner:
         loader = DataLoader(
@@ -304,7 +315,7 @@ class Bench:
             persistent_workers=self.workers > 0,
         )
         batches = (
-            {"images": tuple(v.to(self.device, non_blocking=True) for v in b["images"])}
+            premade_batch(torch.stack([v.to(self.device, non_blocking=True) for v in b["images"]]))
             for b in cycle(loader)
         )
         return Runner(batches, self.labelfew_step(self.model()), {"workers": self.workers})
@@ -368,23 +379,24 @@ class Bench:
         }
 
     def data_only_rows(self) -> list[dict[str, Any]]:
-        """Views/s of each data path alone: batched (both resizes), kornia, PIL per image, lightly."""
+        """Each data path alone: the view makers (views/s) and the streaming source (images/s)."""
         rows = []
-        store = decode_images(self.paths[: max(self.args.batch_size, 64)], stored_side(self.args.image_size))
-        images = store.images[: self.args.batch_size].to(self.device)
-        for resize in ("bicubic", "roi_align"):
-            views = BatchedTwoViews(self.view, torch.Generator().manual_seed(0), resize=resize)
-            rows.append(
-                {
-                    "path": f"labelfew batched ({resize})",
-                    **self.time_calls(lambda v=views: v(images), 2 * len(images)),
-                }
-            )
+        count = max(self.args.batch_size, 64)
+        store = decode_images(self.paths[:count], stored_side(self.args.image_size))
+        images, sizes = store.gather(torch.arange(min(self.args.batch_size, len(store))))
+        images = images.to(self.device)
+        views = SimCLRViews(self.view, torch.Generator().manual_seed(0))
+        rows.append(
+            {
+                "path": "labelfew batched views",
+                **self.time_calls(lambda: views(images, sizes), 2 * len(images)),
+            }
+        )
         with contextlib.suppress(ModuleNotFoundError):
             kornia_views = kornia_two_views(self.view)
             rows.append(
                 {
-                    "path": "kornia 0.9 AugmentationSequential",
+                    "path": "kornia 0.9 AugmentationSequential (on the padded batch)",
                     **self.time_calls(lambda: kornia_views(images), 2 * len(images)),
                 }
             )
@@ -392,7 +404,7 @@ class Bench:
         two_views = TwoViews.from_config(self.view)
         rows.append(
             {
-                "path": "labelfew CPU path (PIL, 1 process)",
+                "path": "PIL per image (decoded photos, 1 process)",
                 **self.time_calls(lambda: [two_views(p) for p in photos], 2 * len(photos)),
             }
         )
@@ -409,6 +421,32 @@ class Bench:
                     **self.time_calls(lambda: [lightly_views(p) for p in photos], 2 * len(photos)),
                 }
             )
+        return rows + self.stream_rows()
+
+    def stream_rows(self) -> list[dict[str, Any]]:
+        """Images/s from files: PIL decode + two views per image in one process, the streaming
+        source's decode + resize alone with 1 and 2 workers, and with the batched views made in the
+        training process (0 workers: everything on one core)."""
+        paths = self.paths[: self.args.stream_images]
+        view_pil = TwoViews.from_config(self.view)
+        rows = [{"path": "PIL decode + two views (1 process)", "unit": "images/s", "cores": 1,
+                 **self.time_calls(lambda: [view_pil(Image.open(p).convert("RGB")) for p in paths], len(paths), 3)}]  # fmt: skip
+        simclr = SimCLRViews(self.view)
+        for workers, make_views in ((1, False), (2, False), (0, True), (1, True)):
+            order = EpochOrder(len(paths), self.args.batch_size, drop_last=False, shuffle=False)
+            batches = StreamBatches(
+                DecodedFiles(paths, stored_side(self.args.image_size)), order, self.device, workers
+            )
+
+            def run(batches: StreamBatches = batches, make_views: bool = make_views) -> None:
+                for batch in batches:
+                    if make_views:
+                        simclr(batch.images, batch.sizes, batch.generator())
+
+            name = "stream decode + resize" + (" + batched views" if make_views else "")
+            cores = workers + (1 if make_views else 0) or 1
+            rows.append({"path": f"{name}, {workers} workers", "unit": "images/s", "cores": cores,
+                         **self.time_calls(run, len(paths), 3)})  # fmt: skip
         return rows
 
     def time_calls(self, call: Callable[[], Any], views: int, repeats: int = 5) -> dict[str, Any]:
@@ -461,8 +499,21 @@ def kornia_two_views(config: ViewConfig) -> Callable[[torch.Tensor], tuple[torch
     return two_views
 
 
+def premade_views(
+    images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views a premade batch carries (see `premade_batch`)."""
+    return images[0], images[1]
+
+
+def premade_batch(views: torch.Tensor) -> Batch:
+    """A batch whose ``images`` are two stacked float view batches, read by `premade_views`."""
+    count = views.shape[1]
+    return Batch(views, torch.zeros(count, 2, dtype=torch.int64), torch.arange(count))
+
+
 def cycle(iterable: Iterable[Any]) -> Iterator[Any]:
-    """Endless iteration over a re-iterable (a DataLoader or MemoryBatches: a new epoch each pass)."""
+    """Endless iteration over a re-iterable (a DataLoader or EpochBatches: a new epoch each pass)."""
     epoch = 0
     while True:
         if hasattr(iterable, "set_epoch"):
@@ -494,12 +545,13 @@ def report(
         "labelfew": "(a) labelfew batched",
         "lightly": "(b) lightly 1.6.0",
         "bare": "(c) bare step",
-        "cpu-path": "(d) labelfew CPU path",
+        "cpu-path": "(d) PIL per image (reference)",
+        "stream": "(e) labelfew stream",
     }
     for row in rows:
         rate = row.get("views_per_second")
         notes = row.get("status") or ", ".join(
-            f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device", "resize")
+            f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device")
         )
         table.add_row(
             labels[row["row"]],
@@ -513,9 +565,13 @@ def report(
     if data_rows:
         data_table = Table(title=f"data path alone, {args.image_size} px, batch {args.batch_size}")
         data_table.add_column("path")
-        data_table.add_column("views/s", justify="right")
+        data_table.add_column("rate", justify="right")
+        data_table.add_column("unit")
+        data_table.add_column("per core", justify="right")
         for row in data_rows:
-            data_table.add_row(row["path"], f"{row['views_per_second']:,.0f}")
+            rate, cores = row["views_per_second"], row.get("cores")
+            per_core = f"{rate / cores:,.0f}" if cores else "-"
+            data_table.add_row(row["path"], f"{rate:,.0f}", row.get("unit", "views/s"), per_core)
         console.print(data_table)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -1,22 +1,29 @@
-"""The only module that reads or writes weights and their metadata.
+"""The only module that reads or writes weights and their metadata, and the registry of stages.
 
 An artifact is a `.safetensors` file (tensors + str→str metadata) with a `run.json` beside it.
 Loading never unpickles, so a crafted artifact cannot run code; `run.json` records every
-artifact's sha256 and a mismatch is reported as a corrupt file.
+artifact's sha256 and a mismatch is reported as a corrupt file. The metadata holds the stage
+name, the resolved config and the model's `labelfew.spec.ModelSpec`.
 
-Files per stage:
+Each stage module registers what it writes (`register_stage`): its model file, the folder it
+writes in a run, whether the model is a backbone or a classifier, and how evaluate names it.
+`resolve_artifact`, `find_models` and `resolve_model` find models through that registry, so a
+new stage is found by every `--from` once its module is imported (`labelfew.stages` imports
+them all). Files written today:
+
     pretrain/backbone.safetensors   backbone state dict, timm key layout (no prefixes)
-    pretrain/head.safetensors       projection head state dict (`layers.*`)
-    finetune/model.safetensors      `backbone.*`, optional `head.*`, `classifier.*`
+    pretrain/head.safetensors       projection head state dict (`layers.*`), metadata part=head
+    finetune*/model.safetensors     `backbone.*`, optional `head.*`, `classifier.*`
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,10 +32,11 @@ from safetensors.torch import save_file
 from labelfew import __version__
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
+from labelfew.spec import ModelSpec
 
 FORMAT_VERSION = "1"
-STAGE_FILES = {"pretrain": "backbone.safetensors", "finetune": "model.safetensors"}
 RUNS_ROOT = Path("runs")
+ModelKind = Literal["backbone", "classifier"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,13 @@ class Artifact:
     def arch(self) -> str:
         return self.metadata["arch"]
 
+    @property
+    def spec(self) -> ModelSpec:
+        """The model this artifact holds (raises UserError naming the file when incomplete)."""
+        return ModelSpec.from_metadata(self.metadata, where=self.path)
+
     def json_field(self, key: str) -> Any:
-        """A metadata value stored as JSON (class_names, mean, std, config)."""
+        """A metadata value stored as JSON (config)."""
         return json.loads(self.metadata[key])
 
     def run_info(self) -> dict[str, Any]:
@@ -130,6 +143,63 @@ def _recorded_hash(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# --- the stage registry ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a stage writes, as the commands that read it need to know.
+
+    Attributes:
+        name: the `stage` metadata value (and `run.json`'s), e.g. "finetune".
+        file: the model file in the stage's folder, e.g. "model.safetensors".
+        folder: the stage's folder in a run: `<run>/<folder>` or `<run>/<folder>-<suffix>`.
+        kind: "backbone" (features only: kNN, probe, embed) or "classifier" (logits too).
+        label: the model's name in evaluate's table, from its artifact ("fine-tuned (scratch)").
+    """
+
+    name: str
+    file: str
+    folder: str
+    kind: ModelKind
+    label: Callable[[Artifact], str]
+
+
+_STAGES: dict[str, StageInfo] = {}
+
+
+def register_stage(info: StageInfo) -> StageInfo:
+    """Adds (or, on a module reload, replaces) a stage; stage modules call it at import."""
+    _STAGES[info.name] = info
+    return info
+
+
+def stage_info(name: str) -> StageInfo:
+    """The registered stage called `name`.
+
+    Raises:
+        KeyError: no such stage is registered (import `labelfew.stages` to register them all).
+    """
+    if name not in _STAGES:
+        raise KeyError(f"stage {name!r} is not registered; known: {', '.join(_STAGES) or 'none'}")
+    return _STAGES[name]
+
+
+def stages() -> tuple[StageInfo, ...]:
+    """Every registered stage: backbones first, then classifiers, each in registration order."""
+    return tuple(info for name in stage_names(("backbone", "classifier")) for info in [_STAGES[name]])
+
+
+def stage_names(kinds: tuple[ModelKind, ...]) -> tuple[str, ...]:
+    """The registered stages whose models are of `kinds`, in that order, then in registration order."""
+    return tuple(info.name for kind in kinds for info in _STAGES.values() if info.kind == kind)
+
+
+def model_label(artifact: Artifact) -> str:
+    """How evaluate names the model (`StageInfo.label`)."""
+    return stage_info(artifact.stage).label(artifact)
+
+
 def resolve_artifact(source: Path | None, stages: tuple[str, ...], runs_root: Path = RUNS_ROOT) -> Path:
     """Finds the artifact file a command should start from.
 
@@ -172,10 +242,63 @@ def _stage_files(folder: Path, stages: tuple[str, ...]) -> list[Path]:
     """Completed artifacts in a run or stage folder, in `stages` preference order, newest first."""
     found: list[Path] = []
     for stage in stages:
-        name = STAGE_FILES[stage]
-        direct = folder / name
+        info = stage_info(stage)
+        direct = folder / info.file
         if direct.is_file() and (folder / "run.json").is_file():
             found.append(direct)
-        nested = [p for p in folder.glob(f"{stage}*/{name}") if (p.parent / "run.json").is_file()]
+        nested = [p for p in folder.glob(f"{info.folder}*/{info.file}") if (p.parent / "run.json").is_file()]
         found.extend(sorted(nested, key=lambda p: p.stat().st_mtime, reverse=True))
     return found
+
+
+def find_models(source: Path | None, runs_root: Path = RUNS_ROOT) -> tuple[list[Artifact], Path]:
+    """Every model `--from` names, and the run folder they belong to.
+
+    An artifact file or a stage folder gives its one model; a run folder (or no `source`: the
+    newest run under `runs_root`) gives every completed model of every registered stage, in the
+    order of their folder names. A model whose stage is not registered is not a model here
+    (pretrain's head file, embeddings).
+
+    Raises:
+        UserError: nothing found, with what was looked for.
+    """
+    everything = stage_names(("backbone", "classifier"))
+    path = resolve_artifact(source, everything, runs_root)
+    if source is not None and (Path(source).is_file() or path.parent == Path(source)):
+        return [load_artifact(path)], path.parent.parent
+    run_folder = path.parent.parent if source is None else Path(source)
+    paths = sorted(set(_stage_files(run_folder, everything)), key=lambda p: p.parent.name)
+    return [load_artifact(p) for p in paths], run_folder
+
+
+def resolve_model(source: Path | None, kinds: tuple[ModelKind, ...], runs_root: Path = RUNS_ROOT) -> Artifact:
+    """The one model a command uses: `--from`'s file or stage folder, or the best of a run.
+
+    In a run folder (or without `--from`) the kinds are tried in order, and within them a model
+    trained from a self-supervised start before a `--scratch` baseline, newest first: a run
+    holds both `finetune-<labels>/` and `finetune-scratch-<labels>/`, and the baseline is used
+    only when it is the run's only model of that kind.
+
+    A file is returned whatever it holds; the command checks that it can use it.
+
+    Raises:
+        UserError: nothing of `kinds` found.
+    """
+    path = resolve_artifact(source, stage_names(kinds), runs_root)
+    picked_from_run = source is None or (Path(source).is_dir() and path.parent != Path(source))
+    if not picked_from_run:
+        return load_artifact(path)
+    newest_first: list[Path] = []
+    for kind in kinds:
+        newest_first = _stage_files(path.parent.parent, stage_names((kind,)))
+        if newest_first:
+            break
+    newest_first.sort(key=lambda candidate: candidate.stat().st_mtime, reverse=True)
+    baseline: Artifact | None = None
+    for candidate in newest_first:
+        artifact = load_artifact(candidate)
+        if not artifact.spec.scratch:
+            return artifact
+        baseline = baseline or artifact
+    assert baseline is not None  # resolve_artifact found at least `path`
+    return baseline

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as torch_distributed
 import torch.nn.functional as functional
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["NTXentLoss", "gather_with_grad", "global_mean", "nt_xent_loss"]
+__all__ = ["gather_with_grad", "nt_xent_loss"]
 
 
 def _is_distributed() -> bool:
@@ -86,24 +86,6 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     return gathered
 
 
-def global_mean(value: Tensor) -> Tensor:
-    """Mean of a tensor over all processes, identical on every rank; for logging only.
-
-    Args:
-        value: a per-process value, typically the scalar per-process loss.
-
-    Returns:
-        The mean over processes, detached from the graph (also when not distributed, so that
-        single- and multi-process code behave alike).
-    """
-    value = value.detach()
-    if not _is_distributed():
-        return value
-    total = value.clone()
-    torch_distributed.all_reduce(total, op=torch_distributed.ReduceOp.SUM)
-    return total / torch_distributed.get_world_size()
-
-
 def _check_inputs(z1: Tensor, z2: Tensor, temperature: float) -> None:
     """Raises ValueError for a temperature or projections that NT-Xent cannot use."""
     if not temperature > 0:
@@ -131,7 +113,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
 
     Returns:
         Scalar mean over this process's 2 * local_batch_size anchors. Its mean over processes
-        (`global_mean`) is the loss of the global batch.
+        is the loss of the global batch.
 
     Raises:
         ValueError: non-positive temperature, or projections of different or wrong shapes.
@@ -158,28 +140,3 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
         self_mask[anchor_index, self_columns] = True
         logits = logits.masked_fill(self_mask, float("-inf"))
         return functional.cross_entropy(logits, positive_columns)
-
-
-class NTXentLoss(nn.Module):
-    """`nt_xent_loss` as a module.
-
-    Args:
-        temperature: divides the cosine similarities; 0.1 for large batches with LARS, 0.5
-            for CIFAR-sized runs (SimCLR appendix B.9, https://arxiv.org/abs/2002.05709).
-
-    Raises:
-        ValueError: non-positive temperature.
-    """
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"NT-Xent temperature must be positive, got {temperature}.")
-        self.temperature = temperature
-
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """Per-process loss; see `nt_xent_loss`. Shapes: (local_batch_size, dim) each."""
-        return nt_xent_loss(z1, z2, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"

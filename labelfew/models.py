@@ -1,21 +1,17 @@
-"""Backbones (through timm), the small-image stem, the projection head and the classifier."""
+"""Backbones (through timm), the small-image stem, the projection head and the classifier;
+`load_model`, the one way every stage and use command rebuilds a model from its artifact."""
 
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import nn
 
+from labelfew.artifacts import Artifact, stage_names
 from labelfew.errors import UserError
-
-if TYPE_CHECKING:
-    from labelfew.artifacts import Artifact
-
-SMALL_IMAGE_SIDE = 64
-"""Images this size or smaller get the small-image stem (trap 4 in DESIGN.md)."""
+from labelfew.spec import HeadSpec, ModelSpec
 
 
 def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -> nn.Module:
@@ -175,13 +171,46 @@ def head_prefix(head: ProjectionHead, layers: int) -> nn.Sequential:
     return nn.Sequential(*list(head.layers.children())[:layers])
 
 
-def artifact_backbone(artifact: Artifact) -> nn.Module:
-    """An untrained backbone of the arch, stem and size an artifact records."""
-    return build_backbone(
-        artifact.arch,
-        small_stem=bool(artifact.json_field("small_stem")),
-        image_size=int(artifact.metadata["image_size"]),
-    )
+def build_head(spec: HeadSpec, in_features: int) -> ProjectionHead:
+    """An untrained projection head of the shape `spec` records."""
+    return ProjectionHead(in_features, spec.hidden, output_dim=spec.dim, depth=spec.depth)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained model of `spec`: the backbone, or a `Classifier` (with its head blocks).
+
+    Raises:
+        UserError: unknown arch, or a head layer without a recorded head.
+    """
+    backbone = build_backbone(spec.arch, small_stem=spec.small_stem, image_size=spec.image_size)
+    if spec.class_names is None:
+        return backbone
+    head = None
+    if spec.from_head_layer > 0:
+        if spec.head is None:
+            raise UserError(f"from_head_layer {spec.from_head_layer} without a recorded projection head")
+        head = head_prefix(build_head(spec.head, spec.num_features), spec.from_head_layer)
+    return Classifier(backbone, len(spec.class_names), head)
+
+
+def load_model(artifact: Artifact) -> nn.Module:
+    """The model an artifact holds, with its weights.
+
+    A backbone stage (pretrain) gives the timm backbone; a classifier stage (finetune) gives a
+    `Classifier`, whose `backbone` is its fine-tuned backbone (`features_model`).
+
+    Raises:
+        UserError: not a model artifact (embeddings, a head file), or tensors that do not fit.
+    """
+    models = stage_names(("backbone", "classifier"))
+    if artifact.stage not in models or artifact.metadata.get("part") == "head":
+        raise UserError(f"{artifact.path}: a {artifact.stage} file; pass a {' or '.join(models)} artifact")
+    return load_weights(build_model(artifact.spec), artifact)
+
+
+def features_model(model: nn.Module) -> nn.Module:
+    """The part of a loaded model that gives backbone features (kNN, probe, embed, similar)."""
+    return model.backbone if isinstance(model, Classifier) else model
 
 
 def load_weights(model: nn.Module, artifact: Artifact) -> nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pickle
 import shutil
@@ -13,7 +15,7 @@ import timm
 import torch
 from PIL import Image
 
-from labelfew import __version__
+from labelfew import __version__, artifacts
 from labelfew.artifacts import (
     FORMAT_VERSION,
     load_artifact,
@@ -24,8 +26,10 @@ from labelfew.artifacts import (
 from labelfew.config import PretrainConfig
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
-from labelfew.models import build_backbone
+from labelfew.models import build_backbone, features_model, load_model
+from labelfew.spec import ModelSpec
 from labelfew.stages import pretrain
+from labelfew.use.inference import run_model
 
 
 @pytest.fixture(scope="module")
@@ -277,3 +281,104 @@ def test_resolve_with_nothing_found(tmp_path: Path) -> None:
         resolve_artifact(tmp_path / "runs" / "empty", ("pretrain",))
     with pytest.raises(UserError, match="no such file or folder"):
         resolve_artifact(tmp_path / "absent", ("pretrain",))
+
+
+# --- the stage registry, find_models and resolve_model ------------------------------------------
+
+
+def _model(folder: Path, stage: str, mtime: float, scratch: bool = False) -> Path:
+    """A small but real artifact of `stage` (a registered name) with its run.json."""
+    info = artifacts.stage_info(stage)
+    spec = ModelSpec("test_resnet", 32, True, 96)
+    if info.kind == "classifier":
+        spec = dataclasses.replace(spec, class_names=("a", "b"), scratch=scratch)
+    path = folder / info.file
+    digest = save_tensors(path, {"w": torch.ones(2)}, {"stage": stage, **spec.to_metadata()})
+    write_run_json(folder, {"stage": stage, "artifacts": {info.file: {"sha256": digest}}})
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.fixture
+def distill(monkeypatch: pytest.MonkeyPatch) -> artifacts.StageInfo:
+    """A stage that exists only in this test: registering it is all a new stage module does."""
+    info = artifacts.StageInfo(
+        "distill", file="model.safetensors", folder="distill", kind="classifier", label=lambda _: "distilled"
+    )
+    monkeypatch.setitem(artifacts._STAGES, "distill", info)
+    return info
+
+
+def test_the_stages_register_themselves() -> None:
+    names = [info.name for info in artifacts.stages()]
+    assert names[:2] == ["pretrain", "finetune"]
+    assert artifacts.stage_info("pretrain").file == "backbone.safetensors"
+    assert artifacts.stage_info("finetune").kind == "classifier"
+    with pytest.raises(KeyError, match="not registered"):
+        artifacts.stage_info("nonsense")
+
+
+def test_find_models_lists_every_model_of_a_run_through_the_registry(
+    tmp_path: Path, distill: artifacts.StageInfo
+) -> None:
+    run = tmp_path / "run"
+    backbone = _model(run / "pretrain", "pretrain", 1000)
+    head = run / "pretrain" / "head.safetensors"
+    save_tensors(head, {"w": torch.ones(1)}, {"stage": "pretrain", "arch": "test_resnet", "part": "head"})
+    tuned = _model(run / "finetune-10pc", "finetune", 2000)
+    scratch = _model(run / "finetune-scratch-10pc", "finetune", 3000, scratch=True)
+    distilled = _model(run / "distill-10pc", "distill", 4000)
+    (run / "evaluate").mkdir()
+    (run / "evaluate" / "report.json").write_text("{}")
+    models, folder = artifacts.find_models(run)
+    assert folder == run
+    assert [model.path for model in models] == [distilled, tuned, scratch, backbone]
+    assert [artifacts.model_label(model) for model in models] == [
+        "distilled", "fine-tuned", "fine-tuned (scratch)", "pretrain",
+    ]  # fmt: skip
+    assert [model.path for model in artifacts.find_models(run / "finetune-10pc")[0]] == [tuned]
+    assert [model.path for model in artifacts.find_models(scratch)[0]] == [scratch]
+    assert artifacts.find_models(None, runs_root=tmp_path)[1] == run
+
+
+def test_resolve_model_prefers_kind_then_a_self_supervised_start_then_newest(
+    tmp_path: Path, distill: artifacts.StageInfo
+) -> None:
+    run = tmp_path / "run"
+    backbone = _model(run / "pretrain", "pretrain", 1000)
+    tuned = _model(run / "finetune-10pc", "finetune", 2000)
+    scratch = _model(run / "finetune-scratch-10pc", "finetune", 3000, scratch=True)
+    assert artifacts.resolve_model(run, ("classifier",)).path == tuned  # not the newer baseline
+    assert artifacts.resolve_model(run, ("backbone", "classifier")).path == backbone
+    assert artifacts.resolve_model(run / "finetune-scratch-10pc", ("classifier",)).path == scratch
+    distilled = _model(run / "distill-10pc", "distill", 4000)
+    assert artifacts.resolve_model(run, ("classifier",)).path == distilled
+    assert artifacts.resolve_model(backbone, ("classifier",)).path == backbone  # a file, as given
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no completed finetune or distill artifact"):
+        artifacts.resolve_model(tmp_path / "empty", ("classifier",))
+
+
+# --- an artifact written by labelfew before this layout still loads and predicts the same -------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_the_v1_fixture_loads_and_predicts_what_it_predicted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/fixtures/v1_run was written by the code before ModelSpec (tests/fixtures/write_v1_run.py)."""
+    monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))
+    expected = json.loads((FIXTURES / "v1_expected.json").read_text(encoding="utf-8"))
+    paths = [FIXTURES / "v1_images" / name for name in expected["paths"]]
+    models, _ = artifacts.find_models(FIXTURES / "v1_run")
+    assert [model.stage for model in models] == ["finetune", "pretrain"]
+    tuned, pretrained = models
+    logits = run_model(load_model(tuned), paths, tuned.spec, workers=0)
+    features = run_model(features_model(load_model(pretrained)), paths, pretrained.spec, workers=0)
+    assert logits.kept == features.kept == list(range(len(paths)))
+    torch.testing.assert_close(logits.values, torch.tensor(expected["logits"]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(features.values, torch.tensor(expected["features"]), rtol=0, atol=1e-4)
+    classes = tuned.spec.class_names
+    assert classes is not None
+    assert [classes[index] for index in logits.values.argmax(dim=1).tolist()] == expected["predicted"]
+    assert artifacts.resolve_model(FIXTURES / "v1_run", ("classifier",)).path == tuned.path
+    assert artifacts.model_label(tuned) == "fine-tuned"

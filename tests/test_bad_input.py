@@ -382,3 +382,66 @@ def test_artifact_loader_fuzz(data: bytes, header_length: int, tmp_path: Path) -
     path.write_bytes(header_length.to_bytes(8, "little") + data)
     with contextlib.suppress(UserError):
         load_artifact(path)
+
+
+BEFORE_DECODING: list[tuple[str, list[str], str]] = [
+    ("pretrain", ["--optimizer", "foo"], "--optimizer foo: use one of lars, sgd, adamw"),
+    ("pretrain", ["--lr-rule", "cube"], "--lr-rule cube: use one of sqrt, linear"),
+    ("pretrain", ["--augment-on", "gpu"], "--augment-on gpu: use one of auto, device, workers"),
+    ("pretrain", ["--precision", "fp8"], "--precision fp8: use one of auto, bf16, fp16, no"),
+    ("pretrain", ["--epochs", "0"], "--epochs 0: use at least 1"),
+    ("pretrain", ["--memory-budget", "0"], "--memory-budget 0.0: give a positive size"),
+    ("finetune", ["--optimizer", "adam"], "--optimizer adam: use one of sgd, lars, adamw"),
+    ("finetune", ["--precision", "fp8"], "--precision fp8: use one of"),
+    ("finetune", ["--val-fraction", "1"], "--val-fraction 1.0: use a value in [0, 1)"),
+    ("evaluate", ["--knn-k", "0"], "--knn-k 0: use at least 1"),
+    ("predict", ["--top-k", "0"], "--top-k 0: use at least 1"),
+    ("embed", ["--batch-size", "0"], "--batch-size 0: use at least 1"),
+    ("similar", ["-k", "0"], "--top-k 0: use at least 1"),
+    ("export", ["--format", "tflite"], "--format tflite: use one of safetensors, onnx, both"),
+    ("subset", ["--fraction", "0"], "--fraction 0.0: out of range"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "bad", "expected"), BEFORE_DECODING, ids=[f"{r[0]} {' '.join(r[1])}" for r in BEFORE_DECODING]
+)
+def test_a_bad_option_exits_2_before_any_image_is_decoded(command: str, bad: list[str], expected: str,
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    images = _labelled_tree(tmp_path / "images")
+    opened: list[object] = []
+    original = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
+    )
+    where = {
+        "pretrain": [str(images), "--batch-size", "8"],
+        "finetune": ["--labels", str(images)],
+        "evaluate": ["--test", str(images), "--bank", str(images)],
+        "predict": [str(images)],
+        "embed": [str(images)],
+        "similar": [str(images / "cat" / "0.png")],
+        "export": [],
+        "subset": [str(images), "--out", str(tmp_path / "o.csv")],
+    }[command]
+    result = runner.invoke(app, [command, *where, *bad])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert opened == [], f"{len(opened)} image(s) opened before the bad option was refused"
+
+
+def test_a_bad_recipe_value_exits_2_before_any_image_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _labelled_tree(tmp_path / "images")
+    recipe = _csv(tmp_path / "r.toml", '[pretrain]\nlr_rule = "cube"\n')
+    opened: list[object] = []
+    original = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
+    )
+    result = runner.invoke(app, ["pretrain", str(images), "--recipe", str(recipe)])
+    assert result.exit_code == 2 and "--lr-rule cube: use one of sqrt, linear" in result.output, result.output
+    assert opened == []

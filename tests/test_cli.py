@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer
+import typer.core
 from typer.testing import CliRunner
 
-from labelfew import __version__
+from labelfew import __version__, cli
 from labelfew.cli import app
+from labelfew.config import (
+    COMMAND_CONFIGS,
+    DemoConfig,
+    EmbedConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FinetuneConfig,
+    PredictConfig,
+    PretrainConfig,
+    SimilarConfig,
+    SubsetConfig,
+    build_config,
+    takes_recipe,
+)
+from labelfew.errors import UserError
+from labelfew.options import default_text, field_options, flag_of, option
 
 runner = CliRunner()
 COMMANDS = ("pretrain", "subset", "finetune", "evaluate", "demo", "predict", "embed", "similar", "export")
@@ -94,3 +113,111 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "evaluate" / "report.json").is_file()
     assert (tmp_path / "demo" / "finetune-scratch-labels-10-per-class" / "model.safetensors").is_file()
+
+
+# The CLI is built from the configs (labelfew.options): one declaration per option.
+
+
+def _commands() -> dict[str, typer.core.TyperCommand]:
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    return dict(group.commands)  # type: ignore[arg-type]
+
+
+def test_every_config_field_is_a_cli_parameter_with_its_flag_default_and_help() -> None:
+    commands = _commands()
+    assert list(commands) == list(COMMAND_CONFIGS) == list(cli.COMMANDS)
+    for name, config_class in COMMAND_CONFIGS.items():
+        params = {param.name: param for param in commands[name].params}
+        declared = field_options(config_class)
+        extra = {"recipe", "debug"} if takes_recipe(config_class) else {"debug"}
+        assert set(params) == {item.name for item, _, _ in declared} | extra, name  # and nothing else
+        for item, spec, annotation in declared:
+            param = params[item.name]
+            if spec.argument:
+                assert isinstance(param, typer.core.TyperArgument) and param.required, (name, item.name)
+                continue
+            assert isinstance(param, typer.core.TyperOption), (name, item.name)
+            assert flag_of(item.name, spec) in param.opts and (not spec.short or spec.short in param.opts)
+            help_text = param.help or ""
+            assert help_text.startswith(cli._plain(spec.help)), (name, item.name)
+            if cli.is_single_flag(spec, annotation):
+                assert param.is_flag and param.default is False and not param.secondary_opts
+            elif item.default is dataclasses.MISSING:
+                assert param.required, (name, item.name)
+            else:
+                assert param.default is None, (name, item.name)  # only what is typed overrides the recipe
+                shown = default_text(item, spec)
+                assert shown == "—" or help_text.endswith(f"Default: {cli._plain(shown)}."), (name, item.name)
+            if annotation in (bool, bool | None) and spec.toggle:
+                assert param.secondary_opts == ["--no-" + flag_of(item.name, spec)[2:]], (name, item.name)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["pretrain", "d"], PretrainConfig(data=Path("d"))),
+        (
+            ["pretrain", "d", "--no-small-stem", "--restart", "--quiet", "--optimizer", "sgd", "--memory-budget", "2"],
+            PretrainConfig(data=Path("d"), small_stem=False, restart=True, quiet=True, optimizer="sgd", memory_budget=2.0),
+        ),
+        (["subset", "l.csv", "--out", "o.csv", "--per-class", "3", "--allow-empty"],
+         SubsetConfig(labels=Path("l.csv"), out=Path("o.csv"), per_class=3, allow_empty=True)),
+        (["finetune", "--labels", "l.csv", "--from", "runs/a", "--scratch", "--balanced"],
+         FinetuneConfig(labels=Path("l.csv"), source=Path("runs/a"), scratch=True, balanced=True)),
+        (["evaluate", "--test", "t", "--plots", "--knn-k", "5"], EvaluateConfig(test=Path("t"), plots=True, knn_k=5)),
+        (["demo", "--epochs", "2"], DemoConfig(epochs=2)),
+        (["predict", "i", "-k", "5"], PredictConfig(images=Path("i"), top_k=5)),
+        (["embed", "i", "--batch-size", "8"], EmbedConfig(images=Path("i"), batch_size=8)),
+        (["similar", "q.png", "--top-k", "4", "--from", "m"], SimilarConfig(query=Path("q.png"), top_k=4, source=Path("m"))),
+        (["export", "--format", "onnx"], ExportConfig(format="onnx")),
+    ],
+)  # fmt: skip
+def test_the_command_line_builds_the_config(
+    args: list[str], expected: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+
+    def build_and_stop(config_class: type, recipe: dict, **options: object) -> None:
+        built.append(build_config(config_class, recipe, **options))
+        raise UserError("stopped before the run")
+
+    monkeypatch.setattr(cli, "build_config", build_and_stop)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "stopped before the run" in result.output, result.output
+    assert built == [expected]
+
+
+def test_flags_left_off_keep_the_recipe_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[pretrain]\nquiet = true\nrestart = true\nblur = false\noptimizer = "adamw"\n')
+    built = []
+    monkeypatch.setattr(cli, "build_config", lambda *a, **k: built.append(build_config(*a, **k)) or 1 / 0)
+    runner.invoke(app, ["pretrain", "d", "--recipe", str(recipe)])
+    assert (built[0].quiet, built[0].restart, built[0].blur, built[0].optimizer) == (
+        True,
+        True,
+        False,
+        "adamw",
+    )
+
+
+def test_a_field_added_to_a_config_appears_on_the_command_line() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class NewConfig:
+        images: Path = option(argument=True, help="Images.")
+        strength: float = option(0.5, above=0, help="How strong.")
+        mode: str = option("fast", choices=("fast", "slow"), help="Which mode.")
+        lr: float | str = option("auto", help="A number, or auto.")
+        verbose: bool = option(False, toggle=False, help="Say more.")
+
+    seen = []
+    new_app = typer.Typer()
+    new_app.command("new")(cli.command(NewConfig, seen.append, "A new command."))
+    new_app.command("other")(lambda: None)  # a group, so that `new` is a subcommand
+    result = runner.invoke(
+        new_app, ["new", "x", "--strength", "2", "--mode", "slow", "--lr", "0.1", "--verbose"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == [NewConfig(images=Path("x"), strength=2.0, mode="slow", lr=0.1, verbose=True)]
+    assert "How strong. Default: 0.5." in runner.invoke(new_app, ["new", "--help"]).output

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from labelfew.config import (
+    COMMAND_CONFIGS,
     EvaluateConfig,
+    ExportConfig,
     FinetuneConfig,
+    PredictConfig,
     PretrainConfig,
+    SubsetConfig,
     build_config,
+    command_tables,
     load_recipe,
     to_json,
 )
 from labelfew.errors import UserError
+from labelfew.options import TABLE, Option, field_options, readme_tables
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
@@ -124,3 +131,69 @@ def test_configs_are_frozen_and_json_ready() -> None:
     values = to_json(config)
     assert values["data"] == "images" and values["out"] == "runs/x"
     assert values["epochs"] == config.epochs and values["small_stem"] is None
+
+
+# One declaration per option: every field carries its help, choices and range (labelfew.options).
+
+
+def test_every_field_of_every_command_is_declared_with_help() -> None:
+    for name, config_class in COMMAND_CONFIGS.items():
+        for item, spec, _ in field_options(config_class):
+            assert isinstance(item.metadata.get("option"), Option), f"{name}: {item.name} without option()"
+            assert spec.help.strip(), f"{name}: {item.name} has no help"
+
+
+@pytest.mark.parametrize(
+    ("config_class", "values", "expected"),
+    [
+        (PretrainConfig, {"optimizer": "foo"}, "--optimizer foo: use one of lars, sgd, adamw"),
+        (PretrainConfig, {"lr_rule": "cube"}, "--lr-rule cube: use one of sqrt, linear"),
+        (PretrainConfig, {"augment_on": "gpu"}, "--augment-on gpu: use one of auto, device, workers"),
+        (PretrainConfig, {"precision": "fp8"}, "--precision fp8: use one of auto, bf16, fp16, no"),
+        (PretrainConfig, {"epochs": 0}, "--epochs 0: use at least 1"),
+        (PretrainConfig, {"temperature": 0.0}, "--temperature 0.0: use a positive value"),
+        (PretrainConfig, {"memory_budget": 0.0}, "--memory-budget 0.0: give a positive size"),
+        (PretrainConfig, {"batch_size": 1}, "--batch-size 1: a contrastive batch needs at least 2"),
+        (PretrainConfig, {"min_scale": 1.5}, r"--min-scale 1.5: use a value in \(0, 1\]"),
+        (PretrainConfig, {"projection_depth": 4}, r"--projection-depth 4: use 2 \(SimCLR v1\) or 3"),
+        (FinetuneConfig, {"optimizer": "adam"}, "--optimizer adam: use one of sgd, lars, adamw"),
+        (FinetuneConfig, {"val_fraction": 1.0}, r"--val-fraction 1.0: use a value in \[0, 1\)"),
+        (FinetuneConfig, {"precision": "half"}, "--precision half: use one of"),
+        (EvaluateConfig, {"knn_k": 0}, "--knn-k 0: use at least 1"),
+        (PredictConfig, {"top_k": 0}, "--top-k 0: use at least 1"),
+        (ExportConfig, {"format": "tflite"}, "--format tflite: use one of safetensors, onnx, both"),
+        (SubsetConfig, {"fraction": 0.0}, r"--fraction 0.0: out of range; use a value in \(0, 1\]"),
+        (SubsetConfig, {"fraction": 0.5, "per_class": 3}, "give exactly one of --fraction or --per-class"),
+    ],
+)
+def test_bad_choices_and_ranges_name_the_flag(config_class: type, values: dict, expected: str) -> None:
+    required = {"data": "d", "labels": "l", "test": "t", "images": "i", "out": "o.csv"}
+    names = {item.name for item, _, _ in field_options(config_class)}
+    given = {key: value for key, value in required.items() if key in names} | values
+    with pytest.raises(UserError, match=expected):
+        build_config(config_class, {}, **given)
+
+
+def test_recipe_values_are_validated_like_options(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, '[pretrain]\noptimizer = "adam"\n'))
+    with pytest.raises(UserError, match="--optimizer adam: use one of lars, sgd, adamw"):
+        build_config(PretrainConfig, recipe, data="d")
+
+
+def test_the_defaults_are_valid_and_resolved_values_too() -> None:
+    PretrainConfig(data=Path("d"), augment_on="device", image_size=32, warmup_epochs=0.0, small_stem=True)
+    for name, config_class in COMMAND_CONFIGS.items():
+        required = {item.name: "x" for item, spec, _ in field_options(config_class) if spec.help and
+                    item.default is dataclasses.MISSING}  # fmt: skip
+        extra = {"fraction": 0.5} if name == "subset" else {}
+        build_config(config_class, {}, **required, **extra)
+
+
+def test_readme_option_tables_are_the_generated_ones() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    tables = command_tables()
+    found = [match[1] for match in TABLE.finditer(readme)]
+    assert sorted(found) == sorted(tables), "README needs one <!-- options: NAME --> block per command"
+    assert readme_tables(readme, tables) == readme, (
+        "README's option tables differ from labelfew/config.py; run `python -m labelfew.options README.md`"
+    )

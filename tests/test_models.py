@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from torch import nn
 
+from labelfew.artifacts import load_artifact, save_tensors
 from labelfew.errors import UserError
-from labelfew.models import Classifier, ProjectionHead, SimCLRModel, build_backbone, head_prefix
+from labelfew.models import (
+    Classifier,
+    ProjectionHead,
+    SimCLRModel,
+    build_backbone,
+    build_model,
+    features_model,
+    head_prefix,
+    load_model,
+)
+from labelfew.spec import HeadSpec, ModelSpec
 
 BATCH = 2
 
@@ -160,3 +173,65 @@ def test_classifier_with_head_layers() -> None:
         assert classifier.features(_images()).shape == (BATCH, 48)
         logits = classifier(_images())
     assert logits.shape == (BATCH, 4) and torch.isfinite(logits).all()
+
+
+# --- build_model / load_model: one way to rebuild a model from its spec ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "width"),
+    [
+        (ModelSpec("test_resnet", 32, True, 96), nn.Module, 96),
+        (ModelSpec("test_resnet", 32, True, 96, class_names=("a", "b", "c")), Classifier, 3),
+        (
+            ModelSpec(
+                "test_resnet",
+                32,
+                False,
+                96,
+                head=HeadSpec(3, 32, 16),
+                from_head_layer=1,
+                class_names=("a", "b"),
+            ),
+            Classifier,
+            2,
+        ),
+    ],
+)
+def test_build_model_follows_the_spec(spec: ModelSpec, kind: type, width: int) -> None:
+    model = build_model(spec)
+    assert isinstance(model, kind)
+    assert isinstance(features_model(model).maxpool, nn.Identity) is spec.small_stem
+    with torch.no_grad():
+        assert model.eval()(_images()).shape == (BATCH, width)
+    assert features_model(model)(_images()).shape == (BATCH, 96)
+
+
+def test_build_model_refuses_a_head_layer_without_a_head() -> None:
+    with pytest.raises(UserError, match="without a recorded projection head"):
+        build_model(ModelSpec("test_resnet", 32, True, 96, from_head_layer=1, class_names=("a", "b")))
+
+
+def test_load_model_round_trips_and_refuses_what_is_not_a_model(tmp_path: Path) -> None:
+    import labelfew.stages  # noqa: F401  (registers pretrain and finetune)
+
+    spec = ModelSpec(
+        "test_resnet", 32, True, 96, head=HeadSpec(3, 32, 16), from_head_layer=1, class_names=("a", "b")
+    )
+    torch.manual_seed(0)
+    original = build_model(spec)
+    path = tmp_path / "model.safetensors"
+    save_tensors(path, original.state_dict(), {"stage": "finetune", **spec.to_metadata()})
+    loaded = load_model(load_artifact(path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(_images()), original.eval()(_images()))
+    other = tmp_path / "embeddings.safetensors"
+    save_tensors(
+        other, {"embeddings": torch.ones(2, 96)}, {"stage": "embeddings", **spec.backbone().to_metadata()}
+    )
+    with pytest.raises(UserError, match="a embeddings file; pass a pretrain or finetune artifact"):
+        load_model(load_artifact(other))
+    wrong = tmp_path / "wrong.safetensors"
+    save_tensors(wrong, {"w": torch.ones(1)}, {"stage": "pretrain", **spec.backbone().to_metadata()})
+    with pytest.raises(UserError, match="its tensors do not fit test_resnet"):
+        load_model(load_artifact(wrong))

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference.lars_reference import PerTensorLARS
 from torch import nn
 
 from labelfew.optim import (
@@ -161,14 +162,14 @@ def test_state_dict_round_trip_continues_identically() -> None:
 
 
 def test_multi_tensor_update_matches_the_per_tensor_loop() -> None:
-    """foreach=True (the default) against the reference loop: decay, exclusions, zero tensors."""
+    """The multi-tensor update against the per-tensor reference loop: decay, exclusions, zero tensors."""
     models = [_small_model(), _small_model()]
     with torch.no_grad():
         for model in models:
             model[0].bias.zero_()  # a zero weight: trust ratio 1
     optimizers = [
-        LARS(parameter_groups(model, weight_decay=1e-4), lr=0.5, foreach=foreach)
-        for model, foreach in zip(models, (True, False), strict=True)
+        optimizer(parameter_groups(model, weight_decay=1e-4), lr=0.5)
+        for model, optimizer in zip(models, (LARS, PerTensorLARS), strict=True)
     ]
     generator = torch.Generator().manual_seed(0)
     for step in range(3):
@@ -259,6 +260,21 @@ def test_build_optimizer_by_name() -> None:
         build_optimizer("adam", groups, lr=0.01)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Learning rate"):
         build_optimizer("sgd", groups, lr=-0.01)
+
+
+def test_sgd_uses_nesterov_momentum_as_simclr_fine_tuning() -> None:
+    groups = parameter_groups(_small_model(), weight_decay=0.0)
+    assert all(group["nesterov"] for group in build_optimizer("sgd", groups, lr=0.01).param_groups)
+    # torch refuses Nesterov without momentum; momentum 0 is plain SGD.
+    assert not build_optimizer("sgd", groups, lr=0.01, momentum=0.0).param_groups[0]["nesterov"]
+
+
+def test_excluded_modules_are_neither_adapted_nor_decayed() -> None:
+    model = _small_model()
+    adapted, excluded = parameter_groups(model, weight_decay=1e-6, exclude=[model[4]])
+    assert {id(p) for p in adapted["params"]} == {id(model[0].weight)}
+    assert id(model[4].weight) in {id(p) for p in excluded["params"]}
+    assert (excluded["weight_decay"], excluded["lars_adapt"]) == (0.0, False)
 
 
 # --- Schedule ------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Kill -9 a run in the middle of an epoch, rerun the same command: the same model, bit for bit.
 
-On the CPU with no loader workers every step is deterministic, and the views come from seeded
-streams — per image and epoch on the worker path (labelfew.data.images.ImageDataset), per step on
-the device path (labelfew.data.memory.MemoryBatches) — so a resumed run must reproduce the
-uninterrupted run's tensors exactly, not just closely.
+On the CPU with no loader workers every step is deterministic, and the views come from a
+generator seeded per step by (seed, epoch, step, process) (`labelfew.data.batches.EpochOrder`),
+whichever image source delivers the batches (the in-memory store or the streaming workers), so a
+resumed run must reproduce the uninterrupted run's tensors exactly, not just closely.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 LABELFEW = str(Path(sys.executable).parent / "labelfew")
 IMAGES, BATCH = 416, 32  # 13 steps per epoch: checkpoints at steps 10 and 20 fall inside epochs 1 and 2
+EVERY_LOG_POINT = "1e-6"  # minutes between checkpoints: one at every log point (every 10 steps)
 
 
 def _command(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
@@ -93,7 +94,9 @@ def reference(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.mark.parametrize("place", ["device", "workers"])
 def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path, place: str) -> None:  # fmt: skip
     train = small_digits
-    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0", "--augment-on", place)
+    command = _command(
+        "pretrain", train, tmp_path / "run", "--checkpoint-every", EVERY_LOG_POINT, "--augment-on", place
+    )
     _kill_after_checkpoint(
         command, tmp_path / "run" / "pretrain" / "checkpoints", 20, tmp_path, signal.SIGKILL
     )
@@ -112,7 +115,9 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path,
 def test_finetune_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
     train = small_digits
     out = tmp_path / "finetune"
-    command = _command("finetune", train, out, "--from", str(reference / "run"), "--checkpoint-every", "0")
+    command = _command(
+        "finetune", train, out, "--from", str(reference / "run"), "--checkpoint-every", EVERY_LOG_POINT
+    )
     _kill_after_checkpoint(command, out / "checkpoints", 20, tmp_path, signal.SIGKILL)
     _run(command, tmp_path)
     _assert_same_tensors(reference / "run" / "finetune" / "model.safetensors", out / "model.safetensors")
@@ -120,7 +125,7 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path,
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(small_digits: Path, tmp_path: Path) -> None:
     train = small_digits
-    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", EVERY_LOG_POINT)
     code = _kill_after_checkpoint(
         command, tmp_path / "run" / "pretrain" / "checkpoints", 10, tmp_path, signal.SIGTERM
     )
@@ -132,7 +137,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(small_digits: Path, tmp_path:
 
 def test_changed_settings_refuse_to_resume_and_restart_starts_over(small_digits: Path, tmp_path: Path) -> None:  # fmt: skip
     train = small_digits
-    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", "0")
+    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", EVERY_LOG_POINT)
     _kill_after_checkpoint(
         command, tmp_path / "run" / "pretrain" / "checkpoints", 10, tmp_path, signal.SIGKILL
     )

@@ -1,13 +1,13 @@
-"""Finding and decoding images.
+"""Finding, decoding and resizing images.
 
 Every stage reads images through `load_rgb`, so every mode (palette, CMYK, 16-bit, alpha,
 animated GIF) is turned into 8-bit RGB the same way, and every undecodable file raises the
-same `BadImage` error that the datasets count and skip.
+same `BadImage` error that the image sources count and skip. Both image sources (the in-memory
+store and the streaming workers) decode through `load_resized`, so they hold the same pixels.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import statistics
 import warnings
@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from labelfew.errors import UserError
+from labelfew.views.config import resized_extent
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -122,6 +124,44 @@ def _stretch_to_8_bits(image: Image.Image, unit_range: bool) -> Image.Image:
     return image.point(lambda value: (value - low) * scale).convert("L")
 
 
+def load_resized(path: Path, side: int) -> np.ndarray:
+    """The whole image as uint8 pixels, its shorter side shrunk to ``side`` if it is longer.
+
+    Never upsampled, aspect ratio kept, the longer side by torchvision's ``Resize(int)`` rule
+    (`labelfew.views.config.resized_extent`), resampled with Pillow's anti-aliased bicubic: what
+    torchvision's ``Resize(side)`` gives a PIL image, pixel for pixel.
+
+    Returns:
+        Shape: (height, width, 3), uint8, ``min(height, width) <= side``.
+
+    Raises:
+        BadImage: as `load_rgb`.
+    """
+    image = load_rgb(path)
+    width, height = image.size
+    if min(width, height) > side:
+        new_height, new_width = resized_extent(height, width, side)
+        image = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
+    return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only one)
+
+
+def stored_extent(height: int, width: int, side: int) -> tuple[int, int]:
+    """``(height, width)`` of an image of ``height x width`` after `load_resized` to ``side``."""
+    if min(height, width) > side:
+        return resized_extent(height, width, side)
+    return height, width
+
+
+def image_extent(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` from the file's header (no decoding), or None if it cannot be opened."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
+        return None
+    return height, width
+
+
 def typical_image_side(paths: Sequence[Path], sample: int = 64, cap: int = 224) -> int:
     """The median shorter side of a sample of the images, capped at `cap`.
 
@@ -144,20 +184,14 @@ def typical_image_side(paths: Sequence[Path], sample: int = 64, cap: int = 224) 
 
 
 class ImageDataset(Dataset[Any]):
-    """Images with optional integer labels, decoded on access and passed through `transform`.
+    """Images with optional integer labels, decoded on access and passed through a PIL `transform`.
 
-    A file that cannot be decoded is replaced by the next decodable one (so batch shapes stay
-    fixed, which the cross-process loss needs) and its index is reported in the sample's
-    `bad` list; the training loop counts and names those files.
+    Used only by ``labelfew.stages.evaluate`` until it moves to the one inference loop; the
+    training stages read images through `labelfew.data.store` and `labelfew.data.stream`.
 
-    Each item is `(transformed, label, index, bad)` where `label` is -1 for unlabeled images
-    and `bad` is a list of dataset indices that failed to decode on the way.
-
-    With `seed` set, the random transform of image i in epoch e draws from its own stream,
-    seeded by (seed, e, i): the views do not depend on the number of loader workers or
-    processes, nor on where a resumed run restarted — a killed and resumed run sees exactly
-    the views of an uninterrupted one. The epoch lives in shared memory, so `set_epoch` reaches
-    persistent loader workers too.
+    A file that cannot be decoded is replaced by the next decodable one and its index is
+    reported in the sample's `bad` list. Each item is `(transformed, label, index, bad)` where
+    `label` is -1 for unlabeled images.
     """
 
     def __init__(
@@ -166,25 +200,11 @@ class ImageDataset(Dataset[Any]):
         transform: Callable[[Image.Image], Any],
         labels: Sequence[int] | None = None,
         max_attempts: int = 16,
-        seed: int | None = None,
     ) -> None:
         self.paths = list(paths)
         self.labels = list(labels) if labels is not None else None
         self.transform = transform
         self.max_attempts = max_attempts
-        self.seed = seed
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Selects the epoch whose random views `__getitem__` draws (see the class docstring)."""
-        self._epoch.fill_(epoch)
-
-    def _transform(self, image: Image.Image, index: int) -> Any:
-        if self.seed is None:
-            return self.transform(image)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, int(self._epoch.item()), index))
-            return self.transform(image)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -199,16 +219,10 @@ class ImageDataset(Dataset[Any]):
                 bad.append(current)
                 continue
             label = self.labels[current] if self.labels is not None else -1
-            return self._transform(image, current), label, current, bad
+            return self.transform(image), label, current, bad
         raise RuntimeError(
             f"{self.max_attempts} consecutive files from {self.paths[index]} could not be decoded"
         )
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for one (seed, epoch, image) triple; nearby triples give unrelated streams."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def collate(batch: list[tuple[Any, int, int, list[int]]]) -> dict[str, Any]:

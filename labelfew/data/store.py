@@ -1,96 +1,136 @@
-"""Small datasets decoded once and kept in memory as uint8, fed in batches to the batched views.
+"""Images decoded once and kept in memory as uint8: the image source for folders within the budget.
 
 Decoding a JPEG costs far more than making two views of it on a GPU, and a folder of a few
 thousand photos or CIFAR-size images fits in memory decoded: 50,000 images at 32 px take 150 MiB,
-20,000 images stored at 256 px take 3.7 GiB. `decode_images` decodes every file once (threads;
-Pillow releases the GIL while decoding and resizing) into one ``(N, 3, side, side)`` uint8
-tensor, and `MemoryBatches` draws shuffled batches from it on the training device, passes them
-through a batch transform (usually `labelfew.views.batched.BatchedTwoViews`) and yields them
-in the layout of `labelfew.data.images.collate`.
+20,000 photos of 4:3 stored at 256 px take 4.9 GiB. `decode_images` decodes every file once
+(threads; Pillow releases the GIL while decoding and resizing) with
+`labelfew.data.images.load_resized`, the streaming source's decoder, into one flat uint8 buffer
+with each image's extent, and `MemoryBatches` gathers shuffled batches from it into the padded
+`labelfew.data.batches.Batch` that the streaming source delivers too.
 
 Stored side (`stored_side`): the training size itself up to 64 px (a 32 px image is kept pixel
 for pixel), above that ``round(S / 0.875)``, 256 for 224, the evaluation protocol's resize, so a
-full-area crop is still shrunk to ``S`` as from a larger photo. Every image is resized so that its
-shorter side is the stored side (bicubic, anti-aliased: Pillow's resize) and centre-cropped to a
-square, so for non-square photos the random crops are drawn from the central square (the CPU
-path draws them from the whole photo). Square datasets (CIFAR, STL-10, digits) are unaffected.
+full-area crop is still shrunk to ``S`` as from a larger photo and the evaluation view of a
+stored image is only a centre crop. Every image is kept whole: its shorter side is shrunk to the
+stored side when it is longer (never upsampled), the aspect ratio kept, so the random crops cover
+the whole photo as in the paper. The memory budget counts these real bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor
 
-from labelfew.data.images import BadImage, load_rgb
+from labelfew.data.batches import Batch, EpochOrder
+from labelfew.data.images import BadImage, image_extent, load_resized, stored_extent
 from labelfew.errors import UserError
-from labelfew.views.pil import EVAL_CROP_FRACTION
+from labelfew.spec import eval_resize_side
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
-"""Bytes of decoded images kept in memory by default (4 GiB: ~21,000 images at 256 px)."""
-SMALL_IMAGE_MAX_SIDE = 64
-"""Training sizes up to this are stored at the training size itself."""
+"""Bytes of decoded images kept in memory by default (4 GiB: ~16,000 photos of 4:3 at 256 px)."""
 DEVICE_MEMORY_FRACTION = 0.25
 """A store goes on the GPU when it takes at most this share of the GPU's free memory."""
-
-
-class BatchTransform(Protocol):
-    """uint8 images (batch_size, 3, side, side) -> what the training step reads as ``images``.
-
-    ``generator`` is the CPU generator every random draw of the batch must come from.
-    """
-
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Any: ...
+ESTIMATE_SAMPLE = 256
+"""Files whose headers `estimate_decoded_bytes` reads to estimate a folder's decoded size."""
 
 
 def stored_side(image_size: int) -> int:
-    """Side of the square stored images for a training size: ``S`` up to 64 px, else ``round(S / 0.875)``."""
-    if image_size <= SMALL_IMAGE_MAX_SIDE:
-        return image_size
-    return round(image_size / EVAL_CROP_FRACTION)
+    """The shorter side images are stored at for a training size: ``S`` up to 64 px, else ``round(S / 0.875)``."""
+    return eval_resize_side(image_size)
 
 
-def decoded_bytes(image_count: int, side: int) -> int:
-    """Bytes of ``image_count`` decoded RGB uint8 images of ``side x side``."""
-    return image_count * 3 * side * side
+def image_bytes(height: int, width: int, side: int) -> int:
+    """Bytes of one decoded RGB uint8 image of ``height x width`` stored at ``side``."""
+    stored_height, stored_width = stored_extent(height, width, side)
+    return 3 * stored_height * stored_width
 
 
-def fits_in_memory(image_count: int, side: int, budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
-    """Whether ``image_count`` images stored at ``side`` take at most ``budget`` bytes."""
-    return decoded_bytes(image_count, side) <= budget
+def estimate_decoded_bytes(paths: Sequence[Path], side: int, sample: int = ESTIMATE_SAMPLE) -> int:
+    """The decoded bytes of ``paths`` at ``side``, from the headers of an evenly spaced sample.
+
+    Headers give an image's size without decoding it (a few tenths of a millisecond per file),
+    so the estimate is exact for folders of at most ``sample`` files. Files that cannot be
+    opened count as the sample's mean.
+    """
+    if not paths:
+        return 0
+    step = max(1, len(paths) // sample)
+    extents = _read_extents([paths[index] for index in range(0, len(paths), step)][:sample])
+    sizes = [image_bytes(*extent, side) for extent in extents if extent is not None]
+    if not sizes:
+        return 0
+    return round(sum(sizes) / len(sizes) * len(paths))
+
+
+def fits_in_memory(paths: Sequence[Path], side: int, budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
+    """Whether ``paths`` decoded at ``side`` take at most ``budget`` bytes (estimated from headers)."""
+    return estimate_decoded_bytes(paths, side) <= budget
 
 
 @dataclass
-class DecodedImages:
-    """Decoded images and the files that could not be decoded.
+class ImageStore:
+    """Decoded images in one flat uint8 buffer, each at its own extent.
 
     Attributes:
-        images: The decoded images, row ``i`` from ``paths[i]``. Shape: (N, 3, side, side), uint8.
+        pixels: Every image's (3, height, width) pixels, one after the other. Shape: (bytes,), uint8.
+        offsets: Where each image starts in ``pixels``. Shape: (N,), int64.
+        sizes: Each image's ``(height, width)``. Shape: (N, 2), int64.
         paths: The files decoded, in row order.
         skipped: ``"path: reason"`` for every file that could not be decoded.
     """
 
-    images: Tensor
+    pixels: Tensor
+    offsets: Tensor
+    sizes: Tensor
     paths: list[Path]
     skipped: list[str] = field(default_factory=list)
 
+    def __len__(self) -> int:
+        return len(self.paths)
+
     @property
     def nbytes(self) -> int:
-        """Bytes held by ``images``."""
-        return self.images.numel() * self.images.element_size()
+        """Bytes held by ``pixels``."""
+        return self.pixels.numel()
 
-    def to(self, device: torch.device | str) -> DecodedImages:
-        """The same store with ``images`` moved to ``device``."""
-        return DecodedImages(self.images.to(device), self.paths, self.skipped)
+    def to(self, device: torch.device | str) -> ImageStore:
+        """The same store with ``pixels`` on ``device`` (where batches are gathered)."""
+        return ImageStore(self.pixels.to(device), self.offsets, self.sizes, self.paths, self.skipped)
+
+    def _is_uniform(self) -> bool:
+        """Whether every image has the same size and the buffer holds them back to back, nothing else."""
+        count = 3 * int(self.sizes[0, 0]) * int(self.sizes[0, 1])
+        return (
+            bool((self.sizes == self.sizes[0]).all())
+            and self.nbytes == len(self) * count
+            and bool((self.offsets == torch.arange(len(self)) * count).all())
+        )
+
+    def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The images of ``rows`` as a padded batch on the store's device, and their sizes.
+
+        Shape: (batch, 3, H, W) uint8 with the batch's largest height and width, and (batch, 2).
+        """
+        sizes = self.sizes[rows]
+        height, width = (int(value) for value in sizes.max(dim=0).values)
+        if self._is_uniform():  # CIFAR, STL-10: the buffer is one (N, 3, H, W) tensor
+            images = self.pixels.view(len(self), 3, height, width)
+            return images[rows.to(self.pixels.device)], sizes
+        images = torch.zeros(len(rows), 3, height, width, dtype=torch.uint8, device=self.pixels.device)
+        for row, (start, (image_height, image_width)) in enumerate(
+            zip(self.offsets[rows].tolist(), sizes.tolist(), strict=True)
+        ):
+            count = 3 * image_height * image_width
+            image = self.pixels[start : start + count].view(3, image_height, image_width)
+            images[row, :, :image_height, :image_width] = image
+        return images, sizes
 
 
 def decode_images(
@@ -99,11 +139,14 @@ def decode_images(
     budget: int = DEFAULT_MEMORY_BUDGET,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> DecodedImages:
-    """Decodes every file into a square uint8 image of ``side`` pixels (see the module docstring).
+) -> ImageStore:
+    """Decodes every file with `labelfew.data.images.load_resized` (see the module docstring).
+
+    The headers are read first, so the buffer is allocated once at its real size and the budget
+    is checked before anything is decoded.
 
     Args:
-        paths: Image files, decoded with `labelfew.data.images.load_rgb`.
+        paths: Image files.
         side: Stored side in pixels, usually ``stored_side(image_size)``.
         budget: Largest number of bytes the decoded images may take.
         workers: Decoding threads; None uses every core this process may run on.
@@ -118,57 +161,80 @@ def decode_images(
     """
     if not paths:
         raise UserError("No image files to decode; pass a folder that holds images.")
-    needed = decoded_bytes(len(paths), side)
+    threads = workers or _available_cores()
+    extents = _read_extents(paths, threads)
+    sizes = torch.tensor(
+        [stored_extent(*extent, side) if extent is not None else (0, 0) for extent in extents],
+        dtype=torch.int64,
+    )
+    counts = 3 * sizes[:, 0] * sizes[:, 1]
+    needed = int(counts.sum())
     if needed > budget:
         raise UserError(
             f"{len(paths)} images at {side} px need {needed / 2**30:.1f} GiB decoded, more than the "
             f"memory budget of {budget / 2**30:.1f} GiB; raise --memory-budget or use --augment-on workers."
         )
-    images = torch.empty(len(paths), 3, side, side, dtype=torch.uint8)
-    failures: dict[int, str] = {}
-    chunk = 256
-    with ThreadPoolExecutor(max_workers=workers or _available_cores()) as pool:
-        for start in range(0, len(paths), chunk):
-            indices = range(start, min(start + chunk, len(paths)))
-            for index, result in zip(
-                indices,
-                pool.map(_decode_square, [paths[i] for i in indices], [side] * len(indices)),
-                strict=True,
-            ):
-                if isinstance(result, str):
-                    failures[index] = result
-                else:
-                    images[index] = torch.from_numpy(result).permute(2, 0, 1)
-            if on_progress is not None:
-                on_progress(indices.stop, len(paths))
+    offsets = torch.cumsum(counts, 0) - counts
+    pixels = torch.empty(needed, dtype=torch.uint8)
+    failures = {
+        index: f"{paths[index]}: cannot be opened as an image" for index, e in enumerate(extents) if e is None
+    }
+    _decode_into(pixels, offsets, sizes, paths, side, threads, failures, on_progress)
     if len(failures) == len(paths):
         raise UserError(f"None of the {len(paths)} image files could be decoded, e.g. {failures[0]}")
-    kept = [index for index in range(len(paths)) if index not in failures]
-    if failures:
-        images = images[torch.tensor(kept)]
-    return DecodedImages(
-        images=images,
-        paths=[Path(paths[index]) for index in kept],
+    kept = torch.tensor([index for index in range(len(paths)) if index not in failures])
+    return ImageStore(
+        pixels=pixels,
+        offsets=offsets[kept],
+        sizes=sizes[kept],
+        paths=[Path(paths[index]) for index in kept.tolist()],
         skipped=[failures[index] for index in sorted(failures)],
     )
 
 
-def _decode_square(path: Path, side: int) -> np.ndarray | str:
-    """``(side, side, 3)`` uint8 pixels of the file's central square, or the reason it failed."""
+def _decode_into(
+    pixels: Tensor,
+    offsets: Tensor,
+    sizes: Tensor,
+    paths: Sequence[Path],
+    side: int,
+    threads: int,
+    failures: dict[int, str],
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
+    """Decodes the files whose header could be read into their slices of ``pixels``."""
+    chunk = 256
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(paths), chunk):
+            indices = [
+                index for index in range(start, min(start + chunk, len(paths))) if index not in failures
+            ]
+            for index, result in zip(indices, pool.map(_decode, [paths[i] for i in indices], [side] * len(indices)), strict=True):  # fmt: skip
+                height, width = sizes[index].tolist()
+                if isinstance(result, str):
+                    failures[index] = result
+                elif result.shape != (height, width, 3):
+                    failures[index] = f"{paths[index]}: decoded size differs from its header"
+                else:
+                    count = 3 * height * width
+                    start_byte = int(offsets[index])
+                    target = pixels[start_byte : start_byte + count].view(3, height, width)
+                    target.copy_(torch.from_numpy(result).permute(2, 0, 1))
+            if on_progress is not None:
+                on_progress(min(start + chunk, len(paths)), len(paths))
+
+
+def _decode(path: Path, side: int) -> np.ndarray | str:
+    """`load_resized`'s pixels, or the reason the file failed."""
     try:
-        image = load_rgb(path)
+        return load_resized(path, side)
     except BadImage as error:
         return str(error)
-    if image.size != (side, side):
-        image = ImageOps.fit(image, (side, side), method=Image.Resampling.BICUBIC)
-    return np.array(image, dtype=np.uint8)
 
 
-def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """Host tensor to ``device``; to a GPU through pinned memory, so the host does not wait."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def _read_extents(paths: Sequence[Path], threads: int | None = None) -> list[tuple[int, int] | None]:
+    with ThreadPoolExecutor(max_workers=threads or _available_cores()) as pool:
+        return list(pool.map(image_extent, paths))
 
 
 def _available_cores() -> int:
@@ -187,100 +253,46 @@ def store_device(nbytes: int, device: torch.device, fraction: float = DEVICE_MEM
 
 
 class MemoryBatches:
-    """Shuffled batches of an in-memory uint8 store, transformed on the training device.
+    """Batches of an `ImageStore`, in the order of `labelfew.data.batches.EpochOrder`, on the training device.
 
-    Each epoch is a permutation of the store seeded by ``seed + epoch`` (call `set_epoch`), the
-    same on every process, and the transform of each batch draws from a generator seeded by
-    (seed, epoch, step, rank), so a run resumed at any step makes the same views as one that
-    was never stopped; with ``world_size`` processes each global batch of
-    ``batch_size * world_size`` images is split so that process ``rank`` takes its own
-    ``batch_size`` rows. The last incomplete global batch is dropped (NT-Xent needs equal
-    batches on every process).
-
-    Yields dicts as `labelfew.data.images.collate` does: ``images`` (the transform's output, e.g.
-    the two views), ``labels`` (-1), ``indices`` (store rows, on the CPU) and ``bad`` (empty: the
-    store holds decoded images only).
+    Implements `labelfew.data.batches.EpochBatches`. Each batch carries the seed of its step's
+    views (seed, epoch, step, rank), so a run resumed at any step makes the same views as one that
+    was never stopped, and the streaming source (`labelfew.data.stream.StreamBatches`) over the
+    same files gives the same batches. ``Batch.indices`` are store rows (``store.paths``); ``bad``
+    is always empty, since the store holds decodable images only (``store.skipped`` names the rest).
 
     Args:
-        images: The store. Shape: (N, 3, side, side), uint8, on the CPU or the training device.
-        batch_size: Images per process and step.
-        transform: Applied to each uint8 batch on ``device``; None yields the uint8 batch.
-        device: Where batches are made; None keeps them on the store's device.
-        seed: Seeds the shuffling.
-        rank: This process's index.
-        world_size: Number of processes.
+        store: The decoded images, on the CPU or the training device.
+        order: Which rows each step takes (its ``count`` must be ``len(store)``).
+        device: Where batches are delivered.
+        labels: Class index of every store row, or None for unlabelled images.
 
     Raises:
         UserError: The store holds fewer images than one global batch.
     """
 
     def __init__(
-        self,
-        images: Tensor,
-        batch_size: int,
-        transform: BatchTransform | None = None,
-        device: torch.device | str | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
+        self, store: ImageStore, order: EpochOrder, device: torch.device | str, labels: Tensor | None = None
     ) -> None:
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}"
-            )
-        if images.shape[0] < batch_size * world_size:
+        global_batch = order.batch_size * order.world_size
+        if len(store) < global_batch:
             raise UserError(
-                f"--batch-size {batch_size * world_size} is larger than the {images.shape[0]} decoded images; "
-                f"use at most {images.shape[0]}."
+                f"--batch-size {global_batch} is larger than the {len(store)} decoded images; use at most {len(store)}."
             )
-        self.images = images
-        self.batch_size = batch_size
-        self.transform = transform
-        self.device = torch.device(device) if device is not None else images.device
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.first_step = 0
+        self.store, self.order, self.device, self.labels = store, order, torch.device(device), labels
 
     def set_epoch(self, epoch: int, first_step: int = 0) -> None:
-        """Selects the permutation of epoch ``epoch`` (as DistributedSampler.set_epoch).
-
-        ``first_step`` > 0 resumes inside the epoch: the next iteration starts at that batch
-        without making the views of the batches before it.
-        """
-        self.epoch = epoch
-        self.first_step = first_step
+        """Selects epoch ``epoch``; the next iteration starts at step ``first_step``."""
+        self.order.set_epoch(epoch, first_step)
 
     def __len__(self) -> int:
-        return self.images.shape[0] // (self.batch_size * self.world_size)
+        return len(self.order)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.images.shape[0], generator=generator)
-        global_batch = self.batch_size * self.world_size
-        first_step, self.first_step = self.first_step, 0
-        for step in range(first_step, len(self)):
-            start = step * global_batch + self.rank * self.batch_size
-            indices = order[start : start + self.batch_size]
-            yield {
-                "images": self._batch(indices, step),
-                "labels": torch.full((self.batch_size,), -1, dtype=torch.long),
-                "indices": indices,
-                "bad": [],
-            }
-
-    def _batch(self, indices: Tensor, step: int) -> Any:
-        batch = self.images[_to_device(indices, self.images.device)]
-        if batch.device != self.device:
-            batch = _to_device(batch, self.device)
-        if self.transform is None:
-            return batch
-        generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, step, self.rank))
-        return self.transform(batch, generator)
-
-
-def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """A 63-bit seed for the views of one (seed, epoch, step, process); nearby tuples are unrelated."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{step}:{rank}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    def __iter__(self) -> Iterator[Batch]:
+        first_step = self.order.first_step
+        for step, rows in enumerate(self.order, start=first_step):
+            indices = torch.tensor(rows, dtype=torch.int64)
+            images, sizes = self.store.gather(indices)
+            labels = None if self.labels is None else self.labels[indices]
+            batch = Batch(images, sizes, indices, labels, seed=self.order.view_seed(step))
+            yield batch.to(self.device, non_blocking=True)

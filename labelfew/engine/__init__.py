@@ -1,5 +1,6 @@
 """The training engine every stage shares: the Accelerator, the one loop, checkpoints, stop signals."""
 
+from labelfew.data.batches import EpochBatches
 from labelfew.engine.accelerator import (
     DISTRIBUTED_TIMEOUT,
     console,
@@ -13,7 +14,7 @@ from labelfew.engine.accelerator import (
     shutdown,
     worker_seeder,
 )
-from labelfew.engine.trainer import EpochBatches, FitResult, StepFunction, Trainer
+from labelfew.engine.trainer import FitResult, StepFunction, Trainer
 
 __all__ = [
     "DISTRIBUTED_TIMEOUT",

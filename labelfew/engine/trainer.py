@@ -6,39 +6,28 @@ few minutes, and a rerun resumes from the newest one (`labelfew.engine.checkpoin
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader
 
+from labelfew.data.batches import Batch, EpochBatches
 from labelfew.engine import checkpoint
 from labelfew.engine import signals as signals_module
 from labelfew.engine.accelerator import console
 
-StepFunction = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, int]]
-"""(model, batch) -> (loss to back-propagate, number of views processed)."""
-
-
-class EpochBatches(Protocol):
-    """Batches that are not a DataLoader (`labelfew.data.store.MemoryBatches`): one epoch per
-    iteration, chosen by `set_epoch`, which can also start the epoch at a later step."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[dict[str, Any]]: ...
-
-    def set_epoch(self, epoch: int, first_step: int = 0) -> None: ...
+StepFunction = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+"""(model, batch) -> (loss to back-propagate, number of views processed). The step makes the views
+of the batch's uint8 images itself (`labelfew.views`), drawing from ``batch.generator()``."""
 
 
 @dataclass
@@ -71,7 +60,7 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: DataLoader[Any] | EpochBatches
+    loader: EpochBatches
     step: StepFunction
     epochs: int
     description: str
@@ -80,6 +69,9 @@ class Trainer:
     log_every: int = 10
     max_grad_norm: float | None = None
     on_epoch_end: Callable[[int, float], dict[str, float]] | None = None
+    on_first_steps: Callable[[float, int], None] | None = None
+    """Called once on the main process with (measured seconds per step, steps left), after the
+    first step (which also pays for allocation and warm-up) and 3 more, or 1 more when slow."""
     checkpoint_dir: Path | None = None
     checkpoint_minutes: float = 10.0
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +80,9 @@ class Trainer:
     _position: checkpoint.Position = field(default_factory=checkpoint.Position)
     _metrics: list[dict[str, float]] = field(default_factory=list)
     _last_checkpoint: float = 0.0
+    _step_lr: float = 0.0  # the lr the last optimizer step used (the scheduler has moved on since)
+    _step_times: list[float] = field(default_factory=list)  # ends of the first steps, for the estimate
+    _estimated: bool = False
 
     def fit(self) -> FitResult:
         main = self.accelerator.is_main_process
@@ -119,29 +114,16 @@ class Trainer:
                start: float, signals: signals_module.StopSignals) -> None:  # fmt: skip
         epoch, skip = position.epoch, position.step_in_epoch
         self.model.train()
-        loader: Iterable[dict[str, Any]] = self.loader
-        if isinstance(self.loader, DataLoader):
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(epoch)
-            if hasattr(self.loader.dataset, "set_epoch"):
-                self.loader.dataset.set_epoch(epoch)
-            if skip:
-                loader = self.accelerator.skip_first_batches(self.loader, skip)
-        elif hasattr(
-            self.loader, "set_epoch"
-        ):  # MemoryBatches: starts at `skip` without making earlier batches
-            self.loader.set_epoch(epoch, first_step=skip)
-        elif skip:  # any other re-iterable of batches
-            loader = itertools.islice(self.loader, skip, None)
+        self.loader.set_epoch(epoch, first_step=skip)  # a resume starts at `skip`, not making earlier batches
         running = torch.full((), position.running_loss, device=self.accelerator.device)
         pending: list[tuple[int, torch.Tensor, float]] = []
-        for batch in loader:
+        for batch in self.loader:
             loss, batch_views = self._train_step(batch)
             running += loss.detach().float()
             position.step_in_epoch += 1
             position.global_step += 1
             position.views += batch_views * self.accelerator.num_processes
-            pending.append((position.global_step, loss.detach(), self.optimizer.param_groups[0]["lr"]))
+            pending.append((position.global_step, loss.detach(), self._step_lr))
             progress.advance(task)
             single = self.accelerator.num_processes == 1
             if position.global_step % self.log_every == 0 or (single and signals.received):
@@ -167,16 +149,30 @@ class Trainer:
         self._save(start)
         signals.raise_if_received(self._checkpoint_hint())
 
-    def _train_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        self._bad.update(batch.pop("bad", []))
+    def _train_step(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        self._bad.update(batch.bad)
         loss, batch_views = self.step(self.model, batch)
         self.accelerator.backward(loss)  # finiteness is checked where losses reach the host (_flush)
         if self.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self._step_lr = float(self.optimizer.param_groups[0]["lr"])  # this step's, logged as such
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._time_first_steps()
         return loss, batch_views
+
+    def _time_first_steps(self) -> None:
+        if self.on_first_steps is None or self._estimated or not self.accelerator.is_main_process:
+            return
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()  # a few times only: the steps are otherwise still queued
+        self._step_times.append(time.perf_counter())
+        timed, elapsed = len(self._step_times) - 1, self._step_times[-1] - self._step_times[0]
+        if timed >= 3 or (timed >= 1 and elapsed >= 20):
+            steps_left = len(self.loader) * self.epochs - self._position.global_step - 1  # this one is done
+            self.on_first_steps(elapsed / timed, max(steps_left, 0))
+            self._estimated = True
 
     def _flush(
         self,

@@ -9,18 +9,15 @@ global state are involved):
     training_curves.png     loss and learning rate per step, from the run's log.jsonl files
     misclassified.png       the fine-tuned model's most confident mistakes, true and predicted class
 
-report.html embeds every figure as base64 (one file that can be mailed or attached) and links each
-to its PNG file beside it. matplotlib is an optional dependency (the `plots` extra): training and
+report.html (`labelfew.report.html`) embeds every figure as base64 and links each to its PNG
+file beside it. matplotlib is an optional dependency (the `plots` extra): training and
 evaluation run on headless servers and clusters that never draw.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +26,18 @@ import torch
 from PIL import Image
 
 from labelfew import engine
-from labelfew.artifacts import Artifact
+from labelfew.artifacts import Artifact, stages
 from labelfew.data.images import BadImage, load_rgb
 from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_text
-from labelfew.stages.finetune import load_classifier
-from labelfew.use.predict import load_backbone, run_model
+from labelfew.models import features_model, load_model
+from labelfew.report.html import Shown, render_html
+from labelfew.use.inference import run_model
 
 TSNE_MAX_POINTS = 5000  # t-SNE above this takes minutes on a CPU; PCA is used instead
 MAX_MISTAKES_SHOWN = 12
 DPI = 110
-
-
-@dataclass(frozen=True)
-class Shown:
-    """One figure of the report: its PNG file name, heading and caption."""
-
-    file: str
-    title: str
-    caption: str
 
 
 def require_matplotlib() -> None:
@@ -185,13 +174,16 @@ def read_log(path: Path) -> list[dict[str, float]]:
 
 
 def curves_figure(logs: dict[str, list[dict[str, float]]]) -> Any:
-    """Loss (raw and moving average) and learning rate per step; one row per stage kind."""
+    """Loss (raw and moving average) and learning rate per step; one row per registered stage.
+
+    `logs` maps a stage folder's name (`pretrain`, `finetune-10pc`) to its records.
+    """
     from matplotlib.ticker import MaxNLocator
 
-    stages = [kind for kind in ("pretrain", "finetune") if any(name.startswith(kind) for name in logs)]
-    figure = _figure(11.0, 3.4 * len(stages))
-    grid = figure.subplots(len(stages), 2, squeeze=False)
-    for (loss_axes, lr_axes), kind in zip(grid, stages, strict=True):
+    kinds = [info.folder for info in stages() if any(name.startswith(info.folder) for name in logs)]
+    figure = _figure(11.0, 3.4 * len(kinds))
+    grid = figure.subplots(len(kinds), 2, squeeze=False)
+    for (loss_axes, lr_axes), kind in zip(grid, kinds, strict=True):
         for name, records in logs.items():
             if not name.startswith(kind):
                 continue
@@ -247,7 +239,7 @@ def _mistakes(
 ) -> list[tuple[Image.Image, str, str, float]]:
     """The fine-tuned model's most confident mistakes on the test set."""
     paths = list(test.paths)
-    outputs = run_model(load_classifier(artifact), paths, artifact, description="plots: classify", **options)
+    outputs = run_model(load_model(artifact), paths, artifact.spec, description="plots: classify", **options)
     probabilities = torch.softmax(outputs.values, dim=1)
     confidence, predicted = probabilities.max(dim=1)
     truth = torch.as_tensor(labels[outputs.kept])
@@ -303,13 +295,13 @@ def write_report(
     source = pretrain or (finetunes[0] if finetunes else None)
     if source is not None and len(test) >= 3:
         figures.append(_embedding_panel(source, test, labels, class_names, options))
-    logs = _logs(run_folder, finetunes)
+    logs = _logs([model for model in (pretrain, *finetunes) if model is not None])
     if logs:
         caption = "Per-step loss (faint: raw, solid: moving average) and learning rate from log.jsonl."
         figures.append((curves_figure(logs), Shown("training_curves.png", "Training curves", caption)))
     else:
         notes.append(f"No training log (log.jsonl) found under {run_folder}.")
-    tuned = [a for a in finetunes if not json.loads(a.metadata.get("scratch", "false"))] or list(finetunes)
+    tuned = [a for a in finetunes if not a.spec.scratch] or list(finetunes)
     mistakes = _mistakes(tuned[0], test, labels, class_names, options) if tuned else []
     if mistakes:
         caption = f"Up to {MAX_MISTAKES_SHOWN} wrong predictions with the highest confidence; model {tuned[0].path}."
@@ -333,7 +325,11 @@ def _embedding_panel(
     source: Artifact, test: LabeledImages, labels: np.ndarray, class_names: list[str], options: dict[str, Any]
 ) -> tuple[Any, Shown]:
     features = run_model(
-        load_backbone(source), list(test.paths), source, description="plots: embed", **options
+        features_model(load_model(source)),
+        list(test.paths),
+        source.spec,
+        description="plots: embed",
+        **options,
     )
     points, method = project_2d(features.values.numpy())
     caption = f"Backbone features (L2-normalised) of {source.path}, coloured by true class."
@@ -343,53 +339,7 @@ def _embedding_panel(
     )
 
 
-def _logs(run_folder: Path, finetunes: Sequence[Artifact]) -> dict[str, list[dict[str, float]]]:
-    files = {"pretrain": run_folder / "pretrain" / "log.jsonl"}
-    files.update({a.path.parent.name: a.path.parent / "log.jsonl" for a in finetunes})
+def _logs(models: Sequence[Artifact]) -> dict[str, list[dict[str, float]]]:
+    files = {model.path.parent.name: model.path.parent / "log.jsonl" for model in models}
     logs = {name: read_log(path) for name, path in files.items() if path.is_file()}
     return {name: records for name, records in logs.items() if records}
-
-
-def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
-
-
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 12px; border-bottom: 1px solid #ddd; }
-td.number { text-align: right; } figure { margin: 2em 0; } img { max-width: 100%; border: 1px solid #eee; }
-figcaption, .meta { color: #555; font-size: 0.9em; } .note { color: #8a5a00; }
-"""
-
-
-def render_html(result: dict[str, Any], out: Path, shown: Sequence[Shown], notes: Sequence[str]) -> str:
-    """One HTML page: results table, each figure embedded (base64) and linked to its PNG file."""
-    escape = html.escape
-    test = result["test"]
-    rows = "".join(
-        f"<tr><td>{escape(row['method'])}</td><td class=number>{_percent(row['top1'])}</td>"
-        f"<td class=number>{_percent(row['top5'])}</td><td class=number>{_percent(row['balanced_accuracy'])}</td></tr>"
-        for row in result["rows"]
-    )
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>labelfew evaluation — {escape(Path(test['path']).name)}</title>",
-        f"<style>{STYLE}</style></head><body>",
-        "<h1>labelfew evaluation</h1>",
-        f"<p class=meta>Test set {escape(test['path'])}: {test['images']} images, "
-        f"{len(result['class_names'])} classes. Device {escape(str(result.get('device')))}.</p>",
-        "<table><tr><th>method</th><th>top-1</th><th>top-5</th><th>balanced accuracy</th></tr>",
-        rows,
-        "</table>",
-        *(f"<p class=note>{escape(note)}</p>" for note in notes),
-    ]
-    for item in shown:
-        data = base64.b64encode((out / item.file).read_bytes()).decode("ascii")
-        parts += [
-            f"<figure><h2>{escape(item.title)}</h2>",
-            f'<a href="{escape(item.file)}"><img src="data:image/png;base64,{data}" alt="{escape(item.title)}"></a>',
-            f"<figcaption>{escape(item.caption)} File: {escape(item.file)}</figcaption></figure>",
-        ]
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"

@@ -1,4 +1,4 @@
-"""Metrics, the terminal table and report.json."""
+"""Metrics and the terminal table of an evaluation (report.json is the same rows, written by evaluate)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import confusion_matrix
-
-from labelfew.fileio import atomic_write_json
 
 console = Console()
 
@@ -47,13 +45,28 @@ def metrics_row(
     }
 
 
-def write_json(path: Path, result: dict[str, Any]) -> None:
-    """Writes report.json atomically."""
-    atomic_write_json(path, result)
-
-
 def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def print_lr_search(record: dict[str, Any], reused: bool) -> None:
+    """`finetune --lr auto`: one row per candidate lr (held-out top-1), and the choice."""
+    table = Table(
+        title=f"lr search ({record['optimizer']}, batch {record['batch']}): {record['fit_images']} labels to fit, "
+        f"{record['held_out_images']} held out" + (" — from lr_search.json, not rerun" if reused else "")
+    )
+    for column in ("lr", "× rule", "steps", "held-out top-1", "final loss"):
+        table.add_column(column, justify="right")
+    for item in record["candidates"]:
+        loss = "diverged" if item["final_loss"] is None else f"{item['final_loss']:.4f}"
+        mark = " ◀" if item["lr"] == record["chosen"] else ""
+        table.add_row(f"{item['lr']:.4g}{mark}", f"{item['factor']:g}", str(item["steps"]),
+                      _percent(item["val_top1"]), loss)  # fmt: skip
+    console.print(table)
+    note = f" ({record['note']})" if record.get("note") else ""
+    console.print(
+        f"lr: {record['chosen']:.4g}, {record['chosen'] / record['rule']:g}× the rule's {record['rule']:.4g}{note}"
+    )
 
 
 def print_report(result: dict[str, Any], path: Path | None = None) -> None:
@@ -67,7 +80,9 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     for row in result["rows"]:
         details = row["details"]
         if row["method"].startswith("kNN"):
-            note = f"k={details['k']}, bank {details['bank_images']} labelled"
+            note = f"k={details['k']}, T={details.get('temperature')}, bank {details['bank_images']} labelled"
+            if "k_requested" in details:
+                note += f" (k capped from {details['k_requested']}: every bank image votes)"
         elif row["method"] == "linear probe":
             note = f"C={details['C']}, {details['bank_images']} labelled"
         else:

@@ -6,7 +6,6 @@ kNN and the probe use the backbone's pooled features, never the projection head'
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +16,18 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.utils.data import DataLoader
 
-from labelfew import engine
-from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
+from labelfew import artifacts, engine
+from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
-from labelfew.data.images import ImageDataset, collate
 from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.data.overlap import ImageSet, Overlap, content_hashes, find_overlap
 from labelfew.errors import UserError
-from labelfew.models import artifact_backbone, load_weights
+from labelfew.fileio import atomic_write_json
+from labelfew.models import build_model, load_model
 from labelfew.report import plots
 from labelfew.report import tables as report
-from labelfew.stages.finetune import load_classifier
-from labelfew.views.pil import eval_transform
+from labelfew.use.inference import run_model
 
 PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -39,14 +37,17 @@ def knn_scores(
     bank_labels: torch.Tensor,
     queries: torch.Tensor,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = 20,
+    temperature: float = 0.07,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Weighted kNN class scores (Wu et al. 2018, arXiv 1805.01978; DINO's eval_knn).
 
     Cosine similarity of each query to the bank; the k nearest vote for their class with
-    weight exp(similarity / temperature). k is capped by the bank size.
+    weight exp(similarity / temperature). k is capped by the bank size. DINO (arXiv 2104.14294)
+    uses T = 0.07 and reports k = 20 as best; k = 200 with T = 0.1 is the CIFAR protocol of
+    Wu et al., which a few-label bank cannot serve (every image then votes, and the classes with
+    more labels win). The scores are on the device of `bank` and `queries`.
 
     Shape: bank (B, D), bank_labels (B,), queries (Q, D) -> scores (Q, num_classes)
     """
@@ -58,8 +59,8 @@ def knn_scores(
         similarity = queries[start : start + chunk] @ bank.T
         top_similarity, top_index = similarity.topk(k, dim=1)
         weights = (top_similarity / temperature).exp()
-        votes = torch.zeros(similarity.shape[0], num_classes)
-        votes.scatter_add_(1, bank_labels[top_index], weights)
+        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
+        votes.scatter_add_(1, bank_labels.to(similarity.device)[top_index], weights)
         scores.append(votes)
     return torch.cat(scores)
 
@@ -118,58 +119,38 @@ class Models:
 
 
 def find_models(source: Path | None) -> Models:
-    """Resolves --from into the pretrain artifact and every fine-tuned model of the run.
+    """Resolves --from into the backbone (pretrain) and every classifier (fine-tuned) model of the run.
+
+    A single fine-tuned model (its file or stage folder) comes with the pretrain artifact it
+    started from (run.json's parent), while that still exists.
 
     Raises:
         UserError: nothing to evaluate.
     """
-    if source is None or (Path(source).is_dir() and not any(Path(source).glob("*.safetensors"))):
-        path = resolve_artifact(source, ("pretrain", "finetune"))
-        run_folder = path.parent.parent if source is None else Path(source)
-        pretrain_path = run_folder / "pretrain" / "backbone.safetensors"
-        pretrain = load_artifact(pretrain_path, "pretrain") if pretrain_path.is_file() else None
-        finetunes = [
-            load_artifact(p, "finetune") for p in sorted(run_folder.glob("finetune*/model.safetensors"))
-        ]
-        return Models(pretrain, finetunes, run_folder)
-    path = resolve_artifact(source, ("finetune", "pretrain"))
-    artifact = load_artifact(path)
-    if artifact.stage == "pretrain":
-        return Models(artifact, [], path.parent.parent)
-    parent = (artifact.run_info().get("parent") or {}).get("path")
-    pretrain = load_artifact(Path(parent), "pretrain") if parent and Path(parent).is_file() else None
-    return Models(pretrain, [artifact], path.parent.parent)
+    models, run_folder = artifacts.find_models(source)
+    backbones = [model for model in models if stage_info(model.stage).kind == "backbone"]
+    classifiers = [model for model in models if stage_info(model.stage).kind == "classifier"]
+    pretrain = backbones[0] if backbones else None
+    single = source is not None and (Path(source).is_file() or any(Path(source).glob("*.safetensors")))
+    if single and classifiers:
+        parent = (classifiers[0].run_info().get("parent") or {}).get("path")
+        pretrain = load_artifact(Path(parent), "pretrain") if parent and Path(parent).is_file() else None
+    return Models(pretrain, classifiers, run_folder)
 
 
-def _loader(
-    labeled: LabeledImages, class_names: list[str], artifact: Artifact, config: EvaluateConfig
-) -> DataLoader[Any]:
-    transform = eval_transform(
-        int(artifact.metadata["image_size"]), artifact.json_field("mean"), artifact.json_field("std")
-    )
-    dataset = ImageDataset(list(labeled.paths), transform, labeled.label_indices(class_names))
-    workers = engine.default_workers(config.workers)
-    return DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate
-    )
-
-
-@torch.no_grad()
 def _outputs(
-    model: nn.Module, loader: DataLoader[Any], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval().to(device)
-    outputs, labels = [], []
-    for batch in loader:
-        outputs.append(model(batch["images"].to(device)).float().cpu())
-        labels.append(batch["labels"])
-    return torch.cat(outputs), torch.cat(labels)
+    model: nn.Module, artifact: Artifact, labeled: LabeledImages, class_names: list[str], batch_size: int,
+    workers: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The model's outputs on the decodable labelled images, and their class indices."""
+    labels = torch.tensor(labeled.label_indices(class_names), dtype=torch.long)
+    outputs = run_model(model, list(labeled.paths), artifact.spec, batch_size, workers)
+    return outputs.values, labels[outputs.kept]
 
 
 def _backbone(artifact: Artifact, random_init: bool, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = artifact_backbone(artifact)
-    return model if random_init else load_weights(model, artifact)
+    return build_model(artifact.spec) if random_init else load_model(artifact)
 
 
 def backbone_features(
@@ -185,10 +166,8 @@ def backbone_features(
 
     Shape: -> features (N, num_features), labels (N,)
     """
-    config = EvaluateConfig(test=Path("."), batch_size=batch_size, workers=workers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _backbone(artifact, random_init, seed)
-    return _outputs(model, _loader(labeled, class_names, artifact, config), device)
+    return _outputs(model, artifact, labeled, class_names, batch_size, workers)
 
 
 def finetuned_logits(
@@ -202,15 +181,13 @@ def finetuned_logits(
 
     Shape: -> logits (N, num_classes), labels (N,)
     """
-    config = EvaluateConfig(test=Path("."), batch_size=batch_size, workers=workers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return _outputs(load_classifier(artifact), _loader(labeled, class_names, artifact, config), device)
+    return _outputs(load_model(artifact), artifact, labeled, class_names, batch_size, workers)
 
 
 def _bank_source(config: EvaluateConfig, models: Models) -> Path:
     if config.bank is not None:
         return config.bank
-    ordered = sorted(models.finetunes, key=lambda a: json.loads(a.metadata.get("scratch", "false")))
+    ordered = sorted(models.finetunes, key=lambda a: a.spec.scratch)
     for artifact in ordered:
         labels = (artifact.run_info().get("labels") or {}).get("path")
         if labels and Path(labels).exists():
@@ -228,15 +205,16 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         plots.require_matplotlib()
     models = find_models(config.source)
     test = read_labels(config.test)
-    class_names = models.finetunes[0].json_field("class_names") if models.finetunes else None
+    class_names = list(models.finetunes[0].spec.class_names or ()) if models.finetunes else None
     for artifact in models.finetunes[1:]:
-        if artifact.json_field("class_names") != class_names:
+        if list(artifact.spec.class_names or ()) != class_names:
             raise UserError(
                 f"{artifact.path}: its classes differ from {models.finetunes[0].path}; evaluate them separately (--from)"
             )
     rows: list[dict[str, Any]] = []
-    if models.pretrain is not None:
-        bank = read_labels(_bank_source(config, models))
+    bank = read_labels(_bank_source(config, models)) if models.pretrain is not None else None
+    overlaps = check_overlap(test, bank, models.finetunes, config.allow_overlap, config.quiet)
+    if models.pretrain is not None and bank is not None:
         class_names = class_names or bank.class_names
         rows += _frozen_rows(models.pretrain, bank, test, class_names, config, device)
     if class_names is None:
@@ -245,6 +223,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         rows.append(_finetune_row(artifact, test, class_names, config, device))
     result = {
         "test": {"path": str(config.test.resolve()), "images": len(test)},
+        "overlap": [{"with": item.other, "images": item.count, "example": item.example} for item in overlaps],
         "class_names": class_names,
         "rows": rows,
         "config": to_json(config),
@@ -256,7 +235,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
     }
     out = config.out or models.run_folder / "evaluate"
-    report.write_json(out / "report.json", result)
+    atomic_write_json(out / "report.json", result)
     if not config.quiet:
         report.print_report(result, out / "report.json")
     if config.plots:
@@ -274,6 +253,48 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     return result
 
 
+def check_overlap(
+    test: LabeledImages,
+    bank: LabeledImages | None,
+    finetunes: list[Artifact],
+    allow: bool,
+    quiet: bool,
+) -> list[Overlap]:
+    """Test images also in the kNN bank or a model's fine-tuning labels (DESIGN.md trap 8).
+
+    Compared by resolved path and by content hash; a fine-tuned model's labels are the hashes its
+    run.json records and the images of its label file, where that still exists.
+
+    Raises:
+        UserError: any overlap, unless `allow` (then each is printed and returned for report.json).
+    """
+    test_paths = list(test.paths)
+    test_hashes = content_hashes(test_paths)
+    found = []
+    if bank is not None:
+        found.append(find_overlap(test_paths, test_hashes, ImageSet.of(bank.paths), "the kNN bank"))
+    for artifact in finetunes:
+        info = artifact.run_info().get("labels") or {}
+        label_file = Path(info["path"]) if info.get("path") else None
+        paths = list(read_labels(label_file).paths) if label_file is not None and label_file.exists() else []
+        recorded = info.get("content_sha256")
+        if not paths and recorded is None:
+            if not quiet:
+                engine.console.print(f"[yellow]cannot check {artifact.path} for overlap[/]: no label list")
+            continue
+        labels = ImageSet.of(paths, recorded)
+        found.append(find_overlap(test_paths, test_hashes, labels, f"the fine-tuning labels of {artifact.path}"))
+    overlaps = [item for item in found if item.count]
+    if overlaps and not allow:
+        raise UserError(
+            f"{'; '.join(item.message() for item in overlaps)}: scores on images the model has seen are not test scores; "
+            "keep test images out of the bank and the labels, or pass --allow-overlap"
+        )
+    for item in overlaps if not quiet else []:
+        engine.console.print(f"[yellow]--allow-overlap[/]: {item.message()}")
+    return overlaps
+
+
 def _frozen_rows(
     pretrain: Artifact,
     bank: LabeledImages,
@@ -282,29 +303,20 @@ def _frozen_rows(
     config: EvaluateConfig,
     device: torch.device,
 ) -> list[dict[str, Any]]:
-    bank_loader, test_loader = (
-        _loader(bank, class_names, pretrain, config),
-        _loader(test, class_names, pretrain, config),
-    )
     variants = [("", False)] + ([(" (random init)", True)] if config.random_baseline else [])
     rows = []
     for suffix, random_init in variants:
         backbone = _backbone(pretrain, random_init, config.seed)
-        bank_x, bank_y = _outputs(backbone, bank_loader, device)
-        test_x, test_y = _outputs(backbone, test_loader, device)
+        bank_x, bank_y = _outputs(backbone, pretrain, bank, class_names, config.batch_size, config.workers)
+        test_x, test_y = _outputs(backbone, pretrain, test, class_names, config.batch_size, config.workers)
         knn = knn_scores(
             bank_x, bank_y, test_x, len(class_names), k=config.knn_k, temperature=config.knn_temperature
         )
         k_used = min(config.knn_k, len(bank))
-        rows.append(
-            report.metrics_row(
-                f"kNN{suffix}",
-                knn.numpy(),
-                test_y.numpy(),
-                class_names,
-                {"k": k_used, "temperature": config.knn_temperature, "bank_images": len(bank)},
-            )
-        )
+        details = {"k": k_used, "temperature": config.knn_temperature, "bank_images": len(bank)}
+        if k_used < config.knn_k:
+            details["k_requested"] = config.knn_k  # the table says so: every bank image voted
+        rows.append(report.metrics_row(f"kNN{suffix}", knn.numpy(), test_y.numpy(), class_names, details))
         if random_init:
             continue
         probe, c = linear_probe_scores(
@@ -334,9 +346,8 @@ def _finetune_row(
     config: EvaluateConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    model = load_classifier(artifact)
-    logits, labels = _outputs(model, _loader(test, class_names, artifact, config), device)
-    name = "fine-tuned (scratch)" if json.loads(artifact.metadata.get("scratch", "false")) else "fine-tuned"
+    logits, labels = _outputs(load_model(artifact), artifact, test, class_names, config.batch_size, config.workers)
+    name = model_label(artifact)
     info = artifact.run_info().get("labels", {})
     return report.metrics_row(
         name,

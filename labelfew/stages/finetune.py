@@ -9,39 +9,59 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from labelfew import engine
 from labelfew.artifacts import (
     Artifact,
+    StageInfo,
     load_artifact,
+    register_stage,
     resolve_artifact,
     save_tensors,
     write_run_json,
 )
 from labelfew.config import FinetuneConfig, to_json
+from labelfew.data import sources
+from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import ImageDataset, collate, typical_image_side
 from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.data.overlap import content_hashes
+from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.data.subsets import balanced_subset, subset_hash
 from labelfew.errors import UserError
-from labelfew.fileio import prepare_folder, sha256_file
-from labelfew.models import (
-    SMALL_IMAGE_SIDE,
-    Classifier,
-    ProjectionHead,
-    artifact_backbone,
-    build_backbone,
-    head_prefix,
-    load_weights,
+from labelfew.fileio import atomic_write_json, prepare_folder, sha256_file
+from labelfew.models import Classifier, build_backbone, build_head, head_prefix
+from labelfew.optim import build_optimizer, finetune_learning_rate, parameter_groups, warmup_cosine
+from labelfew.report.tables import print_lr_search
+from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, HeadSpec, ModelSpec, uses_small_stem
+from labelfew.use.inference import accuracy
+from labelfew.views.finetune import CropFlipViews
+from labelfew.views.pil import eval_transform
+
+STAGE = register_stage(
+    StageInfo(
+        "finetune",
+        file="model.safetensors",
+        folder="finetune",
+        kind="classifier",
+        label=lambda artifact: "fine-tuned (scratch)" if artifact.spec.scratch else "fine-tuned",
+    )
 )
-from labelfew.optim import build_optimizer, parameter_groups, warmup_cosine
-from labelfew.views.pil import eval_transform, finetune_transform
+
+
+SEARCH_FACTORS = (1, 2, 4, 8)
+"""`--lr auto` tries the rule's lr times these: 4× the SGD rule was measured best on real photos
+with ~300 steps, and below scratch on 1% CIFAR-10 (benchmarks/RESULTS.md)."""
+SEARCH_FILE = "lr_search.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +72,8 @@ class Start:
     arch: str
     image_size: int
     small_stem: bool
-    mean: list[float]
-    std: list[float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 def _start(config: FinetuneConfig, labeled: LabeledImages) -> Start:
@@ -68,28 +88,27 @@ def _start(config: FinetuneConfig, labeled: LabeledImages) -> Start:
             raise UserError(
                 f"{artifact.path}: pretrained as {artifact.arch}, but --arch {config.arch} was asked for; drop --arch or pretrain {config.arch}"
             )
-        image_size = config.image_size or int(artifact.metadata["image_size"])
-        return Start(
-            artifact,
-            artifact.arch,
-            image_size,
-            bool(artifact.json_field("small_stem")),
-            artifact.json_field("mean"),
-            artifact.json_field("std"),
-        )
-    image_size = config.image_size or typical_image_side(list(labeled.paths))
+        spec = artifact.spec
+        image_size = spec.image_size if config.image_size is None else config.image_size
+        return Start(artifact, spec.arch, image_size, spec.small_stem, spec.mean, spec.std)
+    image_size = typical_image_side(list(labeled.paths)) if config.image_size is None else config.image_size
     return Start(
         None,
         config.arch or "resnet18",
         image_size,
-        image_size <= SMALL_IMAGE_SIDE,
-        [0.485, 0.456, 0.406],
-        [0.229, 0.224, 0.225],
+        uses_small_stem(image_size),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
     )
 
 
 def build_classifier(start: Start, num_classes: int, from_head_layer: int, load_weights: bool) -> Classifier:
-    """The backbone (+ head layers) with pretrained weights when `load_weights`, and a new linear layer."""
+    """The backbone (+ head layers) with pretrained weights when `load_weights`, and a new linear layer.
+
+    The linear layer starts at zero, as SimCLR's `zero_init_logits_layer` (the official fine-tuning
+    command sets it): the first steps then train the classifier alone (the backbone's gradient is
+    `W^T (p - y)` = 0) instead of back-propagating a random projection into the pretrained features.
+    """
     backbone = build_backbone(start.arch, small_stem=start.small_stem, image_size=start.image_size)
     head: nn.Module | None = None
     if start.artifact is not None and load_weights:
@@ -98,36 +117,28 @@ def build_classifier(start: Start, num_classes: int, from_head_layer: int, load_
         if start.artifact is None:
             raise UserError("--from-head-layer needs a pretrain artifact (the head's layers come from it)")
         head_artifact = load_artifact(start.artifact.path.parent / "head.safetensors", "pretrain")
-        metadata = head_artifact.metadata
-        full = ProjectionHead(
-            int(start.artifact.metadata["num_features"]),
-            int(metadata["projection_hidden"]),
-            output_dim=int(metadata["projection_dim"]),
-            depth=int(metadata["projection_depth"]),
-        )
+        full = build_head(_head_spec(head_artifact), start.artifact.spec.num_features)
         if load_weights:
             full.load_state_dict(head_artifact.tensors)
         head = head_prefix(full, from_head_layer)
-    return Classifier(backbone, num_classes, head)
-
-
-def load_classifier(artifact: Artifact) -> Classifier:
-    """Rebuilds a fine-tuned model from its artifact (arch, stem, head layers, class count)."""
-    metadata = artifact.metadata
-    backbone = artifact_backbone(artifact)
-    layers = int(metadata.get("from_head_layer", "0"))
-    head = None
-    if layers > 0:
-        full = ProjectionHead(
-            int(metadata["num_features"]),
-            int(metadata["projection_hidden"]),
-            output_dim=int(metadata["projection_dim"]),
-            depth=int(metadata["projection_depth"]),
-        )
-        head = head_prefix(full, layers)
-    model = Classifier(backbone, len(artifact.json_field("class_names")), head)
-    load_weights(model, artifact)
+    model = Classifier(backbone, num_classes, head)
+    nn.init.zeros_(model.classifier.weight)
+    nn.init.zeros_(model.classifier.bias)
     return model
+
+
+def build_finetune_optimizer(config: FinetuneConfig, model: Classifier, lr: float) -> torch.optim.Optimizer:
+    """The configured optimizer; the classifier is neither LARS-adapted nor decayed (SimCLR's
+    `lars_optimizer.py` excludes `head_supervised` from both)."""
+    groups = parameter_groups(model, config.weight_decay, exclude=[model.classifier])
+    return build_optimizer(config.optimizer, groups, lr=lr)  # type: ignore[arg-type]
+
+
+def _head_spec(head_artifact: Artifact) -> HeadSpec:
+    head = head_artifact.spec.head
+    if head is None:
+        raise UserError(f"{head_artifact.path}: no projection head recorded; rerun pretrain")
+    return head
 
 
 def _split(labeled: LabeledImages, fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages | None]:
@@ -146,70 +157,56 @@ def _split(labeled: LabeledImages, fraction: float, seed: int) -> tuple[LabeledI
     return train, held
 
 
-def _loader(
-    labeled: LabeledImages,
-    class_names: list[str],
-    transform: Any,
-    config: FinetuneConfig,
-    train: bool,
-    accelerator: Any,
-) -> DataLoader[Any]:
+def _train_batches(
+    labeled: LabeledImages, class_names: list[str], config: FinetuneConfig, image_size: int, accelerator: Any
+) -> tuple[engine.EpochBatches, list[str]]:
+    """The labelled images as uint8 batches from the store when they fit, else the stream
+    (`labelfew.data.sources`), and the files found undecodable before training.
+
+    --batch-size is the global batch, capped by the images there are; each process takes its
+    share. The last incomplete batch is dropped, so no step sees a single image (a BatchNorm in
+    training mode cannot normalise one, e.g. the head layer of ``--from-head-layer 1``).
+    """
     targets = labeled.label_indices(class_names)
-    dataset = ImageDataset(list(labeled.paths), transform, targets, seed=config.seed if train else None)
-    workers = engine.default_workers(config.workers)
-    # --batch-size is the global batch (capped by the images there are); each process loads its share.
     batch = max(1, min(config.batch_size, len(labeled)) // accelerator.num_processes)
-    sampler = None
-    if train and config.balanced:
+    weights = None
+    if config.balanced:
         counts = torch.bincount(torch.tensor(targets), minlength=len(class_names)).float()
-        weights = (1.0 / counts)[torch.tensor(targets)]
-        sampler = WeightedRandomSampler(
-            weights.tolist(),
-            num_samples=len(targets),
-            replacement=True,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-    return DataLoader(
-        dataset,
-        batch_size=batch,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        drop_last=False,
-        num_workers=workers,
-        collate_fn=collate,
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(config.seed) if train and sampler is None else None,
-        worker_init_fn=engine.worker_seeder(accelerator),
-    )
+        weights = (1.0 / counts)[torch.tensor(targets)].tolist()
+    order = EpochOrder(len(labeled), batch, config.seed, accelerator.process_index, accelerator.num_processes,
+                       weights=weights)  # fmt: skip
+    paths = list(labeled.paths)
+    budget = DEFAULT_MEMORY_BUDGET / 2**30
+    place = sources.augment_place("auto", budget, paths, image_size)
+    return sources.training_batches(paths, place, image_size, order, accelerator, budget,
+                                    workers=engine.default_workers(config.workers), labels=targets)  # fmt: skip
 
 
-def classification_step(label_smoothing: float, channels_last: bool) -> engine.StepFunction:
-    """Cross-entropy on one labelled batch."""
+def _val_loader(
+    labeled: LabeledImages, class_names: list[str], start: Start, config: FinetuneConfig, accelerator: Any
+) -> DataLoader[Any]:
+    """The held-out images through the evaluation transform, sharded by Accelerate (for `accuracy`)."""
+    transform = eval_transform(start.image_size, start.mean, start.std)
+    dataset = ImageDataset(list(labeled.paths), transform, labeled.label_indices(class_names))
+    workers = engine.default_workers(config.workers)
+    batch = max(1, min(config.batch_size, len(labeled)) // accelerator.num_processes)
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=collate,
+                        persistent_workers=workers > 0)  # fmt: skip
+    return accelerator.prepare(loader)
 
-    def step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        images = batch["images"]
+
+def classification_step(label_smoothing: float, channels_last: bool, views: CropFlipViews) -> engine.StepFunction:
+    """Cross-entropy on one labelled batch, its crop + flip views made on the device."""
+
+    def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        assert batch.labels is not None
+        images = views(batch.images, batch.sizes, batch.generator())
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images).float()
-        return nn.functional.cross_entropy(
-            logits, batch["labels"], label_smoothing=label_smoothing
-        ), images.shape[0]
+        return nn.functional.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing), images.shape[0]
 
     return step
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader[Any], accelerator: Any) -> float:
-    """Top-1 accuracy of `model` over a prepared loader (all processes)."""
-    model.eval()
-    correct = total = torch.zeros((), device=accelerator.device)
-    for batch in loader:
-        predictions = model(batch["images"]).argmax(dim=1)
-        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        correct = correct + (predictions == labels).sum()
-        total = total + labels.numel()
-    model.train()
-    return float(correct / total.clamp(min=1))
 
 
 def default_out(config: FinetuneConfig, start: Start) -> Path:
@@ -237,55 +234,160 @@ def _prepare_output(out: Path, restart: bool) -> Path:
     return out
 
 
-def run(config: FinetuneConfig) -> Path:
-    """Fine-tunes and writes the artifact; returns the path of model.safetensors."""
-    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
-    set_seed(config.seed)
-    labeled = read_labels(config.labels)
-    if config.epochs < 1:
-        raise UserError(f"--epochs {config.epochs}: use at least 1")
-    engine.per_process_batch(config.batch_size, accelerator)
-    start = _start(config, labeled)
-    class_names = labeled.class_names
-    if len(class_names) < 2:
-        raise UserError(f"{config.labels}: only one class ({class_names[0]}); a classifier needs at least 2")
-    train, held = _split(labeled, config.val_fraction, config.seed)
+@dataclasses.dataclass
+class Training:
+    """A prepared model, optimizer and batches for one fine-tuning run (a search candidate or the final one)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: engine.EpochBatches
+    undecodable: list[str]
+    step: engine.StepFunction
+
+
+def _prepare_training(
+    config: FinetuneConfig, start: Start, class_names: list[str], labeled: LabeledImages, lr: float, accelerator: Any
+) -> Training:
     model = build_classifier(start, len(class_names), config.from_head_layer, load_weights=not config.scratch)
     channels_last = accelerator.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=config.lr)  # type: ignore[arg-type]
-    loader = _loader(
-        train,
-        class_names,
-        finetune_transform(start.image_size, start.mean, start.std),
-        config,
-        train=True,
-        accelerator=accelerator,
-    )
-    val_loader = (
-        _loader(
-            held,
-            class_names,
-            eval_transform(start.image_size, start.mean, start.std),
-            config,
-            train=False,
-            accelerator=accelerator,
-        )
-        if held
-        else None
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    optimizer = build_finetune_optimizer(config, model, lr=lr)
+    loader, undecodable = _train_batches(labeled, class_names, config, start.image_size, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
     engine.seed_augmentations(accelerator, config.seed)
-    scheduler = warmup_cosine(optimizer, warmup_steps=0, total_steps=len(loader) * config.epochs)
+    views = CropFlipViews(start.image_size, start.mean, start.std)
+    return Training(model, optimizer, loader, undecodable, classification_step(config.label_smoothing, channels_last, views))
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float) -> Any:
+    """Linear warmup over `warmup_fraction` of the steps (at least one step when it is not 0), then cosine."""
+    warmup = min(steps, max(1, round(warmup_fraction * steps))) if warmup_fraction > 0 else 0
+    return warmup_cosine(optimizer, warmup_steps=warmup, total_steps=steps)
+
+
+def explicit_lr(value: float | str) -> float | None:
+    """`--lr` as a number, or None for `auto`."""
+    if value == "auto":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"--lr {value}: use auto or a positive number, e.g. 0.05") from None
+    if not number > 0:
+        raise UserError(f"--lr {value}: use auto or a positive number, e.g. 0.05")
+    return number
+
+
+def search_epochs(epochs: int, steps_per_epoch: int) -> int:
+    """A candidate's length: a quarter of the epochs, and at least 50 steps, but never more than all.
+
+    50 steps is enough for a too-high lr to show (its loss stalls or the features wreck) on a few
+    hundred labels; a quarter of the schedule keeps the four candidates below the final run's cost
+    on large label sets (4 × 1/4 × 4/5 of the images = 0.8 of it).
+    """
+    return min(epochs, max(math.ceil(epochs / 4), math.ceil(50 / max(steps_per_epoch, 1))))
+
+
+def search_split(labeled: LabeledImages, seed: int) -> tuple[LabeledImages, LabeledImages]:
+    """(4/5 to fit, 1/5 to validate), stratified and seeded as `balanced_subset`: each class holds
+    out round(n / 5) of its n labels, so a class with fewer than 3 has none held out."""
+    held = balanced_subset(labeled, fraction=0.2, seed=seed + 2, allow_empty=True)
+    held_paths = set(held.paths)
+    kept = [(path, label) for path, label in zip(labeled.paths, labeled.labels, strict=True) if path not in held_paths]
+    fit = LabeledImages(tuple(path for path, _ in kept), tuple(label for _, label in kept), labeled.root)
+    return fit, held
+
+
+def _learning_rate(
+    config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages, out: Path, accelerator: Any
+) -> tuple[float, dict[str, Any] | None]:
+    """The explicit `--lr`, or `--lr auto`'s choice with its record (read back from the stage folder
+    when an identical search already ran there, so that a resumed run does not redo it)."""
+    given = explicit_lr(config.lr)
+    if given is not None:
+        return given, None
+    batch = min(config.batch_size, len(train))
+    key = json.loads(json.dumps({**fingerprint(config, start, train), "batch": batch}))  # as read back
+    record_file = out / SEARCH_FILE
+    if record_file.is_file() and not config.restart:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("fingerprint") == key:
+            if accelerator.is_main_process and not config.quiet:
+                print_lr_search(record, reused=True)
+            return float(record["chosen"]), record
+    record = _search(config, start, class_names, train, batch, accelerator)
+    record["fingerprint"] = key
+    engine.on_main_process(accelerator, lambda: atomic_write_json(record_file, record))
+    if accelerator.is_main_process and not config.quiet:
+        print_lr_search(record, reused=False)
+    return float(record["chosen"]), record
+
+
+def _search(
+    config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages, batch: int, accelerator: Any
+) -> dict[str, Any]:
+    """Fine-tunes briefly at each of the rule's lr × SEARCH_FACTORS on 4/5 of the labels and keeps the
+    best top-1 on the other fifth (ties: the smaller lr). Every process runs it (torchrun)."""
+    rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
+    fit, check = search_split(train, config.seed)
+    record: dict[str, Any] = {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [],
+                              "fit_images": len(fit), "held_out_images": len(check)}  # fmt: skip
+    unchecked = sorted(set(class_names) - set(check.labels))
+    if unchecked:
+        record["note"] = f"{len(unchecked)} class(es) with fewer than 3 labels held none out: {', '.join(unchecked[:5])}"
+    if len(check) == 0:
+        record.update(chosen=rule, note="no class has 3 labels to hold one out: the rule's lr, not searched")
+        return record
+    started = time.perf_counter()
+    check_loader = _val_loader(check, class_names, start, config, accelerator)
+    for factor in SEARCH_FACTORS:
+        set_seed(config.seed)  # every candidate from the same initialisation and batches
+        training = _prepare_training(config, start, class_names, fit, rule * factor, accelerator)
+        epochs = search_epochs(config.epochs, len(training.loader))
+        trainer = engine.Trainer(
+            accelerator=accelerator, model=training.model, optimizer=training.optimizer,
+            scheduler=_schedule(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
+            loader=training.loader, step=training.step, epochs=epochs,
+            description=f"lr search {rule * factor:.3g}", quiet=config.quiet,
+        )  # fmt: skip
+        try:
+            loss: float | None = trainer.fit().final_loss
+            top1: float | None = accuracy(training.model, check_loader, accelerator)
+        except FloatingPointError:  # diverged: this lr is out
+            loss = top1 = None
+        record["candidates"].append({"lr": rule * factor, "factor": factor, "epochs": epochs,
+                                     "steps": epochs * len(training.loader), "val_top1": top1, "final_loss": loss})  # fmt: skip
+    ranked = [item for item in record["candidates"] if item["val_top1"] is not None]
+    # max keeps the first of equal values, and the candidates are in increasing lr.
+    record["chosen"] = max(ranked, key=lambda item: item["val_top1"])["lr"] if ranked else rule
+    record["seconds"] = time.perf_counter() - started
+    return record
+
+
+def run(config: FinetuneConfig) -> Path:
+    """Fine-tunes and writes the artifact; returns the path of model.safetensors."""
+    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
+    set_seed(config.seed)
+    labeled = read_labels(config.labels)
+    engine.per_process_batch(config.batch_size, accelerator)
+    start = _start(config, labeled)
+    class_names = labeled.class_names
+    if len(class_names) < 2:
+        raise UserError(f"{config.labels}: only one class ({class_names[0]}); a classifier needs at least 2")
+    train, held = _split(labeled, config.val_fraction, config.seed)
     # The main process makes the folder (a default one has a timestamp) and every process uses it.
     out = engine.on_main_process(
         accelerator, lambda: _prepare_output(config.out or default_out(config, start), config.restart)
     )
+    lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
+    set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
+    training = _prepare_training(config, start, class_names, train, lr, accelerator)
+    model, optimizer, loader, undecodable = training.model, training.optimizer, training.loader, training.undecodable
+    val_loader = _val_loader(held, class_names, start, config, accelerator) if held else None
+    scheduler = _schedule(optimizer, len(loader) * config.epochs, config.warmup_fraction)
 
     def validate(epoch: int, loss: float) -> dict[str, float]:
         return {"val_top1": accuracy(model, val_loader, accelerator)} if val_loader is not None else {}
@@ -294,7 +396,8 @@ def run(config: FinetuneConfig) -> Path:
         origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
         engine.console.print(
             f"[bold]finetune[/] {len(train)} labelled images, {len(class_names)} classes, from {origin}, "
-            f"{config.epochs} epochs, {config.optimizer} lr {config.lr:g}, on {engine.describe_device(accelerator)}"
+            f"{config.epochs} epochs, {config.optimizer} lr {lr:.4g}{' (auto)' if search else ''}, "
+            f"on {engine.describe_device(accelerator)}"
         )
     trainer = engine.Trainer(
         accelerator=accelerator,
@@ -302,7 +405,7 @@ def run(config: FinetuneConfig) -> Path:
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        step=classification_step(config.label_smoothing, channels_last),
+        step=training.step,
         epochs=config.epochs,
         description="finetune" + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet,
@@ -310,18 +413,19 @@ def run(config: FinetuneConfig) -> Path:
         on_epoch_end=validate,
         checkpoint_dir=out / "checkpoints",
         checkpoint_minutes=config.checkpoint_every,
-        fingerprint=fingerprint(config, start, train),
+        fingerprint={**fingerprint(config, start, train), "learning_rate": lr},
         restart=config.restart,
     )
     result = trainer.fit()
     history = [metrics["val_top1"] for metrics in result.epoch_metrics if "val_top1" in metrics]
     artifact = out / "model.safetensors"
-    bad = [str(train.paths[index]) for index in result.bad_indices]
+    bad = undecodable + [str(train.paths[index]) for index in result.bad_indices]
     unwrapped = accelerator.unwrap_model(model)
     engine.on_main_process(
         accelerator,
         lambda: _save(
-            config, start, unwrapped, artifact, class_names, train, result, history, bad, accelerator
+            config, start, unwrapped, artifact, class_names, train, result, history, bad, accelerator,
+            {"lr": lr, "lr_search": None if search is None else {k: v for k, v in search.items() if k != "fingerprint"}},
         ),
     )
     return artifact
@@ -338,26 +442,19 @@ def _save(
     history: list[float],
     bad: list[str],
     accelerator: Any,
+    learning_rate: dict[str, Any],
 ) -> None:
-    resolved = {**to_json(config), "arch": start.arch, "image_size": start.image_size}
-    metadata = {
-        "stage": "finetune",
-        "arch": start.arch,
-        "num_features": str(model.backbone.num_features),
-        "image_size": str(start.image_size),
-        "small_stem": json.dumps(start.small_stem),
-        "mean": json.dumps(start.mean),
-        "std": json.dumps(start.std),
-        "class_names": json.dumps(class_names),
-        "from_head_layer": str(config.from_head_layer),
-        "scratch": json.dumps(config.scratch),
-        "config": json.dumps(resolved),
-    }
+    # Resolved as pretrain's image size: the chosen lr (run.json's lr_search says it was searched).
+    resolved = {**to_json(config), "arch": start.arch, "image_size": start.image_size, "lr": learning_rate["lr"]}
+    head = None
     if config.from_head_layer > 0 and start.artifact is not None:
-        head_meta = load_artifact(start.artifact.path.parent / "head.safetensors", "pretrain").metadata
-        metadata.update(
-            {key: head_meta[key] for key in ("projection_depth", "projection_hidden", "projection_dim")}
-        )
+        head = _head_spec(load_artifact(start.artifact.path.parent / "head.safetensors", "pretrain"))
+    width = int(model.backbone.num_features)  # type: ignore[arg-type]
+    spec = ModelSpec(
+        start.arch, start.image_size, start.small_stem, width, start.mean, start.std, head,
+        config.from_head_layer, tuple(class_names), config.scratch,
+    )  # fmt: skip
+    metadata = {"stage": "finetune", **spec.to_metadata(), "config": json.dumps(resolved)}
     digest = save_tensors(artifact, model.state_dict(), metadata)
     parent = (
         None
@@ -376,6 +473,7 @@ def _save(
                 "images": len(train),
                 "subset_sha256": subset_hash(train),
                 "class_names": class_names,
+                "content_sha256": content_hashes(train.paths),  # evaluate refuses these as test images
             },
             "data": {"skipped": len(bad), "skipped_files": bad},
             "metrics": {
@@ -386,6 +484,7 @@ def _save(
             "wall_seconds": result.seconds,
             "steps": result.steps,
             "device": engine.describe_device(accelerator),
+            **learning_rate,
         },
     )
     if not config.quiet:

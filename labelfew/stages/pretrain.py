@@ -5,6 +5,8 @@ SimCLR: Chen et al. 2020, arXiv 2002.05709; the v2 head and fine-tuning: arXiv 2
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -14,37 +16,40 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import DataLoader
 
 from labelfew import engine
-from labelfew.artifacts import save_tensors, write_run_json
+from labelfew.artifacts import StageInfo, register_stage, save_tensors, write_run_json
 from labelfew.config import PretrainConfig, to_json
-from labelfew.data.images import ImageDataset, collate, find_images, typical_image_side
-from labelfew.data.store import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
+from labelfew.data import sources
+from labelfew.data.batches import Batch, EpochBatches, EpochOrder
+from labelfew.data.images import find_images, typical_image_side
+from labelfew.engine import estimate
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_folder
 from labelfew.losses import nt_xent_loss
-from labelfew.models import SMALL_IMAGE_SIDE, ProjectionHead, SimCLRModel, build_backbone
+from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
-from labelfew.views.batched import BatchedTwoViews
-from labelfew.views.pil import TwoViews, ViewConfig
+from labelfew.spec import SMALL_IMAGE_SIDE, HeadSpec, ModelSpec, uses_small_stem
+from labelfew.views.config import ViewConfig
+from labelfew.views.simclr import PairViews, SimCLRViews
 
-AUGMENT_PLACES = ("auto", "device", "workers")
+STAGE = register_stage(
+    StageInfo("pretrain", file="backbone.safetensors", folder="pretrain", kind="backbone", label=lambda _: "pretrain")
+)
 
 
 def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
     """Fills the automatic values (image size, stem, colour strength, blur, warmup, output)."""
-    image_size = config.image_size or typical_image_side(paths)
-    small = image_size <= SMALL_IMAGE_SIDE
+    image_size = typical_image_side(paths) if config.image_size is None else config.image_size
+    small = uses_small_stem(image_size)
     warmup = config.warmup_epochs
     if warmup is None:
         warmup = min(10.0, config.epochs / 10)
     out = config.out or Path("runs") / config.data.resolve().name
     return _replace(
         config,
-        augment_on=augment_place(config.augment_on, config.memory_budget, len(paths), image_size),
+        augment_on=sources.augment_place(config.augment_on, config.memory_budget, paths, image_size),
         image_size=image_size,
         small_stem=small if config.small_stem is None else config.small_stem,
         color_strength=(0.5 if small else 1.0) if config.color_strength is None else config.color_strength,
@@ -54,25 +59,6 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
     )
 
 
-def augment_place(requested: str, budget_gib: float, image_count: int, image_size: int) -> str:
-    """Where the views are made: ``device`` or ``workers`` (``auto`` resolved).
-
-    ``device``: every image decoded once into memory (`labelfew.data.store`) and both views of
-    a batch made on the training device in a few tensor operations (`labelfew.views.batched`);
-    the data path then costs the GPU ~1% and the CPU nothing. ``workers``: one PIL image at a
-    time in DataLoader workers (`labelfew.views.pil`), for folders too large to decode into memory.
-    ``auto`` picks ``device`` when the decoded images fit in ``budget_gib``.
-    """
-    if requested not in AUGMENT_PLACES:
-        raise UserError(f"--augment-on {requested}: use one of {', '.join(AUGMENT_PLACES)}")
-    if budget_gib <= 0:
-        raise UserError(f"--memory-budget {budget_gib}: give a positive size in GiB (default 4)")
-    if requested != "auto":
-        return requested
-    fits = fits_in_memory(image_count, stored_side(image_size), int(budget_gib * 2**30))
-    return "device" if fits else "workers"
-
-
 def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
     import dataclasses
 
@@ -80,17 +66,12 @@ def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
 
 
 def _check(config: PretrainConfig, image_count: int) -> None:
-    if config.epochs < 1:
-        raise UserError(f"--epochs {config.epochs}: use at least 1")
-    if config.temperature <= 0:
-        raise UserError(f"--temperature {config.temperature}: use a positive value (0.1 to 0.5)")
+    """What depends on the data; the config checked its own choices and ranges when it was made."""
     if config.batch_size > image_count:
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {image_count} images in {config.data}; "
             f"use at most {image_count}"
         )
-    if config.batch_size < 2:
-        raise UserError(f"--batch-size {config.batch_size}: a contrastive batch needs at least 2 images")
 
 
 def build_model(config: PretrainConfig) -> SimCLRModel:
@@ -99,22 +80,24 @@ def build_model(config: PretrainConfig) -> SimCLRModel:
     width = int(backbone.num_features)  # type: ignore[arg-type]
     head = ProjectionHead(
         width,
-        config.projection_hidden or width,
+        width if config.projection_hidden is None else config.projection_hidden,
         output_dim=config.projection_dim,
         depth=config.projection_depth,
     )
     return SimCLRModel(backbone, head)
 
 
-def contrastive_step(temperature: float, channels_last: bool) -> engine.StepFunction:
-    """One SimCLR step: both views in one forward pass (so BN sees all 2N views), then NT-Xent.
+def contrastive_step(temperature: float, channels_last: bool, views: PairViews) -> engine.StepFunction:
+    """One SimCLR step: two views of every image made on the device (``views``, usually
+    `labelfew.views.simclr.SimCLRViews`, drawing from the batch's seeded generator), both in one
+    forward pass (so BN sees all 2N views), then NT-Xent.
 
     NT-Xent runs in float32 under mixed precision (`nt_xent_loss` upcasts half-precision
     projections) and in float64 for a float64 model, which the multi-process parity test uses.
     """
 
-    def step(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        first, second = batch["images"]
+    def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        first, second = views(batch.images, batch.sizes, batch.generator())
         images = torch.cat([first, second])
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -231,7 +214,7 @@ def run(config: PretrainConfig) -> Path:
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        step=contrastive_step(config.temperature, channels_last),
+        step=contrastive_step(config.temperature, channels_last, SimCLRViews(view_config(config))),
         epochs=config.epochs,
         description="pretrain",
         quiet=config.quiet,
@@ -239,6 +222,7 @@ def run(config: PretrainConfig) -> Path:
         checkpoint_dir=config.out / "pretrain" / "checkpoints",
         checkpoint_minutes=config.checkpoint_every,
         fingerprint=fingerprint(config, paths),
+        on_first_steps=None if config.quiet else _estimate_printer(config, steps_per_epoch, accelerator),
         restart=config.restart,
     )
     result = trainer.fit()
@@ -254,86 +238,53 @@ def run(config: PretrainConfig) -> Path:
     return artifact
 
 
+def _estimate_printer(config: PretrainConfig, steps_per_epoch: int, accelerator: Any) -> Callable[[float, int], None]:
+    """Prints the time left after the first steps; on a CPU, over an hour, what would fit one.
+
+    The suggestions are the measured time scaled by the ratio of the backbones' forward FLOPs.
+    """
+    image_size = config.image_size
+    assert image_size is not None
+
+    @functools.cache
+    def flops(arch: str, side: int) -> int:
+        small = bool(config.small_stem) if (arch, side) == (config.arch, image_size) else uses_small_stem(side)
+        return estimate.forward_flops(build_backbone(arch, small_stem=small, image_size=side), side)
+
+    def report(seconds_per_step: float, steps_left: int) -> None:
+        candidates = estimate.smaller_settings(config.arch, image_size, SMALL_IMAGE_SIDE)
+        engine.console.print(estimate.estimate_line(
+            seconds_per_step, steps_left, steps_per_epoch, config.epochs, accelerator.device.type == "cpu",
+            lambda arch, side: flops(arch, side) / flops(config.arch, image_size), candidates,
+        ))  # fmt: skip
+
+    return report
+
+
 def view_config(config: PretrainConfig) -> ViewConfig:
     """The view parameters of a resolved config."""
-    assert config.image_size is not None
+    assert config.image_size is not None and config.color_strength is not None  # set by `resolve`
     return ViewConfig(
         image_size=config.image_size,
         min_scale=config.min_scale,
-        color_strength=float(config.color_strength or 1.0),
+        color_strength=float(config.color_strength),  # 0 is a valid strength: no colour distortion
         blur=config.blur,
     )
 
 
 def build_batches(
     config: PretrainConfig, paths: list[Path], accelerator: Any, per_process: int
-) -> tuple[DataLoader[Any] | MemoryBatches, list[str]]:
-    """This process's training batches, and the files found undecodable before training.
-
-    ``device`` (see `augment_place`): the images are decoded once (threads, a progress bar) and
-    kept on the GPU when they take at most a quarter of its free memory, else in host memory;
-    every process holds them all and takes its share of each global batch. The views of a batch
-    are drawn from a generator seeded by (seed, epoch, step, process) — per step, not per image
-    as on the ``workers`` path, so the two paths make different (equally distributed) views for
-    the same seed. ``workers``: a DataLoader, sharded by Accelerate.
-    """
+) -> tuple[EpochBatches, list[str]]:
+    """This process's uint8 training batches from the image source ``config.augment_on`` names
+    (`labelfew.data.sources`), and the files found undecodable before training."""
     assert config.image_size is not None
-    view = view_config(config)
-    if config.augment_on == "device":
-        store = decode_images(
-            paths,
-            stored_side(config.image_size),
-            budget=int(config.memory_budget * 2**30),
-            on_progress=_decode_progress(accelerator.is_main_process and not config.quiet),
-        )
-        images = store.images.to(store_device(store.nbytes, accelerator.device))
-        batches = MemoryBatches(
-            images,
-            per_process,
-            transform=BatchedTwoViews(view),
-            device=accelerator.device,
-            seed=config.seed,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
-        kept = set(store.paths)
-        return batches, [str(path) for path in paths if path not in kept]
-    workers = engine.default_workers(config.workers)
-    loader = DataLoader(
-        ImageDataset(paths, TwoViews.from_config(view), seed=config.seed),
-        batch_size=per_process,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(config.seed),
-        worker_init_fn=engine.worker_seeder(accelerator),
-    )
-    return accelerator.prepare(loader), []
-
-
-def _decode_progress(show: bool) -> Callable[[int, int], None] | None:
-    """A progress callback for `decode_images` that prints a bar on the main process."""
-    if not show:
-        return None
-    progress = Progress(
-        TextColumn("[bold]decode"), BarColumn(), TextColumn("{task.completed}/{task.total} images"),
-        TimeElapsedColumn(), console=engine.console, transient=True,
+    order = EpochOrder(len(paths), per_process, config.seed, accelerator.process_index, accelerator.num_processes)
+    show = accelerator.is_main_process and not config.quiet
+    return sources.training_batches(
+        paths, config.augment_on, config.image_size, order, accelerator, config.memory_budget,
+        workers=engine.default_workers(config.workers),
+        on_progress=sources.decode_progress(engine.console) if show else None,
     )  # fmt: skip
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            progress.start()
-            task = progress.add_task("decode", total=total)
-        progress.update(task, completed=done)
-        if done >= total:
-            progress.stop()
-
-    return update
 
 
 def _check_bad(config: PretrainConfig, bad: list[str], image_count: int) -> None:
@@ -361,7 +312,7 @@ def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: 
         f"[bold]pretrain[/] {image_count} images from {config.data} at {config.image_size} px, "
         f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}{split}, "
         f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, T {config.temperature}, "
-        f"views on the {'training device, batched' if config.augment_on == 'device' else 'CPU, per image'}, "
+        f"views on the training device from {'decoded images in memory' if config.augment_on == 'device' else 'decoding workers'}, "
         f"on {engine.describe_device(accelerator)}, {bn}{', compiled' if config.compile else ''}"
     )
 
@@ -378,24 +329,14 @@ def _save(
     batchnorm: str,
 ) -> None:
     resolved = to_json(config)
-    metadata = {
-        "stage": "pretrain",
-        "arch": config.arch,
-        "num_features": str(model.backbone.num_features),
-        "image_size": str(config.image_size),
-        "small_stem": json.dumps(bool(config.small_stem)),
-        "mean": json.dumps(list(ViewConfig(image_size=8).mean)),
-        "std": json.dumps(list(ViewConfig(image_size=8).std)),
-        "config": json.dumps(resolved),
-    }
+    assert config.image_size is not None
+    width = int(model.backbone.num_features)
+    spec = ModelSpec(config.arch, config.image_size, bool(config.small_stem), num_features=width)
+    metadata = {"stage": "pretrain", **spec.to_metadata(), "config": json.dumps(resolved)}
     backbone_hash = save_tensors(artifact, model.backbone.state_dict(), metadata)
-    head_metadata = {
-        **metadata,
-        "part": "head",
-        "projection_depth": str(config.projection_depth),
-        "projection_hidden": str(config.projection_hidden or model.backbone.num_features),
-        "projection_dim": str(config.projection_dim),
-    }
+    hidden = width if config.projection_hidden is None else config.projection_hidden
+    head = HeadSpec(config.projection_depth, hidden, config.projection_dim)
+    head_metadata = {**metadata, "part": "head", **dataclasses.replace(spec, head=head).to_metadata()}
     head_hash = save_tensors(artifact.parent / "head.safetensors", model.head.state_dict(), head_metadata)
     write_run_json(
         artifact.parent,

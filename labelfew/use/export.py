@@ -15,7 +15,6 @@ labelfew model's outputs, and ONNX Runtime must match PyTorch within `ONNX_TOLER
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +24,16 @@ from rich.console import Console
 from torch import nn
 
 from labelfew import __version__
-from labelfew.artifacts import Artifact, save_tensors
+from labelfew.artifacts import Artifact, resolve_model, save_tensors
+from labelfew.config import ExportConfig
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
-from labelfew.models import SMALL_IMAGE_SIDE, Classifier, build_backbone
-from labelfew.stages.finetune import load_classifier
-from labelfew.use.predict import load_backbone, resolve_model
-from labelfew.views.pil import EVAL_CROP_FRACTION
+from labelfew.models import Classifier, build_backbone, load_model
 
 FORMATS = ("safetensors", "onnx", "both")
 ONNX_OPSET = 18  # the torch.export-based exporter's native opset; ONNX Runtime supports it
 ONNX_TOLERANCE = 1e-4
 console = Console()
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """`labelfew export`: which model, where to, in which formats."""
-
-    source: Path | None = None  # finetune (preferred in a run folder) or pretrain artifact
-    out: Path | None = None  # None: export/ inside the artifact's stage folder
-    format: str = "both"
-    quiet: bool = False
 
 
 def run(config: ExportConfig) -> Path:
@@ -60,11 +47,10 @@ def run(config: ExportConfig) -> Path:
     onnx_wanted = config.format in ("onnx", "both")
     if onnx_wanted:
         _require_onnx()
-    artifact = resolve_model(config.source, ("finetune", "pretrain"))
-    model = load_classifier(artifact) if artifact.stage == "finetune" else load_backbone(artifact)
-    model.eval()
+    artifact = resolve_model(config.source, ("classifier", "backbone"))
+    model = load_model(artifact).eval()
     out = config.out or artifact.path.parent / "export"
-    size = int(artifact.metadata["image_size"])
+    size = artifact.spec.image_size
     example = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     settings = _settings(artifact, model, out)
     written: list[Path] = []
@@ -123,18 +109,18 @@ def _output_width(model: nn.Module) -> int:
 
 def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]:
     """config.json: timm's local-folder format plus a `labelfew` section."""
-    size = int(artifact.metadata["image_size"])
-    fine_tuned = artifact.stage == "finetune"
-    head_layers = int(artifact.metadata.get("from_head_layer", "0"))
-    class_names = artifact.json_field("class_names") if fine_tuned else []
-    resize = size if size <= SMALL_IMAGE_SIDE else round(size / EVAL_CROP_FRACTION)
+    spec = artifact.spec
+    size, resize = spec.image_size, spec.resize_side
+    fine_tuned = spec.class_names is not None
+    head_layers = spec.from_head_layer
+    class_names = list(spec.class_names or [])
     # timm resizes to floor(size / crop_pct): this crop_pct gives exactly labelfew's resize side
     crop_fraction = 1.0 if resize == size else size / (resize + 0.5)
-    mean, std = artifact.json_field("mean"), artifact.json_field("std")
+    mean, std = list(spec.mean), list(spec.std)
     settings: dict[str, Any] = {
         "architecture": artifact.arch,
         "num_classes": len(class_names) if fine_tuned and head_layers == 0 else 0,
-        "num_features": int(artifact.metadata["num_features"]),
+        "num_features": spec.num_features,
         "pretrained_cfg": {
             "input_size": [3, size, size],
             "interpolation": "bicubic",
@@ -154,7 +140,7 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
         "source": {"path": str(artifact.path.resolve()), "sha256": sha256_file(artifact.path)},
         "class_names": class_names,
         "outputs": "logits" if fine_tuned else "features",
-        "small_stem": bool(artifact.json_field("small_stem")),
+        "small_stem": spec.small_stem,
         "from_head_layer": head_layers,
         "input_size": [3, size, size],
         "mean": mean,
@@ -181,11 +167,8 @@ def _write_safetensors(artifact: Artifact, model: nn.Module, out: Path) -> list[
     """model.safetensors in timm's key layout (+ head.safetensors for head-layer models)."""
     backbone = model.backbone if isinstance(model, Classifier) else model
     tensors = dict(backbone.state_dict())
-    timm_model = build_backbone(
-        artifact.arch,
-        small_stem=bool(artifact.json_field("small_stem")),
-        image_size=int(artifact.metadata["image_size"]),
-    )
+    spec = artifact.spec
+    timm_model = build_backbone(spec.arch, small_stem=spec.small_stem, image_size=spec.image_size)
     if isinstance(model, Classifier) and model.head is None:
         timm_model.reset_classifier(model.classifier.out_features)  # type: ignore[operator]
         name = _classifier_name(timm_model, artifact)
@@ -258,8 +241,7 @@ def _rebuild_code(artifact: Artifact, model: nn.Module, out: Path) -> list[str]:
         "from safetensors.torch import load_file",
         f"folder = {str(out.resolve())!r}",
     ]
-    small_stem = bool(artifact.json_field("small_stem"))
-    if not small_stem:
+    if not artifact.spec.small_stem:
         lines.append('model = timm.create_model(f"local-dir:{folder}", pretrained=True)')
     else:
         backbone = model.backbone if isinstance(model, Classifier) else model

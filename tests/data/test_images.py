@@ -12,7 +12,17 @@ import torch
 from PIL import Image
 
 from labelfew.data import images
-from labelfew.data.images import BadImage, ImageDataset, collate, find_images, load_rgb, typical_image_side
+from labelfew.data.images import (
+    BadImage,
+    ImageDataset,
+    collate,
+    find_images,
+    image_extent,
+    load_resized,
+    load_rgb,
+    stored_extent,
+    typical_image_side,
+)
 from labelfew.errors import UserError
 
 
@@ -278,3 +288,30 @@ def test_collate_stacks_single_images_and_view_pairs(tmp_path: Path) -> None:
     batch = collate([pairs[0], pairs[1]])
     assert [view.shape for view in batch["images"]] == [(2, 3, 8, 8), (2, 3, 8, 8)]
     assert batch["labels"].tolist() == [-1, -1] and batch["indices"].tolist() == [0, 1]
+
+
+# --- load_resized: what both image sources store ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "side"), [(500, 375, 256), (333, 500, 256), (96, 96, 110), (40, 30, 32)]
+)
+def test_load_resized_is_torchvisions_resize_and_never_upsamples(
+    tmp_path: Path, width: int, height: int, side: int
+) -> None:
+    from torchvision.transforms import v2
+
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    resized = load_resized(tmp_path / "photo.png", side)
+    if min(width, height) <= side:
+        assert np.array_equal(resized, pixels)  # kept pixel for pixel
+    else:
+        expected = v2.Resize(side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(
+            Image.fromarray(pixels)
+        )
+        assert np.array_equal(resized, np.array(expected))
+        assert min(resized.shape[:2]) == side
+    assert resized.dtype == np.uint8 and resized.flags.writeable
+    assert image_extent(tmp_path / "photo.png") == (height, width)
+    assert stored_extent(height, width, side) == resized.shape[:2]

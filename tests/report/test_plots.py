@@ -111,6 +111,21 @@ def test_report_html_shows_the_results_table(run: dict[str, Path]) -> None:
     assert "t-SNE" in text  # 100 test images: t-SNE, not PCA
 
 
+def test_report_html_renders_its_figures_in_chromium(run: dict[str, Path], tmp_path: Path) -> None:
+    from browser import Chromium
+
+    browser = Chromium(profile=tmp_path / "profile", downloads=tmp_path / "downloads")
+    try:
+        browser.open(run["out"] / "report.html")
+        sizes = browser.evaluate(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])"
+        )
+    finally:
+        browser.close()
+    assert len(sizes) == len(FIGURES)
+    assert all(complete and natural > 100 and shown > 0 for complete, natural, shown in sizes), sizes
+
+
 def test_without_a_finetune_the_report_says_why_mistakes_are_missing(
     run: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.errors import UserError
+from labelfew.report import tables as report
 from labelfew.report.tables import metrics_row
+from labelfew.stages import evaluate, finetune, pretrain
 from labelfew.stages.evaluate import knn_scores, linear_probe_scores
 
 
@@ -37,6 +45,33 @@ def test_knn_matches_a_plain_loop(k: int, temperature: float) -> None:
     got = knn_scores(bank, labels, queries, num_classes=4, k=k, temperature=temperature, chunk=3)
     expected = knn_reference(bank, labels, queries, 4, k, temperature)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_runs_on_the_device_of_the_features(device: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank, labels = torch.randn(30, 8, generator=generator), torch.randint(0, 4, (30,), generator=generator)
+    queries = torch.randn(7, 8, generator=generator)
+    got = knn_scores(bank.to(device), labels.to(device), queries.to(device), num_classes=4, k=5, chunk=3)
+    assert got.device.type == device
+    expected = knn_reference(bank.double(), labels, queries.double(), 4, k=5, temperature=0.07)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_knn_defaults_are_dinos_k_20_and_temperature_0_07() -> None:
+    """k=200 (capped at the bank) let every image of a few-label bank vote; DINO uses 20 and 0.07."""
+    assert (EvaluateConfig(test=Path(".")).knn_k, EvaluateConfig(test=Path(".")).knn_temperature) == (20, 0.07)
+    generator = torch.Generator().manual_seed(1)
+    bank, labels = torch.randn(60, 8, generator=generator), torch.randint(0, 3, (60,), generator=generator)
+    queries = torch.randn(5, 8, generator=generator)
+    expected = knn_reference(bank.double(), labels, queries.double(), 3, k=20, temperature=0.07)
+    torch.testing.assert_close(knn_scores(bank, labels, queries, 3).double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_knn_is_scale_invariant_and_finds_identical_points() -> None:
@@ -88,3 +123,71 @@ def test_metrics_row_has_no_top5_below_five_classes() -> None:
     row = metrics_row("x", np.eye(2), np.array([0, 1]), ["a", "b"], {})
     assert row["top5"] is None
     assert row["top1"] == 1.0
+
+
+# --- Test images inside the bank or the fine-tuning labels (DESIGN.md trap 8) ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-epoch pretrain on 100 digits; a 10-image bank and 20 test images, disjoint."""
+    train, test = digits_folder
+    work = tmp_path_factory.mktemp("tiny-run")
+    for name, source, count in (("unlabeled", train, 10), ("bank", train, 1), ("test", test, 2)):
+        for folder in sorted(source.iterdir()):
+            (work / name / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                shutil.copy(path, work / name / folder.name / path.name)
+    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
+                                epochs=1, batch_size=50, workers=0, quiet=True))  # fmt: skip
+    return {"work": work, "run": work / "run", "bank": work / "bank", "test": work / "test"}
+
+
+def _evaluate(run: dict[str, Path], bank: Path, **options: Any) -> dict[str, Any]:
+    config = EvaluateConfig(test=run["test"], source=run["run"], bank=bank, out=run["work"] / "evaluate",
+                            workers=0, quiet=True, **options)  # fmt: skip
+    return evaluate.run(config)
+
+
+def test_separate_sets_pass_and_a_capped_k_is_noted(tiny_run: dict[str, Path]) -> None:
+    result = _evaluate(tiny_run, tiny_run["bank"])
+    assert result["overlap"] == []
+    knn = next(row for row in result["rows"] if row["method"] == "kNN")
+    assert knn["details"]["k"] == 10 and knn["details"]["k_requested"] == 20  # the bank has 10 images
+    console = report.console
+    with console.capture() as captured:
+        report.print_report(result)
+    assert "k capped from 20" in captured.get()
+
+
+def test_test_images_in_the_bank_are_refused_by_path_and_by_content(tiny_run: dict[str, Path]) -> None:
+    bank = tiny_run["work"] / "bank-with-test"
+    shutil.copytree(tiny_run["bank"], bank)
+    test_images = sorted(tiny_run["test"].rglob("*.png"))
+    shutil.copy(test_images[0], bank / test_images[0].parent.name / "renamed-copy.png")  # same bytes
+    with pytest.raises(UserError, match=r"1 test image\(s\) are also in the kNN bank, e\.g\. .*--allow-overlap"):
+        _evaluate(tiny_run, bank)
+    labels = bank / "with-paths.csv"
+    rows = [f"{path},{path.parent.name}" for path in [*sorted(tiny_run["bank"].rglob("*.png")), *test_images[:3]]]
+    labels.write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=r"3 test image\(s\) are also in the kNN bank"):
+        _evaluate(tiny_run, labels)
+    result = _evaluate(tiny_run, labels, allow_overlap=True)
+    assert result["overlap"] == [{"with": "the kNN bank", "images": 3, "example": str(test_images[0])}]
+    assert json.loads((tiny_run["work"] / "evaluate" / "report.json").read_text())["overlap"][0]["images"] == 3
+
+
+def test_test_images_among_a_models_fine_tuning_labels_are_refused(tiny_run: dict[str, Path]) -> None:
+    labels = tiny_run["work"] / "leaky-labels"
+    shutil.copytree(tiny_run["bank"], labels)
+    leaked = sorted(tiny_run["test"].rglob("*.png"))[:2]
+    for path in leaked:
+        shutil.copy(path, labels / path.parent.name / f"leak-{path.name}")
+    out = tiny_run["work"] / "run" / "finetune-leaky"
+    finetune.run(FinetuneConfig(labels=labels, source=tiny_run["run"], out=out, epochs=1, lr=0.01,
+                                workers=0, quiet=True))  # fmt: skip
+    assert len(json.loads((out / "run.json").read_text())["labels"]["content_sha256"]) == 12
+    shutil.rmtree(labels)  # the run.json's hashes are enough
+    with pytest.raises(UserError, match=r"2 test image\(s\) are also in the fine-tuning labels of .*finetune-leaky"):
+        _evaluate(tiny_run, tiny_run["bank"])
+    shutil.rmtree(out)

@@ -15,9 +15,13 @@ from labelfew import engine
 from labelfew.cli import app
 from labelfew.config import PretrainConfig
 from labelfew.data.images import find_images
-from labelfew.data.store import MemoryBatches, decoded_bytes
+from labelfew.data.store import MemoryBatches
+from labelfew.data.stream import StreamBatches
+from labelfew.engine import estimate
 from labelfew.errors import UserError
+from labelfew.models import build_backbone
 from labelfew.stages import pretrain
+from labelfew.views.simclr import SimCLRViews
 
 runner = CliRunner()
 
@@ -30,31 +34,6 @@ def _folder(root: Path, count: int = 24, side: int = 32) -> Path:
     return root
 
 
-def test_auto_makes_views_on_the_device_when_the_decoded_images_fit() -> None:
-    gib = 2**30
-    fits = decoded_bytes(50_000, 32) / gib  # CIFAR-10's training images: 146 MiB
-    assert pretrain.augment_place("auto", fits, 50_000, 32) == "device"
-    assert pretrain.augment_place("auto", fits * 0.99, 50_000, 32) == "workers"
-    # Above 64 px images are stored at S / 0.875: 1.28 M ImageNet images at 224 px need 234 GiB.
-    assert pretrain.augment_place("auto", 4.0, 1_281_167, 224) == "workers"
-    assert pretrain.augment_place("auto", 4.0, 20_000, 224) == "device"
-    assert pretrain.augment_place("workers", 4.0, 10, 32) == "workers"
-    assert pretrain.augment_place("device", 4.0, 10**9, 224) == "device"  # decoding then fails clearly
-
-
-@pytest.mark.parametrize(
-    ("place", "budget", "message"),
-    [
-        ("gpu", 4.0, "use one of auto, device, workers"),
-        ("auto", 0.0, "give a positive size"),
-        ("auto", -1.0, "give a positive size"),
-    ],
-)
-def test_invalid_places_and_budgets_are_refused(place: str, budget: float, message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        pretrain.augment_place(place, budget, 10, 32)
-
-
 def test_device_batches_hold_every_image_and_give_each_process_its_share(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "images", count=20)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -65,12 +44,14 @@ def test_device_batches_hold_every_image_and_give_each_process_its_share(tmp_pat
     batches, undecodable = pretrain.build_batches(config, paths, accelerator, per_process=8)
     assert isinstance(batches, MemoryBatches) and len(batches) == 2  # 20 decoded images, batch 8
     assert undecodable == [str(folder / "broken.jpg")]
-    first, second = next(iter(batches))["images"]
+    batch = next(iter(batches))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.uint8
+    first, second = SimCLRViews(pretrain.view_config(config))(batch.images, batch.sizes, batch.generator())
     assert first.shape == second.shape == (8, 3, 32, 32) and first.dtype == torch.float32
     assert not torch.equal(first, second)
 
 
-def test_workers_place_gives_a_prepared_dataloader(tmp_path: Path) -> None:
+def test_workers_place_streams_uint8_batches(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "images", count=16)
     paths = find_images(folder)
     config = pretrain.resolve(
@@ -78,9 +59,9 @@ def test_workers_place_gives_a_prepared_dataloader(tmp_path: Path) -> None:
     )
     accelerator = engine.make_accelerator("no", seed=0)
     loader, undecodable = pretrain.build_batches(config, paths, accelerator, per_process=8)
-    assert isinstance(loader, torch.utils.data.DataLoader) and undecodable == []
-    first, _ = next(iter(loader))["images"]
-    assert first.shape == (8, 3, 32, 32)
+    assert isinstance(loader, StreamBatches) and undecodable == [] and len(loader) == 2
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.uint8
 
 
 @pytest.mark.slow
@@ -101,3 +82,57 @@ def test_compiled_pretrain_writes_the_same_artifact_layout(tmp_path: Path) -> No
     # Same seed, same views, same start: the compiled kernels train to nearly the same weights.
     weights = [key for key in plain if plain[key].is_floating_point()]
     assert all(torch.allclose(plain[key], compiled[key], atol=1e-3, rtol=1e-2) for key in weights)
+
+
+@pytest.mark.parametrize(("strength", "side"), [(0.0, 32), (0.0, 96), (0.25, 96)])
+def test_colour_strength_zero_means_no_colour_distortion(tmp_path: Path, strength: float, side: int) -> None:
+    """`--color-strength 0` once became 1.0 (`x or 1.0`) while run.json recorded 0.0."""
+    paths = find_images(_folder(tmp_path / "images", count=4, side=side))
+    config = pretrain.resolve(PretrainConfig(data=tmp_path / "images", color_strength=strength), paths)
+    assert config.color_strength == strength
+    assert pretrain.view_config(config).color_strength == strength
+
+
+def test_zero_sized_numeric_options_are_refused_not_replaced_by_defaults(tmp_path: Path) -> None:
+    paths = find_images(_folder(tmp_path / "images", count=4))
+    with pytest.raises(UserError, match="--image-size 0"):  # it became the images' 32 px
+        pretrain.resolve(PretrainConfig(data=tmp_path / "images", image_size=0), paths)
+    with pytest.raises(UserError, match="--projection-hidden 0"):  # it became the backbone's width
+        PretrainConfig(data=tmp_path / "images", projection_hidden=0)
+
+
+def test_a_cpu_run_over_an_hour_names_measured_settings_that_fit(tmp_path: Path) -> None:
+    """3,000 photos at 224 px, resnet18, 100 epochs, batch 256 at 85 s per step (6 views/s on 2 cores)."""
+    config = PretrainConfig(data=tmp_path, image_size=224, small_stem=False, epochs=100, quiet=False)
+    accelerator = engine.make_accelerator("no", seed=0)
+    printer = pretrain._estimate_printer(config, steps_per_epoch=12, accelerator=accelerator)
+    with engine.console.capture() as captured:
+        printer(85.0, 1200)
+    line = " ".join(captured.get().split())
+    assert line.startswith("estimated time: 28 h 20 min for 1200 steps")
+    # The suggestion is the measured time scaled by forward FLOPs, not a guess.
+    ratio = estimate.forward_flops(build_backbone("resnet18", small_stem=False, image_size=96), 96) / (
+        estimate.forward_flops(build_backbone("resnet18", small_stem=False, image_size=224), 224)
+    )
+    fits = int(3600 // (12 * 85 * ratio))
+    fits -= fits % 5
+    assert f"to fit an hour on this CPU: --image-size 96 --arch resnet18 --epochs {fits} ≈" in line
+    assert 5 <= fits < 30
+
+
+def test_the_estimate_suggests_nothing_on_a_gpu_or_under_an_hour() -> None:
+    def cost(arch: str, side: int) -> float:
+        return (side / 224) ** 2
+
+    candidates = estimate.smaller_settings("resnet50", 224, 64)
+    assert candidates[:4] == [("resnet50", 224), ("resnet50", 160), ("resnet50", 128), ("resnet50", 96)]
+    assert candidates[4] == ("resnet18", 224)
+    gpu = estimate.estimate_line(2.0, 100_000, 1000, 100, False, cost, candidates)
+    assert gpu == "estimated time: 2 d 7 h for 100000 steps (2 s per step, measured)"
+    assert "fit" not in estimate.estimate_line(0.5, 7000, 70, 100, True, cost, candidates)  # 58 min
+    # 300 s per epoch at 224 px: 160 px fits 23 epochs, 128 px (0.33 of the cost) 36, shown as 35.
+    slow = estimate.estimate_line(10.0, 3000, 30, 100, True, cost, candidates)
+    assert slow == (
+        "estimated time: 8 h 20 min for 3000 steps (10 s per step, measured); "
+        "to fit an hour on this CPU: --image-size 128 --arch resnet50 --epochs 35 ≈ 57 min"
+    )

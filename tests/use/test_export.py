@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 
 from labelfew.artifacts import load_artifact
 from labelfew.cli import app
-from labelfew.config import FinetuneConfig, PretrainConfig
+from labelfew.config import ExportConfig, FinetuneConfig, PretrainConfig
 from labelfew.data.images import find_images, load_rgb
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
+from labelfew.models import load_model
 from labelfew.stages import finetune, pretrain
-from labelfew.use.export import ExportConfig, run
-from labelfew.use.predict import load_backbone
+from labelfew.use.export import run
 from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
@@ -97,7 +97,7 @@ def batch_of(paths: list[Path], artifact_path: Path) -> torch.Tensor:
 
 def reference(artifact_path: Path, batch: torch.Tensor) -> torch.Tensor:
     artifact = load_artifact(artifact_path)
-    model = finetune.load_classifier(artifact) if artifact.stage == "finetune" else load_backbone(artifact)
+    model = load_model(artifact)
     with torch.no_grad():
         return model.eval()(batch)
 

@@ -14,21 +14,15 @@ from typer.testing import CliRunner
 
 from labelfew.artifacts import load_artifact
 from labelfew.cli import app
-from labelfew.config import FinetuneConfig, PretrainConfig
+from labelfew.config import EmbedConfig, FinetuneConfig, PredictConfig, PretrainConfig, SimilarConfig
 from labelfew.data.images import load_rgb
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
+from labelfew.models import features_model, load_model
 from labelfew.stages import finetune, pretrain
-from labelfew.stages.finetune import load_classifier
-from labelfew.use.predict import (
-    EmbedConfig,
-    PredictConfig,
-    SimilarConfig,
-    embed,
-    load_backbone,
-    predict,
-    similar,
-)
+from labelfew.use.embed import embed
+from labelfew.use.predict import predict
+from labelfew.use.similar import similar
 from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
@@ -37,7 +31,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def _on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The references below run on the CPU; on a GPU, cuDNN's TF32 convolutions differ by ~1e-3."""
-    monkeypatch.setattr("labelfew.use.predict.device", lambda: torch.device("cpu"))
+    monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +80,7 @@ def test_predict_matches_the_model_image_by_image(run: dict[str, Path]) -> None:
         "error",
     ]
     artifact = load_artifact(run["finetune"])  # the SSL finetune, not the newer scratch baseline
-    model = load_classifier(artifact).eval()
+    model = load_model(artifact).eval()
     transform = eval_transform(32, artifact.json_field("mean"), artifact.json_field("std"))
     class_names = artifact.json_field("class_names")
     for row in rows[::7]:
@@ -147,7 +141,7 @@ def test_embed_writes_normalised_backbone_features(run: dict[str, Path]) -> None
     assert embeddings.shape == (60, int(artifact.metadata["num_features"]))
     assert torch.allclose(embeddings.norm(dim=1), torch.ones(60), atol=1e-5)
     assert [int(row["row"]) for row in index] == list(range(60))
-    backbone = load_backbone(artifact).eval()
+    backbone = features_model(load_model(artifact)).eval()
     transform = eval_transform(32, artifact.json_field("mean"), artifact.json_field("std"))
     for number in (0, 31, 59):
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Tests for labelfew.views.pil: shapes, the paper's settings, and application frequencies."""
+"""Tests of the per-image PIL reference (tests/reference/pil_views.py) and of ViewConfig: shapes, the
+paper's settings, and application frequencies."""
 
 from __future__ import annotations
 
@@ -17,16 +18,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from labelfew.errors import UserError
-from labelfew.views.pil import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from labelfew.views.config import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, resolve_mean_std
+from reference.pil_views import (
     TwoViews,
-    ViewConfig,
     ViewStep,
     compose_view_steps,
     eval_transform,
     finetune_transform,
-    resolve_mean_std,
     simclr_view,
     simclr_view_steps,
 )

@@ -1,4 +1,4 @@
-"""Tests for labelfew.views.batched against the CPU path (labelfew.views.pil / torchvision).
+"""Tests for labelfew.views.simclr against the per-image PIL reference (tests/reference/pil_views.py).
 
 Three kinds of checks:
 - parameter distributions: the batched draws against the draws of the CPU path's own
@@ -23,21 +23,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from reference.pil_views import simclr_view, simclr_view_steps
 from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from labelfew.data.images import find_images
-from labelfew.data.store import decode_images
-from labelfew.views.batched import (
-    BatchedTwoViews,
-    ViewParameters,
-    _one_thread_on_cpu,
-    make_views,
-    sample_view_parameters,
-)
-from labelfew.views.pil import CROP_RATIO, ViewConfig, simclr_view, simclr_view_steps
+from labelfew.data.images import find_images, load_rgb
+from labelfew.views.config import CROP_RATIO, ViewConfig
+from labelfew.views.ops import one_thread_on_cpu
+from labelfew.views.params import ViewParameters, sample_view_parameters
+from labelfew.views.simclr import SimCLRViews, make_views
 
 DRAWS = 4000
 """Draws per distribution comparison."""
@@ -52,7 +49,7 @@ TOLERANCE_IN_STD = 4.0
 def _one_thread() -> Iterator[None]:
     """One intra-op thread for the reference computations too (the CPU path's blur, the
     statistics): on a shared 2-core machine a descheduled second OpenMP thread stalls every
-    short operation (see `augment_batched._one_thread_on_cpu`)."""
+    short operation (see `augment_batched.one_thread_on_cpu`)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -246,8 +243,8 @@ def test_blur_off_at_32_pixels_by_default() -> None:
     images = torch.randint(
         0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    first = BatchedTwoViews(ViewConfig(image_size=32), torch.Generator().manual_seed(3))(images)
-    second = BatchedTwoViews(ViewConfig(image_size=32, blur=False), torch.Generator().manual_seed(3))(images)
+    first = SimCLRViews(ViewConfig(image_size=32), torch.Generator().manual_seed(3))(images)
+    second = SimCLRViews(ViewConfig(image_size=32, blur=False), torch.Generator().manual_seed(3))(images)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -326,20 +323,68 @@ def test_views_made_from_sources_follow_the_source_index() -> None:
     torch.testing.assert_close(views, expected, atol=1e-4, rtol=0)
 
 
-def test_roi_align_resize_is_close_to_bicubic_and_flips_the_same() -> None:
+def test_a_flip_mirrors_the_view() -> None:
     config = ViewConfig(image_size=32, color_jitter_prob=0, grayscale_prob=0)
     generator = torch.Generator().manual_seed(2)
-    # Smooth images: the two filters differ only in sharpness.
-    small = torch.randint(0, 256, (16, 3, 8, 8), generator=generator).float()
-    images = torch.nn.functional.interpolate(small, size=64, mode="bilinear").round().to(torch.uint8)
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=generator)
     parameters = sample_view_parameters(16, (64, 64), config, generator)
-    bicubic = make_views(images, parameters, config, resize="bicubic")
-    roi = make_views(images, parameters, config, resize="roi_align")
-    assert (bicubic - roi).abs().mean() < 0.05
-    flipped = make_views(
-        images, dataclasses.replace(parameters, flip=~parameters.flip), config, resize="roi_align"
+    views = make_views(images, parameters, config)
+    flipped = make_views(images, dataclasses.replace(parameters, flip=~parameters.flip), config)
+    torch.testing.assert_close(flipped.flip(-1), views, atol=1e-5, rtol=0)
+
+
+# --- Padded batches of images of different sizes -------------------------------------------------
+
+
+def padded_batch(
+    sizes: list[tuple[int, int]], seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Random images of the given sizes, padded with 255 (so padding that leaked would show)."""
+    generator = torch.Generator().manual_seed(seed)
+    alone = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in sizes]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    images = torch.full((len(sizes), 3, height, width), 255, dtype=torch.uint8)
+    for row, image in enumerate(alone):
+        images[row, :, : image.shape[1], : image.shape[2]] = image
+    return images, torch.tensor(sizes), alone
+
+
+def test_crops_lie_inside_each_images_own_extent() -> None:
+    sizes = torch.tensor([[375, 500], [120, 500], [500, 90], [32, 32]]).repeat(500, 1)
+    crops = sample_view_parameters(
+        len(sizes), sizes, ViewConfig(image_size=32), torch.Generator().manual_seed(0)
+    ).crop
+    top, left, height, width = crops.unbind(dim=1)
+    assert (top >= 0).all() and (left >= 0).all() and (height > 0).all() and (width > 0).all()
+    assert (top + height <= sizes[:, 0]).all() and (left + width <= sizes[:, 1]).all()
+    # The whole photo is reachable: some crops touch its far edges.
+    assert ((top + height == sizes[:, 0]) & (sizes[:, 0] == 375)).any()
+    assert ((left + width == sizes[:, 1]) & (sizes[:, 1] == 500)).any()
+
+
+def test_views_of_a_padded_batch_equal_views_of_each_image_alone() -> None:
+    config = ViewConfig(image_size=24, blur=True, color_jitter_prob=0.5)
+    images, sizes, alone = padded_batch([(40, 56), (64, 30), (24, 24)])
+    parameters = sample_view_parameters(3, sizes, config, torch.Generator().manual_seed(4))
+    views = make_views(images, parameters, config)
+    for row, image in enumerate(alone):
+        own = make_views(image[None], parameters_row(parameters, row), config)
+        torch.testing.assert_close(views[row : row + 1], own, atol=1e-5, rtol=0)
+
+
+def parameters_row(parameters: ViewParameters, row: int) -> ViewParameters:
+    return ViewParameters(
+        **{
+            field.name: getattr(parameters, field.name)[row : row + 1]
+            for field in dataclasses.fields(parameters)
+        }
     )
-    assert (flipped.flip(-1) - roi).abs().max() < 1e-5
+
+
+def test_two_views_refuse_sizes_outside_the_batch() -> None:
+    images, sizes, _ = padded_batch([(20, 20), (16, 24)])
+    with pytest.raises(ValueError, match="within the padded images"):
+        SimCLRViews(ViewConfig(image_size=16))(images, sizes + 1, torch.Generator())
 
 
 # --- Shapes, determinism, pairing ----------------------------------------------------------------
@@ -353,7 +398,7 @@ def test_two_views_shapes_dtype_and_finiteness(
     image_size: int, height: int, width: int, blur: bool | None
 ) -> None:
     images = torch.randint(0, 256, (5, 3, height, width), dtype=torch.uint8)
-    first, second = BatchedTwoViews(ViewConfig(image_size=image_size, blur=blur))(images)
+    first, second = SimCLRViews(ViewConfig(image_size=image_size, blur=blur))(images)
     for view in (first, second):
         assert view.shape == (5, 3, image_size, image_size)
         assert view.dtype == torch.float32 and view.device == images.device
@@ -370,7 +415,7 @@ def test_extreme_images_stay_finite_and_in_range() -> None:
             torch.randint(0, 2, (3, 16, 16), dtype=torch.uint8) * 255,
         ]
     )
-    first, second = BatchedTwoViews(config, torch.Generator().manual_seed(0))(images.repeat(20, 1, 1, 1))
+    first, second = SimCLRViews(config, torch.Generator().manual_seed(0))(images.repeat(20, 1, 1, 1))
     for view in (first, second):
         assert torch.isfinite(view).all()
         assert view.min() >= -1e-6 and view.max() <= 1 + 1e-6
@@ -379,9 +424,9 @@ def test_extreme_images_stay_finite_and_in_range() -> None:
 def test_seeded_generator_gives_the_same_views() -> None:
     config = ViewConfig(image_size=32, blur=True)
     images = torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8)
-    first = BatchedTwoViews(config, torch.Generator().manual_seed(7))(images)
-    again = BatchedTwoViews(config, torch.Generator().manual_seed(7))(images)
-    other = BatchedTwoViews(config, torch.Generator().manual_seed(8))(images)
+    first = SimCLRViews(config, torch.Generator().manual_seed(7))(images)
+    again = SimCLRViews(config, torch.Generator().manual_seed(7))(images)
+    other = SimCLRViews(config, torch.Generator().manual_seed(8))(images)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
 
@@ -391,14 +436,14 @@ def test_views_are_paired_with_their_image() -> None:
     config = ViewConfig(image_size=16, color_strength=0.0, grayscale_prob=0.0, mean=(0, 0, 0), std=(1, 1, 1))
     levels = torch.arange(40, dtype=torch.uint8) * 6
     images = levels.view(40, 1, 1, 1).expand(40, 3, 16, 16).contiguous()
-    first, second = BatchedTwoViews(config, torch.Generator().manual_seed(0))(images)
+    first, second = SimCLRViews(config, torch.Generator().manual_seed(0))(images)
     expected = levels.float() / 255
     torch.testing.assert_close(first.mean(dim=(1, 2, 3)), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(second.mean(dim=(1, 2, 3)), expected, atol=1e-5, rtol=0)
 
 
 def test_invalid_inputs_raise() -> None:
-    two_views = BatchedTwoViews(ViewConfig(image_size=16))
+    two_views = SimCLRViews(ViewConfig(image_size=16))
     with pytest.raises(ValueError, match="uint8"):
         two_views(torch.rand(2, 3, 16, 16))
     with pytest.raises(ValueError, match="uint8"):
@@ -443,16 +488,24 @@ def per_image_statistics_cpu(images: torch.Tensor, config: ViewConfig, repeats: 
 
 
 def per_image_statistics_batched(images: torch.Tensor, config: ViewConfig, repeats: int) -> torch.Tensor:
-    two_views = BatchedTwoViews(config, torch.Generator().manual_seed(0))
+    two_views = SimCLRViews(config, torch.Generator().manual_seed(0))
     statistics = [view_statistics(view) for _ in range(repeats // 2) for view in two_views(images)]
     return torch.stack(statistics).mean(0)
 
 
 @pytest.fixture(scope="module")
 def photos_at(hymenoptera: Path) -> dict[int, torch.Tensor]:
-    """96 real photos decoded to 32 px and 128 px squares, the same pixels for both paths."""
+    """96 real photos as 32 px and 128 px central squares, the same pixels for both paths."""
     paths = find_images(hymenoptera / "train")[::2][:96]
-    return {side: decode_images(paths, side).images for side in (32, 128)}
+    return {
+        side: torch.stack(
+            [
+                pil_to_tensor(ImageOps.fit(load_rgb(path), (side, side), Image.Resampling.BICUBIC))
+                for path in paths
+            ]
+        )
+        for side in (32, 128)
+    }
 
 
 @pytest.mark.parametrize(
@@ -504,8 +557,8 @@ def describe(cpu: torch.Tensor, ours: torch.Tensor) -> str:
 
 def test_cpu_views_use_one_thread_and_restore_the_setting() -> None:
     torch.set_num_threads(2)  # the autouse fixture restores the original count afterwards
-    with _one_thread_on_cpu(torch.device("cpu")):
+    with one_thread_on_cpu(torch.device("cpu")):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
-    BatchedTwoViews(ViewConfig(image_size=8))(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    SimCLRViews(ViewConfig(image_size=8))(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert torch.get_num_threads() == 2

@@ -1,0 +1,149 @@
+"""ModelSpec: what a model is (arch, stem, image size, normalisation, head, classes), and the rules
+that follow from it.
+
+Every artifact stores its spec as str→str safetensors metadata (`to_metadata`); every stage and use
+command rebuilds the model and its preprocessing from `ModelSpec.from_metadata`, so the rules below
+are written once:
+
+- the small-image stem for images of `SMALL_IMAGE_SIDE` px or less (trap 4 in DESIGN.md: a 32 px
+  image through an ImageNet stem is 8 px after it);
+- the evaluation resize (`eval_resize_side`): above 64 px the shorter side goes to
+  ``round(S / 0.875)`` and the central ``S x S`` is kept (the ImageNet protocol, SimCLR's
+  ``CROP_PROPORTION``); at 64 px or less to ``S``, so small images lose nothing;
+- ImageNet's mean and std, what timm and torchvision backbones expect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from labelfew.errors import UserError
+
+SMALL_IMAGE_SIDE = 64
+"""Images this size or smaller get the small-image stem and are resized, never cropped, for evaluation."""
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet RGB in [0, 1]."""
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of ImageNet RGB in [0, 1]."""
+EVAL_CROP_FRACTION = 0.875
+"""Evaluation keeps the central 87.5% (SimCLR's ``CROP_PROPORTION``): 256 -> 224."""
+
+
+def uses_small_stem(image_size: int) -> bool:
+    """Whether a model for `image_size` px gets the 3×3 stride-1 stem without max-pool."""
+    return image_size <= SMALL_IMAGE_SIDE
+
+
+def eval_resize_side(image_size: int) -> int:
+    """The shorter side an image is resized to before the central `image_size` crop (256 for 224)."""
+    return image_size if image_size <= SMALL_IMAGE_SIDE else round(image_size / EVAL_CROP_FRACTION)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The SimCLR projection head: `depth` linear layers, `hidden` wide, `dim` outputs."""
+
+    depth: int
+    hidden: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it images, without its weights.
+
+    Attributes:
+        arch: timm model name.
+        image_size: input side in pixels.
+        small_stem: the backbone has the small-image stem (`uses_small_stem` picks the default).
+        num_features: width of the backbone's pooled features.
+        mean, std: per-channel normalisation of RGB in [0, 1].
+        head: the projection head (pretrain's head file, or a model fine-tuned from a head layer).
+        from_head_layer: how many head blocks a classifier keeps between backbone and linear layer.
+        class_names: the class index order of a classifier; None for a backbone.
+        scratch: trained from random initialisation (the baseline, not a self-supervised start).
+    """
+
+    arch: str
+    image_size: int
+    small_stem: bool
+    num_features: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    head: HeadSpec | None = None
+    from_head_layer: int = 0
+    class_names: tuple[str, ...] | None = None
+    scratch: bool = False
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.class_names is not None
+
+    @property
+    def resize_side(self) -> int:
+        """See `eval_resize_side`."""
+        return eval_resize_side(self.image_size)
+
+    def backbone(self) -> ModelSpec:
+        """The spec of this model's backbone alone (no head, no classes)."""
+        return ModelSpec(self.arch, self.image_size, self.small_stem, self.num_features, self.mean, self.std)
+
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors metadata of format 1 (the keys and encodings every artifact so far has)."""
+        metadata = {
+            "arch": self.arch,
+            "num_features": str(self.num_features),
+            "image_size": str(self.image_size),
+            "small_stem": json.dumps(self.small_stem),
+            "mean": json.dumps(list(self.mean)),
+            "std": json.dumps(list(self.std)),
+        }
+        if self.class_names is not None:
+            metadata["class_names"] = json.dumps(list(self.class_names))
+            metadata["from_head_layer"] = str(self.from_head_layer)
+            metadata["scratch"] = json.dumps(self.scratch)
+        if self.head is not None:
+            metadata["projection_depth"] = str(self.head.depth)
+            metadata["projection_hidden"] = str(self.head.hidden)
+            metadata["projection_dim"] = str(self.head.dim)
+        return metadata
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], where: object = "artifact") -> ModelSpec:
+        """Reads the spec back from an artifact's metadata (any artifact written since format 1).
+
+        Raises:
+            UserError: a key is missing or unreadable, naming `where` (usually the file).
+        """
+        try:
+            head = None
+            if "projection_depth" in metadata:
+                head = HeadSpec(
+                    int(metadata["projection_depth"]),
+                    int(metadata["projection_hidden"]),
+                    int(metadata["projection_dim"]),
+                )
+            class_names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
+            return cls(
+                arch=metadata["arch"],
+                image_size=int(metadata["image_size"]),
+                small_stem=bool(json.loads(metadata["small_stem"])),
+                num_features=int(metadata["num_features"]),
+                mean=_triple(json.loads(metadata["mean"])),
+                std=_triple(json.loads(metadata["std"])),
+                head=head,
+                from_head_layer=int(metadata.get("from_head_layer", "0")),
+                class_names=tuple(str(name) for name in class_names) if class_names is not None else None,
+                scratch=bool(json.loads(metadata.get("scratch", "false"))),
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserError(
+                f"{where}: its model description is incomplete or unreadable ({error!r}); "
+                "rerun the stage that wrote it"
+            ) from None
+
+
+def _triple(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(value) for value in values)

@@ -1,0 +1,252 @@
+"""`labelfew select`: which images of an unlabeled folder to label first.
+
+Embeds the folder with the run's pretrained backbone, clusters the embeddings into budget +
+already-labelled clusters, and picks per `--strategy` (see `labelfew.selection`):
+
+- typical (TypiClust, arXiv 2202.02794): the most typical image of each cluster that the
+  labelled images do not cover, largest cluster first. The default without a fine-tuned model.
+- uncertain: the smallest top-1 − top-2 softmax margin of the fine-tuned model, one image per
+  cluster a round, so that one confusing region cannot take the whole budget.
+- mixed (the default with a fine-tuned model and `--labels`): typical picks until the labels
+  reach `MIXED_TYPICAL_PER_CLASS` per class of the model, uncertain picks after.
+
+Writes `to-label.csv` (`path,label`, label empty, paths relative to the CSV's folder) and
+`to-label.html` beside it (`labelfew.report.label_page`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from labelfew import selection
+from labelfew.artifacts import (
+    Artifact,
+    load_artifact,
+    resolve_artifact,
+    resolve_model,
+    stage_info,
+    stage_names,
+)
+from labelfew.config import SelectConfig
+from labelfew.data.images import find_images
+from labelfew.data.labels import read_labels
+from labelfew.errors import UserError
+from labelfew.fileio import atomic_write_text
+from labelfew.models import features_model, load_model
+from labelfew.report.label_page import PageItem, thumbnail_uri, write_label_page
+from labelfew.use.inference import run_model
+
+console = Console()
+
+
+def _models(source: Path | None) -> tuple[Artifact, Artifact | None]:
+    """(the pretrained backbone to embed with, the fine-tuned model if `--from` leads to one).
+
+    Raises:
+        UserError: nothing found, or no pretrained backbone in the run (a `--scratch` model alone).
+    """
+    artifact = resolve_model(source, ("classifier", "backbone"))
+    if stage_info(artifact.stage).kind == "backbone":
+        return artifact, None
+    parent = (artifact.run_info().get("parent") or {}).get("path")
+    if parent and Path(parent).is_file():
+        return load_artifact(Path(parent)), artifact
+    try:
+        backbone = resolve_artifact(artifact.path.parent.parent, stage_names(("backbone",)))
+    except UserError:
+        raise UserError(
+            f"{artifact.path}: its run has no pretrained backbone; select embeds with one: run "
+            "`labelfew pretrain FOLDER` first, or pass --from a run or artifact that has one"
+        ) from None
+    return load_artifact(backbone), artifact
+
+
+def _embed(paths: list[Path], artifact: Artifact, config: SelectConfig) -> tuple[np.ndarray, list[int]]:
+    """L2-normalised backbone features of the decodable files, and their indices into `paths`.
+
+    Shape: -> (decodable files, num_features)
+    """
+    model = features_model(load_model(artifact))
+    outputs = run_model(model, paths, artifact.spec, config.batch_size, config.workers, "embed", config.quiet)
+    if outputs.errors and not config.quiet:
+        console.print(f"[yellow]{len(outputs.errors)} file(s) could not be decoded[/] and are not chosen")
+    return selection.normalize(outputs.values.numpy()), outputs.kept
+
+
+def _probabilities(paths: list[Path], kept: list[int], model: Artifact, config: SelectConfig) -> np.ndarray:
+    """Softmax outputs of the fine-tuned model on the files in `kept` (in that order).
+
+    Shape: -> (len(kept), classes)
+    """
+    files = [paths[index] for index in kept]
+    outputs = run_model(
+        load_model(model), files, model.spec, config.batch_size, config.workers, "classify", config.quiet
+    )
+    if len(outputs.kept) != len(kept):
+        raise UserError(f"{config.folder}: files changed while select read them; rerun it")
+    return torch.softmax(outputs.values, dim=1).numpy()
+
+
+def _labelled(labels: Path | None, paths: list[Path]) -> np.ndarray:
+    """A mask of the folder's files that `--labels` already labels.
+
+    Raises:
+        UserError: a labelled path is not in the folder.
+    """
+    mask = np.zeros(len(paths), dtype=bool)
+    if labels is None:
+        return mask
+    position = {Path(os.path.normpath(path.absolute())): index for index, path in enumerate(paths)}
+    known = read_labels(labels)
+    outside = [path for path in known.paths if Path(os.path.normpath(path)) not in position]
+    if outside:
+        raise UserError(
+            f"--labels {labels}: {len(outside)} of its {len(known)} paths are not in the folder (e.g. "
+            f"{outside[0]}); pass the labels of images in this folder"
+        )
+    mask[[position[Path(os.path.normpath(path))] for path in known.paths]] = True
+    return mask
+
+
+def _strategy(config: SelectConfig, model: Artifact | None) -> str:
+    if config.strategy is None:
+        return "mixed" if model is not None and config.labels is not None else "typical"
+    if config.strategy in ("uncertain", "mixed") and model is None:
+        raise UserError(
+            f"--strategy {config.strategy} needs a fine-tuned model: pass --from a finetune artifact or a "
+            "run folder with one (or use --strategy typical)"
+        )
+    return config.strategy
+
+
+def choose(
+    embeddings: np.ndarray,
+    labelled: np.ndarray,
+    budget: int,
+    strategy: str,
+    seed: int,
+    probabilities: np.ndarray | None = None,
+) -> tuple[list[selection.Pick], np.ndarray]:
+    """The picks (rows of `embeddings`) and every row's cluster, for one strategy.
+
+    Shape: embeddings (N, D), labelled (N,) bool, probabilities (N, classes) -> clusters (N,)
+    """
+    clusters = selection.cluster(embeddings, budget + int(labelled.sum()), seed)
+    typical_count = budget
+    if strategy != "typical":
+        assert probabilities is not None
+        typical_count = (
+            selection.mixed_split(int(labelled.sum()), budget, probabilities.shape[1])[0]
+            if strategy == "mixed"
+            else 0
+        )
+    picks = selection.choose_typical(embeddings, clusters, labelled, typical_count, seed=seed)
+    if typical_count < budget:
+        taken = labelled.copy()
+        taken[[pick.row for pick in picks]] = True
+        assert probabilities is not None
+        margin = selection.margins(probabilities)
+        picks += selection.choose_uncertain(margin, clusters, taken, budget - typical_count)
+    return picks, clusters
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
+    except ValueError:  # another drive on Windows
+        return path.absolute().as_posix()
+
+
+def _classes(config: SelectConfig, model: Artifact | None) -> list[str]:
+    """The page's label choices: `--classes`, else the fine-tuned model's, else the labels' classes."""
+    if config.classes:
+        return [name.strip() for name in config.classes.split(",") if name.strip()]
+    if model is not None:
+        return list(model.spec.class_names or [])
+    return read_labels(config.labels).class_names if config.labels is not None else []
+
+
+def _write(
+    config: SelectConfig,
+    chosen: list[Path],
+    picks: list[selection.Pick],
+    clusters: np.ndarray,
+    classes: list[str],
+) -> Path:
+    """Writes the CSV and the page beside it; returns the page's path."""
+    folder = config.out.absolute().parent
+    rows = [_relative(path, folder) for path in chosen]
+    atomic_write_text(config.out, "path,label\n" + "".join(f"{_csv_cell(row)},\n" for row in rows))
+    sizes = np.bincount(clusters)
+    items = [
+        PageItem(row, pick.cluster, int(sizes[pick.cluster]), pick.reason, thumbnail_uri(path))
+        for row, pick, path in zip(rows, picks, chosen, strict=True)
+    ]
+    title = f"{len(items)} images to label from {config.folder.name or config.folder}"
+    return write_label_page(config.out.with_suffix(".html"), items, classes, title)
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
+
+
+def run(config: SelectConfig) -> Path:
+    """Chooses `config.budget` images to label; writes the CSV and the page, returns the CSV's path.
+
+    Raises:
+        UserError: a budget above the unlabelled images, `--labels` outside the folder, no
+            pretrained backbone, or `uncertain`/`mixed` without a fine-tuned model.
+    """
+    if config.out.suffix.lower() != ".csv":
+        raise UserError(f"--out {config.out}: name the file *.csv (the page goes beside it as *.html)")
+    pretrained, model = _models(config.source)
+    paths = find_images(config.folder)
+    labelled = _labelled(config.labels, paths)
+    available = len(paths) - int(labelled.sum())
+    if config.budget > available:
+        raise UserError(
+            f"--budget {config.budget}: {config.folder} has only {available} unlabelled images; use at most {available}"
+        )
+    strategy = _strategy(config, model)
+    embeddings, kept = _embed(paths, pretrained, config)
+    labelled = labelled[kept]
+    if config.budget > len(kept) - int(labelled.sum()):
+        raise UserError(
+            f"--budget {config.budget}: only {len(kept) - int(labelled.sum())} unlabelled images decode"
+        )
+    probabilities = _probabilities(paths, kept, model, config) if strategy != "typical" and model else None
+    picks, clusters = choose(embeddings, labelled, config.budget, strategy, config.seed, probabilities)
+    chosen = [paths[kept[pick.row]] for pick in picks]
+    page = _write(config, chosen, picks, clusters, _classes(config, model))
+    if not config.quiet:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(p.reason for p in picks).items())
+        console.print(
+            f"chose {len(picks)} of {len(kept)} images ({reasons}; {strategy}, {int(labelled.sum())} already "
+            f"labelled, {len(np.unique(clusters))} clusters); wrote {config.out} and {page}"
+        )
+    _record(config, strategy, pretrained, model, len(kept))
+    return config.out
+
+
+def _record(
+    config: SelectConfig, strategy: str, pretrained: Artifact, model: Artifact | None, images: int
+) -> None:
+    """`<out stem>.json` beside the CSV: how the selection was made, to reproduce it."""
+    record = {
+        "folder": str(config.folder.absolute()),
+        "images": images,
+        "budget": config.budget,
+        "strategy": strategy,
+        "seed": config.seed,
+        "labels": str(config.labels.absolute()) if config.labels else None,
+        "pretrain": str(pretrained.path.absolute()),
+        "finetune": str(model.path.absolute()) if model else None,
+    }
+    atomic_write_text(config.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

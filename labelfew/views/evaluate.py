@@ -1,0 +1,77 @@
+"""The deterministic evaluation view of a uint8 batch: resize the shorter side, centre crop, normalise.
+
+Above 64 px the shorter side is resized to ``round(S / 0.875)`` and the central ``S x S`` kept
+(the standard ImageNet protocol, SimCLR's ``CROP_PROPORTION``); at 64 px or less it is resized
+to ``S``, so that a small square image is used whole. Sizes and crop anchors follow
+torchvision's ``Resize(int)`` and ``CenterCrop``, the resampling is Pillow's bicubic
+(`labelfew.views.ops`), and only the rows and columns the crop keeps are computed. An image that
+the source already stored at the evaluation side (`labelfew.data.images.load_resized`) is only
+cropped: its view equals torchvision's ``eval`` transform of the photo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from labelfew.spec import eval_resize_side
+from labelfew.views.config import check_image_size, resized_extent, resolve_mean_std
+from labelfew.views.ops import (
+    bicubic_weights,
+    check_images,
+    full_sizes,
+    normalization,
+    normalize,
+    resample,
+    to_device,
+)
+
+
+class EvalView:
+    """The evaluation view of every image of a batch.
+
+    Args:
+        image_size: Output side ``S`` in pixels.
+        mean: Normalisation mean; None for ImageNet's.
+        std: Normalisation standard deviation; None for ImageNet's.
+    """
+
+    def __init__(
+        self, image_size: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    ) -> None:
+        check_image_size(image_size)
+        self.image_size = image_size
+        self.mean, self.std = resolve_mean_std(mean, std)
+
+    def __call__(self, images: Tensor, sizes: Tensor | None = None) -> Tensor:
+        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32."""
+        sizes = full_sizes(images) if sizes is None else sizes.cpu()
+        check_images(images, sizes)
+        device, size = images.device, self.image_size
+        plan = torch.tensor(
+            [_resize_and_crop(height, width, size) for height, width in sizes.tolist()], dtype=torch.float32
+        )
+        heights, widths, resized_heights, resized_widths, tops, lefts = to_device(plan, device).unbind(dim=1)
+        zeros = torch.zeros_like(heights)
+        with torch.no_grad():
+            rows = bicubic_weights(
+                zeros, heights, size, images.shape[-2], resized_length=resized_heights, offset=tops
+            )
+            columns = bicubic_weights(
+                zeros, widths, size, images.shape[-1], resized_length=resized_widths, offset=lefts
+            )
+            views = resample(images, torch.arange(images.shape[0], device=device), rows, columns)
+            return normalize(views, *normalization(self.mean, self.std, device))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size})"
+
+
+def _resize_and_crop(height: int, width: int, size: int) -> tuple[int, int, int, int, int, int]:
+    """(height, width, resized height, resized width, crop top, crop left) of one image."""
+    resized_height, resized_width = resized_extent(height, width, eval_resize_side(size))
+    top = round((resized_height - size) / 2.0)
+    left = round((resized_width - size) / 2.0)
+    return height, width, resized_height, resized_width, top, left

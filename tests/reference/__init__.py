@@ -1,0 +1,1 @@
+"""Reference implementations that exist only to check the package."""

@@ -1,0 +1,161 @@
+"""Fine-tuning stage: the new classifier's init and optimizer groups, and the lr search."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from labelfew.config import FinetuneConfig, PretrainConfig
+from labelfew.data.labels import LabeledImages
+from labelfew.errors import UserError
+from labelfew.optim import LARS, finetune_learning_rate
+from labelfew.stages import finetune, pretrain
+
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def _scratch_start(side: int = 32) -> finetune.Start:
+    return finetune.Start(None, "test_resnet", side, side <= 64, *IMAGENET)
+
+
+def test_the_new_classifier_starts_at_zero() -> None:
+    """SimCLR's `zero_init_logits_layer`: the first steps train the classifier, not the features."""
+    torch.manual_seed(0)
+    model = finetune.build_classifier(_scratch_start(), num_classes=3, from_head_layer=0, load_weights=False)
+    assert (
+        torch.count_nonzero(model.classifier.weight) == 0 and torch.count_nonzero(model.classifier.bias) == 0
+    )
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(images), torch.zeros(2, 3))
+    model(images).logsumexp(dim=1).sum().backward()  # not a dead layer: the classifier gets a gradient
+    assert model.classifier.bias.grad is not None and torch.count_nonzero(model.classifier.bias.grad) == 3
+
+
+def test_the_classifier_is_neither_lars_adapted_nor_decayed() -> None:
+    """SimCLR's `lars_optimizer.py` excludes `head_supervised` from adaptation and weight decay."""
+    model = finetune.build_classifier(_scratch_start(), num_classes=3, from_head_layer=0, load_weights=False)
+    config = FinetuneConfig(labels=Path("labels.csv"), optimizer="lars", weight_decay=1e-4)
+    optimizer = finetune.build_finetune_optimizer(config, model, lr=0.1)
+    assert isinstance(optimizer, LARS)
+    group_of = {id(param): group for group in optimizer.param_groups for param in group["params"]}
+    for param in model.classifier.parameters():
+        assert (group_of[id(param)]["lars_adapt"], group_of[id(param)]["weight_decay"]) == (False, 0.0)
+    conv = next(param for param in model.backbone.parameters() if param.ndim == 4)
+    assert (group_of[id(conv)]["lars_adapt"], group_of[id(conv)]["weight_decay"]) == (True, 1e-4)
+
+
+# --- --lr auto ---------------------------------------------------------------------------------
+
+
+def test_the_lr_rule_follows_the_optimizer_and_the_batch() -> None:
+    assert finetune_learning_rate("sgd", 64) == pytest.approx(0.0125)  # SimCLR B.5: 0.05 × B / 256
+    assert finetune_learning_rate("sgd", 256) == pytest.approx(0.05)
+    assert finetune_learning_rate("lars", 1024) == pytest.approx(0.16)  # SimCLRv2: 0.005 × √B
+    assert finetune_learning_rate("adamw", 256) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="Unknown optimizer"):
+        finetune_learning_rate("adam", 64)  # type: ignore[arg-type]
+
+
+def test_auto_is_the_default_and_a_bad_lr_is_refused() -> None:
+    assert FinetuneConfig(labels=Path("labels.csv")).lr == "auto"
+    assert finetune.explicit_lr("auto") is None and finetune.explicit_lr(0.05) == 0.05
+    with pytest.raises(UserError, match="--lr fast"):
+        FinetuneConfig(labels=Path("labels.csv"), lr="fast")
+    with pytest.raises(UserError, match="--lr 0"):
+        FinetuneConfig(labels=Path("labels.csv"), lr=0.0)
+
+
+def test_search_length_is_a_quarter_of_the_epochs_and_at_least_50_steps() -> None:
+    assert finetune.search_epochs(60, steps_per_epoch=48) == 15  # 3,068 photos at batch 64
+    assert finetune.search_epochs(60, steps_per_epoch=3) == 17  # 245 photos: 51 steps
+    assert finetune.search_epochs(2, steps_per_epoch=10) == 2  # never longer than the run
+
+
+def test_the_held_out_fifth_is_stratified_and_classes_with_few_labels_keep_theirs(tmp_path: Path) -> None:
+    paths = tuple(tmp_path / f"{index}.png" for index in range(23))
+    labels = ("a",) * 10 + ("b",) * 11 + ("c",) * 2
+    fit, check = finetune.search_split(LabeledImages(paths, labels, tmp_path), seed=0)
+    assert check.counts() == {"a": 2, "b": 2} and fit.counts() == {"a": 8, "b": 9, "c": 2}
+    assert not set(fit.paths) & set(check.paths)
+    assert finetune.search_split(LabeledImages(paths, labels, tmp_path), seed=0)[1] == check  # seeded
+
+
+def test_warmup_is_linear_over_the_first_steps_then_cosine() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = finetune._schedule(optimizer, steps=100, warmup_fraction=0.05)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert rates[5] == pytest.approx(0.1) and rates[-1] < 0.001
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrain(
+    digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """A 1-epoch pretrain on 60 digits, and 10 labels of each of 3 classes."""
+    work = tmp_path_factory.mktemp("lr-auto")
+    for name, count, classes in (("unlabeled", 6, 10), ("labels", 10, 3)):
+        for folder in sorted(digits_folder[0].iterdir())[:classes]:
+            (work / name / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                shutil.copy(path, work / name / folder.name / path.name)
+    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
+                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
+    return {"run": work / "run", "labels": work / "labels", "work": work}
+
+
+def _finetune(tiny: dict[str, Path], out: str, **options: Any) -> dict[str, Any]:
+    config = FinetuneConfig(labels=tiny["labels"], source=tiny["run"], out=tiny["work"] / out, epochs=2,
+                            batch_size=8, workers=0, quiet=True, **options)  # fmt: skip
+    finetune.run(config)
+    return json.loads((tiny["work"] / out / "run.json").read_text())
+
+
+def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scores = iter([0.5, 0.7, 0.9, 0.9])  # ×4 and ×8 tie: the smaller lr wins
+    monkeypatch.setattr(finetune, "accuracy", lambda *args: next(scores))
+    record = _finetune(tiny_pretrain, "auto")
+    search = record["lr_search"]
+    rule = 0.05 * 8 / 256
+    assert [item["lr"] for item in search["candidates"]] == pytest.approx(
+        [rule, 2 * rule, 4 * rule, 8 * rule]
+    )
+    assert (search["fit_images"], search["held_out_images"]) == (24, 6)  # 2 of each class's 10 held out
+    assert search["candidates"][0]["steps"] == 6  # 3 steps an epoch, for all 2 epochs
+    assert record["lr"] == search["chosen"] == pytest.approx(4 * rule) == record["config"]["lr"]
+    assert record["labels"]["images"] == 30  # then trained on all the labels
+    # A rerun (after a kill, or to rebuild) reads lr_search.json instead of searching again.
+    monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched again"))
+    (tiny_pretrain["work"] / "auto" / "model.safetensors").unlink()
+    assert _finetune(tiny_pretrain, "auto")["lr"] == pytest.approx(4 * rule)
+
+
+def test_an_explicit_lr_skips_the_search(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched"))
+    record = _finetune(tiny_pretrain, "explicit", lr=0.03)
+    assert record["lr"] == 0.03 and record["lr_search"] is None
+    assert not (tiny_pretrain["work"] / "explicit" / "lr_search.json").exists()
+
+
+def test_with_too_few_labels_to_hold_out_the_rule_is_used_and_said(tiny_pretrain: dict[str, Path]) -> None:
+    labels = tiny_pretrain["work"] / "two-each"
+    for folder in sorted(tiny_pretrain["labels"].iterdir()):
+        (labels / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:2]:
+            shutil.copy(path, labels / folder.name / path.name)
+    record = _finetune({**tiny_pretrain, "labels": labels}, "two-each")
+    assert record["lr_search"]["candidates"] == [] and record["lr"] == pytest.approx(0.05 * 6 / 256)
+    assert "not searched" in record["lr_search"]["note"]
