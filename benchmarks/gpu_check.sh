@@ -25,7 +25,8 @@
 #      after the pretraining run rather than shortening it)
 #   3c. labelfew evaluate (kNN + linear probe) in the time left
 #
-# Options: --smoke (CPU, test_resnet, a few hundred images, 1 epoch; under ~3 min), --budget SECONDS,
+# Options: --smoke (CPU, test_resnet, a few hundred images, 1 epoch: ~1 min on 2 idle cores, budget
+# 900 s), --budget SECONDS,
 # --pretrain-seconds SECONDS, --skip-compile, --keep (keep the work folder). PYTHON=... picks the
 # interpreter (default: python3; with --smoke, .venv/bin/python when there is one).
 set -uo pipefail # no -e: a failing step is recorded and the script goes on
@@ -58,7 +59,7 @@ export PYTHONUNBUFFERED=1
 if ((SMOKE)); then
   MODE=smoke
   PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo "$REPO/.venv/bin/python" || echo python3)}
-  BUDGET=${BUDGET:-300} PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-20} MIN_STEP=10
+  BUDGET=${BUDGET:-900} PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-20} MIN_STEP=10 # a bound: ~1 min on idle cores
   R18=(--arch test_resnet --image-size 32 --batch-size 32 --steps 2 --warmup 1 --repeats 1 --limit 256)
   R18_COMPILE_ROWS=bare # compiling on 2 CPU cores takes a minute per model
   R50=(--arch test_resnet --image-size 96 --batch-size 16 --steps 1 --warmup 1 --repeats 1 --synthetic-count 48)
@@ -149,12 +150,12 @@ echo "gpu_check ($MODE): budget ${BUDGET} s, python $PY, out $OUT, work $WORK"
 setup() {
   local site=/tmp/site
   ((SMOKE)) && site=$WORK/site
-  if compgen -G "benchmarks/.cache/wheels/*.whl" >/dev/null; then
+  if compgen -G "benchmarks/.cache/gpu_check/wheels/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-      benchmarks/.cache/wheels/*.whl || echo "setup: installing the wheels failed"
+      benchmarks/.cache/gpu_check/wheels/*.whl || echo "setup: installing the wheels failed"
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "setup: no wheels in benchmarks/.cache/wheels (run bash benchmarks/gpu_prep.sh here first)"
+    echo "setup: no wheels in benchmarks/.cache/gpu_check/wheels (run bash benchmarks/gpu_prep.sh here first)"
   fi
   if ((SMOKE)); then
     echo "setup: --smoke: pip install -e . skipped (the venv has labelfew)"
@@ -182,10 +183,10 @@ PYTHON
     echo "setup: $PY sees no CUDA GPU; on a CPU run with --smoke"
     return 5
   fi
-  local archive=benchmarks/.cache/cifar10_jpg.tar.gz
+  local archive=benchmarks/.cache/gpu_check/cifar10_jpg.tar.gz
   [[ -f $archive ]] || archive=../shared/datasets/cifar10_jpg/cifar10_jpg.tar.gz
   if [[ ! -f $archive ]]; then
-    echo "setup: no CIFAR-10 archive (benchmarks/.cache/cifar10_jpg.tar.gz: run benchmarks/gpu_prep.sh)"
+    echo "setup: no CIFAR-10 archive (benchmarks/.cache/gpu_check/cifar10_jpg.tar.gz: run benchmarks/gpu_prep.sh)"
     return 3
   fi
   if ((SMOKE)); then # 40 training and 20 test images per class

@@ -191,7 +191,7 @@ def write_report(args: argparse.Namespace) -> None:
     steps = read_steps(work)
     commit = git("rev-parse", "--short", "HEAD")
     dirty = None if commit == "unknown" else bool(git("status", "--porcelain", "--untracked-files=no"))
-    source = read_json(Path(__file__).resolve().parent / ".cache" / "source.json")
+    source = read_json(Path(__file__).resolve().parent / ".cache" / "gpu_check" / "source.json")
     if commit == "unknown" and source:  # no .git on the device machine: what gpu_prep.sh saw
         commit, dirty = source.get("commit", "unknown"), source.get("dirty")
     meta = {

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Prepares, on this machine, what benchmarks/gpu_check.sh needs on the device machine, which has no
-# network: everything goes into benchmarks/.cache/ (ignored by git), which the device `run` call
-# names in `carry`.
+# network: everything goes into benchmarks/.cache/gpu_check/ (ignored by git), the one folder the
+# device `run` call names in `carry` (not benchmarks/.cache itself: label_efficiency.py keeps its
+# unpacked CIFAR-10 and runs there, hundreds of MB).
 #
-#   benchmarks/.cache/wheels/           lightly 1.6.0 and the dependencies the device's python3
+#   benchmarks/.cache/gpu_check/wheels/ lightly 1.6.0 and the dependencies the device's python3
 #                                       lacks (hydra-core, omegaconf, antlr4-python3-runtime; it has
 #                                       torch, torchvision, pytorch-lightning, tqdm, pyyaml, numpy...),
 #                                       all pure-Python wheels, installed there with --no-deps
-#   benchmarks/.cache/cifar10_jpg.tar.gz   the CIFAR-10 JPEG archive (19 MB), sha256 checked
-#   benchmarks/.cache/source.json       the commit this was prepared from (the device copy has no .git)
+#   benchmarks/.cache/gpu_check/cifar10_jpg.tar.gz   the CIFAR-10 JPEG archive (19 MB), sha256 checked
+#   benchmarks/.cache/gpu_check/source.json   the commit this was prepared from (the device copy has no .git)
 #
 #   bash benchmarks/gpu_prep.sh            # PYTHON=... to use another interpreter's pip
 #
 # Needs pip and the package index here; ../shared/datasets/cifar10_jpg beside the checkout.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-CACHE=benchmarks/.cache
+CACHE=benchmarks/.cache/gpu_check
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 ARCHIVE=../shared/datasets/cifar10_jpg/cifar10_jpg.tar.gz
 ARCHIVE_SHA256=f894bb7213c9a373fd45814540b6bbc69674f3b1228079af0f7015ce342ea6bb
@@ -46,7 +47,6 @@ printf '{"commit": "%s", "dirty": %s, "prepared_utc": "%s"}\n' "$commit" "$dirty
 # What travels: tracked + untracked-not-ignored files, plus the carried folder; 64 MiB in all.
 tree_bytes=$( (git ls-files -z --cached --others --exclude-standard 2>/dev/null || true) |
   xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
-rm -rf "$CACHE/gpu-check-"* 2>/dev/null || true # earlier results here would travel too
 cache_bytes=$(du -sb "$CACHE" | cut -f1)
 total=$((tree_bytes + cache_bytes))
 ls -l "$CACHE" "$CACHE/wheels"

@@ -163,7 +163,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     test_x, test_y = backbone_features(artifact, test, classes)
     knn_options = {  # the recipe's [evaluate] k and T (the CIFAR recipes: 200 and 0.1)
         "k": int(recipe.get("evaluate", {}).get("knn_k", EvaluateConfig.knn_k)),
-        "temperature": float(recipe.get("evaluate", {}).get("knn_temperature", EvaluateConfig.knn_temperature)),
+        "temperature": float(
+            recipe.get("evaluate", {}).get("knn_temperature", EvaluateConfig.knn_temperature)
+        ),
     }
     knn_all = top1("kNN", knn_scores(train_x, train_y, test_x, len(classes), **knn_options).numpy(),
                    test_y.numpy(), classes)  # fmt: skip

@@ -25,6 +25,7 @@ from labelfew import __version__
 from labelfew.config import (
     COMMAND_CONFIGS,
     DemoConfig,
+    DistillConfig,
     EmbedConfig,
     EvaluateConfig,
     ExportConfig,
@@ -129,6 +130,12 @@ def _finetune(config: FinetuneConfig) -> Path:
     return finetune.run(config)
 
 
+def _distill(config: DistillConfig) -> Path:
+    from labelfew.stages import distill
+
+    return distill.run(config)
+
+
 def _evaluate(config: EvaluateConfig) -> Any:
     from labelfew.stages import evaluate
 
@@ -203,6 +210,10 @@ COMMANDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
         "Fine-tune the pretrained backbone (or a random one, --scratch) on labelled images.",
         _finetune,
     ),
+    "distill": (
+        "Distil the fine-tuned model into a student (same or smaller arch) on unlabeled images (SimCLRv2).",
+        _distill,
+    ),
     "evaluate": ("kNN, linear probe and fine-tuned accuracy on a labelled test set.", _evaluate),
     "demo": ("The whole pipeline on scikit-learn's bundled digits images (real data, no download).", _demo),
     "predict": ("Classify every image of a folder with the fine-tuned model; writes a CSV.", _predict),
@@ -227,6 +238,8 @@ def _plain(text: str) -> str:
 
 def _cli_type(annotation: Any) -> Any:
     """The type Typer parses: `int | None` -> int; a union of several types (`float | str`) -> str."""
+    if typing.get_origin(annotation) is tuple:  # a repeatable option: `--logger a --logger b`
+        return list[typing.get_args(annotation)[0]]  # type: ignore[misc]
     kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
     return kinds[0] if len(kinds) == 1 else str
 
@@ -260,7 +273,10 @@ def parameter(item: Field, spec: Option, annotation: Any) -> inspect.Parameter:
 
 
 def _typed(value: Any, annotation: Any) -> Any:
-    """A CLI string for a field of several types (`float | str`): the number when it is one."""
+    """A CLI string for a field of several types (`float | str`): the number when it is one; the
+    values of a repeated option as a tuple (none given: None, so the recipe or default holds)."""
+    if isinstance(value, list):
+        return tuple(value) or None
     if not isinstance(value, str) or _cli_type(annotation) is not str:
         return value
     for kind in (int, float):

@@ -49,6 +49,12 @@ FROM = Option(
     flag="--from", help="Artifact file, stage folder or run folder.", shown="the latest run under ./runs"
 )
 INFERENCE_BATCH = Option(minimum=1, help="Images per forward pass (lower it if memory runs out).")
+LOGGER = Option(
+    choices=("jsonl", "tensorboard", "mlflow"),
+    help="Where the loss, lr and speed go while training runs, besides log.jsonl (always written): "
+    "tensorboard (RUN/<stage>/tensorboard/, needs labelfew[tensorboard]) or mlflow (MLFLOW_TRACKING_URI "
+    "or ./mlruns, needs labelfew[mlflow]); repeat the flag for both.",
+)
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,7 @@ class PretrainConfig(_Validated):
         "an error).",
         shown="on with > 1 CUDA process",
     )
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
     checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
     restart: bool = option(False, RESTART)
     quiet: bool = option(False, QUIET)
@@ -230,6 +237,82 @@ class FinetuneConfig(_Validated):
     precision: str = option("auto", PRECISION)
     workers: int | None = option(None, WORKERS)
     seed: int = option(0, SEED)
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
+    checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
+    restart: bool = option(False, RESTART)
+    quiet: bool = option(False, QUIET)
+
+
+@dataclass(frozen=True)
+class DistillConfig(_Validated):
+    """SimCLRv2 distillation (arXiv 2006.10029, eq. 2): a student learns the fine-tuned teacher's
+    softmax on augmented unlabeled images."""
+
+    unlabeled: Path = option(
+        help="Folder of unlabeled images (searched recursively), e.g. the pretraining folder."
+    )
+    source: Path | None = option(
+        None, FROM, help="The teacher: a fine-tuned artifact, its stage folder or a run folder."
+    )
+    arch: str | None = option(
+        None,
+        help="The student's timm arch; another than the teacher's starts from random init (or `--from-pretrain`).",
+        shown="the teacher's, from the run's pretrained backbone",
+    )
+    from_pretrain: Path | None = option(
+        None, help="A pretrain artifact (or its folder) to start a student of another arch from."
+    )
+    temperature: float = option(
+        1.0,
+        above=0,
+        help="Softmax temperature of teacher and student alike (SimCLRv2: 1.0 big-to-small, 0.1 for "
+        "self-distillation).",
+    )
+    labels: Path | None = option(
+        None, help="Label CSV or class-per-folder tree for the labelled loss (with `--alpha`)."
+    )
+    alpha: float = option(
+        0.0,
+        minimum=0,
+        help="Weight of the labelled cross-entropy added to the distillation loss (0: unlabeled only, "
+        "which SimCLRv2 finds almost as good at 1% of the labels).",
+    )
+    out: Path | None = option(
+        None, help="Output folder.", shown="`distill-<labels>/` in the teacher's run folder"
+    )
+    epochs: int = option(
+        50,
+        minimum=1,
+        help="Training epochs (SimCLRv2 distils for half its pretraining epochs, 400 of 800; half of "
+        "pretrain's 100 here).",
+    )
+    batch_size: int = option(
+        256, minimum=2, help="The **global** batch (per process × processes); SimCLRv2 keeps pretraining's."
+    )
+    optimizer: str = option(
+        "lars",
+        choices=("lars", "sgd", "adamw"),
+        help="lars (SimCLRv2 distils with pretraining's), sgd or adamw.",
+    )
+    lr: float | None = option(
+        None,
+        above=0,
+        help="Learning rate, after a linear warmup over 10% of the steps, then cosine.",
+        shown="pretraining's 0.075·√B (lars), 0.05·B/256 (sgd), 1e-3 (adamw)",
+    )
+    weight_decay: float = option(1e-6, minimum=0, help="Weight decay (pretraining's); not on the classifier.")
+    precision: str = option("auto", PRECISION)
+    augment_on: str = option(
+        "auto",
+        choices=("auto", "device", "workers"),
+        help="As `pretrain`: `device` keeps the decoded images in memory, `workers` streams them.",
+    )
+    memory_budget: float = option(
+        4.0, above=0, hint="give a positive size in GiB (default 4)", help="GiB the decoded images may take."
+    )
+    workers: int | None = option(None, WORKERS)
+    seed: int = option(0, SEED)
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
     checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
     restart: bool = option(False, RESTART)
     quiet: bool = option(False, QUIET)
@@ -423,6 +506,7 @@ Config = TypeVar("Config")
 _SECTIONS: dict[type, str] = {
     PretrainConfig: "pretrain",
     FinetuneConfig: "finetune",
+    DistillConfig: "distill",
     EvaluateConfig: "evaluate",
 }
 
@@ -431,6 +515,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "subset": SubsetConfig,
     "select": SelectConfig,
     "finetune": FinetuneConfig,
+    "distill": DistillConfig,
     "evaluate": EvaluateConfig,
     "demo": DemoConfig,
     "predict": PredictConfig,

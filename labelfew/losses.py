@@ -25,7 +25,7 @@ import torch.distributed as torch_distributed
 import torch.nn.functional as functional
 from torch import Tensor
 
-__all__ = ["gather_with_grad", "nt_xent_loss"]
+__all__ = ["distillation_loss", "fixmatch_unlabeled_loss", "gather_with_grad", "nt_xent_loss"]
 
 
 def _is_distributed() -> bool:
@@ -140,3 +140,84 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
         self_mask[anchor_index, self_columns] = True
         logits = logits.masked_fill(self_mask, float("-inf"))
         return functional.cross_entropy(logits, positive_columns)
+
+
+def _float_logits(logits: Tensor) -> Tensor:
+    """Half-precision logits as float32 (softmax at a temperature loses digits in half precision)."""
+    return logits.float() if torch.finfo(logits.dtype).bits < 32 else logits
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Cross-entropy from the teacher's to the student's softmax, both at ``temperature``.
+
+    SimCLRv2 (Chen et al. 2020, https://arxiv.org/abs/2006.10029, eq. 2):
+    ``-sum_y softmax(teacher / t)[y] * log_softmax(student / t)[y]``, averaged over the batch. The
+    teacher is detached (it is not trained), and the temperature divides both sides (DESIGN.md trap
+    11: on one side only, the student's optimum is no longer the teacher's distribution). There is
+    no ``t**2`` factor: eq. 2 has none (Hinton et al.'s factor keeps gradients comparable when the
+    loss is mixed with a hard-label term at ``t > 1``); at the paper's ``t = 1`` it is 1 anyway.
+
+    Args:
+        student_logits: Shape: (batch_size, num_classes).
+        teacher_logits: The teacher's logits on the same views, from a model in eval mode.
+            Shape: (batch_size, num_classes).
+        temperature: Divides both logits; SimCLRv2 uses 1.
+
+    Returns:
+        Scalar, float32 (or float64 for float64 inputs), even under autocast.
+
+    Raises:
+        ValueError: non-positive temperature, or logits of different or wrong shapes.
+    """
+    if not temperature > 0:
+        raise ValueError(f"Distillation temperature must be positive, got {temperature}.")
+    if (
+        student_logits.ndim != 2
+        or student_logits.shape != teacher_logits.shape
+        or student_logits.shape[0] == 0
+    ):
+        raise ValueError(
+            "Distillation expects non-empty student and teacher logits of the same shape (batch_size, "
+            f"num_classes), got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}."
+        )
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student = _float_logits(student_logits) / temperature
+        targets = torch.softmax(_float_logits(teacher_logits.detach()) / temperature, dim=1)
+        return -(targets * functional.log_softmax(student, dim=1)).sum(dim=1).mean()
+
+
+def fixmatch_unlabeled_loss(
+    weak_logits: Tensor, strong_logits: Tensor, threshold: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """FixMatch's unlabeled loss: cross-entropy of the strong view against the weak view's confident guess.
+
+    FixMatch (Sohn et al. 2020, https://arxiv.org/abs/2001.07685, eq. 4): with ``q = softmax(weak)``
+    computed without gradient, the pseudo-label is ``argmax q`` and counts only where
+    ``max q >= threshold``; the loss is ``sum over images of mask * CE(strong, pseudo-label)``
+    divided by **all** ``mu * B`` unlabeled images, not by the confident ones, so the loss grows as
+    the model becomes confident (DESIGN.md trap 10: pseudo-labels from the strong view or with gradient).
+
+    Args:
+        weak_logits: Logits of the weak views (flip + crop). Shape: (batch_size, num_classes).
+        strong_logits: Logits of the strong views of the same images. Shape: (batch_size, num_classes).
+        threshold: Confidence a pseudo-label needs; FixMatch uses 0.95.
+
+    Returns:
+        ``(loss, mask_rate)``: the scalar loss and the fraction of images whose pseudo-label counted
+        (a detached scalar, to log without a device sync).
+
+    Raises:
+        ValueError: threshold outside [0, 1], or logits of different or wrong shapes.
+    """
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"FixMatch threshold must be in [0, 1], got {threshold}.")
+    if weak_logits.ndim != 2 or weak_logits.shape != strong_logits.shape or weak_logits.shape[0] == 0:
+        raise ValueError(
+            "FixMatch expects non-empty weak and strong logits of the same shape (batch_size, num_classes), "
+            f"got {tuple(weak_logits.shape)} and {tuple(strong_logits.shape)}."
+        )
+    with torch.autocast(device_type=strong_logits.device.type, enabled=False):
+        confidence, pseudo_labels = torch.softmax(_float_logits(weak_logits.detach()), dim=1).max(dim=1)
+        mask = (confidence >= threshold).to(confidence.dtype)
+        losses = functional.cross_entropy(_float_logits(strong_logits), pseudo_labels, reduction="none")
+        return (losses * mask).mean(), mask.mean()

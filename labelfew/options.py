@@ -54,7 +54,12 @@ class Option:
     hint: str = ""
 
     def problem(self, value: Any) -> str | None:
-        """What is wrong with `value` (None: nothing); types are checked by the CLI and the recipe."""
+        """What is wrong with `value` (None: nothing); types are checked by the CLI and the recipe.
+
+        A repeatable option (a tuple of strings, `--logger tensorboard --logger mlflow`) checks each value.
+        """
+        if isinstance(value, tuple | list):
+            return next((self.problem(each) for each in value if self.problem(each)), None)
         if isinstance(value, str) and self.choices and value not in self.choices:
             return f"use one of {', '.join(self.choices)}"
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -121,6 +126,8 @@ def validate(config: Any) -> None:
         spec = item.metadata.get("option")
         value = getattr(config, item.name)
         problem = spec.problem(value) if isinstance(spec, Option) else None
+        if problem and isinstance(value, tuple | list):  # name the value that is wrong
+            value = next(each for each in value if spec.problem(each))  # type: ignore[union-attr]
         if problem:
             raise UserError(f"{flag_of(item.name, spec)} {value}: {problem}")  # type: ignore[arg-type]
 
@@ -214,6 +221,8 @@ def default_text(item: dataclasses.Field[Any], spec: Option) -> str:
         return "on" if value else "off"
     if isinstance(value, float):
         return format(value, "g")
+    if isinstance(value, tuple):
+        return ", ".join(str(each) for each in value)
     return str(value)
 
 

@@ -26,6 +26,7 @@ from labelfew.cli import app
 from labelfew.data.labels import read_labels
 from labelfew.errors import UserError
 
+REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
 
@@ -279,6 +280,21 @@ ROWS: list[Row] = [
             str(_csv(t / "file", "x") / "sub" / "o.csv"),
         ],
         "not writable",
+    ),
+    (
+        # A recipe's 10 warmup epochs with a 1-epoch run used to fail deep in the schedule (exit 1).
+        "warmup not shorter than the run",
+        lambda t, p: [
+            "pretrain",
+            str(_labelled_tree(t / "d")),
+            "--recipe",
+            str(REPO / "recipes" / "cifar10-resnet18.toml"),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
+        "--warmup-epochs 10 is not shorter than --epochs 1",
     ),
 ]
 

@@ -167,3 +167,19 @@ def test_a_checkpoint_never_unpickles_code(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="damaged checkpoint"):
         checkpoint.load(folder)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_distill_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
+    def command(out: Path) -> list[str]:
+        return [LABELFEW, "distill", "--unlabeled", str(small_digits), "--from", str(reference / "run" / "finetune"),
+                "--epochs", "2", "--batch-size", str(BATCH), "--workers", "0", "--quiet", "--out", str(out),
+                "--checkpoint-every", EVERY_LOG_POINT]  # fmt: skip
+
+    _run(command(tmp_path / "whole"), tmp_path)
+    _kill_after_checkpoint(
+        command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", 20, tmp_path, signal.SIGKILL
+    )
+    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    assert "resuming distill" in resumed.stderr and "epoch 2" in resumed.stderr
+    _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
+    assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()

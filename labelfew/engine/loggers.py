@@ -52,7 +52,9 @@ def check_loggers(names: Sequence[str]) -> tuple[str, ...]:
     chosen: list[str] = []
     for name in names:
         if name not in LOGGER_CHOICES:
-            raise UserError(f"--logger {name}: use one of {', '.join(LOGGER_CHOICES)} (repeat it for several)")
+            raise UserError(
+                f"--logger {name}: use one of {', '.join(LOGGER_CHOICES)} (repeat it for several)"
+            )
         if name == "jsonl" or name in chosen:
             continue
         module, extra = _EXTRAS[name]

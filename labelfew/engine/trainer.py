@@ -24,6 +24,7 @@ from labelfew.data.batches import Batch, EpochBatches
 from labelfew.engine import checkpoint
 from labelfew.engine import signals as signals_module
 from labelfew.engine.accelerator import console
+from labelfew.engine.loggers import RunLogger
 
 StepFunction = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 """(model, batch) -> (loss to back-propagate, number of views processed). The step makes the views
@@ -72,6 +73,8 @@ class Trainer:
     on_first_steps: Callable[[float, int], None] | None = None
     """Called once on the main process with (measured seconds per step, steps left), after the
     first step (which also pays for allocation and warm-up) and 3 more, or 1 more when slow."""
+    loggers: RunLogger | None = None
+    """TensorBoard / MLflow (`labelfew.engine.loggers`), main process only; closed when `fit` ends."""
     checkpoint_dir: Path | None = None
     checkpoint_minutes: float = 10.0
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +104,8 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+            if self.loggers is not None:
+                self.loggers.close()
         seconds = time.perf_counter() - start
         bad = sorted({index for part in gather_object([sorted(self._bad)]) for index in part})
         losses = position.epoch_losses
@@ -198,6 +203,10 @@ class Trainer:
             for (step, _, lr), value in zip(pending, values, strict=True):
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": value, "lr": lr}) + "\n")
             log.flush()
+        if self.loggers is not None and self.accelerator.is_main_process:
+            for (step, _, lr), value in zip(pending, values, strict=True):
+                self.loggers.log_scalars(step, {"loss": value, "lr": lr})
+            self.loggers.log_scalars(pending[-1][0], {"views_per_second": rate})
 
     def _checkpoint_due(self) -> bool:
         return (time.perf_counter() - self._last_checkpoint) >= 60 * self.checkpoint_minutes

@@ -55,13 +55,14 @@ def print_lr_search(record: dict[str, Any], reused: bool) -> None:
         title=f"lr search ({record['optimizer']}, batch {record['batch']}): {record['fit_images']} labels to fit, "
         f"{record['held_out_images']} held out" + (" — from lr_search.json, not rerun" if reused else "")
     )
-    for column in ("lr", "× rule", "steps", "held-out top-1", "final loss"):
+    for column in ("lr", "× rule", "steps", "held-out top-1", "held-out loss", "final loss"):
         table.add_column(column, justify="right")
     for item in record["candidates"]:
         loss = "diverged" if item["final_loss"] is None else f"{item['final_loss']:.4f}"
+        held = item.get("val_loss")
         mark = " ◀" if item["lr"] == record["chosen"] else ""
         table.add_row(f"{item['lr']:.4g}{mark}", f"{item['factor']:g}", str(item["steps"]),
-                      _percent(item["val_top1"]), loss)  # fmt: skip
+                      _percent(item["val_top1"]), "—" if held is None else f"{held:.4f}", loss)  # fmt: skip
     console.print(table)
     note = f" ({record['note']})" if record.get("note") else ""
     console.print(

@@ -283,7 +283,9 @@ def check_overlap(
                 engine.console.print(f"[yellow]cannot check {artifact.path} for overlap[/]: no label list")
             continue
         labels = ImageSet.of(paths, recorded)
-        found.append(find_overlap(test_paths, test_hashes, labels, f"the fine-tuning labels of {artifact.path}"))
+        found.append(
+            find_overlap(test_paths, test_hashes, labels, f"the fine-tuning labels of {artifact.path}")
+        )
     overlaps = [item for item in found if item.count]
     if overlaps and not allow:
         raise UserError(
@@ -346,7 +348,9 @@ def _finetune_row(
     config: EvaluateConfig,
     device: torch.device,
 ) -> dict[str, Any]:
-    logits, labels = _outputs(load_model(artifact), artifact, test, class_names, config.batch_size, config.workers)
+    logits, labels = _outputs(
+        load_model(artifact), artifact, test, class_names, config.batch_size, config.workers
+    )
     name = model_label(artifact)
     info = artifact.run_info().get("labels", {})
     return report.metrics_row(

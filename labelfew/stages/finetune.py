@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +35,15 @@ from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.data.subsets import balanced_subset, subset_hash
+from labelfew.engine import lr_search
+from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
-from labelfew.fileio import atomic_write_json, prepare_folder, sha256_file
+from labelfew.fileio import prepare_folder, sha256_file
 from labelfew.models import Classifier, build_backbone, build_head, head_prefix
 from labelfew.optim import build_optimizer, finetune_learning_rate, parameter_groups, warmup_cosine
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, HeadSpec, ModelSpec, uses_small_stem
-from labelfew.use.inference import accuracy
+from labelfew.use.inference import accuracy, held_out_scores
 from labelfew.views.finetune import CropFlipViews
 from labelfew.views.pil import eval_transform
 
@@ -56,12 +56,6 @@ STAGE = register_stage(
         label=lambda artifact: "fine-tuned (scratch)" if artifact.spec.scratch else "fine-tuned",
     )
 )
-
-
-SEARCH_FACTORS = (1, 2, 4, 8)
-"""`--lr auto` tries the rule's lr times these: 4× the SGD rule was measured best on real photos
-with ~300 steps, and below scratch on 1% CIFAR-10 (benchmarks/RESULTS.md)."""
-SEARCH_FILE = "lr_search.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +189,9 @@ def _val_loader(
     return accelerator.prepare(loader)
 
 
-def classification_step(label_smoothing: float, channels_last: bool, views: CropFlipViews) -> engine.StepFunction:
+def classification_step(
+    label_smoothing: float, channels_last: bool, views: CropFlipViews
+) -> engine.StepFunction:
     """Cross-entropy on one labelled batch, its crop + flip views made on the device."""
 
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -204,7 +200,9 @@ def classification_step(label_smoothing: float, channels_last: bool, views: Crop
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images).float()
-        return nn.functional.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing), images.shape[0]
+        return nn.functional.cross_entropy(
+            logits, batch.labels, label_smoothing=label_smoothing
+        ), images.shape[0]
 
     return step
 
@@ -219,7 +217,7 @@ def default_out(config: FinetuneConfig, start: Start) -> Path:
 
 def fingerprint(config: FinetuneConfig, start: Start, train: LabeledImages) -> dict[str, Any]:
     """What a resumed fine-tuning must share with the run that wrote the checkpoint."""
-    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source"}
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger"}
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
     parent = sha256_file(start.artifact.path) if start.artifact is not None and not config.scratch else None
     return {**values, "arch": start.arch, "image_size": start.image_size, "parent_sha256": parent,
@@ -246,7 +244,12 @@ class Training:
 
 
 def _prepare_training(
-    config: FinetuneConfig, start: Start, class_names: list[str], labeled: LabeledImages, lr: float, accelerator: Any
+    config: FinetuneConfig,
+    start: Start,
+    class_names: list[str],
+    labeled: LabeledImages,
+    lr: float,
+    accelerator: Any,
 ) -> Training:
     model = build_classifier(start, len(class_names), config.from_head_layer, load_weights=not config.scratch)
     channels_last = accelerator.device.type == "cuda"
@@ -259,7 +262,13 @@ def _prepare_training(
     model, optimizer = accelerator.prepare(model, optimizer)
     engine.seed_augmentations(accelerator, config.seed)
     views = CropFlipViews(start.image_size, start.mean, start.std)
-    return Training(model, optimizer, loader, undecodable, classification_step(config.label_smoothing, channels_last, views))
+    return Training(
+        model,
+        optimizer,
+        loader,
+        undecodable,
+        classification_step(config.label_smoothing, channels_last, views),
+    )
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float) -> Any:
@@ -268,107 +277,67 @@ def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: flo
     return warmup_cosine(optimizer, warmup_steps=warmup, total_steps=steps)
 
 
-def explicit_lr(value: float | str) -> float | None:
-    """`--lr` as a number, or None for `auto`."""
-    if value == "auto":
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise UserError(f"--lr {value}: use auto or a positive number, e.g. 0.05") from None
-    if not number > 0:
-        raise UserError(f"--lr {value}: use auto or a positive number, e.g. 0.05")
-    return number
-
-
-def search_epochs(epochs: int, steps_per_epoch: int) -> int:
-    """A candidate's length: a quarter of the epochs, and at least 50 steps, but never more than all.
-
-    50 steps is enough for a too-high lr to show (its loss stalls or the features wreck) on a few
-    hundred labels; a quarter of the schedule keeps the four candidates below the final run's cost
-    on large label sets (4 × 1/4 × 4/5 of the images = 0.8 of it).
-    """
-    return min(epochs, max(math.ceil(epochs / 4), math.ceil(50 / max(steps_per_epoch, 1))))
-
-
-def search_split(labeled: LabeledImages, seed: int) -> tuple[LabeledImages, LabeledImages]:
-    """(4/5 to fit, 1/5 to validate), stratified and seeded as `balanced_subset`: each class holds
-    out round(n / 5) of its n labels, so a class with fewer than 3 has none held out."""
-    held = balanced_subset(labeled, fraction=0.2, seed=seed + 2, allow_empty=True)
-    held_paths = set(held.paths)
-    kept = [(path, label) for path, label in zip(labeled.paths, labeled.labels, strict=True) if path not in held_paths]
-    fit = LabeledImages(tuple(path for path, _ in kept), tuple(label for _, label in kept), labeled.root)
-    return fit, held
-
-
 def _learning_rate(
-    config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages, out: Path, accelerator: Any
+    config: FinetuneConfig,
+    start: Start,
+    class_names: list[str],
+    train: LabeledImages,
+    out: Path,
+    accelerator: Any,
 ) -> tuple[float, dict[str, Any] | None]:
-    """The explicit `--lr`, or `--lr auto`'s choice with its record (read back from the stage folder
-    when an identical search already ran there, so that a resumed run does not redo it)."""
-    given = explicit_lr(config.lr)
+    """The explicit `--lr`, or `--lr auto`'s choice with its record (`labelfew.engine.lr_search`)."""
+    given = lr_search.explicit_lr(config.lr)
     if given is not None:
         return given, None
     batch = min(config.batch_size, len(train))
-    key = json.loads(json.dumps({**fingerprint(config, start, train), "batch": batch}))  # as read back
-    record_file = out / SEARCH_FILE
-    if record_file.is_file() and not config.restart:
-        record = json.loads(record_file.read_text(encoding="utf-8"))
-        if record.get("fingerprint") == key:
-            if accelerator.is_main_process and not config.quiet:
-                print_lr_search(record, reused=True)
-            return float(record["chosen"]), record
-    record = _search(config, start, class_names, train, batch, accelerator)
-    record["fingerprint"] = key
-    engine.on_main_process(accelerator, lambda: atomic_write_json(record_file, record))
+    key = {**fingerprint(config, start, train), "batch": batch}
+    record = lr_search.reuse(out, key, config.restart)
+    if record is None:
+        record = _search(config, start, class_names, train, batch, accelerator)
+        lr_search.save(out, key, record, accelerator)
     if accelerator.is_main_process and not config.quiet:
-        print_lr_search(record, reused=False)
+        print_lr_search(record, reused=record.get("reused", False))
     return float(record["chosen"]), record
 
 
 def _search(
-    config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages, batch: int, accelerator: Any
+    config: FinetuneConfig,
+    start: Start,
+    class_names: list[str],
+    train: LabeledImages,
+    batch: int,
+    accelerator: Any,
 ) -> dict[str, Any]:
-    """Fine-tunes briefly at each of the rule's lr × SEARCH_FACTORS on 4/5 of the labels and keeps the
-    best top-1 on the other fifth (ties: the smaller lr). Every process runs it (torchrun)."""
+    """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth."""
     rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
-    fit, check = search_split(train, config.seed)
-    record: dict[str, Any] = {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [],
-                              "fit_images": len(fit), "held_out_images": len(check)}  # fmt: skip
-    unchecked = sorted(set(class_names) - set(check.labels))
-    if unchecked:
-        record["note"] = f"{len(unchecked)} class(es) with fewer than 3 labels held none out: {', '.join(unchecked[:5])}"
-    if len(check) == 0:
-        record.update(chosen=rule, note="no class has 3 labels to hold one out: the rule's lr, not searched")
-        return record
-    started = time.perf_counter()
-    check_loader = _val_loader(check, class_names, start, config, accelerator)
-    for factor in SEARCH_FACTORS:
+    fit, check = lr_search.search_split(train, config.seed)
+    check_loader = _val_loader(check, class_names, start, config, accelerator) if len(check) else None
+
+    def candidate(lr: float) -> lr_search.Candidate:
         set_seed(config.seed)  # every candidate from the same initialisation and batches
-        training = _prepare_training(config, start, class_names, fit, rule * factor, accelerator)
-        epochs = search_epochs(config.epochs, len(training.loader))
+        training = _prepare_training(config, start, class_names, fit, lr, accelerator)
+        epochs = lr_search.search_epochs(config.epochs, len(training.loader))
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
             scheduler=_schedule(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
             loader=training.loader, step=training.step, epochs=epochs,
-            description=f"lr search {rule * factor:.3g}", quiet=config.quiet,
+            description=f"lr search {lr:.3g}", quiet=config.quiet,
         )  # fmt: skip
+        steps = epochs * len(training.loader)
+        assert check_loader is not None  # `search` trains no candidate without held-out labels
         try:
-            loss: float | None = trainer.fit().final_loss
-            top1: float | None = accuracy(training.model, check_loader, accelerator)
+            loss = trainer.fit().final_loss
+            top1, held_loss = held_out_scores(training.model, check_loader, accelerator)
         except FloatingPointError:  # diverged: this lr is out
-            loss = top1 = None
-        record["candidates"].append({"lr": rule * factor, "factor": factor, "epochs": epochs,
-                                     "steps": epochs * len(training.loader), "val_top1": top1, "final_loss": loss})  # fmt: skip
-    ranked = [item for item in record["candidates"] if item["val_top1"] is not None]
-    # max keeps the first of equal values, and the candidates are in increasing lr.
-    record["chosen"] = max(ranked, key=lambda item: item["val_top1"])["lr"] if ranked else rule
-    record["seconds"] = time.perf_counter() - started
-    return record
+            return lr_search.Candidate(lr, epochs, steps)
+        return lr_search.Candidate(lr, epochs, steps, val_top1=top1, val_loss=held_loss, final_loss=loss)
+
+    return lr_search.search(rule, config.optimizer, batch, class_names, fit, check, candidate)
 
 
 def run(config: FinetuneConfig) -> Path:
     """Fine-tunes and writes the artifact; returns the path of model.safetensors."""
+    check_loggers(config.logger)  # a missing extra fails now, before any image is read
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     labeled = read_labels(config.labels)
@@ -385,13 +354,19 @@ def run(config: FinetuneConfig) -> Path:
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = _prepare_training(config, start, class_names, train, lr, accelerator)
-    model, optimizer, loader, undecodable = training.model, training.optimizer, training.loader, training.undecodable
+    model, optimizer, loader, undecodable = (
+        training.model,
+        training.optimizer,
+        training.loader,
+        training.undecodable,
+    )
     val_loader = _val_loader(held, class_names, start, config, accelerator) if held else None
     scheduler = _schedule(optimizer, len(loader) * config.epochs, config.warmup_fraction)
 
     def validate(epoch: int, loss: float) -> dict[str, float]:
         return {"val_top1": accuracy(model, val_loader, accelerator)} if val_loader is not None else {}
 
+    run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
     if accelerator.is_main_process and not config.quiet:
         origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
         engine.console.print(
@@ -415,6 +390,7 @@ def run(config: FinetuneConfig) -> Path:
         checkpoint_minutes=config.checkpoint_every,
         fingerprint={**fingerprint(config, start, train), "learning_rate": lr},
         restart=config.restart,
+        loggers=run_loggers,
     )
     result = trainer.fit()
     history = [metrics["val_top1"] for metrics in result.epoch_metrics if "val_top1" in metrics]
@@ -424,8 +400,22 @@ def run(config: FinetuneConfig) -> Path:
     engine.on_main_process(
         accelerator,
         lambda: _save(
-            config, start, unwrapped, artifact, class_names, train, result, history, bad, accelerator,
-            {"lr": lr, "lr_search": None if search is None else {k: v for k, v in search.items() if k != "fingerprint"}},
+            config,
+            start,
+            unwrapped,
+            artifact,
+            class_names,
+            train,
+            result,
+            history,
+            bad,
+            accelerator,
+            {
+                "lr": lr,
+                "lr_search": None
+                if search is None
+                else {k: v for k, v in search.items() if k not in ("fingerprint", "reused")},
+            },
         ),
     )
     return artifact
@@ -445,7 +435,12 @@ def _save(
     learning_rate: dict[str, Any],
 ) -> None:
     # Resolved as pretrain's image size: the chosen lr (run.json's lr_search says it was searched).
-    resolved = {**to_json(config), "arch": start.arch, "image_size": start.image_size, "lr": learning_rate["lr"]}
+    resolved = {
+        **to_json(config),
+        "arch": start.arch,
+        "image_size": start.image_size,
+        "lr": learning_rate["lr"],
+    }
     head = None
     if config.from_head_layer > 0 and start.artifact is not None:
         head = _head_spec(load_artifact(start.artifact.path.parent / "head.safetensors", "pretrain"))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from accelerate.utils import set_seed
 from torch import nn
@@ -25,17 +26,25 @@ from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, EpochOrder
 from labelfew.data.images import find_images, typical_image_side
 from labelfew.engine import estimate
+from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+from labelfew.report.views_figure import SHOWN_IMAGES, views_grid, write_png
 from labelfew.spec import SMALL_IMAGE_SIDE, HeadSpec, ModelSpec, uses_small_stem
 from labelfew.views.config import ViewConfig
 from labelfew.views.simclr import PairViews, SimCLRViews
 
 STAGE = register_stage(
-    StageInfo("pretrain", file="backbone.safetensors", folder="pretrain", kind="backbone", label=lambda _: "pretrain")
+    StageInfo(
+        "pretrain",
+        file="backbone.safetensors",
+        folder="pretrain",
+        kind="backbone",
+        label=lambda _: "pretrain",
+    )
 )
 
 
@@ -66,7 +75,14 @@ def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
 
 
 def _check(config: PretrainConfig, image_count: int) -> None:
-    """What depends on the data; the config checked its own choices and ranges when it was made."""
+    """What depends on the data or on two settings; the config checked each value when it was made."""
+    if config.warmup_epochs is not None and config.warmup_epochs >= config.epochs:
+        raise UserError(
+            f"--warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs} (a recipe "
+            f"may set it); pass --warmup-epochs {config.epochs / 10:g} (10% of the run) or more --epochs"
+        )
+    if not timm.is_model(config.arch):
+        build_backbone(config.arch, small_stem=False)  # raises the UserError with close names
     if config.batch_size > image_count:
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {image_count} images in {config.data}; "
@@ -146,7 +162,7 @@ def fingerprint(config: PretrainConfig, paths: list[Path]) -> dict[str, Any]:
     Everything that changes the model or its training (arch, batch, schedule, augmentations, the
     data's file list) — but not where output goes, how often it checkpoints, or how it prints.
     """
-    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data",
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data", "logger",
                "memory_budget", "compile"}  # fmt: skip
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
     listing = hashlib.sha256("\n".join(str(path.relative_to(config.data)) for path in paths).encode())
@@ -171,6 +187,7 @@ def run(config: PretrainConfig) -> Path:
     Every process runs this; the checks below depend only on the config and the image folder,
     so they fail the same way on every process, before the first collective.
     """
+    check_loggers(config.logger)  # a missing extra fails now, not after decoding the folder
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     paths = find_images(config.data)
@@ -206,15 +223,19 @@ def run(config: PretrainConfig) -> Path:
         warmup_steps=round(float(config.warmup_epochs or 0) * steps_per_epoch),
         total_steps=steps_per_epoch * config.epochs,
     )
+    views = SimCLRViews(view_config(config))
+    run_loggers = None
     if accelerator.is_main_process:
         _announce(config, len(paths), lr, accelerator, batchnorm_description(sync_bn, accelerator))
+        run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
+        _write_views_figure(loader, views, config, run_loggers)
     trainer = engine.Trainer(
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        step=contrastive_step(config.temperature, channels_last, SimCLRViews(view_config(config))),
+        step=contrastive_step(config.temperature, channels_last, views),
         epochs=config.epochs,
         description="pretrain",
         quiet=config.quiet,
@@ -224,6 +245,7 @@ def run(config: PretrainConfig) -> Path:
         fingerprint=fingerprint(config, paths),
         on_first_steps=None if config.quiet else _estimate_printer(config, steps_per_epoch, accelerator),
         restart=config.restart,
+        loggers=run_loggers,
     )
     result = trainer.fit()
     bad = undecodable + [str(paths[index]) for index in result.bad_indices]
@@ -238,7 +260,9 @@ def run(config: PretrainConfig) -> Path:
     return artifact
 
 
-def _estimate_printer(config: PretrainConfig, steps_per_epoch: int, accelerator: Any) -> Callable[[float, int], None]:
+def _estimate_printer(
+    config: PretrainConfig, steps_per_epoch: int, accelerator: Any
+) -> Callable[[float, int], None]:
     """Prints the time left after the first steps; on a CPU, over an hour, what would fit one.
 
     The suggestions are the measured time scaled by the ratio of the backbones' forward FLOPs.
@@ -248,7 +272,9 @@ def _estimate_printer(config: PretrainConfig, steps_per_epoch: int, accelerator:
 
     @functools.cache
     def flops(arch: str, side: int) -> int:
-        small = bool(config.small_stem) if (arch, side) == (config.arch, image_size) else uses_small_stem(side)
+        small = (
+            bool(config.small_stem) if (arch, side) == (config.arch, image_size) else uses_small_stem(side)
+        )
         return estimate.forward_flops(build_backbone(arch, small_stem=small, image_size=side), side)
 
     def report(seconds_per_step: float, steps_left: int) -> None:
@@ -259,6 +285,25 @@ def _estimate_printer(config: PretrainConfig, steps_per_epoch: int, accelerator:
         ))  # fmt: skip
 
     return report
+
+
+def _write_views_figure(
+    loader: EpochBatches, views: SimCLRViews, config: PretrainConfig, loggers: Any
+) -> None:
+    """`views.png`: 8 images of the first batch beside their two views, from the executor that trains.
+
+    The global random state is forked, so drawing the figure changes nothing in training.
+    """
+    assert config.out is not None
+    with torch.random.fork_rng(devices=[]):
+        loader.set_epoch(0)
+        batch = next(iter(loader))
+        count = min(SHOWN_IMAGES, len(batch))
+        images, sizes = batch.images[:count], batch.sizes[:count]
+        first, second = views(images, sizes, batch.generator())
+    picture = views_grid(images, sizes, [first, second], views.config.mean, views.config.std)
+    write_png(config.out / "pretrain" / "views.png", picture)
+    loggers.log_image("views", picture)
 
 
 def view_config(config: PretrainConfig) -> ViewConfig:
@@ -278,7 +323,9 @@ def build_batches(
     """This process's uint8 training batches from the image source ``config.augment_on`` names
     (`labelfew.data.sources`), and the files found undecodable before training."""
     assert config.image_size is not None
-    order = EpochOrder(len(paths), per_process, config.seed, accelerator.process_index, accelerator.num_processes)
+    order = EpochOrder(
+        len(paths), per_process, config.seed, accelerator.process_index, accelerator.num_processes
+    )
     show = accelerator.is_main_process and not config.quiet
     return sources.training_batches(
         paths, config.augment_on, config.image_size, order, accelerator, config.memory_budget,

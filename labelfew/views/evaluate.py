@@ -24,8 +24,8 @@ from labelfew.views.ops import (
     full_sizes,
     normalization,
     normalize,
+    one_thread_on_cpu,
     resample,
-    to_device,
 )
 
 
@@ -53,16 +53,17 @@ class EvalView:
         plan = torch.tensor(
             [_resize_and_crop(height, width, size) for height, width in sizes.tolist()], dtype=torch.float32
         )
-        heights, widths, resized_heights, resized_widths, tops, lefts = to_device(plan, device).unbind(dim=1)
+        heights, widths, resized_heights, resized_widths, tops, lefts = plan.unbind(dim=1)
         zeros = torch.zeros_like(heights)
-        with torch.no_grad():
+        height, width = images.shape[-2:]
+        with torch.no_grad(), one_thread_on_cpu(device):
             rows = bicubic_weights(
-                zeros, heights, size, images.shape[-2], resized_length=resized_heights, offset=tops
+                zeros, heights, size, height, device, resized_length=resized_heights, offset=tops
             )
             columns = bicubic_weights(
-                zeros, widths, size, images.shape[-1], resized_length=resized_widths, offset=lefts
+                zeros, widths, size, width, device, resized_length=resized_widths, offset=lefts
             )
-            views = resample(images, torch.arange(images.shape[0], device=device), rows, columns)
+            views = resample(images, torch.arange(images.shape[0]), rows, columns)
             return normalize(views, *normalization(self.mean, self.std, device))
 
     def __repr__(self) -> str:

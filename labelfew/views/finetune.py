@@ -22,7 +22,6 @@ from labelfew.views.ops import (
     normalize,
     one_thread_on_cpu,
     resample,
-    to_device,
 )
 from labelfew.views.params import sample_crop_and_flip
 
@@ -61,9 +60,8 @@ class CropFlipViews:
         crops, flips = sample_crop_and_flip(images.shape[0], sizes, self.min_scale, FLIP_PROB, generator)
         device = images.device
         with torch.no_grad(), one_thread_on_cpu(device):
-            boxes = to_device(crops.float(), device)
-            rows, columns = crop_weights(images, boxes, to_device(flips, device), self.image_size)
-            views = resample(images, torch.arange(images.shape[0], device=device), rows, columns)
+            rows, columns = crop_weights(images, crops.float(), flips, self.image_size)
+            views = resample(images, torch.arange(images.shape[0]), rows, columns)
             return normalize(views, *normalization(self.mean, self.std, device))
 
     def __repr__(self) -> str:

@@ -1,10 +1,10 @@
 """The tensor operations of the views, on whatever device the batch is on.
 
 Resampling is Pillow's anti-aliased bicubic (``a = -0.5``, what torchvision's anti-aliased
-tensor resize copies) written as two batched matrix products, ``view = rows @ image @ columns.T``,
-with one weight matrix per view: a crop box, a flip (the columns reversed), a whole-image resize
-followed by a centre crop (only the kept output rows computed) are all just different weights,
-and the padding of a batch of images of different sizes gets no weight. Colour jitter,
+tensor resize copies) written as two matrix products, ``view = rows @ image @ columns.T``, with
+one weight matrix per view (kept banded, `labelfew.views.bands`): a crop box, a flip (the columns
+reversed), a whole-image resize followed by a centre crop (only the kept output rows computed) are
+all just different weights, and the padding of a batch of images of different sizes gets no weight. Colour jitter,
 grayscale and blur follow torchvision's formulas on float tensors (hue through RGB -> HSV -> RGB;
 blur as a grouped separable convolution with one kernel per view and reflect padding).
 
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as functional
 from torch import Tensor
 
+from labelfew.views.bands import Taps, bicubic_taps, resample_banded
+
 GRAYSCALE_WEIGHTS = (0.2989, 0.587, 0.114)
 """torchvision's (ITU-R 601-2) luma weights, used by contrast, saturation and grayscale."""
-BICUBIC_A = -0.5
-"""Pillow's bicubic kernel parameter (torch's non-anti-aliased bicubic uses -0.75)."""
 
 
 @contextlib.contextmanager
@@ -77,21 +77,70 @@ def full_sizes(images: Tensor) -> Tensor:
     return torch.tensor(images.shape[2:]).expand(images.shape[0], 2)
 
 
-def resample(images: Tensor, sources: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+def resample(images: Tensor, sources: Tensor, rows: Taps, columns: Taps) -> Tensor:
     """``rows @ image @ columns.T`` per view and channel, in [0, 1].
+
+    Two ways, with the same weights (the results differ by float summation order only):
+    - dense: one batched product over the whole padded image, the weights as dense matrices
+      (GPUs, whose batched products this keeps busy, and small CPU images: 32 px views of 32 px
+      images, where one product beats a loop over views);
+    - banded (`labelfew.views.bands.resample_banded`): on the CPU, view by view, over each view's
+      band only, in tiles of output pixels; 224 px views of ~256 x 340 images take ~1.2 ms each
+      against ~6.6 ms for the dense product on one core.
+    `use_bands` picks one by the multiply-adds the bands save.
 
     Args:
         images: uint8 images. Shape: (batch, 3, H, W).
-        sources: The image of each view, on ``images.device``. Shape: (views,), int64.
-        rows: Weights of every output row over the input rows. Shape: (views, out_height, H).
-        columns: Weights of every output column over the input columns. Shape: (views, out_width, W).
+        sources: The image of each view, on the CPU. Shape: (views,), int64.
+        rows: Weights of every output row over the input rows (`bicubic_weights`).
+        columns: Weights of every output column over the input columns.
 
     Returns:
-        Shape: (views, 3, out_height, out_width), float32.
+        Shape: (views, 3, out_height, out_width), in the weights' dtype (float32 from float boxes).
     """
-    pixels = images[sources].float()
-    views = rows.unsqueeze(1) @ pixels @ columns.transpose(1, 2).unsqueeze(1)
+    if use_bands(images, rows, columns):
+        views = resample_banded(images, sources.tolist(), rows, columns)
+    else:
+        pixels = images[to_device(sources, images.device)].to(rows.weights.dtype)
+        row_matrix = dense_weights(rows, images.shape[-2]).unsqueeze(1)
+        column_matrix = dense_weights(columns, images.shape[-1]).transpose(1, 2).unsqueeze(1)
+        views = row_matrix @ pixels @ column_matrix
     return views.mul_(1 / 255).clamp_(0, 1)
+
+
+def dense_weights(taps: Taps, input_size: int) -> Tensor:
+    """Banded weights as dense matrices. Shape: (views, size, input_size)."""
+    views, size, count = taps.weights.shape
+    index = to_device(taps.first.unsqueeze(2) + torch.arange(count), taps.weights.device)
+    matrix = taps.weights.new_zeros(views, size, input_size)
+    return matrix.scatter_(2, index, taps.weights)
+
+
+BAND_OVERHEAD = 1_000_000
+"""Multiply-adds a view's band must save to pay for its own operations (~30 us on a CPU core)."""
+
+
+def use_bands(images: Tensor, rows: Taps, columns: Taps) -> bool:
+    """Whether the banded resample saves more multiply-adds than its per-view operations cost.
+
+    Counts dense products over each view's band (an upper bound of the tiled products). Always
+    False off the CPU: the banded loop would launch tens of kernels per view.
+    """
+    view_count = rows.first.shape[0]
+    if images.device.type != "cpu" or view_count == 0:
+        return False
+    out_height, out_width = rows.first.shape[1], columns.first.shape[1]
+    height, width = images.shape[-2:]
+    dense = out_height * height * width + out_height * width * out_width
+    row_bands, column_bands = _band_sizes(rows), _band_sizes(columns)
+    banded = out_height * row_bands * column_bands + out_height * column_bands * out_width
+    saved = 3 * (dense * view_count - int(banded.sum()))
+    return saved > BAND_OVERHEAD * view_count
+
+
+def _band_sizes(taps: Taps) -> Tensor:
+    """Input pixels each view reads. Shape: (views,), int64."""
+    return taps.first.max(dim=1).values + taps.weights.shape[2] - taps.first.min(dim=1).values
 
 
 def bicubic_weights(
@@ -99,57 +148,27 @@ def bicubic_weights(
     length: Tensor,
     size: int,
     input_size: int,
+    device: torch.device,
     mirror: Tensor | None = None,
     resized_length: Tensor | None = None,
     offset: Tensor | None = None,
-) -> Tensor:
-    """Weights of Pillow's bicubic filter from ``[start, start + length)`` to output pixels.
-
-    As Pillow's ``precompute_coeffs``: with ``scale = length / resized_length``, output pixel
-    ``i`` of the resized span is centred at ``start + (i + 0.5) * scale``; when shrinking, the
-    filter is stretched by ``scale`` (anti-aliasing); input pixels outside the span get no weight
-    (a crop is cut before it is resized; a padded batch's padding never counts), and each row is
-    normalised. ``size`` output pixels are computed, from pixel ``offset`` of the resized span on
-    (a centre crop of a resized image computes only the rows it keeps).
-
-    Args:
-        start: First input pixel of each span. Shape: (views,).
-        length: Span length in input pixels. Shape: (views,).
-        size: Output pixels per view.
-        input_size: Input length (the padded batch's side).
-        mirror: Views whose ``size`` outputs are reversed (a horizontal flip), or None. Shape: (views,).
-        resized_length: Length the span is resized to; None means ``size``. Shape: (views,).
-        offset: First output pixel kept; None means 0. Shape: (views,).
-
-    Returns:
-        Shape: (views, size, input_size), in the dtype and on the device of ``start``.
-    """
-    positions = torch.arange(size, dtype=start.dtype, device=start.device) + 0.5
-    positions = positions.expand(start.shape[0], size)
-    if mirror is not None:
-        positions = torch.where(mirror.view(-1, 1), size - positions, positions)
-    if offset is not None:
-        positions = positions + offset.view(-1, 1)
-    scale = (length / (size if resized_length is None else resized_length)).view(-1, 1)
-    centres = start.view(-1, 1) + positions * scale
-    inputs = torch.arange(input_size, dtype=start.dtype, device=start.device) + 0.5
-    distance = (inputs.view(1, 1, -1) - centres.unsqueeze(2)) / scale.clamp(min=1).unsqueeze(2)
-    inside = (inputs.view(1, -1) > start.view(-1, 1)) & (inputs.view(1, -1) < (start + length).view(-1, 1))
-    weights = bicubic_filter(distance).mul_(inside.unsqueeze(1))
-    return weights.div_(weights.sum(dim=2, keepdim=True))
+) -> Taps:
+    """`bicubic_taps` computed on the CPU from host parameters, the weights moved to ``device``."""
+    first, weights = bicubic_taps(start, length, size, input_size, mirror, resized_length, offset)
+    return Taps(first, to_device(weights, device))
 
 
-def crop_weights(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def crop_weights(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> tuple[Taps, Taps]:
     """Row and column weights of crop boxes resized to ``size x size``, flipped where ``flip``.
 
     Args:
-        images: The batch the boxes lie in (for its padded height and width).
-        boxes: ``(top, left, height, width)`` per view, float, on ``images.device``. Shape: (views, 4).
-        flip: Shape: (views,), bool, on ``images.device``.
+        images: The batch the boxes lie in (for its padded height and width, and its device).
+        boxes: ``(top, left, height, width)`` per view, float, on the CPU. Shape: (views, 4).
+        flip: Shape: (views,), bool, on the CPU.
     """
     top, left, height, width = boxes.unbind(dim=1)
-    rows = bicubic_weights(top, height, size, images.shape[-2])
-    columns = bicubic_weights(left, width, size, images.shape[-1], mirror=flip)
+    rows = bicubic_weights(top, height, size, images.shape[-2], images.device)
+    columns = bicubic_weights(left, width, size, images.shape[-1], images.device, mirror=flip)
     return rows, columns
 
 
@@ -164,15 +183,6 @@ def normalization(
 def normalize(views: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """In place: ``(views - mean) / std`` with (1, 3, 1, 1) statistics on the views' device."""
     return views.sub_(mean).div_(std)
-
-
-def bicubic_filter(distance: Tensor) -> Tensor:
-    """Keys' cubic convolution kernel with ``a = -0.5`` (Pillow's ``bicubic_filter``), support 2."""
-    x = distance.abs()
-    a = BICUBIC_A
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = (((x - 5) * x + 8) * x - 4) * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
 def grayscale(views: Tensor) -> Tensor:

@@ -125,8 +125,9 @@ def make_views(
     plan = _Plan.build(parameters, config, sources.to("cpu"), images.device)
     size = config.image_size
     with torch.no_grad(), one_thread_on_cpu(images.device):
-        rows, columns = crop_weights(images, plan.boxes, plan.flip.view(-1), size)
-        views = resample(images, plan.sources, rows, columns)
+        crops = plan.host_crops
+        rows, columns = crop_weights(images, crops[:, 1:5], crops[:, 5].bool(), size)
+        views = resample(images, crops[:, 0].long(), rows, columns)
         jittered = plan.jitter_rows
         color_jitter(views[:jittered], plan.linear[:jittered], plan.hue[:jittered], plan.hue_ranges)
         gray = grayscale(views).expand_as(views)
@@ -144,9 +145,7 @@ class _Plan:
     position ``k`` and the blur apply to contiguous row ranges, known on the host.
     """
 
-    sources: Tensor  # (views,) int64: the image of each view
-    boxes: Tensor  # (views, 4): top, left, height, width of each crop
-    flip: Tensor  # (views, 1, 1, 1) bool
+    host_crops: Tensor  # (views, 6) on the CPU: source image, crop top, left, height, width, flip
     linear: Tensor  # (views, 4, 3): per jitter position, weights of (view, its gray, its mean gray)
     hue: Tensor  # (views, 1, 1)
     grayscale: Tensor  # (views, 1, 1, 1) bool
@@ -184,13 +183,12 @@ class _Plan:
             ],
             dim=1,
         )[permutation].float()
+        host_crops = flat[:, :6]
         flat = to_device(flat, device)
         constants = to_device(torch.tensor([*config.mean, *config.std]), device)
         view_count = flat.shape[0]
         return cls(
-            sources=flat[:, 0].long(),
-            boxes=flat[:, 1:5],
-            flip=flat[:, 5].bool().view(view_count, 1, 1, 1),
+            host_crops=host_crops,
             linear=flat[:, 6:18].reshape(view_count, 4, 3),
             hue=flat[:, 18].view(view_count, 1, 1),
             grayscale=flat[:, 19].bool().view(view_count, 1, 1, 1),

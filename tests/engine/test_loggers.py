@@ -47,7 +47,12 @@ def test_mlflow_run_holds_params_and_metric_history(tmp_path: Path, monkeypatch:
     client = MlflowClient((tmp_path / "mlruns").as_uri())
     record = client.get_run(mlflow_run_id)
     assert record.info.run_name == "cells/pretrain"
-    assert record.data.params == {"arch": "resnet18", "epochs": "3", "view.min_scale": "0.08", "sizes": "[1, 2]"}
+    assert record.data.params == {
+        "arch": "resnet18",
+        "epochs": "3",
+        "view.min_scale": "0.08",
+        "sizes": "[1, 2]",
+    }
     history = client.get_metric_history(mlflow_run_id, "loss")
     assert [(metric.step, metric.value) for metric in history] == [(10, 1.0), (20, 2.0), (30, 3.0)]
 

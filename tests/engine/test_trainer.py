@@ -44,7 +44,11 @@ class _Batches:
 
     def __iter__(self) -> Iterator[Batch]:
         for _ in range(self.first_step, self.steps):
-            yield Batch(torch.ones(4, 3, 1, 1, dtype=torch.uint8), torch.ones(4, 2, dtype=torch.int64), torch.arange(4))
+            yield Batch(
+                torch.ones(4, 3, 1, 1, dtype=torch.uint8),
+                torch.ones(4, 2, dtype=torch.int64),
+                torch.arange(4),
+            )
 
 
 def test_every_step_is_logged_with_its_own_learning_rate(tmp_path: Path) -> None:

@@ -66,7 +66,10 @@ def test_knn_runs_on_the_device_of_the_features(device: str) -> None:
 
 def test_knn_defaults_are_dinos_k_20_and_temperature_0_07() -> None:
     """k=200 (capped at the bank) let every image of a few-label bank vote; DINO uses 20 and 0.07."""
-    assert (EvaluateConfig(test=Path(".")).knn_k, EvaluateConfig(test=Path(".")).knn_temperature) == (20, 0.07)
+    assert (EvaluateConfig(test=Path(".")).knn_k, EvaluateConfig(test=Path(".")).knn_temperature) == (
+        20,
+        0.07,
+    )
     generator = torch.Generator().manual_seed(1)
     bank, labels = torch.randn(60, 8, generator=generator), torch.randint(0, 3, (60,), generator=generator)
     queries = torch.randn(5, 8, generator=generator)
@@ -165,16 +168,22 @@ def test_test_images_in_the_bank_are_refused_by_path_and_by_content(tiny_run: di
     shutil.copytree(tiny_run["bank"], bank)
     test_images = sorted(tiny_run["test"].rglob("*.png"))
     shutil.copy(test_images[0], bank / test_images[0].parent.name / "renamed-copy.png")  # same bytes
-    with pytest.raises(UserError, match=r"1 test image\(s\) are also in the kNN bank, e\.g\. .*--allow-overlap"):
+    with pytest.raises(
+        UserError, match=r"1 test image\(s\) are also in the kNN bank, e\.g\. .*--allow-overlap"
+    ):
         _evaluate(tiny_run, bank)
     labels = bank / "with-paths.csv"
-    rows = [f"{path},{path.parent.name}" for path in [*sorted(tiny_run["bank"].rglob("*.png")), *test_images[:3]]]
+    rows = [
+        f"{path},{path.parent.name}" for path in [*sorted(tiny_run["bank"].rglob("*.png")), *test_images[:3]]
+    ]
     labels.write_text("path,label\n" + "\n".join(rows) + "\n")
     with pytest.raises(UserError, match=r"3 test image\(s\) are also in the kNN bank"):
         _evaluate(tiny_run, labels)
     result = _evaluate(tiny_run, labels, allow_overlap=True)
     assert result["overlap"] == [{"with": "the kNN bank", "images": 3, "example": str(test_images[0])}]
-    assert json.loads((tiny_run["work"] / "evaluate" / "report.json").read_text())["overlap"][0]["images"] == 3
+    assert (
+        json.loads((tiny_run["work"] / "evaluate" / "report.json").read_text())["overlap"][0]["images"] == 3
+    )
 
 
 def test_test_images_among_a_models_fine_tuning_labels_are_refused(tiny_run: dict[str, Path]) -> None:
@@ -188,6 +197,8 @@ def test_test_images_among_a_models_fine_tuning_labels_are_refused(tiny_run: dic
                                 workers=0, quiet=True))  # fmt: skip
     assert len(json.loads((out / "run.json").read_text())["labels"]["content_sha256"]) == 12
     shutil.rmtree(labels)  # the run.json's hashes are enough
-    with pytest.raises(UserError, match=r"2 test image\(s\) are also in the fine-tuning labels of .*finetune-leaky"):
+    with pytest.raises(
+        UserError, match=r"2 test image\(s\) are also in the fine-tuning labels of .*finetune-leaky"
+    ):
         _evaluate(tiny_run, tiny_run["bank"])
     shutil.rmtree(out)

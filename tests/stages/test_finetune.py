@@ -12,6 +12,7 @@ import torch
 
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.labels import LabeledImages
+from labelfew.engine import lr_search
 from labelfew.errors import UserError
 from labelfew.optim import LARS, finetune_learning_rate
 from labelfew.stages import finetune, pretrain
@@ -63,7 +64,7 @@ def test_the_lr_rule_follows_the_optimizer_and_the_batch() -> None:
 
 def test_auto_is_the_default_and_a_bad_lr_is_refused() -> None:
     assert FinetuneConfig(labels=Path("labels.csv")).lr == "auto"
-    assert finetune.explicit_lr("auto") is None and finetune.explicit_lr(0.05) == 0.05
+    assert lr_search.explicit_lr("auto") is None and lr_search.explicit_lr(0.05) == 0.05
     with pytest.raises(UserError, match="--lr fast"):
         FinetuneConfig(labels=Path("labels.csv"), lr="fast")
     with pytest.raises(UserError, match="--lr 0"):
@@ -71,18 +72,18 @@ def test_auto_is_the_default_and_a_bad_lr_is_refused() -> None:
 
 
 def test_search_length_is_a_quarter_of_the_epochs_and_at_least_50_steps() -> None:
-    assert finetune.search_epochs(60, steps_per_epoch=48) == 15  # 3,068 photos at batch 64
-    assert finetune.search_epochs(60, steps_per_epoch=3) == 17  # 245 photos: 51 steps
-    assert finetune.search_epochs(2, steps_per_epoch=10) == 2  # never longer than the run
+    assert lr_search.search_epochs(60, steps_per_epoch=48) == 15  # 3,068 photos at batch 64
+    assert lr_search.search_epochs(60, steps_per_epoch=3) == 17  # 245 photos: 51 steps
+    assert lr_search.search_epochs(2, steps_per_epoch=10) == 2  # never longer than the run
 
 
 def test_the_held_out_fifth_is_stratified_and_classes_with_few_labels_keep_theirs(tmp_path: Path) -> None:
     paths = tuple(tmp_path / f"{index}.png" for index in range(23))
     labels = ("a",) * 10 + ("b",) * 11 + ("c",) * 2
-    fit, check = finetune.search_split(LabeledImages(paths, labels, tmp_path), seed=0)
+    fit, check = lr_search.search_split(LabeledImages(paths, labels, tmp_path), seed=0)
     assert check.counts() == {"a": 2, "b": 2} and fit.counts() == {"a": 8, "b": 9, "c": 2}
     assert not set(fit.paths) & set(check.paths)
-    assert finetune.search_split(LabeledImages(paths, labels, tmp_path), seed=0)[1] == check  # seeded
+    assert lr_search.search_split(LabeledImages(paths, labels, tmp_path), seed=0)[1] == check  # seeded
 
 
 def test_warmup_is_linear_over_the_first_steps_then_cosine() -> None:
@@ -124,7 +125,7 @@ def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scores = iter([0.5, 0.7, 0.9, 0.9])  # ×4 and ×8 tie: the smaller lr wins
-    monkeypatch.setattr(finetune, "accuracy", lambda *args: next(scores))
+    monkeypatch.setattr(finetune, "held_out_scores", lambda *args: (next(scores), 0.5))
     record = _finetune(tiny_pretrain, "auto")
     search = record["lr_search"]
     rule = 0.05 * 8 / 256
@@ -138,6 +139,7 @@ def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     # A rerun (after a kill, or to rebuild) reads lr_search.json instead of searching again.
     monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched again"))
     (tiny_pretrain["work"] / "auto" / "model.safetensors").unlink()
+    shutil.rmtree(tiny_pretrain["work"] / "auto" / "checkpoints")  # tests/test_resume.py covers resuming
     assert _finetune(tiny_pretrain, "auto")["lr"] == pytest.approx(4 * rule)
 
 

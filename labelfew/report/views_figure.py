@@ -1,0 +1,78 @@
+"""`views.png`: what the augmentations do to a user's images, drawn from the views that train.
+
+The first thing to check on a new kind of data (slides, factory parts) is whether the views still
+show what matters. `pretrain` writes `RUN/pretrain/views.png` at the start of every run: 8 images
+of the first batch, each as the original beside its two views, made by the same view executor and
+from the same kind of batch as training (either image source). Pure numpy + Pillow: no matplotlib.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from labelfew.fileio import atomic_write
+
+SHOWN_IMAGES = 8
+MIN_CELL = 96
+"""Cells are at least this many pixels wide (a 32 px view is enlarged 3× by pixel repetition)."""
+GAP = 4
+
+
+def views_grid(
+    images: Tensor, sizes: Tensor, views: Sequence[Tensor], mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """One row per image: the original (its valid extent, fitted into the cell) and each view.
+
+    Args:
+        images: uint8 batch, padded. Shape: (N, 3, H, W).
+        sizes: valid (height, width) of each image. Shape: (N, 2).
+        views: normalised float views, each of shape (N, 3, S, S).
+        mean, std: the normalisation the views were made with (undone here).
+
+    Returns:
+        uint8 RGB picture. Shape: (rows × cell + gaps, columns × cell + gaps, 3).
+    """
+    count, side = images.shape[0], views[0].shape[-1]
+    scale = max(1, -(-MIN_CELL // side))
+    cell = side * scale
+    columns = 1 + len(views)
+    grid = np.full((count * (cell + GAP) + GAP, columns * (cell + GAP) + GAP, 3), 255, dtype=np.uint8)
+    shift = torch.tensor(mean).view(1, 3, 1, 1)
+    spread = torch.tensor(std).view(1, 3, 1, 1)
+    shown = [
+        ((view.detach().float().cpu() * spread + shift).clamp(0, 1) * 255).round().byte() for view in views
+    ]
+    for row in range(count):
+        height, width = (int(value) for value in sizes[row])
+        original = images[row, :, :height, :width].cpu().permute(1, 2, 0).numpy()
+        cells = [_fit(original, cell)] + [
+            _enlarge(view[row].permute(1, 2, 0).numpy(), scale) for view in shown
+        ]
+        top = GAP + row * (cell + GAP)
+        for column, picture in enumerate(cells):
+            left = GAP + column * (cell + GAP)
+            grid[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
+    return grid
+
+
+def write_png(path: Path, picture: np.ndarray) -> None:
+    """Writes an (H, W, 3) uint8 picture as a PNG, atomically."""
+    atomic_write(path, lambda temporary: Image.fromarray(picture).save(temporary, format="PNG"))
+
+
+def _fit(picture: np.ndarray, cell: int) -> np.ndarray:
+    """The whole image, aspect kept, longer side = `cell` (bicubic)."""
+    height, width = picture.shape[:2]
+    factor = cell / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.BICUBIC))
+
+
+def _enlarge(picture: np.ndarray, scale: int) -> np.ndarray:
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else picture

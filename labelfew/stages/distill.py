@@ -1,0 +1,477 @@
+"""SimCLRv2 distillation: a fine-tuned teacher + unlabeled images -> `distill-<labels>/model.safetensors`.
+
+SimCLRv2 (Chen et al. 2020, arXiv 2006.10029, section 2.3, eq. 2) uses the unlabeled images a
+second time: the fine-tuned model (the teacher) labels them with its softmax, and a student is
+trained to match it, `-sum_y P_T(y|x; t) log P_S(y|x; t)`, optionally plus the labelled loss.
+Self-distillation (the same arch, started from the pretrained backbone) improves on the teacher;
+big-to-small distillation (`--arch`) gives a smaller model. Both are trained with the fine-tuning
+augmentation (random resized crop + flip) and, as in the paper, pretraining's optimizer and schedule.
+
+The teacher stays in eval mode under `no_grad`, off the optimizer, and sees the very view the
+student sees (DESIGN.md trap 11: a teacher in train mode drifts its BN statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import timm
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from labelfew import engine
+from labelfew.artifacts import (
+    Artifact,
+    StageInfo,
+    load_artifact,
+    register_stage,
+    resolve_artifact,
+    save_tensors,
+    stage_info,
+    write_run_json,
+)
+from labelfew.config import DistillConfig, to_json
+from labelfew.data import sources
+from labelfew.data.batches import Batch, EpochBatches, EpochOrder
+from labelfew.data.images import find_images
+from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.data.overlap import content_hashes
+from labelfew.data.subsets import subset_hash
+from labelfew.engine.loggers import check_loggers, open_loggers
+from labelfew.errors import UserError
+from labelfew.fileio import prepare_folder, sha256_file
+from labelfew.losses import distillation_loss
+from labelfew.models import Classifier, build_backbone, load_model
+from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+from labelfew.spec import ModelSpec
+from labelfew.views.finetune import CropFlipViews
+
+
+def _label(artifact: Artifact) -> str:
+    start = artifact.metadata.get("student", "self")
+    if start == "self":
+        return "distilled"
+    return f"distilled ({artifact.arch}{', random init' if start == 'random' else ''})"
+
+
+STAGE = register_stage(
+    StageInfo("distill", file="model.safetensors", folder="distill", kind="classifier", label=_label)
+)
+
+WARMUP_FRACTION = 0.1
+"""Linear warmup over this part of the steps, then cosine: pretraining's 10 of 100 epochs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Student:
+    """Where the student starts: `kind` self (the teacher's pretrained backbone), pretrain
+    (`--from-pretrain`) or random (`--arch` alone), and the pretrain artifact when there is one."""
+
+    kind: str
+    arch: str
+    small_stem: bool
+    artifact: Artifact | None
+
+
+@dataclasses.dataclass
+class DistillBatch(Batch):
+    """An unlabeled batch and, with `--alpha`, the labelled batch trained in the same step."""
+
+    labelled: Batch | None = None
+
+
+class WithLabelled:
+    """The unlabeled batches (`EpochBatches`), each carrying a labelled batch when there are labels.
+
+    The labelled order runs on across the unlabeled epochs: global step g takes step g mod L of
+    labelled epoch g div L (L labelled steps an epoch), so a resumed run takes the same batches.
+    """
+
+    def __init__(self, unlabeled: EpochBatches, labelled: EpochBatches | None) -> None:
+        self.unlabeled, self.labelled = unlabeled, labelled
+        self._next_step = 0
+
+    def __len__(self) -> int:
+        return len(self.unlabeled)
+
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.unlabeled.set_epoch(epoch, first_step)
+        self._next_step = epoch * len(self.unlabeled) + first_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        labelled: Iterator[Batch] | None = None
+        for batch in self.unlabeled:
+            fields = {item.name: getattr(batch, item.name) for item in dataclasses.fields(Batch)}
+            step, self._next_step = self._next_step, self._next_step + 1
+            if self.labelled is None:
+                yield DistillBatch(**fields)
+                continue
+            per_epoch = len(self.labelled)
+            if labelled is None or step % per_epoch == 0:
+                self.labelled.set_epoch(step // per_epoch, step % per_epoch)
+                labelled = iter(self.labelled)
+            yield DistillBatch(**fields, labelled=next(labelled))
+
+
+class Agreement:
+    """Per-epoch counts on the device (no host sync per step): the student's top-1 agreeing with
+    the teacher's, the teacher's mean top probability (how sure its pseudo-labels are) and, when
+    the unlabeled folder is a class-per-folder tree of the teacher's classes (a benchmark), the
+    teacher's top-1 on those views."""
+
+    def __init__(self, device: torch.device, has_labels: bool) -> None:
+        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+        self.has_labels = has_labels
+
+    @torch.no_grad()
+    def add(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+            temperature: float) -> None:  # fmt: skip
+        teacher_top = teacher_logits.argmax(dim=1)
+        correct = (teacher_top == labels).sum() if labels is not None else 0
+        confidence = torch.softmax(teacher_logits / temperature, dim=1).amax(dim=1).sum()
+        agree = (student_logits.argmax(dim=1) == teacher_top).sum()
+        self.counts += torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.counts.device)
+                                    for value in (agree, confidence, correct, teacher_top.shape[0])])  # fmt: skip
+
+    def epoch_metrics(self, accelerator: Any) -> dict[str, float]:
+        """This epoch's rates over every process (each must call it); the counts start again."""
+        agree, confidence, correct, total = (float(value) for value in accelerator.reduce(self.counts, "sum"))
+        self.counts.zero_()
+        metrics = {"agreement": agree / max(total, 1), "teacher_confidence": confidence / max(total, 1)}
+        return {**metrics, "teacher_top1": correct / max(total, 1)} if self.has_labels else metrics
+
+
+def find_teacher(source: Path | None) -> Artifact:
+    """The run's model fine-tuned from the self-supervised pretrain (not a `--scratch` baseline).
+
+    Raises:
+        UserError: no fine-tuned model, another stage's file, or only `--scratch` baselines.
+    """
+    path = resolve_artifact(source, ("finetune",))
+    teacher = load_artifact(path)
+    if teacher.stage != "finetune":
+        raise UserError(
+            f"{path}: a {teacher.stage} artifact; the teacher is a fine-tuned model (finetune*/model.safetensors)"
+        )
+    if not teacher.spec.scratch:
+        return teacher
+    if source is None or (Path(source).is_dir() and path.parent != Path(source)):
+        info = stage_info("finetune")
+        found = [
+            p
+            for p in path.parent.parent.glob(f"{info.folder}*/{info.file}")
+            if (p.parent / "run.json").is_file()
+        ]
+        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            if not (artifact := load_artifact(candidate)).spec.scratch:
+                return artifact
+    raise UserError(
+        f"{path}: a --scratch baseline; the teacher is the model fine-tuned from the pretrained backbone "
+        "(run finetune without --scratch, or pass --from its folder)"
+    )
+
+
+def student_start(config: DistillConfig, teacher: Artifact) -> Student:
+    """Same arch: the pretrained backbone the teacher started from; another: `--from-pretrain` or random.
+
+    Raises:
+        UserError: an unknown arch, an arch that differs from `--from-pretrain`'s, or a teacher whose
+            pretrained backbone is gone.
+    """
+    spec = teacher.spec
+    if config.arch is not None and not timm.is_model(config.arch):
+        build_backbone(config.arch, small_stem=False)  # raises the UserError with close names
+    if config.from_pretrain is not None:
+        start = load_artifact(resolve_artifact(config.from_pretrain, ("pretrain",)), "pretrain")
+        if config.arch is not None and config.arch != start.arch:
+            raise UserError(
+                f"--from-pretrain {start.path}: pretrained as {start.arch}, not --arch {config.arch}; drop one"
+            )
+        kind = "self" if start.arch == spec.arch else "pretrain"
+        return Student(kind, start.arch, start.spec.small_stem, start)
+    if config.arch is not None and config.arch != spec.arch:
+        return Student("random", config.arch, spec.small_stem, None)
+    parent = (teacher.run_info().get("parent") or {}).get("path")
+    if not parent or not Path(parent).is_file():
+        raise UserError(
+            f"{teacher.path}: the pretrained backbone it was fine-tuned from ({parent or 'not recorded'}) is not "
+            "there; pass --from-pretrain runs/NAME/pretrain (or --arch for a random-init student)"
+        )
+    start = load_artifact(Path(parent), "pretrain")
+    return Student("self", start.arch, start.spec.small_stem, start)
+
+
+def build_student(student: Student, spec: ModelSpec) -> Classifier:
+    """The pretrained backbone (or a random one) + a zero-initialised linear layer for the teacher's classes."""
+    assert spec.class_names is not None
+    backbone = build_backbone(student.arch, small_stem=student.small_stem, image_size=spec.image_size)
+    if student.artifact is not None:
+        backbone.load_state_dict(student.artifact.tensors)
+    model = Classifier(backbone, len(spec.class_names))
+    nn.init.zeros_(model.classifier.weight)
+    nn.init.zeros_(model.classifier.bias)
+    return model
+
+
+def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: float, alpha: float,
+                      accelerator: Any, agreement: Agreement) -> engine.StepFunction:  # fmt: skip
+    """Distillation loss on one view of every unlabeled image, the teacher's logits made from that
+    same view once; with `alpha`, plus alpha × the cross-entropy of the labelled batch's views
+    (one student forward pass over both, so BN normalises them together)."""
+    channels_last = accelerator.device.type == "cuda"
+
+    def step(student: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        labelled = cast(DistillBatch, batch).labelled
+        images = views(batch.images, batch.sizes, batch.generator())
+        if labelled is not None:
+            images = torch.cat([images, views(labelled.images, labelled.sizes, labelled.generator())])
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        unlabeled = len(batch)
+        with torch.no_grad(), accelerator.autocast():
+            teacher_logits = teacher(images[:unlabeled]).float()
+        logits = student(images).float()
+        loss = distillation_loss(logits[:unlabeled], teacher_logits, temperature)
+        agreement.add(logits[:unlabeled], teacher_logits, batch.labels, temperature)
+        if labelled is not None and alpha > 0:
+            assert labelled.labels is not None
+            loss = loss + alpha * nn.functional.cross_entropy(logits[unlabeled:], labelled.labels)
+        return loss, images.shape[0]
+
+    return step
+
+
+def folder_labels(paths: list[Path], root: Path, class_names: list[str]) -> list[int] | None:
+    """Each image's class when the unlabeled folder is a class-per-folder tree of the teacher's
+    classes (a benchmark's training set), else None; only for the logged teacher accuracy."""
+    lookup = {name: index for index, name in enumerate(class_names)}
+    labels = [lookup.get(path.relative_to(root).parts[0]) if len(path.relative_to(root).parts) > 1 else None
+              for path in paths]  # fmt: skip
+    return None if any(label is None for label in labels) else cast(list[int], labels)
+
+
+def labelled_images(config: DistillConfig, class_names: list[str]) -> LabeledImages | None:
+    """The `--labels` images for the `--alpha` loss, or None.
+
+    Raises:
+        UserError: one of `--labels` / `--alpha` without the other, or a class the teacher lacks.
+    """
+    if (config.labels is None) != (config.alpha == 0):
+        raise UserError("--labels and --alpha go together: pass both (e.g. --alpha 1) or neither")
+    if config.labels is None:
+        return None
+    labeled = read_labels(config.labels)
+    labeled.label_indices(class_names)  # raises on a class the teacher does not know
+    return labeled
+
+
+def build_batches(config: DistillConfig, paths: list[Path], known: list[int] | None, labeled: LabeledImages | None,
+                  class_names: list[str], image_size: int, place: str, accelerator: Any) -> tuple[WithLabelled, list[str]]:  # fmt: skip
+    """The unlabeled uint8 batches from the same store or stream as pretraining (`labelfew.data.sources`),
+    with the labelled ones (their own order, seed + 1) attached; and the files found undecodable.
+
+    --batch-size is the global batch of each, capped by the images there are; the last incomplete
+    batch is dropped (a BatchNorm in training mode cannot normalise one image)."""
+    workers = engine.default_workers(config.workers)
+    show = accelerator.is_main_process and not config.quiet
+    progress = sources.decode_progress(engine.console) if show else None
+
+    def batches(files: list[Path], labels: list[int] | None, seed: int) -> tuple[EpochBatches, list[str]]:
+        per_process = max(1, min(config.batch_size, len(files)) // accelerator.num_processes)
+        order = EpochOrder(
+            len(files), per_process, seed, accelerator.process_index, accelerator.num_processes
+        )
+        return sources.training_batches(files, place, image_size, order, accelerator, config.memory_budget,
+                                        workers=workers, labels=labels, on_progress=progress)  # fmt: skip
+
+    unlabeled, undecodable = batches(paths, known, config.seed)
+    if len(unlabeled) == 0:
+        raise UserError(
+            f"{config.unlabeled}: too few decodable images for one batch of {accelerator.num_processes}"
+        )
+    if labeled is None:
+        return WithLabelled(unlabeled, None), undecodable
+    labelled, _ = batches(list(labeled.paths), labeled.label_indices(class_names), config.seed + 1)
+    return WithLabelled(unlabeled, labelled), undecodable
+
+
+def default_out(teacher: Artifact, student: Student) -> Path:
+    """`<run>/distill-<labels stem>` beside the teacher's `finetune-<labels stem>` (+ `-<arch>` for
+    another student arch, so that two students of one teacher do not share a folder)."""
+    suffix = teacher.path.parent.name.removeprefix(stage_info("finetune").folder)
+    arch = "" if student.kind == "self" else f"-{student.arch}"
+    return teacher.path.parent.parent / f"{STAGE.folder}{suffix}{arch}"
+
+
+def learning_rate(config: DistillConfig, batch: int) -> float:
+    """`--lr`, or pretraining's rule for the global batch (SimCLRv2 distils with pretraining's schedule)."""
+    if config.lr is not None:
+        return config.lr
+    if config.optimizer == "lars":
+        return scaled_learning_rate(None, batch, "sqrt")
+    return 0.05 * batch / 256 if config.optimizer == "sgd" else 1e-3
+
+
+def fingerprint(config: DistillConfig, teacher: Artifact, student: Student, paths: list[Path],
+                labeled: LabeledImages | None, place: str) -> dict[str, Any]:  # fmt: skip
+    """What a resumed distillation must share with the run that wrote the checkpoint."""
+    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "memory_budget", "unlabeled", "source",
+               "from_pretrain", "labels", "augment_on", "logger"}  # fmt: skip
+    values = {key: value for key, value in to_json(config).items() if key not in ignored}
+    listing = hashlib.sha256("\n".join(str(path.relative_to(config.unlabeled)) for path in paths).encode())
+    return {**values, "augment_on": place, "teacher_sha256": sha256_file(teacher.path), "student": student.kind,
+            "student_arch": student.arch, "start_sha256": sha256_file(student.artifact.path) if student.artifact else None,
+            "images": len(paths), "image_list_sha256": listing.hexdigest()[:16],
+            "labels_sha256": subset_hash(labeled) if labeled is not None else None}  # fmt: skip
+
+
+def _prepare_output(out: Path, restart: bool) -> Path:
+    """Creates the stage folder (and clears an old log with --restart); main process only."""
+    prepare_folder(out)
+    if restart:
+        (out / "log.jsonl").unlink(missing_ok=True)
+    return out
+
+
+def _prepare_models(
+    config: DistillConfig, student: Student, teacher_artifact: Artifact, lr: float, accelerator: Any
+) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """The student (seeded, prepared for training), its optimizer, and the teacher: on the device in
+    eval mode with no gradients, each process its own copy, never given to `accelerator.prepare`."""
+    set_seed(config.seed)
+    model: nn.Module = build_student(student, teacher_artifact.spec)
+    teacher = load_model(teacher_artifact).to(accelerator.device).eval().requires_grad_(False)
+    if accelerator.device.type == "cuda":
+        model, teacher = (part.to(memory_format=torch.channels_last) for part in (model, teacher))
+        if accelerator.num_processes > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    groups = parameter_groups(model, config.weight_decay, exclude=[cast(Classifier, model).classifier])
+    optimizer = build_optimizer(config.optimizer, groups, lr=lr)  # type: ignore[arg-type]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    engine.seed_augmentations(accelerator, config.seed)
+    return model, optimizer, teacher
+
+
+def run(config: DistillConfig) -> Path:
+    """Distils the teacher into the student and writes the artifact; returns the path of model.safetensors."""
+    check_loggers(config.logger)  # a missing extra fails now, before any image is read
+    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
+    set_seed(config.seed)
+    teacher_artifact = find_teacher(config.source)
+    student = student_start(config, teacher_artifact)
+    spec = teacher_artifact.spec
+    class_names = list(spec.class_names or ())
+    labeled = labelled_images(config, class_names)
+    paths = find_images(config.unlabeled)
+    if not paths:
+        raise UserError(
+            f"{config.unlabeled}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
+        )
+    engine.per_process_batch(config.batch_size, accelerator)
+    place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size)
+    out = engine.on_main_process(
+        accelerator,
+        lambda: _prepare_output(config.out or default_out(teacher_artifact, student), config.restart),
+    )
+    known = folder_labels(paths, config.unlabeled, class_names)
+    loader, undecodable = build_batches(
+        config, paths, known, labeled, class_names, spec.image_size, place, accelerator
+    )
+    batch = min(config.batch_size, len(paths)) // accelerator.num_processes * accelerator.num_processes
+    lr = learning_rate(config, batch)
+    model, optimizer, teacher = _prepare_models(config, student, teacher_artifact, lr, accelerator)
+    steps = len(loader) * config.epochs
+    scheduler = warmup_cosine(
+        optimizer, warmup_steps=max(1, round(WARMUP_FRACTION * steps)), total_steps=steps
+    )
+    agreement = Agreement(accelerator.device, has_labels=known is not None)
+    views = CropFlipViews(spec.image_size, spec.mean, spec.std)
+    if accelerator.is_main_process and not config.quiet:
+        engine.console.print(
+            f"[bold]distill[/] {teacher_artifact.path} into {student.arch} ({student.kind if student.kind != 'self' else 'the same arch'}"
+            f", from {student.artifact.path if student.artifact else 'random init'}), {len(paths)} unlabeled images"
+            f"{f' + {len(labeled)} labelled (alpha {config.alpha:g})' if labeled else ''}, T {config.temperature:g}, "
+            f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, on {engine.describe_device(accelerator)}"
+        )
+    run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
+    trainer = engine.Trainer(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+        step=distillation_step(teacher, views, config.temperature, config.alpha, accelerator, agreement),
+        epochs=config.epochs, description="distill", quiet=config.quiet, log_file=out / "log.jsonl",
+        on_epoch_end=lambda epoch, loss: agreement.epoch_metrics(accelerator),
+        checkpoint_dir=out / "checkpoints", checkpoint_minutes=config.checkpoint_every,
+        fingerprint=fingerprint(config, teacher_artifact, student, paths, labeled, place), restart=config.restart,
+        loggers=run_loggers,
+    )  # fmt: skip
+    result = trainer.fit()
+    artifact = out / "model.safetensors"
+    bad = undecodable + [str(paths[index]) for index in result.bad_indices]
+    unwrapped = accelerator.unwrap_model(model)
+    record = {"lr": lr, "augment_on": place, "images": len(paths), "skipped_files": bad,
+              "device": engine.describe_device(accelerator)}  # fmt: skip
+    engine.on_main_process(
+        accelerator,
+        lambda: _save(config, teacher_artifact, student, unwrapped, artifact, labeled, result, record),
+    )
+    return artifact
+
+
+def _file_record(path: Path | None) -> dict[str, str] | None:
+    return None if path is None else {"path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def _labels_record(teacher: Artifact, labeled: LabeledImages | None) -> dict[str, Any]:
+    """The teacher's labels (the student learnt them through its outputs, so evaluate refuses them as
+    test images too), with the `--labels` images' content hashes added."""
+    labels = dict(teacher.run_info().get("labels") or {})
+    if labeled is not None:
+        hashes = set(labels.get("content_sha256") or []) | set(content_hashes(labeled.paths))
+        labels["content_sha256"] = sorted(hashes)
+    return labels
+
+
+def _save(config: DistillConfig, teacher: Artifact, student: Student, model: Classifier, artifact: Path,
+          labeled: LabeledImages | None, result: engine.FitResult, record: dict[str, Any]) -> None:  # fmt: skip
+    resolved = {
+        **to_json(config),
+        "arch": student.arch,
+        "lr": record["lr"],
+        "augment_on": record["augment_on"],
+    }
+    width = int(model.backbone.num_features)  # type: ignore[arg-type]
+    spec = dataclasses.replace(teacher.spec.backbone(), arch=student.arch, small_stem=student.small_stem,
+                               num_features=width, class_names=teacher.spec.class_names)  # fmt: skip
+    metadata = {
+        "stage": STAGE.name,
+        **spec.to_metadata(),
+        "student": student.kind,
+        "config": json.dumps(resolved),
+    }
+    digest = save_tensors(artifact, model.state_dict(), metadata)
+    keys = [key for key in ("agreement", "teacher_confidence", "teacher_top1") if result.epoch_metrics
+            and key in result.epoch_metrics[-1]]  # fmt: skip
+    skipped = record["skipped_files"]
+    write_run_json(artifact.parent, {
+        "stage": STAGE.name, "config": resolved, "parent": _file_record(teacher.path),
+        "student": {"start": student.kind, "arch": student.arch,
+                    "pretrain": _file_record(student.artifact.path if student.artifact else None)},
+        "artifacts": {"model.safetensors": {"sha256": digest}},
+        "labels": _labels_record(teacher, labeled),
+        "distill_labels": None if labeled is None else {"path": str(config.labels), "images": len(labeled),
+                                                        "subset_sha256": subset_hash(labeled)},
+        "data": {"unlabeled": str(config.unlabeled.resolve()), "images": record["images"], "skipped": len(skipped),
+                 "skipped_files": skipped},
+        "metrics": {"final_loss": result.final_loss, "epoch_losses": result.epoch_losses,
+                    **{key: [metrics.get(key) for metrics in result.epoch_metrics] for key in keys}},
+        "wall_seconds": result.seconds, "steps": result.steps, "device": record["device"],
+    })  # fmt: skip
+    if not config.quiet:
+        engine.console.print(
+            f"[green]distill done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}\n  artifact: {artifact}"
+        )

@@ -1,0 +1,169 @@
+"""Distillation stage: the step against the plain loss, the teacher left untouched (trap 11), the
+artifact as every command reads it, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from labelfew import engine
+from labelfew.artifacts import find_models, load_artifact, model_label
+from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.data.batches import Batch
+from labelfew.errors import UserError
+from labelfew.losses import distillation_loss
+from labelfew.models import load_model
+from labelfew.stages import distill, evaluate, finetune, pretrain
+from labelfew.views.finetune import CropFlipViews
+
+LABELFEW = str(Path(sys.executable).parent / "labelfew")
+
+
+@pytest.fixture(scope="module")
+def tiny(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-epoch pretrain on 60 digits of 3 classes, fine-tuned on 5 labels of each; a test set."""
+    train, test = digits_folder
+    work = tmp_path_factory.mktemp("distill")
+    for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
+        for folder in sorted(source.iterdir())[:3]:
+            (work / name / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                shutil.copy(path, work / name / folder.name / path.name)
+    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
+                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
+    finetune.run(FinetuneConfig(labels=work / "labels", source=work / "run", out=work / "run" / "finetune-labels",
+                                epochs=2, batch_size=15, lr=0.05, workers=0, quiet=True))  # fmt: skip
+    return {"work": work, "run": work / "run", "unlabeled": work / "unlabeled", "test": work / "test",
+            "labels": work / "labels"}  # fmt: skip
+
+
+def _config(tiny: dict[str, Path], **options: Any) -> DistillConfig:
+    values: dict[str, Any] = {"unlabeled": tiny["unlabeled"], "source": tiny["run"], "epochs": 1, "batch_size": 20,
+                              "workers": 0, "quiet": True, **options}  # fmt: skip
+    return DistillConfig(**values)
+
+
+def test_the_step_is_the_distillation_loss_of_the_teacher_and_student_on_the_same_views(
+    tiny: dict[str, Path],
+) -> None:
+    teacher_artifact = distill.find_teacher(tiny["run"])
+    teacher = load_model(teacher_artifact).eval()
+    student = distill.build_student(
+        distill.student_start(_config(tiny), teacher_artifact), teacher_artifact.spec
+    )
+    # not the zero start: the loss must depend on the student
+    torch.nn.init.normal_(student.classifier.weight)
+    views = CropFlipViews(32)
+    images = torch.randint(0, 256, (6, 3, 40, 36), dtype=torch.uint8)
+    batch = distill.DistillBatch(images, torch.tensor([[40, 36]] * 6), torch.arange(6), seed=7)
+    accelerator = engine.make_accelerator("no", seed=0)
+    agreement = distill.Agreement(torch.device("cpu"), has_labels=False)
+    step = distill.distillation_step(teacher, views, 2.0, 0.0, accelerator, agreement)
+    loss, count = step(student, batch)
+    same_views = views(images, batch.sizes, Batch(images, batch.sizes, batch.indices, seed=7).generator())
+    with torch.no_grad():
+        expected = distillation_loss(student(same_views), teacher(same_views), temperature=2.0)
+    assert count == 6 and torch.allclose(loss, expected)
+    loss.backward()
+    assert all(param.grad is None for param in teacher.parameters())  # no gradient reaches the teacher
+    assert set(agreement.epoch_metrics(accelerator)) == {"agreement", "teacher_confidence"}
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny: dict[str, Path]) -> Path:
+    return distill.run(_config(tiny, epochs=2))
+
+
+def test_the_teacher_stays_in_eval_mode_and_unchanged(
+    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN.md trap 11: in train mode its BN running statistics would drift with the student's batches."""
+    teacher_artifact = distill.find_teacher(tiny["run"])
+    before = {key: value.clone() for key, value in teacher_artifact.tensors.items()}
+    seen: list[torch.nn.Module] = []
+    original = distill.distillation_step
+
+    def spy(teacher: torch.nn.Module, *args: Any) -> Any:
+        seen.append(teacher)
+        inner = original(teacher, *args)
+
+        def step(model: torch.nn.Module, batch: Batch) -> Any:
+            assert not teacher.training and model.training
+            return inner(model, batch)
+
+        return step
+
+    monkeypatch.setattr(distill, "distillation_step", spy)
+    distill.run(_config(tiny, out=tiny["work"] / "spy"))
+    (teacher,) = seen
+    state = teacher.state_dict()
+    assert any("running_mean" in key for key in state)
+    for key, value in before.items():
+        assert torch.equal(state[key], value), key  # weights and BN buffers (running mean, var, count)
+    assert all(not param.requires_grad for param in teacher.parameters())
+
+
+def test_the_artifact_loads_predicts_and_is_evaluated_as_distilled(
+    tiny: dict[str, Path], distilled: Path
+) -> None:
+    assert distilled == tiny["run"] / "distill-labels" / "model.safetensors"
+    artifact = load_artifact(distilled, "distill")
+    teacher = distill.find_teacher(tiny["run"])
+    assert artifact.spec.class_names == teacher.spec.class_names and model_label(artifact) == "distilled"
+    model = load_model(artifact).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    record = json.loads((distilled.parent / "run.json").read_text())
+    assert record["parent"]["path"] == str(teacher.path.resolve()) and record["student"]["start"] == "self"
+    assert record["labels"]["content_sha256"] == teacher.run_info()["labels"]["content_sha256"]
+    # the unlabeled folder is a tree of the teacher's classes: its accuracy is logged
+    assert len(record["metrics"]["teacher_top1"]) == 2
+    assert {artifact.path for artifact in find_models(tiny["run"])[0]} >= {distilled, teacher.path}
+    result = evaluate.run(EvaluateConfig(test=tiny["test"], source=tiny["run"], bank=tiny["labels"],
+                                         out=tiny["work"] / "evaluate", workers=0, quiet=True))  # fmt: skip
+    names = [row["method"] for row in result["rows"]]
+    assert "distilled" in names and "fine-tuned" in names
+
+
+def test_a_smaller_student_from_random_init_and_the_labelled_loss(
+    tiny: dict[str, Path], distilled: Path
+) -> None:
+    out = distill.run(_config(tiny, arch="resnet10t", labels=tiny["labels"], alpha=1.0))
+    assert out.parent.name == "distill-labels-resnet10t"
+    artifact = load_artifact(out, "distill")
+    assert artifact.arch == "resnet10t" and model_label(artifact) == "distilled (resnet10t, random init)"
+    assert json.loads((out.parent / "run.json").read_text())["distill_labels"]["images"] == 15
+    assert distill.find_teacher(tiny["run"]).stage == "finetune"  # a distilled model is never a teacher
+
+
+def _bad(tiny: dict[str, Path], *arguments: str) -> str:
+    result = subprocess.run([LABELFEW, "distill", "--workers", "0", "--quiet", *arguments], cwd=tiny["work"],
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_bad_input_exits_2_with_one_line(tiny: dict[str, Path]) -> None:
+    only_pretrain = tiny["work"] / "only-pretrain"
+    shutil.copytree(tiny["run"] / "pretrain", only_pretrain / "pretrain")
+    empty = tiny["work"] / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    unlabeled = str(tiny["unlabeled"])
+    assert "holds no completed finetune artifact" in _bad(
+        tiny, "--unlabeled", unlabeled, "--from", str(only_pretrain)
+    )
+    assert "no image files" in _bad(tiny, "--unlabeled", str(empty), "--from", str(tiny["run"]))
+    assert "not a timm model" in _bad(
+        tiny, "--unlabeled", unlabeled, "--from", str(tiny["run"]), "--arch", "resnet81"
+    )
+    with pytest.raises(UserError, match="--labels and --alpha go together"):
+        distill.run(_config(tiny, alpha=0.5))
