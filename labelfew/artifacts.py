@@ -200,6 +200,11 @@ def model_label(artifact: Artifact) -> str:
     return stage_info(artifact.stage).label(artifact)
 
 
+def either(names: tuple[str, ...] | list[str]) -> str:
+    """Stage names for a message: `finetune`, `finetune or distill`, `pretrain, finetune or distill`."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def resolve_artifact(source: Path | None, stages: tuple[str, ...], runs_root: Path = RUNS_ROOT) -> Path:
     """Finds the artifact file a command should start from.
 
@@ -210,7 +215,7 @@ def resolve_artifact(source: Path | None, stages: tuple[str, ...], runs_root: Pa
     Raises:
         UserError: nothing suitable found, with what was looked for.
     """
-    wanted = " or ".join(stages)
+    wanted = either(stages)
     if source is None:
         runs = (
             sorted(

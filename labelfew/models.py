@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from labelfew.artifacts import Artifact, stage_names
+from labelfew.artifacts import Artifact, either, stage_names
 from labelfew.errors import UserError
 from labelfew.spec import HeadSpec, ModelSpec
 
@@ -204,7 +204,7 @@ def load_model(artifact: Artifact) -> nn.Module:
     """
     models = stage_names(("backbone", "classifier"))
     if artifact.stage not in models or artifact.metadata.get("part") == "head":
-        raise UserError(f"{artifact.path}: a {artifact.stage} file; pass a {' or '.join(models)} artifact")
+        raise UserError(f"{artifact.path}: a {artifact.stage} file; pass a {either(models)} artifact")
     return load_weights(build_model(artifact.spec), artifact)
 
 

@@ -229,7 +229,7 @@ def test_load_model_round_trips_and_refuses_what_is_not_a_model(tmp_path: Path) 
     save_tensors(
         other, {"embeddings": torch.ones(2, 96)}, {"stage": "embeddings", **spec.backbone().to_metadata()}
     )
-    with pytest.raises(UserError, match="a embeddings file; pass a pretrain or finetune artifact"):
+    with pytest.raises(UserError, match="a embeddings file; pass a pretrain, finetune or distill artifact"):
         load_model(load_artifact(other))
     wrong = tmp_path / "wrong.safetensors"
     save_tensors(wrong, {"w": torch.ones(1)}, {"stage": "pretrain", **spec.backbone().to_metadata()})

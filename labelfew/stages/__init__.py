@@ -10,5 +10,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+# The chain's first two stages register first, so that they come first wherever stages are listed
+# (`--from` preferences, error messages); the others follow in name order.
+_FIRST = ("pretrain", "finetune")
+for _name in (*_FIRST, *sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _FIRST)):
+    importlib.import_module(f"{__name__}.{_name}")

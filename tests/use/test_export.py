@@ -229,7 +229,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert "no finetune or pretrain artifact" in one_line_error(["export"])
+    assert "no finetune, distill or pretrain artifact" in one_line_error(["export"])
     assert "no such file or folder" in one_line_error(["export", "--from", str(tmp_path / "nope")])
     assert "--format tflite" in one_line_error(
         ["export", "--from", str(models["small"]), "--format", "tflite"]

@@ -202,7 +202,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no ./runs here
     images, index = str(run["images"]), tmp_path / "e.safetensors"
-    assert "no finetune artifact" in one_line_error(["predict", images])
+    assert "no finetune or distill artifact" in one_line_error(["predict", images])
     assert "no such file or folder" in one_line_error(["predict", images, "--from", str(tmp_path / "nope")])
     assert "fine-tuned model" in one_line_error(
         ["predict", images, "--from", str(run["pretrain"] / "backbone.safetensors")]
