@@ -365,6 +365,12 @@ class EvaluateConfig(_Validated):
     batch_size: int = option(256, minimum=1, help="Images per forward pass.")
     workers: int | None = option(None, WORKERS)
     seed: int = option(0, SEED)
+    logger: tuple[str, ...] = option(
+        ("jsonl",),
+        LOGGER,
+        help="Also log each row's top-1, top-5 and balanced accuracy to tensorboard (RUN/evaluate/tensorboard/) "
+        "or mlflow (a run named <run>/evaluate beside the training stages'); repeat the flag for both.",
+    )
     quiet: bool = option(False, QUIET)
 
 

@@ -6,6 +6,7 @@ kNN and the probe use the backbone's pooled features, never the projection head'
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import ImageSet, Overlap, content_hashes, find_overlap
+from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
 from labelfew.models import build_model, load_model
@@ -200,6 +202,7 @@ def _bank_source(config: EvaluateConfig, models: Models) -> Path:
 def run(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluates every model of the run on the test set; prints the table and writes report.json."""
     started = time.perf_counter()
+    check_loggers(config.logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.plots:
         plots.require_matplotlib()
@@ -236,6 +239,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     }
     out = config.out or models.run_folder / "evaluate"
     atomic_write_json(out / "report.json", result)
+    _log_metrics(config, out, result)
     if not config.quiet:
         report.print_report(result, out / "report.json")
     if config.plots:
@@ -251,6 +255,21 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             quiet=config.quiet,
         )
     return result
+
+
+def _log_metrics(config: EvaluateConfig, out: Path, result: dict[str, Any]) -> None:
+    """Every row's accuracies as metrics (`<method>/top1` ...), the config as params, to the chosen loggers."""
+    scalars: dict[str, float] = {}
+    for row in result["rows"]:
+        name = re.sub(r"[^\w\-. /]", "", row["method"]).strip()  # MLflow's allowed characters
+        while f"{name}/top1" in scalars:  # two models with one label: keep both
+            name += " 2"
+        for key in ("top1", "top5", "balanced_accuracy"):
+            if isinstance(row.get(key), int | float):
+                scalars[f"{name}/{key}"] = float(row[key])
+    loggers = open_loggers(config.logger, out, to_json(config))
+    loggers.log_scalars(0, scalars)
+    loggers.close()
 
 
 def check_overlap(

@@ -105,3 +105,33 @@ def test_a_logger_without_its_extra_fails_before_any_work(
     assert result.exit_code == 2
     assert "pip install 'labelfew[tensorboard]'" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_logs_each_rows_accuracies_beside_the_training_stages(
+    logged_run: Path, digits_folder: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train, test = digits_folder
+    result = runner.invoke(
+        app,
+        ["evaluate", "--test", str(test), "--bank", str(train), "--from", str(logged_run), "--quiet",
+         "--logger", "tensorboard", "--logger", "mlflow"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((logged_run / "evaluate" / "report.json").read_text())
+    knn = next(row for row in report["rows"] if row["method"] == "kNN")
+    events = EventAccumulator(str(logged_run / "evaluate" / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("kNN/top1")[0].value == pytest.approx(knn["top1"])
+    assert "linear probe/balanced_accuracy" in events.Tags()["scalars"]
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("labelfew")
+    assert experiment is not None
+    (found,) = client.search_runs([experiment.experiment_id])
+    assert found.info.run_name == f"{logged_run.name}/evaluate"
+    assert found.data.metrics["kNN/top1"] == pytest.approx(knn["top1"])
+    assert found.data.params["knn_k"] == "20"
