@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -183,3 +183,43 @@ class EpochOrder:
     def view_seed(self, step: int) -> int:
         """The seed of the random views of ``step`` of the current epoch on this process."""
         return step_seed(self.seed, self.epoch, step, self.rank) if self.shuffle else 0
+
+
+@dataclass
+class LabelledPairBatch(Batch):
+    """An unlabeled batch and the labelled batch trained in the same step (distill's `--alpha`; FixMatch)."""
+
+    labelled: Batch | None = None
+
+
+class WithLabelled:
+    """The unlabeled batches (`EpochBatches`), each carrying a labelled batch when there are labels.
+
+    The labelled order runs on across the unlabeled epochs: global step g takes step g mod L of
+    labelled epoch g div L (L labelled steps an epoch), so a resumed run takes the same batches.
+    """
+
+    def __init__(self, unlabeled: EpochBatches, labelled: EpochBatches | None) -> None:
+        self.unlabeled, self.labelled = unlabeled, labelled
+        self._next_step = 0
+
+    def __len__(self) -> int:
+        return len(self.unlabeled)
+
+    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
+        self.unlabeled.set_epoch(epoch, first_step)
+        self._next_step = epoch * len(self.unlabeled) + first_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        labelled: Iterator[Batch] | None = None
+        for batch in self.unlabeled:
+            values = {item.name: getattr(batch, item.name) for item in fields(Batch)}
+            step, self._next_step = self._next_step, self._next_step + 1
+            if self.labelled is None:
+                yield LabelledPairBatch(**values)
+                continue
+            per_epoch = len(self.labelled)
+            if labelled is None or step % per_epoch == 0:
+                self.labelled.set_epoch(step // per_epoch, step % per_epoch)
+                labelled = iter(self.labelled)
+            yield LabelledPairBatch(**values, labelled=next(labelled))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +37,7 @@ from labelfew.artifacts import (
 )
 from labelfew.config import DistillConfig, to_json
 from labelfew.data import sources
-from labelfew.data.batches import Batch, EpochBatches, EpochOrder
+from labelfew.data.batches import Batch, EpochBatches, EpochOrder, LabelledPairBatch, WithLabelled
 from labelfew.data.images import find_images
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import content_hashes
@@ -77,46 +76,6 @@ class Student:
     arch: str
     small_stem: bool
     artifact: Artifact | None
-
-
-@dataclasses.dataclass
-class DistillBatch(Batch):
-    """An unlabeled batch and, with `--alpha`, the labelled batch trained in the same step."""
-
-    labelled: Batch | None = None
-
-
-class WithLabelled:
-    """The unlabeled batches (`EpochBatches`), each carrying a labelled batch when there are labels.
-
-    The labelled order runs on across the unlabeled epochs: global step g takes step g mod L of
-    labelled epoch g div L (L labelled steps an epoch), so a resumed run takes the same batches.
-    """
-
-    def __init__(self, unlabeled: EpochBatches, labelled: EpochBatches | None) -> None:
-        self.unlabeled, self.labelled = unlabeled, labelled
-        self._next_step = 0
-
-    def __len__(self) -> int:
-        return len(self.unlabeled)
-
-    def set_epoch(self, epoch: int, first_step: int = 0) -> None:
-        self.unlabeled.set_epoch(epoch, first_step)
-        self._next_step = epoch * len(self.unlabeled) + first_step
-
-    def __iter__(self) -> Iterator[Batch]:
-        labelled: Iterator[Batch] | None = None
-        for batch in self.unlabeled:
-            fields = {item.name: getattr(batch, item.name) for item in dataclasses.fields(Batch)}
-            step, self._next_step = self._next_step, self._next_step + 1
-            if self.labelled is None:
-                yield DistillBatch(**fields)
-                continue
-            per_epoch = len(self.labelled)
-            if labelled is None or step % per_epoch == 0:
-                self.labelled.set_epoch(step // per_epoch, step % per_epoch)
-                labelled = iter(self.labelled)
-            yield DistillBatch(**fields, labelled=next(labelled))
 
 
 class Agreement:
@@ -227,7 +186,7 @@ def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: flo
     channels_last = accelerator.device.type == "cuda"
 
     def step(student: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        labelled = cast(DistillBatch, batch).labelled
+        labelled = cast(LabelledPairBatch, batch).labelled
         images = views(batch.images, batch.sizes, batch.generator())
         if labelled is not None:
             images = torch.cat([images, views(labelled.images, labelled.sizes, labelled.generator())])

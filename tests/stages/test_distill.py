@@ -16,7 +16,7 @@ import torch
 from labelfew import engine
 from labelfew.artifacts import find_models, load_artifact, model_label
 from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig, PretrainConfig
-from labelfew.data.batches import Batch
+from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.errors import UserError
 from labelfew.losses import distillation_loss
 from labelfew.models import load_model
@@ -62,7 +62,7 @@ def test_the_step_is_the_distillation_loss_of_the_teacher_and_student_on_the_sam
     torch.nn.init.normal_(student.classifier.weight)
     views = CropFlipViews(32)
     images = torch.randint(0, 256, (6, 3, 40, 36), dtype=torch.uint8)
-    batch = distill.DistillBatch(images, torch.tensor([[40, 36]] * 6), torch.arange(6), seed=7)
+    batch = LabelledPairBatch(images, torch.tensor([[40, 36]] * 6), torch.arange(6), seed=7)
     accelerator = engine.make_accelerator("no", seed=0)
     agreement = distill.Agreement(torch.device("cpu"), has_labels=False)
     step = distill.distillation_step(teacher, views, 2.0, 0.0, accelerator, agreement)
