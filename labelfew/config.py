@@ -203,7 +203,8 @@ class FinetuneConfig(_Validated):
         choices=("auto",),
         above=0,
         help="Learning rate, or auto: fine-tune briefly at ×1, ×2, ×4 and ×8 the rule (sgd 0.05×B/256, "
-        "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth, then train on all.",
+        "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth (each fifth in turn, "
+        "up to 5, while one holds fewer than 250 labels), then train on all.",
     )
     warmup_fraction: float = option(
         0.05,

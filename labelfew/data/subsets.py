@@ -70,6 +70,30 @@ def balanced_subset(
     )
 
 
+def stratified_folds(labeled: LabeledImages, folds: int, seed: int) -> list[LabeledImages]:
+    """`folds` disjoint held-out sets, each about 1/folds of every class, seeded as `balanced_subset`.
+
+    A class's images in rank order are cut at round(k × n / folds); so with `folds` = 5 the first
+    fold is `balanced_subset(fraction=0.2)`'s fifth, and every label is held out exactly once.
+    A class with fewer than 3 labels is never held out (round(n / 5) = 0 for it).
+    """
+    by_class: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for path, label in zip(labeled.paths, labeled.labels, strict=True):
+        by_class[label].append((labeled.relative_key(path), path))
+    held: list[list[tuple[str, Path, str]]] = [[] for _ in range(folds)]
+    for label in sorted(by_class):
+        members = sorted(by_class[label], key=lambda item: _rank(seed, item[0]))
+        if len(members) < 3:
+            continue
+        cuts = [round(k * len(members) / folds) for k in range(folds + 1)]
+        for fold in range(folds):
+            held[fold].extend((key, path, label) for key, path in members[cuts[fold] : cuts[fold + 1]])
+    return [
+        LabeledImages(tuple(path for _, path, _ in chosen), tuple(label for _, _, label in chosen), labeled.root)
+        for chosen in (sorted(fold, key=lambda item: (item[2], item[0])) for fold in held)
+    ]
+
+
 def subset_hash(labeled: LabeledImages) -> str:
     """A sha256 over the (relative path, label) pairs, independent of row order."""
     digest = hashlib.sha256()

@@ -2,9 +2,9 @@
 
 No fixed fine-tuning lr is right everywhere: on 1% of CIFAR-10 (~120 steps) 4× SimCLR's rule
 0.05·B/256 wrecked the pretrained features, while on 3,068 real photos (~300 steps) the rule
-underfitted (benchmarks/RESULTS.md). So a stratified fifth of the labels is held out, each
-candidate is trained briefly on the rest from the same start, and the best held-out top-1 wins
-(ties: the smaller lr). The stage supplies how one candidate trains (`search`'s `train`
+underfitted (benchmarks/RESULTS.md). So a stratified fifth of the labels is held out (several
+fifths in turn when one is small), each candidate is trained briefly on the rest from the same
+start, and the best held-out top-1, pooled over the folds, wins (ties: the smaller lr). The stage supplies how one candidate trains (`search`'s `train`
 callback); this module owns the candidates, the split, the choice and the record, so that any
 stage that fine-tunes a classifier can search the same way.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labelfew.data.labels import LabeledImages
-from labelfew.data.subsets import balanced_subset
+from labelfew.data.subsets import stratified_folds
 from labelfew.engine.accelerator import on_main_process
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
@@ -33,7 +33,7 @@ SEARCH_FILE = "lr_search.json"
 
 @dataclass(frozen=True)
 class Candidate:
-    """One brief training: its lr and length, and its scores (None: it diverged)."""
+    """One brief training (or, pooled, one lr over all folds): lr, epochs, steps in all, scores (None: diverged)."""
 
     lr: float
     epochs: int
@@ -66,18 +66,36 @@ def search_epochs(epochs: int, steps_per_epoch: int) -> int:
     return min(epochs, max(math.ceil(epochs / 4), math.ceil(50 / max(steps_per_epoch, 1))))
 
 
-def search_split(labeled: LabeledImages, seed: int) -> tuple[LabeledImages, LabeledImages]:
-    """(4/5 to fit, 1/5 to validate), stratified and seeded as `balanced_subset`: each class holds
-    out round(n / 5) of its n labels, so a class with fewer than 3 has none held out."""
-    held = balanced_subset(labeled, fraction=0.2, seed=seed + 2, allow_empty=True)
-    held_paths = set(held.paths)
-    kept = [
-        (path, label)
-        for path, label in zip(labeled.paths, labeled.labels, strict=True)
-        if path not in held_paths
-    ]
-    fit = LabeledImages(tuple(path for path, _ in kept), tuple(label for _, label in kept), labeled.root)
-    return fit, held
+HELD_OUT_TARGET = 250
+"""Held-out labels pooled over folds: a fifth of a few hundred labels cannot rank lrs 2× apart.
+
+On hymenoptera's 245 labels the single fifth (49 images) put the four candidates within one
+binomial standard deviation (±6.5 points at 70%) and chose ×1, 11 points below ×4 on the 153 val
+photos (benchmarks/RESULTS.md). So while one fifth holds fewer than this, further fifths are held
+out in turn (at most all five, which scores every label once: ±2.9 points at n = 245), at one
+more brief training per candidate each.
+"""
+
+
+def search_folds(labeled: LabeledImages, seed: int) -> list[tuple[LabeledImages, LabeledImages]]:
+    """(fit, held out) pairs: disjoint stratified fifths held out in turn, the others fitted.
+
+    One fifth when it holds at least HELD_OUT_TARGET labels, otherwise as many fifths as reach
+    it (at most 5). A class with fewer than 3 labels is never held out. Seeded as `balanced_subset`.
+    """
+    fifths = stratified_folds(labeled, folds=5, seed=seed + 2)
+    count = min(5, max(1, math.ceil(HELD_OUT_TARGET / max(len(fifths[0]), 1))))
+    pairs = []
+    for held in fifths[:count]:
+        held_paths = set(held.paths)
+        kept = [
+            (path, label)
+            for path, label in zip(labeled.paths, labeled.labels, strict=True)
+            if path not in held_paths
+        ]
+        fit = LabeledImages(tuple(path for path, _ in kept), tuple(label for _, label in kept), labeled.root)
+        pairs.append((fit, held))
+    return pairs
 
 
 def search(
@@ -85,35 +103,59 @@ def search(
     optimizer: str,
     batch: int,
     class_names: Sequence[str],
-    fit: LabeledImages,
-    check: LabeledImages,
-    train: Callable[[float], Candidate],
+    folds: Sequence[tuple[LabeledImages, LabeledImages]],
+    train: Callable[[float, int], Candidate],
 ) -> dict[str, Any]:
-    """Trains a candidate at rule × each of SEARCH_FACTORS and keeps the best held-out top-1.
+    """Trains a candidate at rule × each of SEARCH_FACTORS on every fold; keeps the best pooled top-1.
 
-    Every process runs it (torchrun): `train` must be collective in the same order everywhere.
+    `train(lr, fold)` fits `folds[fold][0]` and scores `folds[fold][1]`. Every process runs this
+    (torchrun): `train` must be collective in the same order everywhere.
 
     Returns:
         The record for run.json: rule, candidates, chosen lr, held-out counts, seconds, notes.
     """
+    held_out = sum(len(check) for _, check in folds)
     record: dict[str, Any] = {"rule": rule, "optimizer": optimizer, "batch": batch, "candidates": [],
-                              "fit_images": len(fit), "held_out_images": len(check)}  # fmt: skip
-    unchecked = sorted(set(class_names) - set(check.labels))
+                              "fit_images": len(folds[0][0]), "held_out_images": held_out,
+                              "folds": len(folds)}  # fmt: skip
+    unchecked = sorted(set(class_names) - {label for _, check in folds for label in check.labels})
     if unchecked:
         record["note"] = (
             f"{len(unchecked)} class(es) with fewer than 3 labels held none out: {', '.join(unchecked[:5])}"
         )
-    if len(check) == 0:
+    if held_out == 0:
         record.update(chosen=rule, note="no class has 3 labels to hold one out: the rule's lr, not searched")
         return record
     started = time.perf_counter()
     for factor in SEARCH_FACTORS:
-        record["candidates"].append({**asdict(train(rule * factor)), "factor": factor})
+        runs = [train(rule * factor, fold) for fold in range(len(folds))]
+        weights = [len(check) for _, check in folds]
+        record["candidates"].append({**asdict(_pooled(runs, weights)), "factor": factor})
     ranked = [item for item in record["candidates"] if item["val_top1"] is not None]
     # max keeps the first of equal values, and the candidates are in increasing lr.
     record["chosen"] = max(ranked, key=lambda item: item["val_top1"])["lr"] if ranked else rule
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def _pooled(runs: Sequence[Candidate], weights: Sequence[int]) -> Candidate:
+    """One candidate's folds as one: held-out scores weighted by fold size (diverged if any fold did)."""
+    first = runs[0]
+    if any(run.val_top1 is None or run.val_loss is None or run.final_loss is None for run in runs):
+        return Candidate(first.lr, first.epochs, sum(run.steps for run in runs))
+    total = sum(weights)
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(value * weight for value, weight in zip(values, weights, strict=True)) / total
+
+    return Candidate(
+        first.lr,
+        first.epochs,
+        sum(run.steps for run in runs),
+        val_top1=mean([run.val_top1 for run in runs]),  # type: ignore[misc]
+        val_loss=mean([run.val_loss for run in runs]),  # type: ignore[misc]
+        final_loss=sum(run.final_loss for run in runs) / len(runs),  # type: ignore[misc]
+    )
 
 
 def reuse(folder: Path, key: dict[str, Any], restart: bool) -> dict[str, Any] | None:

@@ -53,7 +53,7 @@ def print_lr_search(record: dict[str, Any], reused: bool) -> None:
     """`finetune --lr auto`: one row per candidate lr (held-out top-1), and the choice."""
     table = Table(
         title=f"lr search ({record['optimizer']}, batch {record['batch']}): {record['fit_images']} labels to fit, "
-        f"{record['held_out_images']} held out" + (" — from lr_search.json, not rerun" if reused else "")
+        f"{record['held_out_images']} held out" + _folds(record) + (" — from lr_search.json, not rerun" if reused else "")
     )
     for column in ("lr", "× rule", "steps", "held-out top-1", "held-out loss", "final loss"):
         table.add_column(column, justify="right")
@@ -68,6 +68,11 @@ def print_lr_search(record: dict[str, Any], reused: bool) -> None:
     console.print(
         f"lr: {record['chosen']:.4g}, {record['chosen'] / record['rule']:g}× the rule's {record['rule']:.4g}{note}"
     )
+
+
+def _folds(record: dict[str, Any]) -> str:
+    folds = record.get("folds", 1)  # records before the folds had one
+    return f" in turn over {folds} fifths (steps: all folds)" if folds > 1 else ""
 
 
 def print_report(result: dict[str, Any], path: Path | None = None) -> None:

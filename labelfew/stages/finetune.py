@@ -308,22 +308,26 @@ def _search(
     batch: int,
     accelerator: Any,
 ) -> dict[str, Any]:
-    """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth."""
+    """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth
+    (on each of several fifths when one is small: `lr_search.search_folds`)."""
     rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
-    fit, check = lr_search.search_split(train, config.seed)
-    check_loader = _val_loader(check, class_names, start, config, accelerator) if len(check) else None
+    folds = lr_search.search_folds(train, config.seed)
+    checks = [_val_loader(check, class_names, start, config, accelerator) if len(check) else None
+              for _, check in folds]  # fmt: skip
 
-    def candidate(lr: float) -> lr_search.Candidate:
+    def candidate(lr: float, fold: int) -> lr_search.Candidate:
         set_seed(config.seed)  # every candidate from the same initialisation and batches
-        training = _prepare_training(config, start, class_names, fit, lr, accelerator)
+        training = _prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
         epochs = lr_search.search_epochs(config.epochs, len(training.loader))
+        where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
             scheduler=_schedule(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
             loader=training.loader, step=training.step, epochs=epochs,
-            description=f"lr search {lr:.3g}", quiet=config.quiet,
+            description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
         )  # fmt: skip
         steps = epochs * len(training.loader)
+        check_loader = checks[fold]
         assert check_loader is not None  # `search` trains no candidate without held-out labels
         try:
             loss = trainer.fit().final_loss
@@ -332,7 +336,7 @@ def _search(
             return lr_search.Candidate(lr, epochs, steps)
         return lr_search.Candidate(lr, epochs, steps, val_top1=top1, val_loss=held_loss, final_loss=loss)
 
-    return lr_search.search(rule, config.optimizer, batch, class_names, fit, check, candidate)
+    return lr_search.search(rule, config.optimizer, batch, class_names, folds, candidate)
 
 
 def run(config: FinetuneConfig) -> Path:

@@ -12,6 +12,7 @@ import torch
 
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.labels import LabeledImages
+from labelfew.data.subsets import balanced_subset
 from labelfew.engine import lr_search
 from labelfew.errors import UserError
 from labelfew.optim import LARS, finetune_learning_rate
@@ -78,12 +79,51 @@ def test_search_length_is_a_quarter_of_the_epochs_and_at_least_50_steps() -> Non
 
 
 def test_the_held_out_fifth_is_stratified_and_classes_with_few_labels_keep_theirs(tmp_path: Path) -> None:
-    paths = tuple(tmp_path / f"{index}.png" for index in range(23))
-    labels = ("a",) * 10 + ("b",) * 11 + ("c",) * 2
-    fit, check = lr_search.search_split(LabeledImages(paths, labels, tmp_path), seed=0)
-    assert check.counts() == {"a": 2, "b": 2} and fit.counts() == {"a": 8, "b": 9, "c": 2}
+    paths = tuple(tmp_path / f"{index}.png" for index in range(1260))
+    labels = ("a",) * 600 + ("b",) * 655 + ("c",) * 2 + ("d",) * 3
+    labeled = LabeledImages(paths, labels, tmp_path)
+    folds = lr_search.search_folds(labeled, seed=0)
+    assert len(folds) == 1  # a fifth of 1,260 holds 251 >= HELD_OUT_TARGET: one fold
+    fit, check = folds[0]
+    assert check.counts() == {"a": 120, "b": 131, "d": 1} and fit.counts() == {"a": 480, "b": 524, "c": 2, "d": 2}
     assert not set(fit.paths) & set(check.paths)
-    assert lr_search.search_split(LabeledImages(paths, labels, tmp_path), seed=0)[1] == check  # seeded
+    assert check == balanced_subset(labeled, fraction=0.2, seed=2, allow_empty=True)  # seeded as the 1% subsets
+    assert lr_search.search_folds(labeled, seed=0) == folds
+
+
+def test_a_small_fifth_is_held_out_in_turn_until_every_label_has_been_once(tmp_path: Path) -> None:
+    paths = tuple(tmp_path / f"{index}.png" for index in range(245))
+    labels = ("ants",) * 124 + ("bees",) * 119 + ("rare",) * 2  # hymenoptera's train counts, and a rare class
+    folds = lr_search.search_folds(LabeledImages(paths, labels, tmp_path), seed=0)
+    assert len(folds) == 5  # 49 held out per fifth < 250: all five fifths
+    held = [path for _, check in folds for path in check.paths]
+    assert sorted(held) == sorted(paths[:243])  # each label once, the rare class never
+    for fit, check in folds:
+        assert set(fit.paths) == set(paths) - set(check.paths)
+        assert abs(check.counts()["ants"] - 124 / 5) < 1 and abs(check.counts()["bees"] - 119 / 5) < 1
+    many = tuple(tmp_path / f"{index}.png" for index in range(600))
+    three = lr_search.search_folds(LabeledImages(many, ("x",) * 600, tmp_path), seed=0)  # fifth 120: 3 of them
+    assert len(three) == 3 and all(len(check) == 120 for _, check in three)
+
+
+def test_the_search_pools_the_folds_by_their_size_and_ties_go_to_the_smaller_lr(tmp_path: Path) -> None:
+    labeled = LabeledImages(tuple(tmp_path / f"{i}.png" for i in range(20)), ("a",) * 10 + ("b",) * 10, tmp_path)
+    folds = lr_search.search_folds(labeled, seed=0)
+    sizes = [len(check) for _, check in folds]
+    scores = {1: [1.0, 0.0, 0.0, 0.0, 0.0], 2: [0.0, 0.5, 0.5, 0.5, 0.5], 4: [0.4] * 5, 8: [None] * 5}
+
+    def train(lr: float, fold: int) -> lr_search.Candidate:
+        top1 = scores[round(lr / 0.01)][fold]
+        if top1 is None:
+            return lr_search.Candidate(lr, 2, 3)
+        return lr_search.Candidate(lr, 2, 3, val_top1=top1, val_loss=1 - top1, final_loss=0.1)
+
+    record = lr_search.search(0.01, "sgd", 8, ["a", "b"], folds, train)
+    expected = [sum(s * n for s, n in zip(scores[f], sizes, strict=True)) / sum(sizes) for f in (1, 2, 4)]
+    assert [item["val_top1"] for item in record["candidates"][:3]] == pytest.approx(expected)
+    assert record["candidates"][3]["val_top1"] is None and record["candidates"][0]["steps"] == 15
+    assert (record["folds"], record["held_out_images"]) == (5, 20)
+    assert record["chosen"] == pytest.approx(0.02)  # 0.4 for ×2 and ×4: the smaller
 
 
 def test_warmup_is_linear_over_the_first_steps_then_cosine() -> None:
@@ -124,7 +164,8 @@ def _finetune(tiny: dict[str, Path], out: str, **options: Any) -> dict[str, Any]
 def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scores = iter([0.5, 0.7, 0.9, 0.9])  # ×4 and ×8 tie: the smaller lr wins
+    # 5 folds of 6 (30 labels, a fifth of 6 < 250): pooled 0.5, 0.7, 0.9, 0.9; ×4 and ×8 tie: the smaller wins
+    scores = iter([0.5] * 5 + [0.7] * 5 + [1.0, 0.5, 1.0, 1.0, 1.0] + [0.9] * 5)
     monkeypatch.setattr(finetune, "held_out_scores", lambda *args: (next(scores), 0.5))
     record = _finetune(tiny_pretrain, "auto")
     search = record["lr_search"]
@@ -132,8 +173,8 @@ def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     assert [item["lr"] for item in search["candidates"]] == pytest.approx(
         [rule, 2 * rule, 4 * rule, 8 * rule]
     )
-    assert (search["fit_images"], search["held_out_images"]) == (24, 6)  # 2 of each class's 10 held out
-    assert search["candidates"][0]["steps"] == 6  # 3 steps an epoch, for all 2 epochs
+    assert (search["fit_images"], search["held_out_images"], search["folds"]) == (24, 30, 5)  # each label once
+    assert search["candidates"][0]["steps"] == 5 * 6  # 3 steps an epoch, for all 2 epochs, on each fold
     assert record["lr"] == search["chosen"] == pytest.approx(4 * rule) == record["config"]["lr"]
     assert record["labels"]["images"] == 30  # then trained on all the labels
     # A rerun (after a kill, or to rebuild) reads lr_search.json instead of searching again.
