@@ -75,6 +75,12 @@ def _folds(record: dict[str, Any]) -> str:
     return f" in turn over {folds} fifths (steps: all folds)" if folds > 1 else ""
 
 
+def _shared_methods(rows: list[dict[str, Any]]) -> set[str]:
+    """Method names that more than one row carries (a run with several fine-tunings of one kind)."""
+    methods = [row["method"] for row in rows]
+    return {method for method in methods if methods.count(method) > 1}
+
+
 def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     """One row per model/method, then the per-class accuracy of every row."""
     test = result["test"]
@@ -83,6 +89,7 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     )
     for column in ("method", "top-1", "top-5", "balanced acc.", "notes"):
         table.add_column(column, justify="left" if column in ("method", "notes") else "right")
+    shared = _shared_methods(result["rows"])
     for row in result["rows"]:
         details = row["details"]
         if row["method"].startswith("kNN"):
@@ -93,6 +100,8 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
             note = f"C={details['C']}, {details['bank_images']} labelled"
         else:
             note = f"{details.get('labelled_images')} labelled"
+            if row["method"] in shared and details.get("artifact"):
+                note += f", {Path(details['artifact']).parent.name}"  # which of the run's models
         table.add_row(
             row["method"],
             _percent(row["top1"]),
