@@ -53,7 +53,9 @@ def print_lr_search(record: dict[str, Any], reused: bool) -> None:
     """`finetune --lr auto`: one row per candidate lr (held-out top-1), and the choice."""
     table = Table(
         title=f"lr search ({record['optimizer']}, batch {record['batch']}): {record['fit_images']} labels to fit, "
-        f"{record['held_out_images']} held out" + _folds(record) + (" — from lr_search.json, not rerun" if reused else "")
+        f"{record['held_out_images']} held out"
+        + _folds(record)
+        + (" — from lr_search.json, not rerun" if reused else "")
     )
     for column in ("lr", "× rule", "steps", "held-out top-1", "held-out loss", "final loss"):
         table.add_column(column, justify="right")
