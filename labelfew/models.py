@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from labelfew.artifacts import Artifact, either, stage_names
+from labelfew.artifacts import Artifact, either, load_artifact, stage_names
 from labelfew.errors import UserError
 from labelfew.spec import HeadSpec, ModelSpec
 
@@ -174,6 +174,65 @@ def head_prefix(head: ProjectionHead, layers: int) -> nn.Sequential:
 def build_head(spec: HeadSpec, in_features: int) -> ProjectionHead:
     """An untrained projection head of the shape `spec` records."""
     return ProjectionHead(in_features, spec.hidden, output_dim=spec.dim, depth=spec.depth)
+
+
+def head_spec(head_artifact: Artifact) -> HeadSpec:
+    """The projection head's shape a pretrain run recorded in its `head.safetensors`.
+
+    Raises:
+        UserError: the file records no head (a pretrain run older than the head metadata).
+    """
+    head = head_artifact.spec.head
+    if head is None:
+        raise UserError(f"{head_artifact.path}: no projection head recorded; rerun pretrain")
+    return head
+
+
+def build_classifier(
+    arch: str,
+    small_stem: bool,
+    image_size: int,
+    num_classes: int,
+    pretrain: Artifact | None = None,
+    from_head_layer: int = 0,
+    load_weights: bool = True,
+) -> Classifier:
+    """The backbone (+ head layers) with `pretrain`'s weights when `load_weights`, and a new linear layer.
+
+    The linear layer starts at zero, as SimCLR's `zero_init_logits_layer` (the official fine-tuning
+    command sets it): the first steps then train the classifier alone (the backbone's gradient is
+    `W^T (p - y)` = 0) instead of back-propagating a random projection into the pretrained features.
+
+    Args:
+        arch: timm model name.
+        small_stem: the 3×3 stride-1 stem (`build_backbone`).
+        image_size: for models whose size is fixed at build time.
+        num_classes: outputs of the linear layer.
+        pretrain: the pretrain artifact (its backbone; its `head.safetensors` beside it for
+            `from_head_layer`), or None for random init.
+        from_head_layer: 0: the classifier on the backbone; k: on the first k projection layers
+            (SimCLRv2), whose shape comes from `pretrain` even when its weights are not loaded.
+        load_weights: False keeps the random init (the `--scratch` baseline of a pretrained arch).
+
+    Raises:
+        UserError: `from_head_layer` without a pretrain artifact, or a head layer it does not have.
+    """
+    backbone = build_backbone(arch, small_stem=small_stem, image_size=image_size)
+    head: nn.Module | None = None
+    if pretrain is not None and load_weights:
+        backbone.load_state_dict(pretrain.tensors)
+    if from_head_layer > 0:
+        if pretrain is None:
+            raise UserError("--from-head-layer needs a pretrain artifact (the head's layers come from it)")
+        head_artifact = load_artifact(pretrain.path.parent / "head.safetensors", "pretrain")
+        full = build_head(head_spec(head_artifact), pretrain.spec.num_features)
+        if load_weights:
+            full.load_state_dict(head_artifact.tensors)
+        head = head_prefix(full, from_head_layer)
+    model = Classifier(backbone, num_classes, head)
+    nn.init.zeros_(model.classifier.weight)
+    nn.init.zeros_(model.classifier.bias)
+    return model
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

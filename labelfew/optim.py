@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = [
     "LARS",
+    "build_finetune_optimizer",
     "build_optimizer",
     "finetune_learning_rate",
     "parameter_groups",
@@ -281,6 +282,23 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(plain_groups, lr=lr)
     raise ValueError(f"Unknown optimizer {name!r}; use 'lars', 'sgd' or 'adamw'.")
+
+
+def build_finetune_optimizer(
+    name: OptimizerName, model: nn.Module, classifier: nn.Module, weight_decay: float, lr: float
+) -> torch.optim.Optimizer:
+    """The optimizer of a model with a new linear classifier, which is neither LARS-adapted nor
+    decayed (SimCLR's `lars_optimizer.py` excludes `head_supervised` from both).
+
+    Args:
+        name: "sgd" (Nesterov momentum), "lars" or "adamw" (`build_optimizer`).
+        model: the whole model.
+        classifier: its linear layer (a submodule of `model`).
+        weight_decay: for the other weights; biases and normalisation weights never decay.
+        lr: the peak learning rate.
+    """
+    groups = parameter_groups(model, weight_decay, exclude=[classifier])
+    return build_optimizer(name, groups, lr=lr)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:

@@ -195,5 +195,5 @@ def test_readme_option_tables_are_the_generated_ones() -> None:
     found = [match[1] for match in TABLE.finditer(readme)]
     assert sorted(found) == sorted(tables), "README needs one <!-- options: NAME --> block per command"
     assert readme_tables(readme, tables) == readme, (
-        "README's option tables differ from labelfew/config.py; run `python -m labelfew.options README.md`"
+        "README's option tables differ from labelfew/config/; run `python -m labelfew.options README.md`"
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CopyPerClass
 from safetensors.torch import load_file
 
 LABELFEW = str(Path(sys.executable).parent / "labelfew")
@@ -182,4 +183,28 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, 
     resumed = _run(command(tmp_path / "killed"), tmp_path)
     assert "resuming distill" in resumed.stderr and "epoch 2" in resumed.stderr
     _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
+    assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+
+
+def test_fixmatch_killed_mid_epoch_resumes_to_the_same_average_and_weights(
+    small_digits: Path, reference: Path, tmp_path: Path, copy_per_class: CopyPerClass
+) -> None:
+    labels = copy_per_class(small_digits, tmp_path / "labels", 10)  # 3 labelled steps an epoch, 13 unlabeled
+
+    def command(out: Path) -> list[str]:
+        return [LABELFEW, "finetune", "--labels", str(labels), "--from", str(reference / "run"), "--method", "fixmatch",
+                "--unlabeled", str(small_digits), "--mu", "1", "--threshold", "0.5", "--epochs", "2", "--batch-size",
+                str(BATCH), "--workers", "0", "--quiet", "--out", str(out), "--checkpoint-every", EVERY_LOG_POINT]  # fmt: skip
+
+    _run(command(tmp_path / "whole"), tmp_path)
+    _kill_after_checkpoint(
+        command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", 20, tmp_path, signal.SIGKILL
+    )
+    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    assert "resuming finetune (fixmatch)" in resumed.stderr and "epoch 2" in resumed.stderr
+    _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
+    last = "step-00000026"  # the end of epoch 2: the weights trained, besides their average
+    for name in ("model.safetensors", "ema.safetensors"):
+        whole, killed = (tmp_path / run / "checkpoints" / last / name for run in ("whole", "killed"))
+        _assert_same_tensors(whole, killed)
     assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()

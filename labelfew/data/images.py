@@ -124,22 +124,23 @@ def _stretch_to_8_bits(image: Image.Image, unit_range: bool) -> Image.Image:
     return image.point(lambda value: (value - low) * scale).convert("L")
 
 
-def load_resized(path: Path, side: int) -> np.ndarray:
+def load_resized(path: Path, side: int, enlarge: bool = False) -> np.ndarray:
     """The whole image as uint8 pixels, its shorter side shrunk to ``side`` if it is longer.
 
-    Never upsampled, aspect ratio kept, the longer side by torchvision's ``Resize(int)`` rule
+    Never upsampled unless ``enlarge`` (evaluation: the shorter side then becomes ``side`` either
+    way), aspect ratio kept, the longer side by torchvision's ``Resize(int)`` rule
     (`labelfew.views.config.resized_extent`), resampled with Pillow's anti-aliased bicubic: what
     torchvision's ``Resize(side)`` gives a PIL image, pixel for pixel.
 
     Returns:
-        Shape: (height, width, 3), uint8, ``min(height, width) <= side``.
+        Shape: (height, width, 3), uint8, ``min(height, width) <= side`` (``== side`` when enlarging).
 
     Raises:
         BadImage: as `load_rgb`.
     """
     image = load_rgb(path)
     width, height = image.size
-    if min(width, height) > side:
+    if min(width, height) > side or (enlarge and min(width, height) < side):
         new_height, new_width = resized_extent(height, width, side)
         image = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
     return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only one)

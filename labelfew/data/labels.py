@@ -12,6 +12,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from labelfew.data.images import find_images
 from labelfew.errors import UserError
@@ -174,3 +175,12 @@ def write_labels(labeled: LabeledImages, out: Path) -> None:
     for path, label in zip(labeled.paths, labeled.labels, strict=True):
         writer.writerow([view.relative_key(path), label])
     atomic_write_text(out, buffer.getvalue())
+
+
+def folder_labels(paths: list[Path], root: Path, class_names: list[str]) -> list[int] | None:
+    """Each image's class when an unlabeled folder is a class-per-folder tree of a model's classes
+    (a benchmark's training set), else None; only for logged rates such as pseudo-label accuracy."""
+    lookup = {name: index for index, name in enumerate(class_names)}
+    labels = [lookup.get(path.relative_to(root).parts[0]) if len(path.relative_to(root).parts) > 1 else None
+              for path in paths]  # fmt: skip
+    return None if any(label is None for label in labels) else cast(list[int], labels)

@@ -6,11 +6,15 @@ making its two SimCLR views on PIL images about 25 ms; so the workers here only 
 same pixels), and every view is made on the training device from the padded uint8 `Batch`
 (`labelfew.views`). The order of the batches is the store's (`labelfew.data.batches.EpochOrder`,
 used as the DataLoader's batch sampler), so for a seed the two sources deliver the same batches.
+
+Evaluation reads files the same way, in file order (`FilesInOrder`): a file that cannot be decoded
+is left out of its `FileBatch` and reported with its reason, never replaced.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +43,13 @@ class DecodedFiles(Dataset[Item]):
         paths: Image files.
         side: The shorter side is shrunk to at most this (`labelfew.data.images.load_resized`).
         labels: Class index of every file, or None.
+        enlarge: A shorter side below ``side`` is enlarged to it (evaluation; training never enlarges).
     """
 
-    def __init__(self, paths: Sequence[Path], side: int, labels: Sequence[int] | None = None) -> None:
-        self.paths, self.side = list(paths), side
+    def __init__(
+        self, paths: Sequence[Path], side: int, labels: Sequence[int] | None = None, enlarge: bool = False
+    ) -> None:
+        self.paths, self.side, self.enlarge = list(paths), side, enlarge
         self.labels = list(labels) if labels is not None else None
 
     def __len__(self) -> int:
@@ -53,7 +60,7 @@ class DecodedFiles(Dataset[Item]):
         for attempt in range(MAX_ATTEMPTS):
             current = (index + attempt) % len(self.paths)
             try:
-                pixels = load_resized(self.paths[current], self.side)
+                pixels = load_resized(self.paths[current], self.side, self.enlarge)
             except BadImage:
                 bad.append(current)
                 continue
@@ -114,3 +121,53 @@ class StreamBatches:
         for step, batch in enumerate(self.loader, start=first_step):
             batch.seed = self.order.view_seed(step)
             yield batch.to(self.device, non_blocking=True)
+
+
+@dataclass
+class FileBatch(Batch):
+    """Consecutive files of a list, as `FilesInOrder` decodes them (`indices` holds the decodable ones).
+
+    Attributes:
+        errors: File index -> why that file could not be decoded; its image is left out.
+    """
+
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+InOrderItem = tuple[int, np.ndarray | None, str]
+"""(file index, pixels (H, W, 3) uint8 or None, why the file could not be decoded or "")."""
+
+
+class FilesInOrder(Dataset[InOrderItem]):
+    """Image files decoded and resized on access, for evaluation: nothing is skipped over or replaced.
+
+    Args:
+        paths: Image files.
+        side: The shorter side is resized to this, up or down (`labelfew.data.images.load_resized`
+            with ``enlarge``): torchvision's ``Resize(side)`` of the PIL image, so the evaluation
+            view is only a crop of it.
+    """
+
+    def __init__(self, paths: Sequence[Path], side: int) -> None:
+        self.paths, self.side = list(paths), side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> InOrderItem:
+        try:
+            return index, load_resized(self.paths[index], self.side, enlarge=True), ""
+        except BadImage as error:
+            return index, None, str(error.__cause__ or error)
+
+
+def collate_in_order(items: list[InOrderItem]) -> FileBatch:
+    """Pads the decodable images of consecutive files into a `FileBatch` (possibly of no image)."""
+    good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+    images, sizes = pad_images([pixels for _, pixels in good])
+    return FileBatch(
+        images=images,
+        sizes=sizes,
+        indices=torch.tensor([index for index, _ in good], dtype=torch.int64),
+        errors={index: error for index, pixels, error in items if pixels is None},
+    )

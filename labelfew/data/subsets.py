@@ -89,7 +89,9 @@ def stratified_folds(labeled: LabeledImages, folds: int, seed: int) -> list[Labe
         for fold in range(folds):
             held[fold].extend((key, path, label) for key, path in members[cuts[fold] : cuts[fold + 1]])
     return [
-        LabeledImages(tuple(path for _, path, _ in chosen), tuple(label for _, _, label in chosen), labeled.root)
+        LabeledImages(
+            tuple(path for _, path, _ in chosen), tuple(label for _, _, label in chosen), labeled.root
+        )
         for chosen in (sorted(fold, key=lambda item: (item[2], item[0])) for fold in held)
     ]
 

@@ -3,6 +3,7 @@
 A checkpoint is a folder `checkpoints/step-00001234/` holding
 
     model.safetensors   the unwrapped model's state dict (safetensors: loading runs no code)
+    ema.safetensors     the moving average of the weights, when the run keeps one (`engine.ema`)
     state.pt            optimizer, LR scheduler, grad scaler, RNG states of every process
                         (python, numpy, torch CPU, CUDA), epoch, position inside the epoch and
                         progress totals — read back with `torch.load(weights_only=True)`, which
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from labelfew.engine.ema import ModelEMA
 from labelfew.errors import UserError
 
 PREFIX = "step-"
@@ -74,16 +76,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(
     folder: Path, model_state: dict[str, torch.Tensor], training_state: dict[str, Any],
-    fingerprint: dict[str, Any], keep: int = 2,
+    fingerprint: dict[str, Any], keep: int = 2, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:  # fmt: skip
-    """Writes one checkpoint atomically (temporary folder, fsync, rename) and prunes old ones."""
+    """Writes one checkpoint atomically (temporary folder, fsync, rename) and prunes old ones;
+    each of `extra_tensors` as `<name>.safetensors` beside the model's."""
     folder.mkdir(parents=True, exist_ok=True)
     step = int(training_state["position"]["global_step"])
     final = folder / f"{PREFIX}{step:08d}"
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        save_file({key: value.detach().cpu().contiguous() for key, value in model_state.items()},
-                  str(temporary / "model.safetensors"))  # fmt: skip
+        for name, tensors in {"model": model_state, **(extra_tensors or {})}.items():
+            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+                      str(temporary / f"{name}.safetensors"))  # fmt: skip
         torch.save(training_state, temporary / "state.pt")
         (temporary / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
         for path in temporary.iterdir():
@@ -159,8 +163,10 @@ def remove_all(folder: Path) -> None:
 def save_training(
     accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: Any, position: Position, fingerprint: dict[str, Any], metrics: list[dict[str, float]],
+    ema: ModelEMA | None = None,
 ) -> None:  # fmt: skip
-    """Gathers every process's RNG state and has the main process write one checkpoint.
+    """Gathers every process's RNG state and has the main process write one checkpoint (with the
+    weights' moving average when there is one).
 
     Every process must call this at the same step.
     """
@@ -178,16 +184,18 @@ def save_training(
             "rng": rng_states,
             "position": position_state(position),
             "metrics": metrics,
+            "ema": ema.extra_state() if ema is not None else None,
         }
-        save(folder, accelerator.unwrap_model(model).state_dict(), state, fingerprint)
+        extra = {"ema": ema.state_dict()} if ema is not None else None
+        save(folder, accelerator.unwrap_model(model).state_dict(), state, fingerprint, extra_tensors=extra)
     accelerator.wait_for_everyone()
 
 
 def restore_training(
     accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, fingerprint: dict[str, Any],
+    scheduler: Any, fingerprint: dict[str, Any], ema: ModelEMA | None = None,
 ) -> tuple[Path, Position, list[dict[str, float]]] | None:  # fmt: skip
-    """Loads the newest checkpoint into the model, optimizer, scheduler, scaler and RNGs.
+    """Loads the newest checkpoint into the model, optimizer, scheduler, scaler, RNGs (and `ema`).
 
     Returns (checkpoint folder, position, per-epoch metrics), or None when there is none.
 
@@ -200,6 +208,8 @@ def restore_training(
     model_state, state, saved = load(found)
     check_fingerprint(found, saved, fingerprint)
     accelerator.unwrap_model(model).load_state_dict(model_state)
+    if ema is not None:
+        _restore_ema(found, ema, state.get("ema"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -208,3 +218,19 @@ def restore_training(
     rng_states = state["rng"]
     set_rng_state(rng_states[accelerator.process_index % len(rng_states)])
     return found, position_from(state), list(state.get("metrics", []))
+
+
+def _restore_ema(checkpoint: Path, ema: ModelEMA, record: dict[str, Any] | None) -> None:
+    """Loads `ema.safetensors` and the update count into `ema`.
+
+    Raises:
+        UserError: the checkpoint has no moving average (or a damaged one).
+    """
+    try:
+        if record is None:
+            raise FileNotFoundError("no moving average recorded")
+        ema.load_state_dict(load_file(str(checkpoint / "ema.safetensors")), updates=int(record["updates"]))
+    except Exception as error:  # a missing or damaged file, or tensors that do not fit
+        raise UserError(
+            f"{checkpoint}: no usable weights' moving average ({type(error).__name__}); delete it or pass --restart"
+        ) from None

@@ -9,6 +9,7 @@ of forward-pass FLOPs (`forward_flops`) rather than guessed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from labelfew.engine.accelerator import console
+from labelfew.models import build_backbone
+from labelfew.spec import uses_small_stem
 
 HOUR = 3600.0
 
@@ -130,3 +135,30 @@ def estimate_line(
     if setting is None:
         return line + "; no smaller setting fits an hour on this CPU: use a GPU"
     return line + f"; to fit an hour on this CPU: {setting.flags()}"
+
+
+def first_steps_printer(
+    arch: str,
+    image_size: int,
+    small_stem: bool,
+    epochs: int,
+    steps_per_epoch: int,
+    on_cpu: bool,
+    small_side: int,
+) -> Callable[[float, int], None]:
+    """`Trainer.on_first_steps` that prints `estimate_line`: the time left and, on a CPU, over an
+    hour, what would fit one, by the ratio of the backbones' forward FLOPs (`forward_flops`)."""
+
+    @functools.cache
+    def flops(name: str, side: int) -> int:
+        small = small_stem if (name, side) == (arch, image_size) else uses_small_stem(side)
+        return forward_flops(build_backbone(name, small_stem=small, image_size=side), side)
+
+    def report(seconds_per_step: float, steps_left: int) -> None:
+        candidates = smaller_settings(arch, image_size, small_side)
+        console.print(estimate_line(
+            seconds_per_step, steps_left, steps_per_epoch, epochs, on_cpu,
+            lambda name, side: flops(name, side) / flops(arch, image_size), candidates,
+        ))  # fmt: skip
+
+    return report

@@ -81,12 +81,16 @@ def search_folds(labeled: LabeledImages, seed: int) -> list[tuple[LabeledImages,
     """(fit, held out) pairs: disjoint stratified fifths held out in turn, the others fitted.
 
     One fifth when it holds at least HELD_OUT_TARGET labels, otherwise as many fifths as reach
-    it (at most 5). A class with fewer than 3 labels is never held out. Seeded as `balanced_subset`.
+    it (at most 5; empty fifths are skipped). A class with fewer than 3 labels is never held out.
+    Seeded as `balanced_subset`.
     """
     fifths = stratified_folds(labeled, folds=5, seed=seed + 2)
-    count = min(5, max(1, math.ceil(HELD_OUT_TARGET / max(len(fifths[0]), 1))))
+    held_out = [fifth for fifth in fifths if len(fifth)]  # 3 or 4 labels a class leave some fifths empty
+    if not held_out:
+        return [(labeled, fifths[0])]  # nothing to hold out: `search` then keeps the rule's lr
+    count = min(len(held_out), max(1, math.ceil(HELD_OUT_TARGET / len(held_out[0]))))
     pairs = []
-    for held in fifths[:count]:
+    for held in held_out[:count]:
         held_paths = set(held.paths)
         kept = [
             (path, label)

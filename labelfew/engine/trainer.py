@@ -24,6 +24,7 @@ from labelfew.data.batches import Batch, EpochBatches
 from labelfew.engine import checkpoint
 from labelfew.engine import signals as signals_module
 from labelfew.engine.accelerator import console
+from labelfew.engine.ema import ModelEMA
 from labelfew.engine.loggers import RunLogger
 
 StepFunction = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
@@ -75,6 +76,9 @@ class Trainer:
     first step (which also pays for allocation and warm-up) and 3 more, or 1 more when slow."""
     loggers: RunLogger | None = None
     """TensorBoard / MLflow (`labelfew.engine.loggers`), main process only; closed when `fit` ends."""
+    ema: ModelEMA | None = None
+    """A moving average of the weights (`labelfew.engine.ema`), updated after every optimizer step
+    and kept in the checkpoints."""
     checkpoint_dir: Path | None = None
     checkpoint_minutes: float = 10.0
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +166,8 @@ class Trainer:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self._step_lr = float(self.optimizer.param_groups[0]["lr"])  # this step's, logged as such
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.accelerator.unwrap_model(self.model))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._time_first_steps()
@@ -229,7 +235,7 @@ class Trainer:
         self._position.seconds = time.perf_counter() - start
         self._position.bad_indices = sorted(self._bad)
         checkpoint.save_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
-                                 self.scheduler, self._position, self.fingerprint, self._metrics)  # fmt: skip
+                                 self.scheduler, self._position, self.fingerprint, self._metrics, self.ema)  # fmt: skip
         self._last_checkpoint = time.perf_counter()
 
     def _resume(self) -> str | None:
@@ -241,7 +247,7 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             return None
         restored = checkpoint.restore_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
-                                               self.scheduler, self.fingerprint)  # fmt: skip
+                                               self.scheduler, self.fingerprint, self.ema)  # fmt: skip
         if restored is None:
             return None
         folder, self._position, self._metrics = restored

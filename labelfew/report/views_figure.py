@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from labelfew.data.batches import EpochBatches
 from labelfew.fileio import atomic_write
+from labelfew.views.simclr import SimCLRViews
 
 SHOWN_IMAGES = 8
 MIN_CELL = 96
@@ -59,6 +62,23 @@ def views_grid(
             left = GAP + column * (cell + GAP)
             grid[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
     return grid
+
+
+def write_views_figure(batches: EpochBatches, views: SimCLRViews, path: Path, loggers: Any) -> None:
+    """``path`` (and the loggers' image ``views``): `SHOWN_IMAGES` images of the first batch beside
+    their two views, from the executor that trains.
+
+    The global random state is forked, so drawing the figure changes nothing in training.
+    """
+    with torch.random.fork_rng(devices=[]):
+        batches.set_epoch(0)
+        batch = next(iter(batches))
+        count = min(SHOWN_IMAGES, len(batch))
+        images, sizes = batch.images[:count], batch.sizes[:count]
+        first, second = views(images, sizes, batch.generator())
+    picture = views_grid(images, sizes, [first, second], views.config.mean, views.config.std)
+    write_png(path, picture)
+    loggers.log_image("views", picture)
 
 
 def write_png(path: Path, picture: np.ndarray) -> None:

@@ -39,15 +39,16 @@ from labelfew.config import DistillConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, EpochOrder, LabelledPairBatch, WithLabelled
 from labelfew.data.images import find_images
-from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.data.labels import LabeledImages, folder_labels, read_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
+from labelfew.engine.counts import EpochCounts
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_folder, sha256_file
 from labelfew.losses import distillation_loss
-from labelfew.models import Classifier, build_backbone, load_model
-from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
+from labelfew.models import Classifier, build_backbone, build_classifier, load_model
+from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine
 from labelfew.spec import ModelSpec
 from labelfew.views.finetune import CropFlipViews
 
@@ -78,14 +79,14 @@ class Student:
     artifact: Artifact | None
 
 
-class Agreement:
+class Agreement(EpochCounts):
     """Per-epoch counts on the device (no host sync per step): the student's top-1 agreeing with
     the teacher's, the teacher's mean top probability (how sure its pseudo-labels are) and, when
     the unlabeled folder is a class-per-folder tree of the teacher's classes (a benchmark), the
     teacher's top-1 on those views."""
 
     def __init__(self, device: torch.device, has_labels: bool) -> None:
-        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+        super().__init__(("agree", "confidence", "correct", "total"), device)
         self.has_labels = has_labels
 
     @torch.no_grad()
@@ -95,13 +96,11 @@ class Agreement:
         correct = (teacher_top == labels).sum() if labels is not None else 0
         confidence = torch.softmax(teacher_logits / temperature, dim=1).amax(dim=1).sum()
         agree = (student_logits.argmax(dim=1) == teacher_top).sum()
-        self.counts += torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.counts.device)
-                                    for value in (agree, confidence, correct, teacher_top.shape[0])])  # fmt: skip
+        self.count(agree=agree, confidence=confidence, correct=correct, total=teacher_top.shape[0])
 
     def epoch_metrics(self, accelerator: Any) -> dict[str, float]:
         """This epoch's rates over every process (each must call it); the counts start again."""
-        agree, confidence, correct, total = (float(value) for value in accelerator.reduce(self.counts, "sum"))
-        self.counts.zero_()
+        agree, confidence, correct, total = self.totals(accelerator).values()
         metrics = {"agreement": agree / max(total, 1), "teacher_confidence": confidence / max(total, 1)}
         return {**metrics, "teacher_top1": correct / max(total, 1)} if self.has_labels else metrics
 
@@ -169,13 +168,9 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
 def build_student(student: Student, spec: ModelSpec) -> Classifier:
     """The pretrained backbone (or a random one) + a zero-initialised linear layer for the teacher's classes."""
     assert spec.class_names is not None
-    backbone = build_backbone(student.arch, small_stem=student.small_stem, image_size=spec.image_size)
-    if student.artifact is not None:
-        backbone.load_state_dict(student.artifact.tensors)
-    model = Classifier(backbone, len(spec.class_names))
-    nn.init.zeros_(model.classifier.weight)
-    nn.init.zeros_(model.classifier.bias)
-    return model
+    return build_classifier(
+        student.arch, student.small_stem, spec.image_size, len(spec.class_names), student.artifact
+    )
 
 
 def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: float, alpha: float,
@@ -204,15 +199,6 @@ def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: flo
         return loss, images.shape[0]
 
     return step
-
-
-def folder_labels(paths: list[Path], root: Path, class_names: list[str]) -> list[int] | None:
-    """Each image's class when the unlabeled folder is a class-per-folder tree of the teacher's
-    classes (a benchmark's training set), else None; only for the logged teacher accuracy."""
-    lookup = {name: index for index, name in enumerate(class_names)}
-    labels = [lookup.get(path.relative_to(root).parts[0]) if len(path.relative_to(root).parts) > 1 else None
-              for path in paths]  # fmt: skip
-    return None if any(label is None for label in labels) else cast(list[int], labels)
 
 
 def labelled_images(config: DistillConfig, class_names: list[str]) -> LabeledImages | None:
@@ -310,8 +296,8 @@ def _prepare_models(
         model, teacher = (part.to(memory_format=torch.channels_last) for part in (model, teacher))
         if accelerator.num_processes > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    groups = parameter_groups(model, config.weight_decay, exclude=[cast(Classifier, model).classifier])
-    optimizer = build_optimizer(config.optimizer, groups, lr=lr)  # type: ignore[arg-type]
+    classifier = cast(Classifier, model).classifier
+    optimizer = build_finetune_optimizer(config.optimizer, model, classifier, config.weight_decay, lr)  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
     engine.seed_augmentations(accelerator, config.seed)
     return model, optimizer, teacher

@@ -6,7 +6,6 @@ SimCLR: Chen et al. 2020, arXiv 2002.05709; the v2 head and fine-tuning: arXiv 2
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -32,7 +31,7 @@ from labelfew.fileio import prepare_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
-from labelfew.report.views_figure import SHOWN_IMAGES, views_grid, write_png
+from labelfew.report.views_figure import write_views_figure
 from labelfew.spec import SMALL_IMAGE_SIDE, HeadSpec, ModelSpec, uses_small_stem
 from labelfew.views.config import ViewConfig
 from labelfew.views.simclr import PairViews, SimCLRViews
@@ -228,7 +227,7 @@ def run(config: PretrainConfig) -> Path:
     if accelerator.is_main_process:
         _announce(config, len(paths), lr, accelerator, batchnorm_description(sync_bn, accelerator))
         run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
-        _write_views_figure(loader, views, config, run_loggers)
+        write_views_figure(loader, views, config.out / "pretrain" / "views.png", run_loggers)
     trainer = engine.Trainer(
         accelerator=accelerator,
         model=model,
@@ -263,47 +262,12 @@ def run(config: PretrainConfig) -> Path:
 def _estimate_printer(
     config: PretrainConfig, steps_per_epoch: int, accelerator: Any
 ) -> Callable[[float, int], None]:
-    """Prints the time left after the first steps; on a CPU, over an hour, what would fit one.
-
-    The suggestions are the measured time scaled by the ratio of the backbones' forward FLOPs.
-    """
-    image_size = config.image_size
-    assert image_size is not None
-
-    @functools.cache
-    def flops(arch: str, side: int) -> int:
-        small = (
-            bool(config.small_stem) if (arch, side) == (config.arch, image_size) else uses_small_stem(side)
-        )
-        return estimate.forward_flops(build_backbone(arch, small_stem=small, image_size=side), side)
-
-    def report(seconds_per_step: float, steps_left: int) -> None:
-        candidates = estimate.smaller_settings(config.arch, image_size, SMALL_IMAGE_SIDE)
-        engine.console.print(estimate.estimate_line(
-            seconds_per_step, steps_left, steps_per_epoch, config.epochs, accelerator.device.type == "cpu",
-            lambda arch, side: flops(arch, side) / flops(config.arch, image_size), candidates,
-        ))  # fmt: skip
-
-    return report
-
-
-def _write_views_figure(
-    loader: EpochBatches, views: SimCLRViews, config: PretrainConfig, loggers: Any
-) -> None:
-    """`views.png`: 8 images of the first batch beside their two views, from the executor that trains.
-
-    The global random state is forked, so drawing the figure changes nothing in training.
-    """
-    assert config.out is not None
-    with torch.random.fork_rng(devices=[]):
-        loader.set_epoch(0)
-        batch = next(iter(loader))
-        count = min(SHOWN_IMAGES, len(batch))
-        images, sizes = batch.images[:count], batch.sizes[:count]
-        first, second = views(images, sizes, batch.generator())
-    picture = views_grid(images, sizes, [first, second], views.config.mean, views.config.std)
-    write_png(config.out / "pretrain" / "views.png", picture)
-    loggers.log_image("views", picture)
+    """Prints the time left after the first steps; on a CPU, over an hour, what would fit one."""
+    assert config.image_size is not None
+    return estimate.first_steps_printer(
+        config.arch, config.image_size, bool(config.small_stem), config.epochs, steps_per_epoch,
+        on_cpu=accelerator.device.type == "cpu", small_side=SMALL_IMAGE_SIDE,
+    )  # fmt: skip
 
 
 def view_config(config: PretrainConfig) -> ViewConfig:

@@ -1,14 +1,17 @@
 """The one loop that runs a model over images: evaluate, predict, embed, similar, the report's
 figures and fine-tuning's validation all go through `model_outputs`.
 
-Images are decoded as in training (`load_rgb`) and go through the spec's evaluation transform
-(`labelfew.spec.eval_resize_side`, centre crop, the recorded mean/std). A file that cannot be
-decoded is reported by index with its error and never stops a run.
+Images come from the streaming source's decoder (`labelfew.data.stream`: DataLoader workers decode
+and resize the shorter side to the spec's evaluation side, Pillow's bicubic as torchvision's
+``Resize`` on a PIL image) and become model inputs on the model's device through the one view
+executor (`labelfew.views.evaluate.EvalView`, here only its centre crop and the recorded
+mean/std), so the inputs are torchvision's resize + centre crop + normalise of the photo.
+A file that cannot be decoded is reported by index with its error and never stops a run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,15 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from labelfew import engine
-from labelfew.data.images import BadImage, load_rgb
+from labelfew.data.batches import Batch
+from labelfew.data.labels import LabeledImages
+from labelfew.data.stream import DecodedFiles, FileBatch, FilesInOrder, collate, collate_in_order
 from labelfew.errors import UserError
-from labelfew.spec import ModelSpec
-from labelfew.views.pil import eval_transform
+from labelfew.spec import ModelSpec, eval_resize_side
+from labelfew.views.evaluate import EvalView
 
 
 @dataclass
@@ -45,73 +50,99 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass
+class EvalImages:
+    """uint8 image batches and the evaluation view that turns each into model inputs.
+
+    Attributes:
+        batches: Padded uint8 batches (`labelfew.data.batches.Batch`), in order.
+        view: The evaluation view, applied on the device the batch is on.
+    """
+
+    batches: Iterable[Batch]
+    view: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
 @torch.no_grad()
 def model_outputs(
-    model: nn.Module, batches: Iterable[dict[str, Any]], target: torch.device | None = None
-) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-    """Yields each batch with the model's float32 outputs for its `images`, in eval mode.
+    model: nn.Module, images: EvalImages, target: torch.device | None = None
+) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Yields each batch with the model's float32 outputs for its evaluation views, in eval mode.
 
     The model's train/eval mode is restored afterwards (fine-tuning validates between epochs).
-    `target` None leaves model and images where they are (a loader prepared by Accelerate).
+    `target` None leaves model and batches where they are (a loader prepared by Accelerate).
 
-    Shape: batch["images"] (batch_size, 3, S, S) -> outputs (batch_size, width)
+    Shape: batch.images (batch_size, 3, H, W) uint8 -> outputs (batch_size, width); a batch of
+    no image (every file undecodable) gets outputs of shape (0,).
     """
     was_training = model.training
     model.eval()
     if target is not None:
         model.to(target)
     try:
-        for batch in batches:
-            images = batch["images"]
-            if images is None:  # every file of the batch was undecodable
+        for batch in images:
+            if len(batch) == 0:
                 yield batch, torch.zeros(0)
                 continue
-            yield batch, model(images if target is None else images.to(target)).float()
+            if target is not None:
+                batch = batch.to(target, non_blocking=True)
+            yield batch, model(images.view(batch.images, batch.sizes)).float()
     finally:
         model.train(was_training)
 
 
-class _Files(Dataset[Any]):
-    """Decodes one file per item; a bad file yields its error instead of an image."""
+def file_images(paths: list[Path], spec: ModelSpec, batch_size: int, workers: int | None) -> EvalImages:
+    """`paths` in file order, decoded at the spec's evaluation side, with the spec's evaluation view.
 
-    def __init__(self, paths: list[Path], transform: Any) -> None:
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            image = load_rgb(self.paths[index])
-        except BadImage as error:
-            return index, None, str(error.__cause__ or error)
-        return index, self.transform(image), ""
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    good = [(index, image) for index, image, _ in items if image is not None]
-    return {
-        "indices": [index for index, _ in good],
-        "images": torch.stack([image for _, image in good]) if good else None,
-        "errors": {index: error for index, image, error in items if image is None},
-    }
-
-
-def _batches(
-    paths: list[Path], spec: ModelSpec, batch_size: int, workers: int | None
-) -> Iterable[dict[str, Any]]:
-    """Batches of `paths` through the spec's evaluation transform, in file order.
-
-    Each batch: `indices` (the decodable files), `images` (Shape: (len(indices), 3, S, S), or None
-    when none could be decoded) and `errors` (file index -> reason).
+    Each batch is a `labelfew.data.stream.FileBatch`: the decodable files' images and `indices`,
+    and `errors` (file index -> reason) for the others.
     """
-    return DataLoader(
-        _Files(paths, eval_transform(spec.image_size, spec.mean, spec.std)),
+    loader = DataLoader(
+        FilesInOrder(paths, eval_resize_side(spec.image_size)),
         batch_size=batch_size,
         num_workers=engine.default_workers(workers),
-        collate_fn=_collate,
+        collate_fn=collate_in_order,
         pin_memory=torch.cuda.is_available(),
     )
+    return EvalImages(loader, EvalView(spec.image_size, spec.mean, spec.std))
+
+
+def held_out_images(
+    labeled: LabeledImages,
+    class_names: list[str],
+    image_size: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    batch_size: int,
+    workers: int | None,
+    accelerator: Any,
+) -> EvalImages:
+    """Labelled held-out images for `accuracy` / `held_out_scores`, sharded by Accelerate.
+
+    Decoded by the streaming source with the shorter side resized to the evaluation side (an
+    undecodable file is replaced by the next decodable one, so every process's batches keep their
+    size), on the accelerator's device.
+
+    Args:
+        labeled: The held-out images and their labels.
+        class_names: The classifier's classes, in output order.
+        image_size: The model's input side.
+        mean: Normalisation mean; None for ImageNet's.
+        std: Normalisation standard deviation; None for ImageNet's.
+        batch_size: The global batch (each process takes its share, at most the images there are).
+        workers: DataLoader worker processes (None: `labelfew.engine.default_workers`).
+        accelerator: The run's Accelerator (its device and process shards).
+    """
+    labels = labeled.label_indices(class_names)
+    files = DecodedFiles(list(labeled.paths), eval_resize_side(image_size), labels, enlarge=True)
+    per_process = max(1, min(batch_size, len(labeled)) // accelerator.num_processes)
+    workers = engine.default_workers(workers)
+    loader = DataLoader(files, batch_size=per_process, num_workers=workers, collate_fn=collate,
+                        persistent_workers=workers > 0)  # fmt: skip
+    return EvalImages(accelerator.prepare(loader), EvalView(image_size, mean, std))
 
 
 def run_model(
@@ -143,34 +174,38 @@ def run_model(
     )
     with progress:
         task = progress.add_task(description, total=len(paths))
-        for batch, outputs in model_outputs(model, _batches(paths, spec, batch_size, workers), device()):
-            errors.update(batch["errors"])
-            if batch["indices"]:
+        for batch, outputs in model_outputs(model, file_images(paths, spec, batch_size, workers), device()):
+            assert isinstance(batch, FileBatch)
+            errors.update(batch.errors)
+            if len(batch):
                 values.append(outputs.cpu())
-                kept.extend(batch["indices"])
-            progress.advance(task, len(batch["indices"]) + len(batch["errors"]))
+                kept.extend(batch.indices.tolist())
+            progress.advance(task, len(batch) + len(batch.errors))
     width = values[0].shape[1] if values else 0
     return Outputs(torch.cat(values) if values else torch.zeros(0, width), kept, errors)
 
 
-def accuracy(model: nn.Module, loader: Iterable[dict[str, Any]], accelerator: Any) -> float:
-    """Top-1 accuracy over a loader prepared by Accelerate (`images`, `labels`), all processes."""
-    return held_out_scores(model, loader, accelerator)[0]
+"""`held_out_images`, or (until `labelfew.stages.finetune._val_loader` calls it) a prepared loader
+of PIL-transformed ``{"images", "labels"}`` batches."""
 
 
-def held_out_scores(
-    model: nn.Module, loader: Iterable[dict[str, Any]], accelerator: Any
-) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) over a loader prepared by Accelerate, all processes.
+def accuracy(model: nn.Module, images: EvalImages, accelerator: Any) -> float:
+    """Top-1 accuracy over `held_out_images`, all processes."""
+    return held_out_scores(model, images, accelerator)[0]
+
+
+def held_out_scores(model: nn.Module, images: EvalImages, accelerator: Any) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) over `held_out_images`, all processes.
 
     The cross-entropy ranks models on a few dozen held-out images far more finely than top-1,
     which moves in steps of one image.
     """
     correct = total = loss = torch.zeros((), device=accelerator.device)
-    for batch, logits in model_outputs(model, loader):
-        losses = nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    for batch, logits in model_outputs(model, images):
+        assert batch.labels is not None
+        losses = nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")
         predictions, labels, losses = accelerator.gather_for_metrics(
-            (logits.argmax(dim=1), batch["labels"], losses)
+            (logits.argmax(dim=1), batch.labels, losses)
         )
         correct = correct + (predictions == labels).sum()
         loss = loss + losses.sum()

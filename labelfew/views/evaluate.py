@@ -26,6 +26,7 @@ from labelfew.views.ops import (
     normalize,
     one_thread_on_cpu,
     resample,
+    to_device,
 )
 
 
@@ -46,28 +47,65 @@ class EvalView:
         self.mean, self.std = resolve_mean_std(mean, std)
 
     def __call__(self, images: Tensor, sizes: Tensor | None = None) -> Tensor:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32."""
+        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32.
+
+        Images already at the evaluation side (what both image sources store) are only cropped;
+        the others are resampled, in one batched product.
+        """
         sizes = full_sizes(images) if sizes is None else sizes.cpu()
         check_images(images, sizes)
         device, size = images.device, self.image_size
+        if images.shape[0] == 0:
+            return torch.zeros(0, 3, size, size, device=device)
         plan = torch.tensor(
-            [_resize_and_crop(height, width, size) for height, width in sizes.tolist()], dtype=torch.float32
-        )
-        heights, widths, resized_heights, resized_widths, tops, lefts = plan.unbind(dim=1)
-        zeros = torch.zeros_like(heights)
-        height, width = images.shape[-2:]
+            [_resize_and_crop(height, width, size) for height, width in sizes.tolist()], dtype=torch.int64
+        ).view(-1, 6)
+        cropped = (plan[:, 0] == plan[:, 2]) & (plan[:, 1] == plan[:, 3])
         with torch.no_grad(), one_thread_on_cpu(device):
-            rows = bicubic_weights(
-                zeros, heights, size, height, device, resized_length=resized_heights, offset=tops
-            )
-            columns = bicubic_weights(
-                zeros, widths, size, width, device, resized_length=resized_widths, offset=lefts
-            )
-            views = resample(images, torch.arange(images.shape[0]), rows, columns)
+            if bool(cropped.all()):
+                views = _centre_crops(images, plan, size)
+            else:
+                views = torch.empty(images.shape[0], 3, size, size, device=device)
+                if bool(cropped.any()):
+                    views[to_device(cropped, device)] = _centre_crops(images, plan, size, cropped)
+                resized = ~cropped
+                views[to_device(resized, device)] = _resized_crops(images, plan, size, resized)
             return normalize(views, *normalization(self.mean, self.std, device))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size})"
+
+
+def _centre_crops(images: Tensor, plan: Tensor, size: int, where: Tensor | None = None) -> Tensor:
+    """The ``size x size`` windows at each plan's crop anchor, in [0, 1] (as torchvision's ``ToDtype``).
+
+    Shape: returns (images in ``where``, 3, size, size), float32.
+    """
+    rows = torch.arange(images.shape[0]) if where is None else where.nonzero().flatten()
+    windows = [
+        images[row, :, top : top + size, left : left + size]
+        for row, top, left in zip(rows.tolist(), plan[rows, 4].tolist(), plan[rows, 5].tolist(), strict=True)
+    ]
+    return torch.stack(windows).float().div_(255)
+
+
+def _resized_crops(images: Tensor, plan: Tensor, size: int, where: Tensor) -> Tensor:
+    """The centre crops of the images in ``where``, resized to the evaluation side on the way (bicubic).
+
+    Shape: returns (images in ``where``, 3, size, size), float32 in [0, 1].
+    """
+    rows = where.nonzero().flatten()
+    heights, widths, resized_heights, resized_widths, tops, lefts = plan[rows].float().unbind(dim=1)
+    zeros = torch.zeros_like(heights)
+    height, width = images.shape[-2:]
+    device = images.device
+    row_taps = bicubic_weights(
+        zeros, heights, size, height, device, resized_length=resized_heights, offset=tops
+    )
+    column_taps = bicubic_weights(
+        zeros, widths, size, width, device, resized_length=resized_widths, offset=lefts
+    )
+    return resample(images, rows, row_taps, column_taps)
 
 
 def _resize_and_crop(height: int, width: int, size: int) -> tuple[int, int, int, int, int, int]:

@@ -6,7 +6,7 @@ one weight matrix per view (kept banded, `labelfew.views.bands`): a crop box, a 
 reversed), a whole-image resize followed by a centre crop (only the kept output rows computed) are
 all just different weights, and the padding of a batch of images of different sizes gets no weight. Colour jitter,
 grayscale and blur follow torchvision's formulas on float tensors (hue through RGB -> HSV -> RGB;
-blur as a grouped separable convolution with one kernel per view and reflect padding).
+blur separable, one kernel per view, reflect padding, as shifted sums over the taps it needs).
 
 Remaining pixel differences from the per-image PIL reference come from its uint8 arithmetic:
 Pillow's ``Image.blend`` truncates (brightness, contrast and saturation each lose 0.2-0.4/255 on
@@ -196,7 +196,18 @@ def grayscale(views: Tensor) -> Tensor:
     return gray.unsqueeze(1)
 
 
-def color_jitter(views: Tensor, linear: Tensor, hue: Tensor, hue_ranges: tuple[tuple[int, int], ...]) -> None:
+IDENTITY, SCALE, BLEND = 0, 1, 2
+"""What a jitter position does to a group of views (`color_jitter`'s ``kinds``): nothing (hue or no
+jitter), a scale only (brightness), or a scale plus a gray offset (contrast, saturation)."""
+
+
+def color_jitter(
+    views: Tensor,
+    linear: Tensor,
+    hue: Tensor,
+    hue_ranges: tuple[tuple[int, int], ...],
+    kinds: tuple[int, int, int, int] = (BLEND, BLEND, BLEND, BLEND),
+) -> None:
     """torchvision ColorJitter with per-view factors and order, in place.
 
     Args:
@@ -205,15 +216,22 @@ def color_jitter(views: Tensor, linear: Tensor, hue: Tensor, hue_ranges: tuple[t
             contrast or saturation (the identity for hue). Shape: (n, 4, 3).
         hue: Hue shift per view in turns. Shape: (n, 1, 1).
         hue_ranges: For jitter positions 0-3, the rows ``[start, end)`` whose hue is applied there.
+        kinds: Per position, the most any of the views needs there (`IDENTITY`, `SCALE`, `BLEND`),
+            known on the host: less work for what needs less, the same values (a skipped gray
+            term has weight 0).
     """
     if views.shape[0] == 0:
         return
     for position in range(4):
-        scale, gray_weight, mean_weight = linear[:, position].view(-1, 3, 1, 1, 1).unbind(dim=1)
-        gray = grayscale(views)
-        mean_gray = gray.mean(dim=(2, 3), keepdim=True)
-        offset = gray.mul_(gray_weight).add_(mean_gray.mul_(mean_weight))
-        views.mul_(scale).add_(offset).clamp_(0, 1)
+        if kinds[position] != IDENTITY:
+            scale, gray_weight, mean_weight = linear[:, position].view(-1, 3, 1, 1, 1).unbind(dim=1)
+            if kinds[position] == BLEND:
+                gray = grayscale(views)
+                mean_gray = gray.mean(dim=(2, 3), keepdim=True)
+                views.mul_(scale).add_(gray.mul_(gray_weight).add_(mean_gray.mul_(mean_weight)))
+            else:
+                views.mul_(scale)
+            views.clamp_(0, 1)
         start, end = hue_ranges[position]
         if end > start:
             views[start:end] = adjust_hue(views[start:end], hue[start:end])
@@ -226,40 +244,76 @@ def adjust_hue(views: Tensor, shift: Tensor) -> Tensor:
     channel ``n`` in (5, 3, 1): ``v - (v - min) * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6h) mod 6``
     (``v * s`` is the chroma ``v - min``, so the saturation never has to be divided out).
 
+    Written for the CPU's speed with the same values: the channel maximum and minimum as two
+    pairwise ``maximum``/``minimum`` each (``aminmax`` over the channel dimension took ~0.6 ms of a
+    224 px view, the rest of the op ~0.4), ``mod 6`` as ``k - 6 * floor(k / 6)`` (``remainder``
+    took ~0.2 ms; at a multiple of 6 either value gives ramp 0), and the green test without
+    ``& ~is_red`` (where red and green tie, red's formula is taken first and gives the same hue).
+
     Args:
         views: RGB in [0, 1]. Shape: (n, 3, H, W).
         shift: Hue shift per view in [-0.5, 0.5]. Shape: (n, 1, 1).
     """
     red, green, blue = views.unbind(dim=1)
-    minimum, value = torch.aminmax(views, dim=1)
-    chroma = value - minimum
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
     is_red = value == red
-    is_green = (value == green) & ~is_red
+    is_green = value == green
     numerator = torch.where(is_red, green - blue, torch.where(is_green, blue - red, red - green))
     base = torch.where(is_red, 0.0, torch.where(is_green, 2.0, 4.0))
     sextant = numerator.div_(chroma.clamp(min=torch.finfo(views.dtype).tiny)).add_(base).add_(6 * shift)
     offsets = torch.arange(5, 0, -2, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)  # 5, 3, 1
-    k = (sextant.unsqueeze(1) + offsets).remainder_(6)
+    k = sextant.unsqueeze(1) + offsets
+    k.sub_(torch.floor(k * (1 / 6)).mul_(6))
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
     return value.unsqueeze(1) - ramp.mul_(chroma.unsqueeze(1))
 
 
-def gaussian_blur(views: Tensor, kernels: Tensor, ranges: tuple[tuple[int, int], ...]) -> None:
+BLUR_TAP_FLOOR = 1e-9
+"""Blur taps below this fraction of the centre tap are left out (`blur_radius`): together they
+weigh < 3e-8, under float32's resolution of a pixel value near 1 (6e-8). A sigma of 0.1 then
+needs 1 tap instead of 23, a sigma of 1 needs 13."""
+
+
+def blur_radius(kernels: Tensor) -> list[int]:
+    """The radius each normalised 1-D kernel needs, its taps below `BLUR_TAP_FLOOR` left out.
+
+    Shape: (views, kernel_size) on the CPU -> one radius per view, at most ``kernel_size // 2``.
+    """
+    centre = kernels.shape[1] // 2
+    negligible = kernels[:, :centre] < BLUR_TAP_FLOOR * kernels[:, centre : centre + 1]
+    return (centre - negligible.sum(dim=1)).tolist()
+
+
+def gaussian_blur(views: Tensor, kernels: Tensor, ranges: tuple[tuple[int, int, int], ...]) -> None:
     """Separable Gaussian blur, one kernel per view, reflect padding (torchvision's), in place.
+
+    Each pass adds the shifted views times one tap each (the sum that a grouped convolution
+    computes, ~2x faster on a CPU core at 224 px), over only the taps a range's widest kernel needs.
 
     Args:
         views: Shape: (n, 3, H, W).
-        kernels: One normalised 1-D kernel per view. Shape: (n, kernel_size).
-        ranges: The rows ``[start, end)`` to blur.
+        kernels: One normalised 1-D kernel per view, odd size. Shape: (n, kernel_size).
+        ranges: ``(start, end, radius)``: the rows ``[start, end)`` to blur with the central
+            ``2 * radius + 1`` taps of their kernels (`blur_radius`).
     """
-    kernel_size = kernels.shape[1]
-    radius = kernel_size // 2
+    centre = kernels.shape[1] // 2
+    for start, end, radius in ranges:
+        part = views[start:end]
+        height, width = part.shape[-2:]
+        taps = kernels[start:end, centre - radius : centre + radius + 1].view(end - start, -1, 1, 1, 1)
+        padded = functional.pad(part, [radius, radius, radius, radius], mode="reflect")
+        rows = padded[..., :height, :] * taps[:, 0]
+        for tap in range(1, 2 * radius + 1):
+            rows.addcmul_(padded[..., tap : tap + height, :], taps[:, tap])
+        blurred = rows[..., :width] * taps[:, 0]
+        for tap in range(1, 2 * radius + 1):
+            blurred.addcmul_(rows[..., tap : tap + width], taps[:, tap])
+        part.copy_(blurred)
+
+
+def grayscale_ranges(views: Tensor, ranges: tuple[tuple[int, int], ...]) -> None:
+    """In place: the rows ``[start, end)`` of each range become their luma in all three channels."""
     for start, end in ranges:
         part = views[start:end]
-        count, channels, height, width = part.shape
-        weights = kernels[start:end].repeat_interleave(channels, dim=0)
-        padded = functional.pad(part, [radius, radius, radius, radius], mode="reflect")
-        flat = padded.reshape(1, count * channels, height + 2 * radius, width + 2 * radius)
-        flat = functional.conv2d(flat, weights.view(-1, 1, kernel_size, 1), groups=count * channels)
-        flat = functional.conv2d(flat, weights.view(-1, 1, 1, kernel_size), groups=count * channels)
-        part.copy_(flat.view(count, channels, height, width))
+        part.copy_(grayscale(part).expand_as(part))

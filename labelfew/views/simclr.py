@@ -9,8 +9,11 @@ every view's parameters on the host from one seeded generator, and `make_views` 
 grayscale, blur, normalisation.
 
 The host also learns how many views fall in each group: views are processed sorted by the
-position of hue in their jitter order and by whether they are blurred, so hue and blur run on
-contiguous slices holding only the views that need them; the order is restored at the end.
+position of hue in their jitter order, grayscale and blur, so hue, grayscale and blur run on
+contiguous slices holding only the views that need them; the order is restored at the end. Made
+in parts (``chunk``), each op does only what the part needs (no gray image for brightness alone, no
+hue for a shift of 0, only the blur taps its widest sigma needs); any split gives the same views up
+to float rounding, and the same batch gives the same views bit for bit.
 
 Why not kornia.augmentation (not a dependency): its ``ColorJitter`` draws one order of the four
 adjustments per call (``torch.randperm(4)``), not per image as torchvision does, so every view of
@@ -26,18 +29,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from labelfew.views.bands import Taps
 from labelfew.views.config import ViewConfig
 from labelfew.views.ops import (
+    BLEND,
+    IDENTITY,
+    SCALE,
+    blur_radius,
     check_images,
     color_jitter,
     crop_weights,
     full_sizes,
     gaussian_blur,
-    grayscale,
+    grayscale_ranges,
     normalize,
     one_thread_on_cpu,
     resample,
@@ -47,8 +56,8 @@ from labelfew.views.params import ViewParameters, sample_view_parameters
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 """Indices of the jitter adjustments, as in torchvision ColorJitter's ``fn_idx``."""
-NO_HUE = 4
-"""Hue 'position' of a view without colour jitter (sorts after the four real positions)."""
+NO_HUE_SHIFT, NO_JITTER = 4, 5
+"""Hue groups after the four positions: jitter whose hue shift is 0 (hue skipped), no jitter."""
 
 PairViews = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 """(uint8 images (B, 3, H, W), valid sizes (B, 2), generator) -> the two views of every image;
@@ -97,7 +106,11 @@ class SimCLRViews:
 
 
 def make_views(
-    images: Tensor, parameters: ViewParameters, config: ViewConfig, sources: Tensor | None = None
+    images: Tensor,
+    parameters: ViewParameters,
+    config: ViewConfig,
+    sources: Tensor | None = None,
+    chunk: int | None = None,
 ) -> Tensor:
     """Applies ``parameters`` to uint8 images: crop + resize, flip, jitter, grayscale, blur, normalise.
 
@@ -108,6 +121,9 @@ def make_views(
         config: The same view parameters the rows were drawn with (size, blur kernel, mean, std).
         sources: Which image of ``images`` each view is made from; None means view ``i`` comes
             from image ``i`` (then ``views == batch_size``). Shape: (views,), int64, on the CPU.
+        chunk: Views made together, one part of the processing order at a time; None: all of them
+            (one view at a time measured no faster on a shared 2-core CPU: 4.10 against 3.71 ms per
+            224 px view, the per-view overhead eating what the cache saves).
 
     Returns:
         Normalised float32 views in the order of ``parameters``, on ``images.device``.
@@ -123,36 +139,63 @@ def make_views(
             raise ValueError(f"{view_count} views need `sources` for a batch of {images.shape[0]} images.")
         sources = torch.arange(view_count)
     plan = _Plan.build(parameters, config, sources.to("cpu"), images.device)
+    chunk = view_count if chunk is None else chunk
     size = config.image_size
     with torch.no_grad(), one_thread_on_cpu(images.device):
         crops = plan.host_crops
         rows, columns = crop_weights(images, crops[:, 1:5], crops[:, 5].bool(), size)
-        views = resample(images, crops[:, 0].long(), rows, columns)
-        jittered = plan.jitter_rows
-        color_jitter(views[:jittered], plan.linear[:jittered], plan.hue[:jittered], plan.hue_ranges)
-        gray = grayscale(views).expand_as(views)
-        views = torch.where(plan.grayscale, gray, views)
-        gaussian_blur(views, plan.blur_kernels, plan.blur_ranges)
-        views = normalize(views, plan.mean, plan.std)
-        return views[plan.restore]  # advanced indexing: index_select is far slower on CPU
+        if chunk >= view_count:
+            return _sorted_views(images, plan, rows, columns, 0, view_count)[plan.restore]
+        views = torch.empty(view_count, 3, size, size, device=images.device)
+        for start in range(0, view_count, chunk):
+            end = min(start + chunk, view_count)
+            views[plan.permutation[start:end]] = _sorted_views(images, plan, rows, columns, start, end)
+        return views
+
+
+def _sorted_views(images: Tensor, plan: _Plan, rows: Taps, columns: Taps, start: int, end: int) -> Tensor:
+    """Views ``[start, end)`` of the plan's processing order. Shape: (end - start, 3, S, S)."""
+    steps = plan.steps(start, end)
+    part = slice(start, end)
+    views = resample(
+        images, plan.host_crops[part, 0].long(), Taps(rows.first[part], rows.weights[part]),
+        Taps(columns.first[part], columns.weights[part]),
+    )  # fmt: skip
+    jittered = slice(start, start + steps.jitter_rows)
+    color_jitter(
+        views[: steps.jitter_rows], plan.linear[jittered], plan.hue[jittered], steps.hue_ranges, steps.kinds
+    )
+    grayscale_ranges(views, steps.gray_ranges)
+    gaussian_blur(views, plan.blur_kernels[part], steps.blur_ranges)
+    return normalize(views, plan.mean, plan.std)
+
+
+class _Steps(NamedTuple):
+    """What a contiguous part of the processing order needs, as row ranges within that part."""
+
+    jitter_rows: int  # rows [0, jitter_rows) have colour jitter
+    kinds: tuple[int, int, int, int]  # per jitter position, the most any row needs (`ops.color_jitter`)
+    hue_ranges: tuple[tuple[int, int], ...]  # rows whose hue is at jitter position 0, 1, 2, 3
+    gray_ranges: tuple[tuple[int, int], ...]
+    blur_ranges: tuple[tuple[int, int, int], ...]  # (start, end, blur radius)
 
 
 @dataclass(frozen=True)
 class _Plan:
     """Per-view parameters sorted into processing order and moved to the device in one copy.
 
-    Views are sorted by (position of hue in the jitter order, blurred), so the hue of jitter
-    position ``k`` and the blur apply to contiguous row ranges, known on the host.
+    Views are sorted by (hue group, grayscale, blurred): the hue group is the position of hue in
+    the jitter order (0-3), then jitter without a hue shift (4), then no jitter (5). So each
+    group's hue, the grayscale and the blur apply to contiguous row ranges, known on the host.
     """
 
     host_crops: Tensor  # (views, 6) on the CPU: source image, crop top, left, height, width, flip
     linear: Tensor  # (views, 4, 3): per jitter position, weights of (view, its gray, its mean gray)
     hue: Tensor  # (views, 1, 1)
-    grayscale: Tensor  # (views, 1, 1, 1) bool
     blur_kernels: Tensor  # (views, kernel_size)
-    jitter_rows: int  # views [0, jitter_rows) have colour jitter
-    hue_ranges: tuple[tuple[int, int], ...]  # rows whose hue is at jitter position 0, 1, 2, 3
-    blur_ranges: tuple[tuple[int, int], ...]  # row ranges of blurred views
+    kinds: Tensor  # (views, 4) on the CPU: `ops.color_jitter`'s kind of each jitter position
+    flags: list[tuple[int, bool, bool, int]]  # per view: hue group, grayscale, blurred, blur radius
+    permutation: Tensor  # (views,) on the CPU: processing position -> original view
     restore: Tensor  # (views,): views[restore] is in the original order
     mean: Tensor  # (1, 3, 1, 1) normalisation mean
     std: Tensor  # (1, 3, 1, 1) normalisation standard deviation
@@ -161,28 +204,24 @@ class _Plan:
     def build(
         cls, parameters: ViewParameters, config: ViewConfig, sources: Tensor, device: torch.device
     ) -> _Plan:
-        order = parameters.jitter_order
-        hue_position = torch.where(parameters.color_jitter, (order == HUE).long().argmax(dim=1), NO_HUE)
-        group = hue_position * 2 + parameters.blur.long()
-        permutation = torch.argsort(group, stable=True)
-        counts = torch.bincount(group, minlength=2 * (NO_HUE + 1)).tolist()
-        starts = [0, *torch.tensor(counts).cumsum(0).tolist()]
-        hue_ranges = tuple((starts[2 * k], starts[2 * k + 2]) for k in range(NO_HUE))
-        blur_ranges = tuple(
-            (starts[2 * k + 1], starts[2 * k + 2]) for k in range(NO_HUE + 1) if counts[2 * k + 1]
+        hue_at = (parameters.jitter_order == HUE).long().argmax(dim=1)
+        hue_group = torch.where(parameters.hue != 0, hue_at, NO_HUE_SHIFT)
+        hue_group = torch.where(parameters.color_jitter, hue_group, NO_JITTER)
+        blurred = parameters.blur
+        permutation = torch.argsort(
+            hue_group * 4 + parameters.grayscale.long() * 2 + blurred.long(), stable=True
         )
+        linear = linear_weights(parameters)
+        kernels = blur_kernels(parameters, config.blur_kernel_size)
         flat = torch.cat(
-            [
-                sources.double()[:, None],
-                parameters.crop.double(),
-                parameters.flip.double()[:, None],
-                linear_weights(parameters).flatten(1),
-                parameters.hue.double()[:, None],
-                parameters.grayscale.double()[:, None],
-                blur_kernels(parameters, config.blur_kernel_size),
-            ],
+            [sources.double()[:, None], parameters.crop.double(), parameters.flip.double()[:, None],
+             linear.flatten(1), parameters.hue.double()[:, None], kernels],
             dim=1,
-        )[permutation].float()
+        )[permutation].float()  # fmt: skip
+        radii = torch.where(blurred, torch.tensor(blur_radius(kernels)), 0)
+        flags = torch.stack([hue_group, parameters.grayscale.long(), blurred.long(), radii], dim=1)[
+            permutation
+        ]
         host_crops = flat[:, :6]
         flat = to_device(flat, device)
         constants = to_device(torch.tensor([*config.mean, *config.std]), device)
@@ -191,15 +230,52 @@ class _Plan:
             host_crops=host_crops,
             linear=flat[:, 6:18].reshape(view_count, 4, 3),
             hue=flat[:, 18].view(view_count, 1, 1),
-            grayscale=flat[:, 19].bool().view(view_count, 1, 1, 1),
-            blur_kernels=flat[:, 20:],
-            jitter_rows=starts[2 * NO_HUE],
-            hue_ranges=hue_ranges,
-            blur_ranges=blur_ranges,
+            blur_kernels=flat[:, 19:],
+            kinds=jitter_kinds(linear)[permutation],
+            flags=[(group, bool(gray), bool(blur), radius) for group, gray, blur, radius in flags.tolist()],
+            permutation=permutation,
             restore=to_device(torch.argsort(permutation), device),
             mean=constants[:3].view(1, 3, 1, 1),
             std=constants[3:].view(1, 3, 1, 1),
         )
+
+    def steps(self, start: int, end: int) -> _Steps:
+        """The row ranges of views ``[start, end)`` of the processing order, relative to ``start``."""
+        flags = self.flags[start:end]
+        groups = [group for group, _, _, _ in flags]
+        hue_ranges = tuple(_runs([group == position for group in groups]) for position in range(4))
+        blur_runs = _runs([blur for _, _, blur, _ in flags])
+        radius = [radius for _, _, _, radius in flags]
+        kinds = self.kinds[start:end].amax(dim=0).tolist() if flags else [IDENTITY] * 4
+        return _Steps(
+            jitter_rows=sum(group < NO_JITTER for group in groups),
+            kinds=tuple(kinds),
+            hue_ranges=tuple(runs[0] if runs else (0, 0) for runs in hue_ranges),
+            gray_ranges=_runs([gray for _, gray, _, _ in flags]),
+            blur_ranges=tuple((first, last, max(radius[first:last])) for first, last in blur_runs),
+        )
+
+
+def _runs(flags: list[bool]) -> tuple[tuple[int, int], ...]:
+    """The ``[start, end)`` runs of True in ``flags``."""
+    runs: list[tuple[int, int]] = []
+    for index, flag in enumerate(flags):
+        if flag and runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        elif flag:
+            runs.append((index, index + 1))
+    return tuple(runs)
+
+
+def jitter_kinds(linear: Tensor) -> Tensor:
+    """`ops.color_jitter`'s kind of every view's jitter positions from its weights (`linear_weights`).
+
+    Shape: (views, 4, 3) -> (views, 4), int64: `IDENTITY` for ``(1, 0, 0)``, `SCALE` when the gray
+    weights are 0, else `BLEND`.
+    """
+    blends = (linear[..., 1:] != 0).any(dim=2)
+    scales = linear[..., 0] != 1
+    return torch.where(blends, BLEND, torch.where(scales, SCALE, IDENTITY))
 
 
 def linear_weights(parameters: ViewParameters) -> Tensor:

@@ -15,20 +15,15 @@ from labelfew.data.labels import LabeledImages
 from labelfew.data.subsets import balanced_subset
 from labelfew.engine import lr_search
 from labelfew.errors import UserError
-from labelfew.optim import LARS, finetune_learning_rate
+from labelfew.models import build_classifier
+from labelfew.optim import LARS, build_finetune_optimizer, finetune_learning_rate
 from labelfew.stages import finetune, pretrain
-
-IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-
-
-def _scratch_start(side: int = 32) -> finetune.Start:
-    return finetune.Start(None, "test_resnet", side, side <= 64, *IMAGENET)
 
 
 def test_the_new_classifier_starts_at_zero() -> None:
     """SimCLR's `zero_init_logits_layer`: the first steps train the classifier, not the features."""
     torch.manual_seed(0)
-    model = finetune.build_classifier(_scratch_start(), num_classes=3, from_head_layer=0, load_weights=False)
+    model = build_classifier("test_resnet", small_stem=True, image_size=32, num_classes=3)
     assert (
         torch.count_nonzero(model.classifier.weight) == 0 and torch.count_nonzero(model.classifier.bias) == 0
     )
@@ -40,9 +35,8 @@ def test_the_new_classifier_starts_at_zero() -> None:
 
 def test_the_classifier_is_neither_lars_adapted_nor_decayed() -> None:
     """SimCLR's `lars_optimizer.py` excludes `head_supervised` from adaptation and weight decay."""
-    model = finetune.build_classifier(_scratch_start(), num_classes=3, from_head_layer=0, load_weights=False)
-    config = FinetuneConfig(labels=Path("labels.csv"), optimizer="lars", weight_decay=1e-4)
-    optimizer = finetune.build_finetune_optimizer(config, model, lr=0.1)
+    model = build_classifier("test_resnet", small_stem=True, image_size=32, num_classes=3)
+    optimizer = build_finetune_optimizer("lars", model, model.classifier, weight_decay=1e-4, lr=0.1)
     assert isinstance(optimizer, LARS)
     group_of = {id(param): group for group in optimizer.param_groups for param in group["params"]}
     for param in model.classifier.parameters():
@@ -85,9 +79,16 @@ def test_the_held_out_fifth_is_stratified_and_classes_with_few_labels_keep_their
     folds = lr_search.search_folds(labeled, seed=0)
     assert len(folds) == 1  # a fifth of 1,260 holds 251 >= HELD_OUT_TARGET: one fold
     fit, check = folds[0]
-    assert check.counts() == {"a": 120, "b": 131, "d": 1} and fit.counts() == {"a": 480, "b": 524, "c": 2, "d": 2}
+    assert check.counts() == {"a": 120, "b": 131, "d": 1} and fit.counts() == {
+        "a": 480,
+        "b": 524,
+        "c": 2,
+        "d": 2,
+    }
     assert not set(fit.paths) & set(check.paths)
-    assert check == balanced_subset(labeled, fraction=0.2, seed=2, allow_empty=True)  # seeded as the 1% subsets
+    assert check == balanced_subset(
+        labeled, fraction=0.2, seed=2, allow_empty=True
+    )  # seeded as the 1% subsets
     assert lr_search.search_folds(labeled, seed=0) == folds
 
 
@@ -102,12 +103,26 @@ def test_a_small_fifth_is_held_out_in_turn_until_every_label_has_been_once(tmp_p
         assert set(fit.paths) == set(paths) - set(check.paths)
         assert abs(check.counts()["ants"] - 124 / 5) < 1 and abs(check.counts()["bees"] - 119 / 5) < 1
     many = tuple(tmp_path / f"{index}.png" for index in range(600))
-    three = lr_search.search_folds(LabeledImages(many, ("x",) * 600, tmp_path), seed=0)  # fifth 120: 3 of them
+    three = lr_search.search_folds(
+        LabeledImages(many, ("x",) * 600, tmp_path), seed=0
+    )  # fifth 120: 3 of them
     assert len(three) == 3 and all(len(check) == 120 for _, check in three)
 
 
+def test_fifths_left_empty_by_small_classes_are_skipped(tmp_path: Path) -> None:
+    paths = tuple(tmp_path / f"{index}.png" for index in range(9))
+    folds = lr_search.search_folds(
+        LabeledImages(paths, ("a",) * 3 + ("b",) * 3 + ("c",) * 3, tmp_path), seed=0
+    )
+    assert len(folds) == 3 and all(len(check) == 3 for _, check in folds)  # 3 a class: fifths 1, 3 and 5
+    alone = lr_search.search_folds(LabeledImages(paths[:4], ("a", "a", "b", "b"), tmp_path), seed=0)
+    assert len(alone) == 1 and len(alone[0][1]) == 0 and len(alone[0][0]) == 4  # nothing to hold out
+
+
 def test_the_search_pools_the_folds_by_their_size_and_ties_go_to_the_smaller_lr(tmp_path: Path) -> None:
-    labeled = LabeledImages(tuple(tmp_path / f"{i}.png" for i in range(20)), ("a",) * 10 + ("b",) * 10, tmp_path)
+    labeled = LabeledImages(
+        tuple(tmp_path / f"{i}.png" for i in range(20)), ("a",) * 10 + ("b",) * 10, tmp_path
+    )
     folds = lr_search.search_folds(labeled, seed=0)
     sizes = [len(check) for _, check in folds]
     scores = {1: [1.0, 0.0, 0.0, 0.0, 0.0], 2: [0.0, 0.5, 0.5, 0.5, 0.5], 4: [0.4] * 5, 8: [None] * 5}
@@ -173,7 +188,11 @@ def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     assert [item["lr"] for item in search["candidates"]] == pytest.approx(
         [rule, 2 * rule, 4 * rule, 8 * rule]
     )
-    assert (search["fit_images"], search["held_out_images"], search["folds"]) == (24, 30, 5)  # each label once
+    assert (search["fit_images"], search["held_out_images"], search["folds"]) == (
+        24,
+        30,
+        5,
+    )  # each label once
     assert search["candidates"][0]["steps"] == 5 * 6  # 3 steps an epoch, for all 2 epochs, on each fold
     assert record["lr"] == search["chosen"] == pytest.approx(4 * rule) == record["config"]["lr"]
     assert record["labels"]["images"] == 30  # then trained on all the labels

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from conftest import CopyPerClass
+from reference.pil_views import eval_transform
 from typer.testing import CliRunner
 
 from labelfew.artifacts import load_artifact
@@ -24,7 +25,6 @@ from labelfew.data.subsets import balanced_subset
 from labelfew.models import load_model
 from labelfew.stages import finetune, pretrain
 from labelfew.use.export import run
-from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
 

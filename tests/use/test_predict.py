@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CopyPerClass
+from reference.pil_views import eval_transform
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -23,7 +24,6 @@ from labelfew.stages import finetune, pretrain
 from labelfew.use.embed import embed
 from labelfew.use.predict import predict
 from labelfew.use.similar import similar
-from labelfew.views.pil import eval_transform
 
 runner = CliRunner()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,90 @@ from torchvision.transforms.v2 import functional as F
 
 from labelfew.data.batches import pad_images
 from labelfew.data.images import load_resized
+from labelfew.data.stream import FilesInOrder, collate_in_order
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, eval_resize_side
 from labelfew.views.evaluate import EvalView
 from labelfew.views.finetune import CropFlipViews
+
+
+def real_photos(tmp_path: Path) -> list[Path]:
+    """scikit-learn's two sample photos (JPEG, 427 x 640), and each shrunk to a shorter side of 150."""
+    folder = Path(str(importlib.resources.files("sklearn.datasets") / "images"))
+    paths = sorted(folder.glob("*.jpg"))
+    for path in list(paths):
+        image = Image.open(path).convert("RGB")
+        small = image.resize((round(image.width * 150 / image.height), 150), Image.Resampling.BICUBIC)
+        small.save(tmp_path / f"{path.stem}-150.png")
+        paths.append(tmp_path / f"{path.stem}-150.png")
+    return paths
+
+
+def torchvision_eval(image: Image.Image, image_size: int) -> torch.Tensor:
+    """torchvision's functional resize (bicubic, anti-aliased) + centre crop + normalise of a PIL image."""
+    resized = F.resize(image, [eval_resize_side(image_size)], v2.InterpolationMode.BICUBIC, antialias=True)
+    pixels = F.pil_to_tensor(F.center_crop(resized, [image_size, image_size]))
+    return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+@pytest.mark.parametrize("image_size", [224, 96, 32])
+def test_eval_inputs_of_real_photos_equal_torchvision_resize_crop_normalize(
+    tmp_path: Path, image_size: int
+) -> None:
+    """What inference feeds a model: the streaming decoder at the evaluation side, then `EvalView`.
+
+    The decoder resizes with Pillow as torchvision's ``Resize`` of a PIL image does (up for the
+    150 px photos at 224 px), so the view only crops; the tolerance is float32 rounding of the same
+    scale and normalisation (``x * (1/255)`` against ``x / 255``: a few ulps of values below 2.7).
+    """
+    paths = real_photos(tmp_path)
+    files = FilesInOrder(paths, eval_resize_side(image_size))
+    batch = collate_in_order([files[index] for index in range(len(files))])
+    views = EvalView(image_size)(batch.images, batch.sizes)
+    expected = torch.stack([torchvision_eval(Image.open(path).convert("RGB"), image_size) for path in paths])
+    torch.testing.assert_close(views, expected, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("image_size", [224, 96])
+def test_eval_view_enlarges_real_photos_like_torchvision_on_float_tensors(
+    tmp_path: Path, image_size: int
+) -> None:
+    """Photos below the evaluation side (as the training store holds small images) are resized on the device.
+
+    Against torchvision's float tensor resize the tolerance is summation order (1e-4, as for noise
+    above). Against the PIL path the mean difference stays below 0.5/255: Pillow rounds (and clips)
+    each of its two passes to uint8, which alone costs 0.25/255 on average.
+    """
+    paths = [path for path in real_photos(tmp_path) if path.stem.endswith("-150")]
+    pixels = [torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1) for path in paths]
+    images, sizes = pad_images(pixels)
+    views = EvalView(image_size, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes)
+    side, crop = [eval_resize_side(image_size)], [image_size, image_size]
+    expected = torch.stack([
+        F.center_crop(F.resize(image.float() / 255, side, v2.InterpolationMode.BICUBIC, antialias=True), crop)
+        for image in pixels
+    ]).clamp(0, 1)  # fmt: skip
+    torch.testing.assert_close(views, expected, atol=1e-4, rtol=0)
+    by_pil = torch.stack(
+        [eval_transform(image_size, (0, 0, 0), (1, 1, 1))(Image.open(path)) for path in paths]
+    )
+    assert float((views - by_pil).abs().mean()) < 0.5 / 255
+
+
+def test_eval_view_mixes_cropped_and_resized_images_in_one_batch() -> None:
+    """The centre-crop fast path and the resize path give each image what it would get alone."""
+    generator = torch.Generator().manual_seed(3)
+    at_side = torch.randint(0, 256, (3, 110, 140), dtype=torch.uint8, generator=generator)
+    below = torch.randint(0, 256, (3, 60, 90), dtype=torch.uint8, generator=generator)
+    view = EvalView(96)
+    images, sizes = pad_images([at_side, below, at_side])
+    together = view(images, sizes)
+    for row, image in enumerate([at_side, below, at_side]):
+        alone = view(*pad_images([image]))[0]
+        torch.testing.assert_close(together[row], alone, atol=1e-6, rtol=0)
+    top, left = round((110 - 96) / 2), round((140 - 96) / 2)
+    plain = EvalView(96, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes)[0]
+    assert torch.equal(plain, at_side[:, top : top + 96, left : left + 96].float() / 255)
+    assert view(images[:0], sizes[:0]).shape == (0, 3, 96, 96)
 
 
 def photo(tmp_path: Path, height: int, width: int, seed: int = 0) -> Path:

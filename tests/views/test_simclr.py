@@ -287,12 +287,16 @@ def reference_view(
     return F.normalize(view, list(config.mean), list(config.std))
 
 
+@pytest.mark.parametrize("chunk", [None, 7, 1], ids=["default", "chunks-of-7", "one-by-one"])
 @pytest.mark.parametrize(
     "image_size, height, width",
     [(24, 24, 24), (24, 40, 56), (48, 128, 112)],
     ids=["same-size", "non-square-upsampling", "downsampling"],
 )
-def test_views_equal_torchvision_functional_ops(image_size: int, height: int, width: int) -> None:
+def test_views_equal_torchvision_functional_ops(
+    image_size: int, height: int, width: int, chunk: int | None
+) -> None:
+    """The whole batch at once (the default), or in parts of the processing order (``chunk``)."""
     config = ViewConfig(
         image_size=image_size,
         blur=True,
@@ -305,7 +309,7 @@ def test_views_equal_torchvision_functional_ops(image_size: int, height: int, wi
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, height, width), dtype=torch.uint8, generator=generator)
     parameters = sample_view_parameters(48, (height, width), config, generator)
-    views = make_views(images, parameters, config)
+    views = make_views(images, parameters, config, chunk=chunk)
     expected = torch.stack([reference_view(images[i], parameters, i, config) for i in range(48)])
     torch.testing.assert_close(views, expected, atol=1e-4, rtol=0)
 

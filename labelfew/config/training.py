@@ -1,0 +1,362 @@
+"""The training commands' configs: `pretrain`, `finetune` (supervised or FixMatch) and `distill`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from labelfew.config.shared import (
+    CHECKPOINT_EVERY,
+    FROM,
+    LOGGER,
+    PRECISION,
+    QUIET,
+    RESTART,
+    SEED,
+    WORKERS,
+    Validated,
+)
+from labelfew.errors import UserError
+from labelfew.options import option, validate
+
+
+@dataclass(frozen=True)
+class PretrainConfig(Validated):
+    """SimCLR pretraining. Defaults suit a folder of a few thousand images on one GPU."""
+
+    data: Path = option(argument=True, help="Folder of unlabeled images, searched recursively.")
+    out: Path | None = option(
+        None,
+        help="The run folder (rerunning the same command resumes it).",
+        shown="`runs/<folder name>`",
+    )
+    arch: str = option("resnet18", help="Any timm model name, e.g. resnet18, resnet50.")
+    small_stem: bool | None = option(
+        None, help="3×3 stride-1 stem without max-pool for ResNets.", shown="on at ≤ 64 px"
+    )
+    image_size: int | None = option(
+        None, minimum=8, help="Training side in px.", shown="median side of the images, ≤ 224"
+    )
+    epochs: int = option(100, minimum=1, help="Training epochs.")
+    batch_size: int = option(
+        256,
+        minimum=2,
+        hint="a contrastive batch needs at least 2 images",
+        help="The **global** batch (per process × processes).",
+    )
+    optimizer: str = option(
+        "lars", choices=("lars", "sgd", "adamw"), help="lars (as the paper), sgd or adamw."
+    )
+    lr_rule: str = option(
+        "sqrt",
+        choices=("sqrt", "linear"),
+        help="LARS lr scaling: lr = 0.075·√B (sqrt; paper appendix B.1, best below B = 4096) "
+        "or 0.3·B/256 (linear).",
+    )
+    base_lr: float | None = option(
+        None,
+        above=0,
+        help="Base of the lr rule (for sgd and adamw, the lr itself).",
+        shown="0.075 (sqrt) / 0.3 (linear)",
+    )
+    weight_decay: float = option(
+        1e-6,
+        minimum=0,
+        help="Weight decay (the paper's); biases and normalisation weights are excluded "
+        "(and from LARS adaptation).",
+    )
+    warmup_epochs: float | None = option(
+        None,
+        minimum=0,
+        help="Linear warmup epochs, then cosine decay per step.",
+        shown="10 (10% for short runs)",
+    )
+    temperature: float = option(
+        0.5, above=0, help="NT-Xent temperature: 0.5 for batches ≤ 1024, 0.1 for batches of 4096."
+    )
+    projection_dim: int = option(128, minimum=1, help="Projection output size (128 as the paper).")
+    projection_depth: int = option(
+        2,
+        minimum=2,
+        maximum=3,
+        hint="use 2 (SimCLR v1) or 3 (SimCLR v2)",
+        help="Projection head layers: 2 = SimCLR v1 head, 3 = v2.",
+    )
+    projection_hidden: int | None = option(
+        None, minimum=1, help="Hidden width of the projection head.", shown="the backbone's num_features"
+    )
+    color_strength: float | None = option(
+        None,
+        minimum=0,
+        help="Colour jitter strength s (0.5 for CIFAR-size images, 1.0 for ImageNet-size).",
+        shown="0.5 at ≤ 64 px, else 1.0",
+    )
+    min_scale: float = option(
+        0.08, above=0, maximum=1, help="Smallest crop, as a fraction of the image area (the paper's)."
+    )
+    blur: bool | None = option(
+        None,
+        help="Gaussian blur, p = 0.5, σ ∈ [0.1, 2], kernel ≈ 10% of the side (the paper drops it for CIFAR).",
+        shown="off at ≤ 32 px",
+    )
+    precision: str = option("auto", PRECISION)
+    augment_on: str = option(
+        "auto",
+        choices=("auto", "device", "workers"),
+        help="`device`: images decoded once into memory, both views of a batch made in a few tensor "
+        "operations on the GPU (or CPU) that trains; `workers`: one PIL image at a time in DataLoader "
+        "workers; `auto`: `device` when the decoded images fit in `--memory-budget`.",
+    )
+    memory_budget: float = option(
+        4.0,
+        above=0,
+        hint="give a positive size in GiB (default 4)",
+        help="GiB the decoded images may take with `--augment-on device` (images ≤ 64 px are kept at "
+        "the training size, larger ones at S / 0.875, e.g. 256 px for 224; 4 GiB ≈ 21,000 photos at "
+        "256 px or all of CIFAR-10 26 times).",
+    )
+    compile: bool = option(
+        False,
+        help="`torch.compile` the model (faster GPU steps after a minute or two of compiling; "
+        "checkpoints and artifacts are unchanged).",
+    )
+    workers: int | None = option(None, WORKERS)
+    seed: int = option(0, SEED)
+    max_bad_fraction: float = option(
+        0.01,
+        minimum=0,
+        maximum=1,
+        help="Fail if more than this fraction of the images cannot be decoded.",
+    )
+    sync_bn: bool | None = option(
+        None,
+        help="SyncBatchNorm: BN statistics over the global batch (GPU-only; `--sync-bn` on the CPU is "
+        "an error).",
+        shown="on with > 1 CUDA process",
+    )
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
+    checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
+    restart: bool = option(False, RESTART)
+    quiet: bool = option(False, QUIET)
+
+
+@dataclass(frozen=True)
+class FixMatchSettings:
+    """What `finetune --method fixmatch` trains with, its unset options resolved to FixMatch's values.
+
+    FixMatch (Sohn et al. 2020, arXiv 2001.07685, section 4 and appendix B.1): μ = 7 unlabeled
+    images per labelled one, confidence threshold τ = 0.95, unlabeled loss weight λ_u = 1, and the
+    model evaluated is an exponential moving average of the weights with decay 0.999.
+    """
+
+    mu: int = 7
+    threshold: float = 0.95
+    unlabeled_weight: float = 1.0
+    ema: float = 0.999
+
+
+FIXMATCH_OPTIONS = ("unlabeled", "mu", "threshold", "unlabeled_weight", "ema")
+"""`FinetuneConfig` fields that only `--method fixmatch` uses; None unless given."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Validated):
+    """Fine-tuning on the labelled subset: supervised (SimCLRv2 appendix: SGD, few epochs) or
+    FixMatch with the unlabeled images too (arXiv 2001.07685; from the SimCLR start as SelfMatch)."""
+
+    labels: Path = option(help="Label CSV (path,label) or class-per-folder tree to train on.")
+    source: Path | None = option(None, FROM, help="Pretrain artifact file, stage folder or run folder.")
+    scratch: bool = option(
+        False,
+        toggle=False,
+        help="Random init of the same architecture instead of the pretrain artifact: the baseline.",
+    )
+    out: Path | None = option(
+        None, help="Output folder.", shown="`finetune-<labels>/` in the artifact's run folder"
+    )
+    epochs: int = option(
+        60, minimum=1, help="Training epochs (SimCLRv2: 60 for 1% of the labels, 30 for 10%)."
+    )
+    batch_size: int = option(64, minimum=1, help="Global batch size (per process × processes).")
+    optimizer: str = option(
+        "sgd", choices=("sgd", "lars", "adamw"), help="sgd (momentum 0.9, as SimCLRv2), lars or adamw."
+    )
+    lr: float | str = option(
+        "auto",
+        choices=("auto",),
+        above=0,
+        help="Learning rate, or auto: fine-tune briefly at ×1, ×2, ×4 and ×8 the rule (sgd 0.05×B/256, "
+        "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth (each fifth in turn, "
+        "up to 5, while one holds fewer than 250 labels), then train on all.",
+    )
+    warmup_fraction: float = option(
+        0.05,
+        minimum=0,
+        below=1,
+        help="Linear lr warmup over this part of the steps, then cosine decay (a high first step "
+        "wrecks the pretrained features).",
+    )
+    weight_decay: float = option(0.0, minimum=0, help="Weight decay (none, as SimCLR fine-tuning).")
+    from_head_layer: int = option(
+        0,
+        minimum=0,
+        help="0: classifier on the backbone; 1: on the first projection layer (SimCLRv2, 3-layer head).",
+    )
+    balanced: bool = option(False, help="Sample every class equally often.")
+    label_smoothing: float = option(0.0, minimum=0, below=1, help="Label smoothing.")
+    val_fraction: float = option(
+        0.0,
+        minimum=0,
+        below=1,
+        help="Hold out this fraction of each class to report validation accuracy per epoch.",
+    )
+    image_size: int | None = option(
+        None, minimum=8, help="Training side in px.", shown="the pretrain artifact's"
+    )
+    arch: str | None = option(
+        None,
+        help="Checked against the artifact's; with `--scratch` and no artifact, the arch to train.",
+        shown="the artifact's (resnet18 for `--scratch` without one)",
+    )
+    method: str = option(
+        "supervised",
+        choices=("supervised", "fixmatch"),
+        help="supervised: cross-entropy on the labels; fixmatch: plus each `--unlabeled` image's strong "
+        "view (RandAugment + Cutout) trained towards the weak view's confident prediction "
+        "(arXiv 2001.07685), and the weights' moving average saved.",
+    )
+    unlabeled: Path | None = option(
+        None,
+        help="fixmatch: folder of unlabeled images (searched recursively), e.g. the pretraining folder; "
+        "an epoch is one pass over them.",
+    )
+    mu: int | None = option(
+        None,
+        minimum=1,
+        help="fixmatch: unlabeled images per labelled image in a step (FixMatch's μ).",
+        shown=f"{FixMatchSettings.mu}",
+    )
+    threshold: float | None = option(
+        None,
+        minimum=0,
+        maximum=1,
+        help="fixmatch: confidence the weak view's prediction needs to be a pseudo-label.",
+        shown=f"{FixMatchSettings.threshold:g}",
+    )
+    unlabeled_weight: float | None = option(
+        None,
+        minimum=0,
+        help="fixmatch: weight λ_u of the unlabeled loss.",
+        shown=f"{FixMatchSettings.unlabeled_weight:g}",
+    )
+    ema: float | None = option(
+        None,
+        minimum=0,
+        below=1,
+        help="fixmatch: decay of the weights' moving average, which is validated and saved (warmed up "
+        "as min(decay, (1 + n) / (10 + n)) after n steps, so short runs are not the initial weights).",
+        shown=f"{FixMatchSettings.ema:g}",
+    )
+    precision: str = option("auto", PRECISION)
+    workers: int | None = option(None, WORKERS)
+    seed: int = option(0, SEED)
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
+    checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
+    restart: bool = option(False, RESTART)
+    quiet: bool = option(False, QUIET)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
+        if self.method == "fixmatch" and self.unlabeled is None:
+            raise UserError(
+                "--method fixmatch needs --unlabeled FOLDER (the unlabeled images, e.g. the pretraining folder)"
+            )
+        if self.method != "fixmatch" and given:
+            shown = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"{shown}: only for --method fixmatch; add --method fixmatch or drop them")
+
+    @property
+    def fixmatch(self) -> FixMatchSettings | None:
+        """The resolved FixMatch settings, or None for supervised fine-tuning."""
+        if self.method != "fixmatch":
+            return None
+        given = {
+            name: getattr(self, name) for name in FIXMATCH_OPTIONS[1:] if getattr(self, name) is not None
+        }
+        return FixMatchSettings(**given)
+
+
+@dataclass(frozen=True)
+class DistillConfig(Validated):
+    """SimCLRv2 distillation (arXiv 2006.10029, eq. 2): a student learns the fine-tuned teacher's
+    softmax on augmented unlabeled images."""
+
+    unlabeled: Path = option(
+        help="Folder of unlabeled images (searched recursively), e.g. the pretraining folder."
+    )
+    source: Path | None = option(
+        None, FROM, help="The teacher: a fine-tuned artifact, its stage folder or a run folder."
+    )
+    arch: str | None = option(
+        None,
+        help="The student's timm arch; another than the teacher's starts from random init (or `--from-pretrain`).",
+        shown="the teacher's, from the run's pretrained backbone",
+    )
+    from_pretrain: Path | None = option(
+        None, help="A pretrain artifact (or its folder) to start a student of another arch from."
+    )
+    temperature: float = option(
+        1.0,
+        above=0,
+        help="Softmax temperature of teacher and student alike (SimCLRv2: 1.0 big-to-small, 0.1 for "
+        "self-distillation).",
+    )
+    labels: Path | None = option(
+        None, help="Label CSV or class-per-folder tree for the labelled loss (with `--alpha`)."
+    )
+    alpha: float = option(
+        0.0,
+        minimum=0,
+        help="Weight of the labelled cross-entropy added to the distillation loss (0: unlabeled only, "
+        "which SimCLRv2 finds almost as good at 1% of the labels).",
+    )
+    out: Path | None = option(
+        None, help="Output folder.", shown="`distill-<labels>/` in the teacher's run folder"
+    )
+    epochs: int = option(
+        50,
+        minimum=1,
+        help="Training epochs (SimCLRv2 distils for half its pretraining epochs, 400 of 800; half of "
+        "pretrain's 100 here).",
+    )
+    batch_size: int = option(
+        256, minimum=2, help="The **global** batch (per process × processes); SimCLRv2 keeps pretraining's."
+    )
+    optimizer: str = option(
+        "lars",
+        choices=("lars", "sgd", "adamw"),
+        help="lars (SimCLRv2 distils with pretraining's), sgd or adamw.",
+    )
+    lr: float | None = option(
+        None,
+        above=0,
+        help="Learning rate, after a linear warmup over 10% of the steps, then cosine.",
+        shown="pretraining's 0.075·√B (lars), 0.05·B/256 (sgd), 1e-3 (adamw)",
+    )
+    weight_decay: float = option(1e-6, minimum=0, help="Weight decay (pretraining's); not on the classifier.")
+    precision: str = option("auto", PRECISION)
+    augment_on: str = option(
+        "auto",
+        choices=("auto", "device", "workers"),
+        help="As `pretrain`: `device` keeps the decoded images in memory, `workers` streams them.",
+    )
+    memory_budget: float = option(
+        4.0, above=0, hint="give a positive size in GiB (default 4)", help="GiB the decoded images may take."
+    )
+    workers: int | None = option(None, WORKERS)
+    seed: int = option(0, SEED)
+    logger: tuple[str, ...] = option(("jsonl",), LOGGER)
+    checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
+    restart: bool = option(False, RESTART)
+    quiet: bool = option(False, QUIET)

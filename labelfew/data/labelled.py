@@ -1,0 +1,62 @@
+"""The labelled images of a fine-tuning run: a held-out split, and the training batches of the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from labelfew.data import sources
+from labelfew.data.batches import EpochBatches, EpochOrder
+from labelfew.data.labels import LabeledImages
+from labelfew.data.store import DEFAULT_MEMORY_BUDGET
+from labelfew.data.subsets import balanced_subset
+from labelfew.errors import UserError
+
+
+def held_out_split(
+    labeled: LabeledImages, fraction: float, seed: int
+) -> tuple[LabeledImages, LabeledImages | None]:
+    """`(train, held out)`: `fraction` of each class held out (seeded with seed + 1), or None for 0.
+
+    Raises:
+        UserError: a fraction of 1 or more, or one that holds out nothing or a whole class.
+    """
+    if fraction <= 0:
+        return labeled, None
+    if fraction >= 1:
+        raise UserError(f"--val-fraction {fraction}: use a value in [0, 1)")
+    held = balanced_subset(labeled, fraction=fraction, seed=seed + 1, allow_empty=True)
+    held_paths = set(held.paths)
+    kept = [(p, label) for p, label in zip(labeled.paths, labeled.labels, strict=True) if p not in held_paths]
+    if len(held) == 0 or len({label for _, label in kept}) < len(labeled.class_names):
+        raise UserError(
+            f"--val-fraction {fraction} leaves no validation images or empties a class; use 0 or more labels"
+        )
+    train = LabeledImages(tuple(p for p, _ in kept), tuple(label for _, label in kept), labeled.root)
+    return train, held
+
+
+def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size: int, seed: int, image_size: int,
+                     accelerator: Any, workers: int, balanced: bool = False) -> tuple[EpochBatches, list[str]]:  # fmt: skip
+    """The labelled images as uint8 batches from the store when they fit, else the stream
+    (`labelfew.data.sources`), and the files found undecodable before training.
+
+    `batch_size` is the global batch, capped by the images there are; each process takes its
+    share. The last incomplete batch is dropped, so no step sees a single image (a BatchNorm in
+    training mode cannot normalise one, e.g. the head layer of ``--from-head-layer 1``). With
+    `balanced`, every class is drawn equally often (with replacement).
+    """
+    targets = labeled.label_indices(class_names)
+    batch = max(1, min(batch_size, len(labeled)) // accelerator.num_processes)
+    weights = None
+    if balanced:
+        counts = torch.bincount(torch.tensor(targets), minlength=len(class_names)).float()
+        weights = (1.0 / counts)[torch.tensor(targets)].tolist()
+    order = EpochOrder(len(labeled), batch, seed, accelerator.process_index, accelerator.num_processes,
+                       weights=weights)  # fmt: skip
+    paths = list(labeled.paths)
+    budget = DEFAULT_MEMORY_BUDGET / 2**30
+    place = sources.augment_place("auto", budget, paths, image_size)
+    return sources.training_batches(paths, place, image_size, order, accelerator, budget, workers=workers,
+                                    labels=targets)  # fmt: skip

@@ -1,0 +1,194 @@
+"""FixMatch for `finetune --method fixmatch`: the unlabeled batches, the weak and strong views, the
+pseudo-label counts and the step (a labelled batch and μ× as many unlabeled images, one forward pass).
+
+FixMatch (Sohn et al. 2020, https://arxiv.org/abs/2001.07685, algorithm 1): each unlabeled image
+gets a weak view (here fine-tuning's random resized crop + flip) and a strong view (another crop +
+flip, then RandAugment with per-image operations and magnitudes, then Cutout:
+`labelfew.views.randaugment`). The weak view's prediction, without gradient, is the pseudo-label
+where its softmax reaches the threshold; the strong view is trained towards it:
+
+    loss = CE(labelled) + λ_u · mean over the μB images of [max q ≥ τ] · CE(strong, argmax q)
+
+with ``q = softmax(weak logits)`` (`labelfew.losses.fixmatch_unlabeled_loss`). Labelled, weak and
+strong views go through the model as one batch, so BatchNorm normalises them together; the
+official code interleaves them across devices for the same reason, which one device per process
+does not need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from labelfew.data import sources
+from labelfew.data.batches import Batch, EpochBatches, EpochOrder, LabelledPairBatch, WithLabelled
+from labelfew.data.images import find_images
+from labelfew.data.labels import folder_labels
+from labelfew.data.store import DEFAULT_MEMORY_BUDGET
+from labelfew.engine.accelerator import console
+from labelfew.engine.counts import EpochCounts
+from labelfew.engine.trainer import StepFunction
+from labelfew.errors import UserError
+from labelfew.losses import fixmatch_unlabeled_loss
+from labelfew.views.finetune import CropFlipViews
+from labelfew.views.ops import normalization, normalize
+from labelfew.views.randaugment import RandAugmentViews
+
+UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+"""Normalisation that leaves views in [0, 1], where RandAugment works."""
+PSEUDO_LABEL_METRICS = ("mask_rate", "pseudo_label_top1", "masked_pseudo_label_top1")
+"""What `PseudoLabels` logs per epoch (the accuracies only for a folder with classes)."""
+
+
+@dataclass(frozen=True)
+class UnlabeledImages:
+    """FixMatch's unlabeled images, and their classes when the folder is a tree of the label classes.
+
+    Attributes:
+        root: the folder, searched recursively.
+        paths: its image files, sorted.
+        labels: each file's class index (for the logged pseudo-label accuracy only), or None.
+    """
+
+    root: Path
+    paths: list[Path]
+    labels: list[int] | None
+
+    def listing_sha256(self) -> str:
+        """A short hash of the relative paths (what a resumed run must train on again)."""
+        listing = "\n".join(str(path.relative_to(self.root)) for path in self.paths)
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+
+def find_unlabeled(root: Path, class_names: list[str]) -> UnlabeledImages:
+    """The images of `root` (`labelfew.data.images.find_images`).
+
+    Raises:
+        UserError: the folder holds no image files.
+    """
+    paths = find_images(root)
+    if not paths:
+        raise UserError(f"{root}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively")
+    return UnlabeledImages(root, paths, folder_labels(paths, root, class_names))
+
+
+def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: int, seed: int, image_size: int,
+                   accelerator: Any, workers: int, show: bool) -> tuple[WithLabelled, list[str]]:  # fmt: skip
+    """`count` unlabeled images a step (the global batch, μ × the labelled one), from the same store
+    or stream as pretraining (`labelfew.data.sources`) in their own seeded order, each batch carrying
+    the next labelled batch (`WithLabelled`); and the files found undecodable.
+
+    Raises:
+        UserError: too few decodable images for one batch per process.
+    """
+    order = EpochOrder(len(unlabeled.paths), max(1, count // accelerator.num_processes), seed,
+                       accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    budget = DEFAULT_MEMORY_BUDGET / 2**30
+    place = sources.augment_place("auto", budget, unlabeled.paths, image_size)
+    progress = sources.decode_progress(console) if show and accelerator.is_main_process else None
+    batches, undecodable = sources.training_batches(unlabeled.paths, place, image_size, order, accelerator, budget,
+                                                    workers=workers, labels=unlabeled.labels, on_progress=progress)  # fmt: skip
+    if len(batches) == 0:
+        raise UserError(
+            f"{unlabeled.root}: too few decodable images for one batch of {accelerator.num_processes}"
+        )
+    return WithLabelled(batches, labelled), undecodable
+
+
+class WeakStrongViews:
+    """The weak and the strong view of every image of an unlabeled batch, both normalised.
+
+    Both start from their own random resized crop + flip (drawn one after the other from the
+    step's generator); the strong one then gets RandAugment (N = 2 operations per image, each of
+    its own, with a random magnitude) and Cutout (half the side), as FixMatch's appendix table 12.
+
+    Args:
+        image_size: Output side ``S`` in pixels.
+        mean: Normalisation mean of the model.
+        std: Normalisation standard deviation of the model.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.crop_flip = CropFlipViews(image_size, UNIT_MEAN, UNIT_STD)
+        self.randaugment = RandAugmentViews()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> two (batch, 3, S, S) float32."""
+        weak = self.crop_flip(images, sizes, generator)
+        strong = self.randaugment(self.crop_flip(images, sizes, generator), generator)
+        mean, std = normalization(self.mean, self.std, images.device)
+        return normalize(weak, mean, std), normalize(strong, mean, std)
+
+
+class PseudoLabels(EpochCounts):
+    """Per-epoch rates of the pseudo-labels: the fraction that passed the threshold (``mask_rate``)
+    and, when the unlabeled folder is a class-per-folder tree of the label classes (a benchmark),
+    the weak view's top-1 on every image (``pseudo_label_top1``) and on the confident ones
+    (``masked_pseudo_label_top1``, what the loss trains on; 0 while none passes)."""
+
+    def __init__(self, device: torch.device, has_labels: bool) -> None:
+        super().__init__(("masked", "images", "correct", "masked_correct"), device)
+        self.has_labels = has_labels
+
+    @torch.no_grad()
+    def add(self, weak_logits: Tensor, labels: Tensor | None, threshold: float) -> None:
+        """Counts one step's pseudo-labels. Shapes: (batch, classes) logits, (batch,) labels or None."""
+        confidence, guess = torch.softmax(weak_logits.float(), dim=1).max(dim=1)
+        mask = confidence >= threshold
+        correct = guess == labels if labels is not None else torch.zeros_like(mask)
+        self.count(
+            masked=mask.sum(),
+            images=mask.numel(),
+            correct=correct.sum(),
+            masked_correct=(correct & mask).sum(),
+        )
+
+    def epoch_metrics(self, accelerator: Any) -> dict[str, float]:
+        """This epoch's rates over every process (each must call it); the counts start again."""
+        totals = self.totals(accelerator)
+        metrics = {"mask_rate": totals["masked"] / max(totals["images"], 1)}
+        if not self.has_labels:
+            return metrics
+        return {**metrics, "pseudo_label_top1": totals["correct"] / max(totals["images"], 1),
+                "masked_pseudo_label_top1": totals["masked_correct"] / max(totals["masked"], 1)}  # fmt: skip
+
+
+def fixmatch_step(
+    labelled_views: CropFlipViews,
+    unlabeled_views: WeakStrongViews,
+    threshold: float,
+    unlabeled_weight: float,
+    label_smoothing: float,
+    channels_last: bool,
+    pseudo_labels: PseudoLabels,
+) -> StepFunction:
+    """The step over a `LabelledPairBatch` (the unlabeled images, their labelled batch attached by
+    `labelfew.data.batches.WithLabelled`): cross-entropy on the labelled views plus
+    ``unlabeled_weight`` × FixMatch's unlabeled loss; the number of views is B + 2μB."""
+
+    def step(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        labelled = cast(LabelledPairBatch, batch).labelled
+        assert labelled is not None and labelled.labels is not None
+        supervised_views = labelled_views(labelled.images, labelled.sizes, labelled.generator())
+        weak, strong = unlabeled_views(batch.images, batch.sizes, batch.generator())
+        images = torch.cat([supervised_views, weak, strong])
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
+        count, unlabeled = supervised_views.shape[0], weak.shape[0]
+        weak_logits, strong_logits = logits[count : count + unlabeled], logits[count + unlabeled :]
+        supervised = nn.functional.cross_entropy(
+            logits[:count], labelled.labels, label_smoothing=label_smoothing
+        )
+        consistency, _ = fixmatch_unlabeled_loss(weak_logits, strong_logits, threshold)
+        pseudo_labels.add(weak_logits.detach(), batch.labels, threshold)
+        return supervised + unlabeled_weight * consistency, images.shape[0]
+
+    return step

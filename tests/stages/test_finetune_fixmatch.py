@@ -1,0 +1,208 @@
+"""`finetune --method fixmatch`: the step against a hand-written FixMatch loss, per-image strong views,
+the moving average saved instead of the weights, the artifact as evaluate reads it, and bad options."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from labelfew.artifacts import load_artifact, model_label
+from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.data.batches import Batch, LabelledPairBatch
+from labelfew.engine import checkpoint
+from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, fixmatch_step
+from labelfew.errors import UserError
+from labelfew.models import build_classifier, load_model
+from labelfew.stages import evaluate, finetune, pretrain
+from labelfew.views.finetune import CropFlipViews
+from labelfew.views.randaugment import apply_randaugment, sample_randaugment
+
+LABELFEW = str(Path(sys.executable).parent / "labelfew")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _batches(labelled: int = 4, unlabeled: int = 8) -> LabelledPairBatch:
+    images = torch.randint(0, 256, (labelled + unlabeled, 3, 36, 40), dtype=torch.uint8)
+    sizes = torch.tensor([[36, 40]] * (labelled + unlabeled))
+    labels = torch.arange(labelled) % 3
+    labelled_batch = Batch(images[:labelled], sizes[:labelled], torch.arange(labelled), labels=labels, seed=3)
+    return LabelledPairBatch(images[labelled:], sizes[labelled:], torch.arange(unlabeled), labels=None, seed=11,
+                             labelled=labelled_batch)  # fmt: skip
+
+
+def _unit_views(images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return CropFlipViews(32, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes, generator)
+
+
+def _normalise(views: torch.Tensor) -> torch.Tensor:
+    return (views - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def test_the_strong_view_is_a_second_crop_with_its_own_randaugment_operations_per_image() -> None:
+    torch.manual_seed(0)
+    batch = _batches(unlabeled=16)
+    weak, strong = WeakStrongViews(32, MEAN, STD)(batch.images, batch.sizes, batch.generator())
+    generator = batch.generator()  # the same draws by hand: weak crop, strong crop, RandAugment, Cutout
+    expected_weak = _unit_views(batch.images, batch.sizes, generator)
+    second_crop = _unit_views(batch.images, batch.sizes, generator)
+    parameters = sample_randaugment(16, 32, 32, generator)
+    torch.testing.assert_close(weak, _normalise(expected_weak))
+    torch.testing.assert_close(strong, _normalise(apply_randaugment(second_crop, parameters)))
+    assert len({tuple(row) for row in parameters.operations.tolist()}) > 8  # per image, not one op per batch
+    assert len({tuple(row) for row in parameters.cutout.tolist()}) > 8
+    # the same image twice in one batch gets two different strong views
+    twice = torch.cat([batch.images[:1]] * 2)
+    _, strong_twice = WeakStrongViews(32, MEAN, STD)(twice, batch.sizes[:2], torch.Generator().manual_seed(5))
+    assert not torch.allclose(strong_twice[0], strong_twice[1])
+
+
+def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax() -> None:
+    torch.manual_seed(0)
+    model = build_classifier("test_resnet", small_stem=True, image_size=32, num_classes=3).train()
+    nn.init.normal_(model.classifier.weight, std=3.0)  # confident on some images, not on others
+    batch = _batches()
+    labelled = batch.labelled
+    assert labelled is not None and labelled.labels is not None
+    # by hand: the labelled views, then the weak and strong views, one forward pass over all three
+    labelled_views = CropFlipViews(32, MEAN, STD)(labelled.images, labelled.sizes, labelled.generator())
+    generator = batch.generator()
+    weak = _normalise(_unit_views(batch.images, batch.sizes, generator))
+    strong_base = _unit_views(batch.images, batch.sizes, generator)
+    strong = _normalise(apply_randaugment(strong_base, sample_randaugment(8, 32, 32, generator)))
+    logits = model(torch.cat([labelled_views, weak, strong]))
+    weak_logits, strong_logits = logits[4:12], logits[12:]
+    confidence, guess = torch.softmax(weak_logits.detach(), dim=1).max(dim=1)
+    threshold = float(confidence.median())
+    mask = (confidence >= threshold).float()
+    assert 0 < mask.mean() < 1
+    per_image = nn.functional.cross_entropy(strong_logits, guess, reduction="none")
+    expected = nn.functional.cross_entropy(logits[:4], labelled.labels) + 2.0 * (mask * per_image).mean()
+
+    pseudo_labels = PseudoLabels(torch.device("cpu"), has_labels=False)
+    step = fixmatch_step(CropFlipViews(32, MEAN, STD), WeakStrongViews(32, MEAN, STD), threshold,
+                         unlabeled_weight=2.0, label_smoothing=0.0, channels_last=False,
+                         pseudo_labels=pseudo_labels)  # fmt: skip
+    loss, count = step(model, batch)
+    assert count == 4 + 2 * 8
+    torch.testing.assert_close(loss, expected)
+    # no gradient through the pseudo-label: the gradient is that of the loss with the weak logits detached
+    loss.backward()
+    gradient = model.classifier.weight.grad.clone()  # type: ignore[union-attr]
+    model.zero_grad()
+    expected.backward()
+    torch.testing.assert_close(gradient, model.classifier.weight.grad)
+
+    class Accelerator:
+        def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+            return tensor
+
+    assert pseudo_labels.epoch_metrics(Accelerator()) == {"mask_rate": pytest.approx(float(mask.mean()))}
+
+
+@pytest.fixture(scope="module")
+def tiny(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 1-epoch pretrain on 60 digits of 3 classes, 5 labels of each, and a test set."""
+    train, test = digits_folder
+    work = tmp_path_factory.mktemp("fixmatch")
+    for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
+        for folder in sorted(source.iterdir())[:3]:
+            (work / name / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                shutil.copy(path, work / name / folder.name / path.name)
+    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
+                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
+    return {"work": work, "run": work / "run", "unlabeled": work / "unlabeled", "test": work / "test",
+            "labels": work / "labels"}  # fmt: skip
+
+
+def _config(tiny: dict[str, Path], **options: Any) -> FinetuneConfig:
+    values: dict[str, Any] = {"labels": tiny["labels"], "source": tiny["run"], "method": "fixmatch",
+                              "unlabeled": tiny["unlabeled"], "epochs": 2, "batch_size": 5, "mu": 2,
+                              "threshold": 0.5, "workers": 0, "quiet": True, **options}  # fmt: skip
+    return FinetuneConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def fixmatch(tiny: dict[str, Path]) -> Path:
+    return finetune.run(_config(tiny))
+
+
+def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
+    tiny: dict[str, Path], fixmatch: Path
+) -> None:
+    assert fixmatch == tiny["run"] / "finetune-fixmatch-labels" / "model.safetensors"
+    artifact = load_artifact(fixmatch, "finetune")
+    assert model_label(artifact) == "fine-tuned (fixmatch)" and artifact.metadata["method"] == "fixmatch"
+    record = json.loads((fixmatch.parent / "run.json").read_text())
+    config = record["config"]
+    assert (
+        config["method"],
+        config["mu"],
+        config["threshold"],
+        config["unlabeled_weight"],
+        config["ema"],
+    ) == ("fixmatch", 2, 0.5, 1.0, 0.999)
+    assert record["lr"] == pytest.approx(0.05 * 5 / 256) and "not searched" in record["lr_search"]["note"]
+    assert record["data"]["unlabeled_images"] == 60
+    assert record["steps"] == 2 * (60 // 10)  # an epoch is one pass over the unlabeled images, 2 × 5 a step
+    # the unlabeled folder is a tree of the label classes: the pseudo-labels' accuracy is logged
+    metrics = record["metrics"]
+    assert len(metrics["mask_rate"]) == 2 and len(metrics["pseudo_label_top1"]) == 2
+    assert all(0 <= rate <= 1 for rate in metrics["mask_rate"] + metrics["masked_pseudo_label_top1"])
+    # what was saved is the average kept in the last checkpoint, not the weights trained last
+    last = checkpoint.latest(fixmatch.parent / "checkpoints")
+    assert last is not None
+    saved, averaged, weights = (load_file(str(path)) for path in (fixmatch, last / "ema.safetensors",
+                                                                   last / "model.safetensors"))  # fmt: skip
+    assert all(torch.equal(saved[key], averaged[key]) for key in saved)
+    assert not torch.equal(saved["classifier.weight"], weights["classifier.weight"])
+    model = load_model(artifact).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    finetune.run(FinetuneConfig(labels=tiny["labels"], source=tiny["run"], epochs=1, batch_size=5, lr=0.01,
+                                workers=0, quiet=True))  # fmt: skip
+    result = evaluate.run(EvaluateConfig(test=tiny["test"], source=tiny["run"], bank=tiny["labels"],
+                                         out=tiny["work"] / "evaluate", workers=0, quiet=True))  # fmt: skip
+    names = [row["method"] for row in result["rows"]]
+    assert "fine-tuned (fixmatch)" in names and "fine-tuned" in names
+
+
+def test_from_scratch_it_is_plain_fixmatch(tiny: dict[str, Path]) -> None:
+    path = finetune.run(_config(tiny, scratch=True, epochs=1))
+    assert path.parent.name == "finetune-fixmatch-scratch-labels"
+    artifact = load_artifact(path, "finetune")
+    assert model_label(artifact) == "fine-tuned (fixmatch, scratch)"
+    assert json.loads((path.parent / "run.json").read_text())["parent"] is None
+
+
+def _bad(tiny: dict[str, Path], *arguments: str) -> str:
+    result = subprocess.run([LABELFEW, "finetune", "--labels", str(tiny["labels"]), "--from", str(tiny["run"]),
+                             "--workers", "0", "--quiet", *arguments], cwd=tiny["work"],
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_options_that_do_not_go_together_exit_2_with_one_line(tiny: dict[str, Path]) -> None:
+    assert "--method fixmatch needs --unlabeled" in _bad(tiny, "--method", "fixmatch")
+    unlabeled = str(tiny["unlabeled"])
+    assert "--unlabeled: only for --method fixmatch" in _bad(tiny, "--unlabeled", unlabeled)
+    assert "--mu, --ema: only for --method fixmatch" in _bad(tiny, "--mu", "3", "--ema", "0.99")
+    assert "--threshold 1.5" in _bad(
+        tiny, "--method", "fixmatch", "--unlabeled", unlabeled, "--threshold", "1.5"
+    )
+    empty = tiny["work"] / "empty"
+    empty.mkdir(exist_ok=True)
+    assert "no image files" in _bad(tiny, "--method", "fixmatch", "--unlabeled", str(empty))
+    with pytest.raises(UserError, match="--unlabeled-weight"):
+        FinetuneConfig(labels=tiny["labels"], unlabeled_weight=0.5)
