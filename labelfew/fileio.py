@@ -92,6 +92,14 @@ def prepare_folder(folder: Path) -> Path:
     return folder
 
 
+def prepare_stage_folder(folder: Path, restart: bool) -> Path:
+    """`prepare_folder`, and with `restart` the old training log cleared; main process only."""
+    prepare_folder(folder)  # fails now, not at the first checkpoint, if nothing can be written there
+    if restart:
+        (folder / "log.jsonl").unlink(missing_ok=True)
+    return folder
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         descriptor = os.open(folder, os.O_RDONLY)

@@ -334,3 +334,11 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def warmup_cosine_fraction(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> LambdaLR:
+    """`warmup_cosine` warming up over `warmup_fraction` of the steps (at least one when it is not 0)."""
+    warmup = min(total_steps, max(1, round(warmup_fraction * total_steps))) if warmup_fraction > 0 else 0
+    return warmup_cosine(optimizer, warmup_steps=warmup, total_steps=total_steps)

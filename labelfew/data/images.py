@@ -66,6 +66,14 @@ def find_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def require_images(root: Path) -> list[Path]:
+    """`find_images(root)`, or a UserError when the folder holds no image file."""
+    paths = find_images(root)
+    if not paths:
+        raise UserError(f"{root}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively")
+    return paths
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Decodes one image file into 8-bit RGB (first frame of animations).
 

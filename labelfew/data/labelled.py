@@ -1,7 +1,10 @@
-"""The labelled images of a fine-tuning run: a held-out split, and the training batches of the rest."""
+"""The images a training stage reads besides pretraining's: the labelled ones (a held-out split and
+the training batches of the rest) and the unlabeled ones of distillation and FixMatch."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,3 +63,25 @@ def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size:
     place = sources.augment_place("auto", budget, paths, image_size)
     return sources.training_batches(paths, place, image_size, order, accelerator, budget, workers=workers,
                                     labels=targets)  # fmt: skip
+
+
+def unlabeled_batches(paths: list[Path], labels: list[int] | None, batch_size: int, seed: int, image_size: int,
+                      accelerator: Any, *, root: Path, place: str, memory_budget: float, workers: int,
+                      on_progress: Callable[[int, int], None] | None = None) -> tuple[EpochBatches, list[str]]:  # fmt: skip
+    """Unlabeled images as uint8 batches from the same store or stream as pretraining
+    (`labelfew.data.sources`) in their own seeded order, and the files found undecodable.
+
+    `batch_size` is the global batch, capped by the images there are; each process takes its
+    share and the last incomplete batch is dropped. `labels` (a folder of class folders) only
+    serve the logged pseudo-label accuracy.
+
+    Raises:
+        UserError: too few decodable images under `root` for one batch per process.
+    """
+    per_process = max(1, min(batch_size, len(paths)) // accelerator.num_processes)
+    order = EpochOrder(len(paths), per_process, seed, accelerator.process_index, accelerator.num_processes)
+    batches, undecodable = sources.training_batches(paths, place, image_size, order, accelerator, memory_budget,
+                                                    workers=workers, labels=labels, on_progress=on_progress)  # fmt: skip
+    if len(batches) == 0:
+        raise UserError(f"{root}: too few decodable images for one batch of {accelerator.num_processes}")
+    return batches, undecodable

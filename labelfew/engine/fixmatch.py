@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from labelfew.data import sources
-from labelfew.data.batches import Batch, EpochBatches, EpochOrder, LabelledPairBatch, WithLabelled
-from labelfew.data.images import find_images
+from labelfew.data.batches import Batch, EpochBatches, LabelledPairBatch, WithLabelled
+from labelfew.data.images import require_images
+from labelfew.data.labelled import unlabeled_batches
 from labelfew.data.labels import folder_labels
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.engine.accelerator import console
 from labelfew.engine.counts import EpochCounts
 from labelfew.engine.trainer import StepFunction
-from labelfew.errors import UserError
 from labelfew.losses import fixmatch_unlabeled_loss
 from labelfew.views.finetune import CropFlipViews
 from labelfew.views.ops import normalization, normalize
@@ -67,14 +67,12 @@ class UnlabeledImages:
 
 
 def find_unlabeled(root: Path, class_names: list[str]) -> UnlabeledImages:
-    """The images of `root` (`labelfew.data.images.find_images`).
+    """The images of `root` (`labelfew.data.images.require_images`).
 
     Raises:
         UserError: the folder holds no image files.
     """
-    paths = find_images(root)
-    if not paths:
-        raise UserError(f"{root}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively")
+    paths = require_images(root)
     return UnlabeledImages(root, paths, folder_labels(paths, root, class_names))
 
 
@@ -87,17 +85,12 @@ def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: in
     Raises:
         UserError: too few decodable images for one batch per process.
     """
-    order = EpochOrder(len(unlabeled.paths), max(1, count // accelerator.num_processes), seed,
-                       accelerator.process_index, accelerator.num_processes)  # fmt: skip
     budget = DEFAULT_MEMORY_BUDGET / 2**30
-    place = sources.augment_place("auto", budget, unlabeled.paths, image_size)
-    progress = sources.decode_progress(console) if show and accelerator.is_main_process else None
-    batches, undecodable = sources.training_batches(unlabeled.paths, place, image_size, order, accelerator, budget,
-                                                    workers=workers, labels=unlabeled.labels, on_progress=progress)  # fmt: skip
-    if len(batches) == 0:
-        raise UserError(
-            f"{unlabeled.root}: too few decodable images for one batch of {accelerator.num_processes}"
-        )
+    batches, undecodable = unlabeled_batches(
+        unlabeled.paths, unlabeled.labels, count, seed, image_size, accelerator, root=unlabeled.root, workers=workers,
+        place=sources.augment_place("auto", budget, unlabeled.paths, image_size), memory_budget=budget,
+        on_progress=sources.decode_progress(console) if show and accelerator.is_main_process else None,
+    )  # fmt: skip
     return WithLabelled(batches, labelled), undecodable
 
 

@@ -37,18 +37,19 @@ from labelfew.artifacts import (
 )
 from labelfew.config import DistillConfig, to_json
 from labelfew.data import sources
-from labelfew.data.batches import Batch, EpochBatches, EpochOrder, LabelledPairBatch, WithLabelled
-from labelfew.data.images import find_images
+from labelfew.data.batches import Batch, LabelledPairBatch, WithLabelled
+from labelfew.data.images import require_images
+from labelfew.data.labelled import labelled_batches, unlabeled_batches
 from labelfew.data.labels import LabeledImages, folder_labels, read_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine.counts import EpochCounts
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
-from labelfew.fileio import prepare_folder, sha256_file
+from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.losses import distillation_loss
 from labelfew.models import Classifier, build_backbone, build_classifier, load_model
-from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine
+from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine_fraction
 from labelfew.spec import ModelSpec
 from labelfew.views.finetune import CropFlipViews
 
@@ -218,31 +219,20 @@ def labelled_images(config: DistillConfig, class_names: list[str]) -> LabeledIma
 
 def build_batches(config: DistillConfig, paths: list[Path], known: list[int] | None, labeled: LabeledImages | None,
                   class_names: list[str], image_size: int, place: str, accelerator: Any) -> tuple[WithLabelled, list[str]]:  # fmt: skip
-    """The unlabeled uint8 batches from the same store or stream as pretraining (`labelfew.data.sources`),
-    with the labelled ones (their own order, seed + 1) attached; and the files found undecodable.
-
-    --batch-size is the global batch of each, capped by the images there are; the last incomplete
-    batch is dropped (a BatchNorm in training mode cannot normalise one image)."""
+    """The unlabeled uint8 batches (`labelfew.data.labelled.unlabeled_batches`) with the labelled ones
+    (their own order, seed + 1) attached, and the files found undecodable; --batch-size is the
+    global batch of each."""
     workers = engine.default_workers(config.workers)
     show = accelerator.is_main_process and not config.quiet
-    progress = sources.decode_progress(engine.console) if show else None
-
-    def batches(files: list[Path], labels: list[int] | None, seed: int) -> tuple[EpochBatches, list[str]]:
-        per_process = max(1, min(config.batch_size, len(files)) // accelerator.num_processes)
-        order = EpochOrder(
-            len(files), per_process, seed, accelerator.process_index, accelerator.num_processes
-        )
-        return sources.training_batches(files, place, image_size, order, accelerator, config.memory_budget,
-                                        workers=workers, labels=labels, on_progress=progress)  # fmt: skip
-
-    unlabeled, undecodable = batches(paths, known, config.seed)
-    if len(unlabeled) == 0:
-        raise UserError(
-            f"{config.unlabeled}: too few decodable images for one batch of {accelerator.num_processes}"
-        )
+    unlabeled, undecodable = unlabeled_batches(
+        paths, known, config.batch_size, config.seed, image_size, accelerator, root=config.unlabeled, place=place,
+        memory_budget=config.memory_budget, workers=workers,
+        on_progress=sources.decode_progress(engine.console) if show else None,
+    )  # fmt: skip
     if labeled is None:
         return WithLabelled(unlabeled, None), undecodable
-    labelled, _ = batches(list(labeled.paths), labeled.label_indices(class_names), config.seed + 1)
+    labelled, _ = labelled_batches(labeled, class_names, config.batch_size, config.seed + 1, image_size, accelerator,
+                                   workers)  # fmt: skip
     return WithLabelled(unlabeled, labelled), undecodable
 
 
@@ -276,14 +266,6 @@ def fingerprint(config: DistillConfig, teacher: Artifact, student: Student, path
             "labels_sha256": subset_hash(labeled) if labeled is not None else None}  # fmt: skip
 
 
-def _prepare_output(out: Path, restart: bool) -> Path:
-    """Creates the stage folder (and clears an old log with --restart); main process only."""
-    prepare_folder(out)
-    if restart:
-        (out / "log.jsonl").unlink(missing_ok=True)
-    return out
-
-
 def _prepare_models(
     config: DistillConfig, student: Student, teacher_artifact: Artifact, lr: float, accelerator: Any
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
@@ -313,16 +295,12 @@ def run(config: DistillConfig) -> Path:
     spec = teacher_artifact.spec
     class_names = list(spec.class_names or ())
     labeled = labelled_images(config, class_names)
-    paths = find_images(config.unlabeled)
-    if not paths:
-        raise UserError(
-            f"{config.unlabeled}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
-        )
+    paths = require_images(config.unlabeled)
     engine.per_process_batch(config.batch_size, accelerator)
     place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size)
     out = engine.on_main_process(
         accelerator,
-        lambda: _prepare_output(config.out or default_out(teacher_artifact, student), config.restart),
+        lambda: prepare_stage_folder(config.out or default_out(teacher_artifact, student), config.restart),
     )
     known = folder_labels(paths, config.unlabeled, class_names)
     loader, undecodable = build_batches(
@@ -332,9 +310,7 @@ def run(config: DistillConfig) -> Path:
     lr = learning_rate(config, batch)
     model, optimizer, teacher = _prepare_models(config, student, teacher_artifact, lr, accelerator)
     steps = len(loader) * config.epochs
-    scheduler = warmup_cosine(
-        optimizer, warmup_steps=max(1, round(WARMUP_FRACTION * steps)), total_steps=steps
-    )
+    scheduler = warmup_cosine_fraction(optimizer, steps, WARMUP_FRACTION)
     agreement = Agreement(accelerator.device, has_labels=known is not None)
     views = CropFlipViews(spec.image_size, spec.mean, spec.std)
     if accelerator.is_main_process and not config.quiet:

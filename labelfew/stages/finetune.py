@@ -51,9 +51,9 @@ from labelfew.engine.fixmatch import (
 )
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
-from labelfew.fileio import prepare_folder, sha256_file
+from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, build_classifier, head_spec
-from labelfew.optim import build_finetune_optimizer, finetune_learning_rate, warmup_cosine
+from labelfew.optim import build_finetune_optimizer, finetune_learning_rate, warmup_cosine_fraction
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
 from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
@@ -160,14 +160,6 @@ def fingerprint(
     return {**values, **found}
 
 
-def _prepare_output(out: Path, restart: bool) -> Path:
-    """Creates the stage folder (and clears an old log with --restart); main process only."""
-    prepare_folder(out)  # fails now, not at the first checkpoint, if nothing can be written there
-    if restart:
-        (out / "log.jsonl").unlink(missing_ok=True)
-    return out
-
-
 @dataclasses.dataclass
 class Training:
     """A prepared model, optimizer and batches for one fine-tuning run (a search candidate or the final one)."""
@@ -210,12 +202,6 @@ def _prepare_training(config: FinetuneConfig, start: Start, class_names: list[st
                          settings.unlabeled_weight, config.label_smoothing, channels_last, pseudo_labels)  # fmt: skip
     ema = ModelEMA(accelerator.unwrap_model(model), settings.ema)
     return Training(model, optimizer, paired, undecodable + skipped, step, ema, pseudo_labels)
-
-
-def _schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_fraction: float) -> Any:
-    """Linear warmup over `warmup_fraction` of the steps (at least one step when it is not 0), then cosine."""
-    warmup = min(steps, max(1, round(warmup_fraction * steps))) if warmup_fraction > 0 else 0
-    return warmup_cosine(optimizer, warmup_steps=warmup, total_steps=steps)
 
 
 def _learning_rate(
@@ -269,7 +255,7 @@ def _search(
         where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-            scheduler=_schedule(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
+            scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
             loader=training.loader, step=training.step, epochs=epochs,
             description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
         )  # fmt: skip
@@ -301,7 +287,7 @@ def run(config: FinetuneConfig) -> Path:
     unlabeled = None if config.unlabeled is None else find_unlabeled(config.unlabeled, class_names)
     # The main process makes the folder (a default one has a timestamp) and every process uses it.
     out = engine.on_main_process(
-        accelerator, lambda: _prepare_output(config.out or default_out(config, start), config.restart)
+        accelerator, lambda: prepare_stage_folder(config.out or default_out(config, start), config.restart)
     )
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
@@ -352,7 +338,7 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
         )
     trainer = engine.Trainer(
         accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-        scheduler=_schedule(training.optimizer, len(training.loader) * config.epochs, config.warmup_fraction),
+        scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * config.epochs, config.warmup_fraction),
         loader=training.loader, step=training.step, epochs=config.epochs,
         description="finetune" + (f" ({config.method})" if settings else "") + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet, log_file=out / "log.jsonl", on_epoch_end=on_epoch_end, checkpoint_dir=out / "checkpoints",

@@ -23,11 +23,11 @@ from labelfew.artifacts import StageInfo, register_stage, save_tensors, write_ru
 from labelfew.config import PretrainConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, EpochOrder
-from labelfew.data.images import find_images, typical_image_side
+from labelfew.data.images import require_images, typical_image_side
 from labelfew.engine import estimate
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
-from labelfew.fileio import prepare_folder
+from labelfew.fileio import prepare_stage_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
@@ -174,9 +174,7 @@ def _prepare_output(config: PretrainConfig) -> Path:
     stage = config.out / "pretrain"
     if stage.exists() and not stage.is_dir():
         raise UserError(f"{stage} is a file; pass --out a folder for the run")
-    prepare_folder(stage)  # fails now, not at the first checkpoint, if nothing can be written there
-    if config.restart:
-        (stage / "log.jsonl").unlink(missing_ok=True)
+    prepare_stage_folder(stage, config.restart)
     return config.out
 
 
@@ -189,11 +187,7 @@ def run(config: PretrainConfig) -> Path:
     check_loggers(config.logger)  # a missing extra fails now, not after decoding the folder
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
-    paths = find_images(config.data)
-    if not paths:
-        raise UserError(
-            f"{config.data}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
-        )
+    paths = require_images(config.data)
     config = resolve(config, paths)
     _check(config, len(paths))
     assert config.out is not None and config.image_size is not None

@@ -13,10 +13,11 @@ from torch import nn
 
 from labelfew.artifacts import resolve_model, save_tensors
 from labelfew.config import EmbedConfig
+from labelfew.data.images import require_images
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
-from labelfew.use.files import console, image_files, relative_path, report_bad, shown, write_csv
+from labelfew.use.files import console, relative_path, report_bad, shown, write_csv
 from labelfew.use.inference import run_model
 
 
@@ -31,7 +32,7 @@ def embed(config: EmbedConfig) -> Path:
         raise UserError(f"--out {config.out}: name the embeddings file *.safetensors")
     artifact = resolve_model(config.source, ("backbone", "classifier"))
     spec = artifact.spec
-    paths = image_files(config.images)
+    paths = require_images(config.images)
     outputs = run_model(
         features_model(load_model(artifact)),
         paths,

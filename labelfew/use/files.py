@@ -11,21 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
-from labelfew.data.images import find_images
-from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 
 console = Console()  # results go to stdout; progress goes to engine.console (stderr)
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Every image under `folder` (recursive), or a UserError when there is none."""
-    paths = find_images(folder)
-    if not paths:
-        raise UserError(
-            f"{folder}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively"
-        )
-    return paths
 
 
 def relative_path(path: Path, folder: Path) -> str:

@@ -13,9 +13,10 @@ from rich.table import Table
 
 from labelfew.artifacts import Artifact, resolve_model
 from labelfew.config import PredictConfig
+from labelfew.data.images import require_images
 from labelfew.errors import UserError
 from labelfew.models import load_model
-from labelfew.use.files import console, image_files, relative_path, report_bad, shown, write_csv
+from labelfew.use.files import console, relative_path, report_bad, shown, write_csv
 from labelfew.use.inference import Outputs, run_model
 
 
@@ -32,7 +33,7 @@ def predict(config: PredictConfig) -> Path:
     spec = artifact.spec
     if spec.class_names is None:
         raise UserError(f"{artifact.path}: a {artifact.stage} artifact; predict needs a fine-tuned model")
-    paths = image_files(config.images)
+    paths = require_images(config.images)
     class_names = list(spec.class_names)
     outputs = run_model(
         load_model(artifact), paths, spec, config.batch_size, config.workers, "predict", config.quiet
