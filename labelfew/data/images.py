@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as functional
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
@@ -137,8 +138,10 @@ def load_resized(path: Path, side: int, enlarge: bool = False) -> np.ndarray:
 
     Never upsampled unless ``enlarge`` (evaluation: the shorter side then becomes ``side`` either
     way), aspect ratio kept, the longer side by torchvision's ``Resize(int)`` rule
-    (`labelfew.views.config.resized_extent`), resampled with Pillow's anti-aliased bicubic: what
-    torchvision's ``Resize(side)`` gives a PIL image, pixel for pixel.
+    (`labelfew.views.config.resized_extent`), resampled with anti-aliased bicubic on the uint8
+    pixels: torchvision's ``Resize(side)`` of a uint8 tensor (PyTorch's vectorised port of Pillow's
+    resampling, within 2/255 of Pillow's on 0.4% of a photo's pixels and 3x faster: 0.9 against
+    2.9 ms for a 500 x 375 photo on one core, `benchmarks/views_224.py`).
 
     Returns:
         Shape: (height, width, 3), uint8, ``min(height, width) <= side`` (``== side`` when enlarging).
@@ -146,12 +149,19 @@ def load_resized(path: Path, side: int, enlarge: bool = False) -> np.ndarray:
     Raises:
         BadImage: as `load_rgb`.
     """
-    image = load_rgb(path)
-    width, height = image.size
+    pixels = np.array(
+        load_rgb(path), dtype=np.uint8
+    )  # a writable copy (torch.from_numpy warns on a read-only one)
+    height, width = pixels.shape[:2]
     if min(width, height) > side or (enlarge and min(width, height) < side):
         new_height, new_width = resized_extent(height, width, side)
-        image = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
-    return np.array(image, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only one)
+        with torch.no_grad():
+            image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+            resized = functional.interpolate(
+                image, size=(new_height, new_width), mode="bicubic", antialias=True
+            )
+        pixels = resized[0].permute(1, 2, 0).contiguous().numpy()
+    return pixels
 
 
 def stored_extent(height: int, width: int, side: int) -> tuple[int, int]:

@@ -177,6 +177,7 @@ def eval_transform(
     image_size: int,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    on_tensor: bool = False,
 ) -> Callable[[Image.Image], Tensor]:
     """Deterministic evaluation transform: resize the shorter side, centre crop, normalise.
 
@@ -188,6 +189,8 @@ def eval_transform(
         image_size: Output side ``S`` in pixels.
         mean: Normalisation mean; None for ImageNet's.
         std: Normalisation standard deviation; None for ImageNet's.
+        on_tensor: Resize the image's uint8 tensor (what `labelfew.data.images.load_resized`
+            does) instead of the PIL image (within 2/255 of it).
 
     Returns:
         A transform from a PIL image to a float32 tensor. Shape: (3, image_size, image_size).
@@ -197,6 +200,7 @@ def eval_transform(
     resize = v2.Resize(resize_side, interpolation=INTERPOLATION, antialias=True)
     steps = [
         ViewStep("convert_to_rgb", 1.0, v2.RGB()),
+        *([ViewStep("to_tensor", 1.0, v2.PILToTensor())] if on_tensor else []),
         ViewStep("resize", 1.0, resize),
         ViewStep("center_crop", 1.0, v2.CenterCrop(image_size)),
         *_tensor_steps(*resolve_mean_std(mean, std)),

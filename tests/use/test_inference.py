@@ -38,18 +38,20 @@ def photos(tmp_path: Path) -> list[Path]:
 def test_run_model_sees_the_pil_eval_transform_of_each_photo(
     tmp_path: Path, image_size: int, batch_size: int
 ) -> None:
-    """An identity model returns its inputs: they equal the old PIL path's (float32 rounding only)."""
+    """An identity model returns its inputs: torchvision's eval transform of each photo's uint8 tensor
+    (float32 rounding only), within 2/255 (before normalisation) of the old PIL path's."""
     paths = photos(tmp_path)
     spec = ModelSpec("test_resnet", image_size, small_stem=False, num_features=8, mean=(0.4, 0.5, 0.6),
                      std=(0.2, 0.3, 0.25))  # fmt: skip
     outputs = inference.run_model(nn.Flatten(), paths, spec, batch_size=batch_size, workers=0)
     assert outputs.kept == [0, 2, 3] and list(outputs.errors) == [1]
     assert outputs.errors[1] == f"cannot identify image file {str(paths[1])!r}"
-    transform = eval_transform(image_size, spec.mean, spec.std)
-    expected = torch.stack(
-        [transform(Image.open(paths[index]).convert("RGB")).flatten() for index in outputs.kept]
-    )
-    torch.testing.assert_close(outputs.values, expected, atol=2e-6, rtol=0)
+    for on_tensor, tolerance in ((True, 2e-6), (False, 2 / 255 / min(spec.std) + 1e-5)):
+        transform = eval_transform(image_size, spec.mean, spec.std, on_tensor=on_tensor)
+        expected = torch.stack(
+            [transform(Image.open(paths[index]).convert("RGB")).flatten() for index in outputs.kept]
+        )
+        torch.testing.assert_close(outputs.values, expected, atol=tolerance, rtol=0)
 
 
 def test_held_out_accuracy_counts_each_image_once(tmp_path: Path) -> None:

@@ -34,10 +34,14 @@ def real_photos(tmp_path: Path) -> list[Path]:
 
 
 def torchvision_eval(image: Image.Image, image_size: int) -> torch.Tensor:
-    """torchvision's functional resize (bicubic, anti-aliased) + centre crop + normalise of a PIL image."""
-    resized = F.resize(image, [eval_resize_side(image_size)], v2.InterpolationMode.BICUBIC, antialias=True)
-    pixels = F.pil_to_tensor(F.center_crop(resized, [image_size, image_size]))
-    return F.normalize(F.to_dtype(pixels, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    """torchvision's functional resize (bicubic, anti-aliased) + centre crop + normalise of the
+    image's uint8 tensor (the resize of a PIL image differs by at most 2/255: `load_resized`)."""
+    pixels = F.pil_to_tensor(image)
+    resized = F.resize(pixels, [eval_resize_side(image_size)], v2.InterpolationMode.BICUBIC, antialias=True)
+    cropped = F.center_crop(resized, [image_size, image_size])
+    return F.normalize(
+        F.to_dtype(cropped, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD)
+    )
 
 
 @pytest.mark.parametrize("image_size", [224, 96, 32])
@@ -46,8 +50,8 @@ def test_eval_inputs_of_real_photos_equal_torchvision_resize_crop_normalize(
 ) -> None:
     """What inference feeds a model: the streaming decoder at the evaluation side, then `EvalView`.
 
-    The decoder resizes with Pillow as torchvision's ``Resize`` of a PIL image does (up for the
-    150 px photos at 224 px), so the view only crops; the tolerance is float32 rounding of the same
+    The decoder resizes as torchvision's ``Resize`` of a uint8 tensor does (up for the 150 px
+    photos at 224 px), so the view only crops; the tolerance is float32 rounding of the same
     scale and normalisation (``x * (1/255)`` against ``x / 255``: a few ulps of values below 2.7).
     """
     paths = real_photos(tmp_path)
@@ -140,13 +144,20 @@ def test_crop_flip_of_a_full_crop_is_the_image_or_its_mirror() -> None:
 def test_eval_view_of_a_stored_image_equals_the_pil_eval_transform(
     tmp_path: Path, image_size: int, height: int, width: int
 ) -> None:
-    """Stored at the evaluation side (as both image sources store it), the view is only a crop."""
+    """Stored at the evaluation side (as both image sources store it), the view is only a crop:
+    torchvision's tensor eval transform to float rounding, the PIL one within its resize's 2/255."""
     path = photo(tmp_path, height, width)
     stored = load_resized(path, eval_resize_side(image_size))
     images, sizes = pad_images([stored, np.zeros((eval_resize_side(image_size) + 7, 300, 3), dtype=np.uint8)])
-    view = EvalView(image_size)(images, sizes)[0]
-    expected = eval_transform(image_size)(Image.open(path))
-    torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
+    view = EvalView(image_size, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes)[0]
+    plain = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+    expected = F.center_crop(
+        F.resize(F.pil_to_tensor(Image.open(path)), [eval_resize_side(image_size)], v2.InterpolationMode.BICUBIC, antialias=True),
+        [image_size, image_size],
+    ).float() / 255  # fmt: skip
+    torch.testing.assert_close(view, expected, atol=1e-6, rtol=0)
+    pil = eval_transform(image_size, **plain)(Image.open(path))
+    torch.testing.assert_close(view, pil, atol=2 / 255 + 1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("image_size", "height", "width"), [(224, 180, 240), (32, 20, 28), (96, 300, 400)])
