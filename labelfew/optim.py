@@ -232,6 +232,18 @@ def scaled_learning_rate(base_lr: float | None, batch_size: int, rule: LearningR
     return base_lr * math.sqrt(batch_size)
 
 
+FIXMATCH_LR_PER_64 = 0.03
+"""FixMatch's SGD lr for a labelled batch of 64 (arXiv 2001.07685, section 4), scaled linearly."""
+
+
+def fixmatch_learning_rate(optimizer: OptimizerName, batch_size: int) -> float:
+    """`--method fixmatch`'s lr for a global labelled batch: SGD 0.03 × B / 64 (FixMatch), else
+    `finetune_learning_rate`'s rule (FixMatch gives none for LARS or AdamW)."""
+    if optimizer == "sgd" and batch_size > 0:
+        return FIXMATCH_LR_PER_64 * batch_size / 64
+    return finetune_learning_rate(optimizer, batch_size)
+
+
 def finetune_learning_rate(optimizer: OptimizerName, batch_size: int) -> float:
     """The fine-tuning lr rule for a global batch: the centre of `--lr auto`'s search.
 
@@ -332,6 +344,19 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
             return 0.0
         progress = (step - warmup_steps) / (total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def fixmatch_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> LambdaLR:
+    """FixMatch's decay (arXiv 2001.07685, section 4): ``cos(7 pi k / 16 K)`` at step ``k`` of ``K``,
+    ending at 0.2 of the peak, after a linear warmup over `warmup_fraction` of the steps (FixMatch: none)."""
+    warmup = min(total_steps, max(1, round(warmup_fraction * total_steps))) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return math.cos(7 * math.pi * min(step - warmup, total_steps) / (16 * max(1, total_steps - warmup)))
 
     return LambdaLR(optimizer, lr_lambda=factor)
 

@@ -146,13 +146,21 @@ class FixMatchSettings:
 
     FixMatch (Sohn et al. 2020, arXiv 2001.07685, section 4 and appendix B.1): μ = 7 unlabeled
     images per labelled one, confidence threshold τ = 0.95, unlabeled loss weight λ_u = 1, and the
-    model evaluated is an exponential moving average of the weights with decay 0.999.
+    model evaluated is an exponential moving average of the weights with decay 0.999; SGD with
+    Nesterov momentum, weight decay 5e-4 (CIFAR-10), lr 0.03 for a labelled batch of 64 decayed as
+    cos(7πk / 16K) over the K steps, without warmup (`labelfew.optim.fixmatch_schedule`).
     """
 
     mu: int = 7
     threshold: float = 0.95
     unlabeled_weight: float = 1.0
     ema: float = 0.999
+
+
+SUPERVISED_WEIGHT_DECAY, SUPERVISED_WARMUP = 0.0, 0.05
+"""Supervised fine-tuning's defaults: no weight decay (SimCLR), a short warmup."""
+FIXMATCH_WEIGHT_DECAY, FIXMATCH_WARMUP = 5e-4, 0.0
+"""FixMatch's: weight decay 5e-4 (CIFAR-10), no warmup."""
 
 
 FIXMATCH_OPTIONS = ("unlabeled", "mu", "threshold", "unlabeled_weight", "ema")
@@ -189,14 +197,21 @@ class FinetuneConfig(Validated):
         "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth (each fifth in turn, "
         "up to 5, while one holds fewer than 250 labels), then train on all.",
     )
-    warmup_fraction: float = option(
-        0.05,
+    warmup_fraction: float | None = option(
+        None,
         minimum=0,
         below=1,
         help="Linear lr warmup over this part of the steps, then cosine decay (a high first step "
         "wrecks the pretrained features).",
+        shown=f"{SUPERVISED_WARMUP:g}; {FIXMATCH_WARMUP:g} for fixmatch (FixMatch's)",
     )
-    weight_decay: float = option(0.0, minimum=0, help="Weight decay (none, as SimCLR fine-tuning).")
+    weight_decay: float | None = option(
+        None,
+        minimum=0,
+        help="Weight decay.",
+        shown=f"{SUPERVISED_WEIGHT_DECAY:g} (SimCLR fine-tuning); {FIXMATCH_WEIGHT_DECAY:g} for "
+        "fixmatch (FixMatch, CIFAR-10)",
+    )
     from_head_layer: int = option(
         0,
         minimum=0,
@@ -275,6 +290,20 @@ class FinetuneConfig(Validated):
         if self.method != "fixmatch" and given:
             shown = ", ".join("--" + name.replace("_", "-") for name in given)
             raise UserError(f"{shown}: only for --method fixmatch; add --method fixmatch or drop them")
+
+    @property
+    def decay(self) -> float:
+        """`--weight-decay`, or the method's default (`SUPERVISED_WEIGHT_DECAY`, FixMatch's)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return FIXMATCH_WEIGHT_DECAY if self.method == "fixmatch" else SUPERVISED_WEIGHT_DECAY
+
+    @property
+    def warmup(self) -> float:
+        """`--warmup-fraction`, or the method's default (`SUPERVISED_WARMUP`, FixMatch's none)."""
+        if self.warmup_fraction is not None:
+            return self.warmup_fraction
+        return FIXMATCH_WARMUP if self.method == "fixmatch" else SUPERVISED_WARMUP
 
     @property
     def fixmatch(self) -> FixMatchSettings | None:

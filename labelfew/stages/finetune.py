@@ -53,7 +53,13 @@ from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, build_classifier, head_spec
-from labelfew.optim import build_finetune_optimizer, finetune_learning_rate, warmup_cosine_fraction
+from labelfew.optim import (
+    build_finetune_optimizer,
+    finetune_learning_rate,
+    fixmatch_learning_rate,
+    fixmatch_schedule,
+    warmup_cosine_fraction,
+)
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
 from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
@@ -150,7 +156,11 @@ def fingerprint(
                "unlabeled"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
-    values = {key: value for key, value in to_json(config).items() if key not in ignored}
+    values = {
+        key: value
+        for key, value in {**to_json(config), **_method_defaults(config)}.items()
+        if key not in ignored
+    }
     parent = sha256_file(start.artifact.path) if start.artifact is not None and not config.scratch else None
     found = {"arch": start.arch, "image_size": start.image_size, "parent_sha256": parent,
              "labels_sha256": subset_hash(train)}  # fmt: skip
@@ -184,7 +194,7 @@ def _prepare_training(config: FinetuneConfig, start: Start, class_names: list[st
         model = model.to(memory_format=torch.channels_last)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_finetune_optimizer(config.optimizer, model, model.classifier, config.weight_decay, lr)  # type: ignore[arg-type]
+    optimizer = build_finetune_optimizer(config.optimizer, model, model.classifier, config.decay, lr)  # type: ignore[arg-type]
     loader, undecodable = labelled_batches(labeled, class_names, config.batch_size, config.seed, start.image_size,
                                            accelerator, engine.default_workers(config.workers), config.balanced)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -220,9 +230,9 @@ def _learning_rate(
         return given, None
     batch = min(config.batch_size, len(train))
     if config.fixmatch is not None:
-        rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
+        rule = fixmatch_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
         return rule, {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [], "chosen": rule,
-                      "note": "not searched for --method fixmatch: the rule's lr"}  # fmt: skip
+                      "note": "not searched for --method fixmatch: FixMatch's lr (sgd 0.03 × B / 64)"}  # fmt: skip
     key = {**fingerprint(config, start, train), "batch": batch}
     record = lr_search.reuse(out, key, config.restart)
     if record is None:
@@ -255,7 +265,7 @@ def _search(
         where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-            scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * epochs, config.warmup_fraction),
+            scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * epochs, config.warmup),
             loader=training.loader, step=training.step, epochs=epochs,
             description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
         )  # fmt: skip
@@ -309,6 +319,13 @@ def run(config: FinetuneConfig) -> Path:
     return artifact
 
 
+def _schedule(config: FinetuneConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
+    """FixMatch's cosine for `--method fixmatch`, else warmup + cosine to 0 (SimCLR fine-tuning)."""
+    if config.fixmatch is not None:
+        return fixmatch_schedule(optimizer, steps, config.warmup)
+    return warmup_cosine_fraction(optimizer, steps, config.warmup)
+
+
 def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
          held: LabeledImages | None, unlabeled: UnlabeledImages | None, training: Training, out: Path, lr: float,
          search: dict[str, Any] | None, accelerator: Any) -> engine.FitResult:  # fmt: skip
@@ -338,7 +355,7 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
         )
     trainer = engine.Trainer(
         accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-        scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * config.epochs, config.warmup_fraction),
+        scheduler=_schedule(config, training.optimizer, len(training.loader) * config.epochs),
         loader=training.loader, step=training.step, epochs=config.epochs,
         description="finetune" + (f" ({config.method})" if settings else "") + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet, log_file=out / "log.jsonl", on_epoch_end=on_epoch_end, checkpoint_dir=out / "checkpoints",
@@ -348,10 +365,16 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
     return trainer.fit()
 
 
+def _method_defaults(config: FinetuneConfig) -> dict[str, float]:
+    """The weight decay and warmup the method trains with, given or its default."""
+    return {"weight_decay": config.decay, "warmup_fraction": config.warmup}
+
+
 def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]:
     """The config as run: the start's arch and image size, the chosen lr (run.json's lr_search says
     whether it was searched) and FixMatch's values."""
-    resolved = {**to_json(config), "arch": start.arch, "image_size": start.image_size, "lr": lr}
+    resolved = {**to_json(config), **_method_defaults(config), "arch": start.arch, "image_size": start.image_size,
+                "lr": lr}  # fmt: skip
     return {**resolved, **dataclasses.asdict(config.fixmatch)} if config.fixmatch is not None else resolved
 
 

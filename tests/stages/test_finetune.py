@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,14 @@ from labelfew.data.subsets import balanced_subset
 from labelfew.engine import lr_search
 from labelfew.errors import UserError
 from labelfew.models import build_classifier
-from labelfew.optim import LARS, build_finetune_optimizer, finetune_learning_rate
+from labelfew.optim import (
+    LARS,
+    build_finetune_optimizer,
+    finetune_learning_rate,
+    fixmatch_learning_rate,
+    fixmatch_schedule,
+    warmup_cosine_fraction,
+)
 from labelfew.stages import finetune, pretrain
 
 
@@ -141,16 +149,41 @@ def test_the_search_pools_the_folds_by_their_size_and_ties_go_to_the_smaller_lr(
     assert record["chosen"] == pytest.approx(0.02)  # 0.4 for ×2 and ×4: the smaller
 
 
-def test_warmup_is_linear_over_the_first_steps_then_cosine() -> None:
+def _rates(scheduler_of: Any, steps: int = 100) -> list[float]:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    scheduler = finetune._schedule(optimizer, steps=100, warmup_fraction=0.05)
+    scheduler = scheduler_of(optimizer)
     rates = []
-    for _ in range(100):
+    for _ in range(steps):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return rates
+
+
+def test_warmup_is_linear_over_the_first_steps_then_cosine() -> None:
+    rates = _rates(lambda optimizer: warmup_cosine_fraction(optimizer, 100, warmup_fraction=0.05))
     assert rates[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
     assert rates[5] == pytest.approx(0.1) and rates[-1] < 0.001
+
+
+def test_fixmatch_decays_as_the_papers_cosine_of_7_pi_k_over_16_k() -> None:
+    rates = _rates(lambda optimizer: fixmatch_schedule(optimizer, 100, warmup_fraction=0.0))
+    assert rates == pytest.approx([0.1 * math.cos(7 * math.pi * k / (16 * 100)) for k in range(100)])
+
+
+def test_the_methods_defaults_follow_their_papers(tmp_path: Path) -> None:
+    """SimCLR fine-tuning: no weight decay, 5% warmup; FixMatch: 5e-4, none, lr 0.03 per 64; given wins."""
+    supervised = FinetuneConfig(labels=tmp_path)
+    fixmatch = FinetuneConfig(labels=tmp_path, method="fixmatch", unlabeled=tmp_path)
+    assert (supervised.decay, supervised.warmup) == (0.0, 0.05)
+    assert (fixmatch.decay, fixmatch.warmup) == (5e-4, 0.0)
+    given = FinetuneConfig(
+        labels=tmp_path, method="fixmatch", unlabeled=tmp_path, weight_decay=0, warmup_fraction=0.1
+    )
+    assert (given.decay, given.warmup) == (0.0, 0.1)
+    assert fixmatch_learning_rate("sgd", 64) == pytest.approx(0.03)
+    assert fixmatch_learning_rate("sgd", 448) == pytest.approx(0.21)
+    assert fixmatch_learning_rate("lars", 256) == finetune_learning_rate("lars", 256)
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,9 @@ def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
         config["unlabeled_weight"],
         config["ema"],
     ) == ("fixmatch", 2, 0.5, 1.0, 0.999)
-    assert record["lr"] == pytest.approx(0.05 * 5 / 256) and "not searched" in record["lr_search"]["note"]
+    # FixMatch's defaults, not SimCLR fine-tuning's: lr 0.03 × B / 64, weight decay 5e-4, no warmup
+    assert record["lr"] == pytest.approx(0.03 * 5 / 64) and "not searched" in record["lr_search"]["note"]
+    assert (config["weight_decay"], config["warmup_fraction"]) == (5e-4, 0.0)
     assert record["data"]["unlabeled_images"] == 60
     assert record["steps"] == 2 * (60 // 10)  # an epoch is one pass over the unlabeled images, 2 × 5 a step
     # the unlabeled folder is a tree of the label classes: the pseudo-labels' accuracy is logged
