@@ -361,6 +361,13 @@ def fixmatch_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup
     return LambdaLR(optimizer, lr_lambda=factor)
 
 
+def finetune_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float,
+                      fixmatch: bool = False) -> LambdaLR:  # fmt: skip
+    """Fine-tuning's: `fixmatch_schedule` for `--method fixmatch`, else `warmup_cosine_fraction` (to 0)."""
+    schedule = fixmatch_schedule if fixmatch else warmup_cosine_fraction
+    return schedule(optimizer, total_steps, warmup_fraction)
+
+
 def warmup_cosine_fraction(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
 ) -> LambdaLR:

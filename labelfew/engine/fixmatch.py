@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from labelfew.config import FixMatchSettings
 from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, LabelledPairBatch, WithLabelled
 from labelfew.data.images import require_images
@@ -34,6 +35,7 @@ from labelfew.data.labels import folder_labels
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.engine.accelerator import console
 from labelfew.engine.counts import EpochCounts
+from labelfew.engine.ema import ModelEMA
 from labelfew.engine.trainer import StepFunction
 from labelfew.losses import fixmatch_unlabeled_loss
 from labelfew.views.finetune import CropFlipViews
@@ -185,3 +187,30 @@ def fixmatch_step(
         return supervised + unlabeled_weight * consistency, images.shape[0]
 
     return step
+
+
+@dataclass
+class FixMatchTraining:
+    """What `finetune --method fixmatch` adds to a supervised run: the batches with the unlabeled
+    images attached, the files found undecodable, the step, the moving average and its counts."""
+
+    loader: WithLabelled
+    skipped: list[str]
+    step: StepFunction
+    ema: ModelEMA
+    pseudo_labels: PseudoLabels
+
+
+def fixmatch_training(model: nn.Module, labelled: EpochBatches, unlabeled: UnlabeledImages, settings: FixMatchSettings,
+                      views: CropFlipViews, label_smoothing: float, *, labelled_batch: int, seed: int, workers: int, show: bool,
+                      accelerator: Any) -> FixMatchTraining:  # fmt: skip
+    """FixMatch's parts around the unwrapped `model` and the labelled batches: μ × the labelled
+    batch (global) of unlabeled images a step (their own order, `seed`), weak and strong views on the device."""
+    count = min(settings.mu * labelled_batch, len(unlabeled.paths))  # global, as `labelled_batch`
+    paired, skipped = paired_batches(
+        labelled, unlabeled, count, seed, views.image_size, accelerator, workers, show
+    )
+    pseudo_labels = PseudoLabels(accelerator.device, has_labels=unlabeled.labels is not None)
+    step = fixmatch_step(views, WeakStrongViews(views.image_size, views.mean, views.std), settings.threshold,
+                         settings.unlabeled_weight, label_smoothing, accelerator.device.type == "cuda", pseudo_labels)  # fmt: skip
+    return FixMatchTraining(paired, skipped, step, ModelEMA(model, settings.ema), pseudo_labels)

@@ -44,10 +44,8 @@ from labelfew.engine.fixmatch import (
     PSEUDO_LABEL_METRICS,
     PseudoLabels,
     UnlabeledImages,
-    WeakStrongViews,
     find_unlabeled,
-    fixmatch_step,
-    paired_batches,
+    fixmatch_training,
 )
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
@@ -56,9 +54,8 @@ from labelfew.models import Classifier, build_classifier, head_spec
 from labelfew.optim import (
     build_finetune_optimizer,
     finetune_learning_rate,
+    finetune_schedule,
     fixmatch_learning_rate,
-    fixmatch_schedule,
-    warmup_cosine_fraction,
 )
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
@@ -204,14 +201,12 @@ def _prepare_training(config: FinetuneConfig, start: Start, class_names: list[st
     if settings is None or unlabeled is None:
         step = classification_step(config.label_smoothing, channels_last, views)
         return Training(model, optimizer, loader, undecodable, step)
-    count = min(settings.mu * min(config.batch_size, len(labeled)), len(unlabeled.paths))
-    paired, skipped = paired_batches(loader, unlabeled, count, config.seed + 1, start.image_size, accelerator,
-                                     workers=engine.default_workers(config.workers), show=not config.quiet)  # fmt: skip
-    pseudo_labels = PseudoLabels(accelerator.device, has_labels=unlabeled.labels is not None)
-    step = fixmatch_step(views, WeakStrongViews(start.image_size, start.mean, start.std), settings.threshold,
-                         settings.unlabeled_weight, config.label_smoothing, channels_last, pseudo_labels)  # fmt: skip
-    ema = ModelEMA(accelerator.unwrap_model(model), settings.ema)
-    return Training(model, optimizer, paired, undecodable + skipped, step, ema, pseudo_labels)
+    workers = engine.default_workers(config.workers)
+    parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
+                              labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
+                              workers=workers, show=not config.quiet, accelerator=accelerator)  # fmt: skip
+    undecodable += parts.skipped
+    return Training(model, optimizer, parts.loader, undecodable, parts.step, parts.ema, parts.pseudo_labels)
 
 
 def _learning_rate(
@@ -265,7 +260,7 @@ def _search(
         where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-            scheduler=warmup_cosine_fraction(training.optimizer, len(training.loader) * epochs, config.warmup),
+            scheduler=finetune_schedule(training.optimizer, len(training.loader) * epochs, config.warmup),
             loader=training.loader, step=training.step, epochs=epochs,
             description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
         )  # fmt: skip
@@ -319,13 +314,6 @@ def run(config: FinetuneConfig) -> Path:
     return artifact
 
 
-def _schedule(config: FinetuneConfig, optimizer: torch.optim.Optimizer, steps: int) -> Any:
-    """FixMatch's cosine for `--method fixmatch`, else warmup + cosine to 0 (SimCLR fine-tuning)."""
-    if config.fixmatch is not None:
-        return fixmatch_schedule(optimizer, steps, config.warmup)
-    return warmup_cosine_fraction(optimizer, steps, config.warmup)
-
-
 def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
          held: LabeledImages | None, unlabeled: UnlabeledImages | None, training: Training, out: Path, lr: float,
          search: dict[str, Any] | None, accelerator: Any) -> engine.FitResult:  # fmt: skip
@@ -355,7 +343,8 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
         )
     trainer = engine.Trainer(
         accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-        scheduler=_schedule(config, training.optimizer, len(training.loader) * config.epochs),
+        scheduler=finetune_schedule(training.optimizer, len(training.loader) * config.epochs, config.warmup,
+                                fixmatch=settings is not None),
         loader=training.loader, step=training.step, epochs=config.epochs,
         description="finetune" + (f" ({config.method})" if settings else "") + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet, log_file=out / "log.jsonl", on_epoch_end=on_epoch_end, checkpoint_dir=out / "checkpoints",
