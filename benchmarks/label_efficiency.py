@@ -4,13 +4,18 @@ Unpacks ../shared/datasets/cifar10_jpg once into a cache folder, pretrains on (a
 training images without their labels, then for every label fraction and seed: a class-balanced
 subset, fine-tuning from the pretrained backbone and from scratch, and evaluation on the 10,000
 test images — kNN with the subset as bank, kNN with all training labels as bank (the standard
-representation metric), a linear probe on the subset, and both fine-tuned models. Writes a
-markdown table (mean ± std over seeds) and JSON into benchmarks/results/.
+representation metric), a linear probe on the subset, and both fine-tuned models — and the rows
+that use the unlabeled pool a second time (`--semi`): the fine-tuned SSL model distilled into
+the same arch (`labelfew distill`, the recipe's `[distill]`), and FixMatch from the SSL backbone
+and from scratch (`finetune --method fixmatch`, the recipe's `[benchmark.fixmatch]` finetune
+settings), each with its extra training time. Writes a markdown table (mean ± std over seeds)
+and JSON into benchmarks/results/.
 
     python benchmarks/label_efficiency.py --recipe recipes/cifar10-cpu.toml
     python benchmarks/label_efficiency.py --recipe recipes/cifar10-resnet18.toml   # one GPU
 
-Recipe `[benchmark]` keys: unlabeled_images, fractions, seeds, finetune_epochs ({fraction: epochs}).
+Recipe `[benchmark]` keys: unlabeled_images, fractions, seeds, finetune_epochs ({fraction: epochs}),
+semi (rows of SEMI, default all), and the `[benchmark.fixmatch]` table.
 """
 
 from __future__ import annotations
@@ -31,11 +36,18 @@ from typing import Any
 import torch
 
 from labelfew.artifacts import load_artifact
-from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig, build_config, load_recipe
+from labelfew.config import (
+    DistillConfig,
+    EvaluateConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    build_config,
+    load_recipe,
+)
 from labelfew.data.labels import LabeledImages, read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
 from labelfew.report.tables import metrics_row
-from labelfew.stages import finetune, pretrain
+from labelfew.stages import distill, finetune, pretrain
 from labelfew.stages.evaluate import backbone_features, finetuned_logits, knn_scores, linear_probe_scores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +59,8 @@ METHODS = (
     "fine-tuned (SSL)",
     "fine-tuned (scratch)",
 )
+SEMI = {"distill": "distilled (SSL)", "fixmatch": "FixMatch (SSL)", "fixmatch-scratch": "FixMatch (scratch)"}
+"""The `--semi` rows: the unlabeled pool used a second time, after the same pretraining and labels."""
 
 
 def unpack(archive: Path, cache: Path) -> Path:
@@ -171,9 +185,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    test_y.numpy(), classes)  # fmt: skip
     position = {path: index for index, path in enumerate(train.paths)}
     epochs = {str(key): value for key, value in bench.get("finetune_epochs", {}).items()}
+    semi = list(args.semi if args.semi is not None else bench.get("semi", list(SEMI)))
+    unknown = sorted(set(semi) - set(SEMI))
+    if unknown:
+        raise SystemExit(f"--semi {' '.join(unknown)}: choose from {', '.join(SEMI)}")
     results: dict[str, dict[str, list[float]]] = {}
+    times: dict[str, dict[str, list[list[float]]]] = {}  # fraction -> method -> [wall s, CPU s] per seed
     for fraction in bench.get("fractions", [0.01, 0.1]):
-        cell = results.setdefault(str(fraction), {method: [] for method in METHODS})
+        cell = results.setdefault(
+            str(fraction), {method: [] for method in (*METHODS, *(SEMI[name] for name in semi))}
+        )
+        clock = times.setdefault(str(fraction), {})
         for seed in bench.get("seeds", [0]):
             subset = balanced_subset(train, fraction=fraction, seed=seed)
             labels_csv = run_folder / f"labels-{fraction}-seed{seed}.csv"
@@ -186,14 +208,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cell["kNN (subset bank)"].append(top1("kNN", knn, test_y.numpy(), classes))
             cell["kNN (all train labels)"].append(knn_all)
             cell["linear probe"].append(top1("probe", probe, test_y.numpy(), classes))
-            for scratch in (False, True):
-                tag = f"finetune-{'scratch-' if scratch else ''}{fraction}-seed{seed}"
-                config = build_config(FinetuneConfig, recipe, labels=labels_csv, source=run_folder, scratch=scratch,
-                                      seed=seed, out=run_folder / tag, quiet=args.quiet,
-                                      **({"epochs": epochs[str(fraction)]} if str(fraction) in epochs else {}))  # fmt: skip
-                model = load_artifact(finetune.run(config), "finetune")
-                logits, labels = finetuned_logits(model, test, classes)
-                method = "fine-tuned (scratch)" if scratch else "fine-tuned (SSL)"
+            trained = {"fine-tuned (SSL)": "supervised", "fine-tuned (scratch)": "supervised-scratch",
+                       **{SEMI[name]: name for name in semi}}  # fmt: skip
+            for method, name in trained.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                artifact = train_model(
+                    name, recipe, labels_csv, run_folder, pool, fraction, seed, epochs, args.quiet
+                )
+                clock.setdefault(method, []).append([time.perf_counter() - wall, time.process_time() - cpu])
+                logits, labels = finetuned_logits(load_artifact(artifact), test, classes)
                 cell[method].append(top1(method, logits.numpy(), labels.numpy(), classes))
             print(
                 f"fraction {fraction} seed {seed}: "
@@ -219,8 +242,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "unlabeled_images": int(bench.get("unlabeled_images", len(train))),
         "test_images": len(test),
         "results": results,
+        "seconds": times,
+        "semi_settings": {
+            "distill": recipe.get("distill", {}),
+            "fixmatch": recipe.get("benchmark", {}).get("fixmatch", {}),
+        },
         "torch": torch.__version__,
     }
+
+
+def train_model(name: str, recipe: dict[str, dict[str, Any]], labels_csv: Path, run_folder: Path, pool: Path,
+                fraction: float, seed: int, epochs: dict[str, int], quiet: bool) -> Path:  # fmt: skip
+    """Trains one model of a cell and returns its artifact: supervised fine-tuning from the SSL
+    backbone or from scratch (`[finetune]`, the fraction's epochs), the SSL model distilled on the
+    pool (`[distill]`), or FixMatch on the labels + pool (`[benchmark.fixmatch]` as `[finetune]`)."""
+    teacher = run_folder / f"finetune-{fraction}-seed{seed}"
+    if name == "distill":
+        return distill.run(build_config(DistillConfig, recipe, unlabeled=pool, source=teacher, seed=seed,
+                                        out=run_folder / f"distill-{fraction}-seed{seed}", quiet=quiet))  # fmt: skip
+    scratch = name.endswith("scratch")
+    if name.startswith("fixmatch"):
+        fixmatch = {**recipe, "finetune": dict(recipe.get("benchmark", {}).get("fixmatch", {}))}
+        return finetune.run(build_config(FinetuneConfig, fixmatch, labels=labels_csv, source=run_folder, method="fixmatch",
+                                         unlabeled=pool, scratch=scratch, seed=seed, quiet=quiet,
+                                         out=run_folder / f"{name}-{fraction}-seed{seed}"))  # fmt: skip
+    out = teacher if not scratch else run_folder / f"finetune-scratch-{fraction}-seed{seed}"
+    config = build_config(FinetuneConfig, recipe, labels=labels_csv, source=run_folder, scratch=scratch, seed=seed,
+                          out=out, quiet=quiet, **({"epochs": epochs[str(fraction)]} if str(fraction) in epochs else {}))  # fmt: skip
+    return finetune.run(config)
 
 
 def _cell(values: list[float]) -> str:
@@ -249,7 +298,12 @@ def markdown(result: dict[str, Any]) -> str:
         "| method | " + " | ".join(f"{100 * float(f):g}% labels" for f in fractions) + " |",
         "| --- | " + " | ".join("---:" for _ in fractions) + " |",
     ]
-    for method in METHODS:
+    methods = [
+        method
+        for method in next(iter(result["results"].values()))
+        if method in METHODS or method in SEMI.values()
+    ]
+    for method in methods:
         lines.append(
             f"| {method} | " + " | ".join(_cell(result["results"][f][method]) for f in fractions) + " |"
         )
@@ -259,6 +313,20 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"SSL − scratch (fine-tuned top-1), per fraction and seed: {', '.join(f'{100 * m:+.1f}' for m in margins)} points.",
     ]
+    semi = [method for method in methods if method in SEMI.values()]
+    if semi and result.get("seconds"):
+        lines += ["", "| training time per model, min (wall / CPU, mean over seeds) | "
+                  + " | ".join(f"{100 * float(f):g}% labels" for f in fractions) + " |",
+                  "| --- | " + " | ".join("---:" for _ in fractions) + " |"]  # fmt: skip
+        for method in ("fine-tuned (SSL)", *semi):
+            cells = [result["seconds"][f][method] for f in fractions]
+            lines.append(f"| {method} | " + " | ".join(
+                f"{statistics.fmean(w for w, _ in c) / 60:.1f} / {statistics.fmean(u for _, u in c) / 60:.1f}" for c in cells) + " |")  # fmt: skip
+        for f in fractions:
+            best = [max(values) for values in zip(*(result["results"][f][m] for m in semi), strict=True)]
+            gains = [b - ssl for b, ssl in zip(best, result["results"][f]["fine-tuned (SSL)"], strict=True)]
+            lines.append(f"\nBest of {', '.join(semi)} − fine-tuned (SSL) at {100 * float(f):g}% labels, per seed: "
+                         + ", ".join(f"{100 * g:+.1f}" for g in gains) + " points.")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +352,13 @@ def main() -> None:
         type=Path,
         metavar="RUN",
         help="skip pretraining: use RUN/pretrain/backbone.safetensors (a run folder under --cache/runs)",
+    )
+    parser.add_argument(
+        "--semi",
+        nargs="*",
+        choices=list(SEMI),
+        help="the rows that use the unlabeled pool again (default: the recipe's [benchmark] semi, else all); "
+        "--semi alone: none",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

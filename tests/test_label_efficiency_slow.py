@@ -22,7 +22,7 @@ def test_ssl_beats_scratch_on_cifar10_with_one_percent_labels(cifar10_archive: P
         sys.executable, str(REPO / "benchmarks" / "label_efficiency.py"),
         "--recipe", str(REPO / "recipes" / "cifar10-cpu.toml"), "--cache", str(tmp_path / "cache"),
         "--out", str(tmp_path / "results"), "--unlabeled-images", "5000", "--pretrain-epochs", "8",
-        "--fractions", "0.01", "--seeds", "0", "--test-images", "2000", "--quiet",
+        "--fractions", "0.01", "--seeds", "0", "--test-images", "2000", "--semi", "--quiet",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
