@@ -95,6 +95,25 @@ def unlabeled_pool(train: LabeledImages, count: int, cache: Path) -> Path:
     return folder
 
 
+def pool_by_class(pool: Path, train: LabeledImages) -> Path:
+    """The pool's images again as `<class>/<name>` links, for the distill and FixMatch rows: they
+    read the classes only to log the pseudo-labels' accuracy (`labelfew.data.labels.folder_labels`)."""
+    folder = pool.parent / f"{pool.name}-by-class"
+    marker = folder / ".complete"
+    if marker.is_file():
+        return folder
+    label_of = {path.resolve(): label for path, label in zip(train.paths, train.labels, strict=True)}
+    for link in sorted(pool.iterdir()):
+        if link.name.startswith("."):
+            continue
+        target = folder / label_of[link.resolve()] / link.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(link.resolve())
+    marker.write_text("ok\n")
+    return folder
+
+
 def apply_overrides(recipe: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
     """The recipe with ``SECTION.KEY=VALUE`` settings replaced (VALUE in TOML syntax), for sweeps."""
     changed = {section: dict(values) for section, values in recipe.items()}
