@@ -230,9 +230,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             trained = {"fine-tuned (SSL)": "supervised", "fine-tuned (scratch)": "supervised-scratch",
                        **{SEMI[name]: name for name in semi}}  # fmt: skip
             for method, name in trained.items():
+                unlabeled = pool if name.startswith("supervised") else pool_by_class(pool, train)
                 wall, cpu = time.perf_counter(), time.process_time()
                 artifact = train_model(
-                    name, recipe, labels_csv, run_folder, pool, fraction, seed, epochs, args.quiet
+                    name, recipe, labels_csv, run_folder, unlabeled, fraction, seed, epochs, args.quiet
                 )
                 clock.setdefault(method, []).append([time.perf_counter() - wall, time.process_time() - cpu])
                 logits, labels = finetuned_logits(load_artifact(artifact), test, classes)

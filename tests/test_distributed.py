@@ -340,7 +340,7 @@ def _linked_subset(source: Path, target: Path, per_class: int) -> Path:
     return target
 
 
-def test_torchrun_pretrain_artifact_feeds_finetune_and_evaluate(
+def test_torchrun_pretrain_artifact_feeds_finetune_fixmatch_distill_and_evaluate(
     digits_folder: tuple[Path, Path], tmp_path: Path
 ) -> None:
     train = _linked_subset(digits_folder[0], tmp_path / "train", per_class=20)
@@ -374,12 +374,32 @@ def test_torchrun_pretrain_artifact_feeds_finetune_and_evaluate(
     assert finetune_record["device"].startswith("cpu × 2 processes")
     assert finetune_record["steps"] == 200 // 16  # the last incomplete global batch is dropped
 
+    # The stages that use the unlabeled images again, on the same 2 processes.
+    fixmatch = _torchrun(
+        ["finetune", "--labels", str(train), "--from", str(run), "--method", "fixmatch", "--unlabeled", str(train),
+         "--mu", "2", "--batch-size", "16", *common],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert fixmatch.returncode == 0, fixmatch.stdout + fixmatch.stderr
+    assert fixmatch.stderr.count("finetune (fixmatch) epoch 1/1") == 1, fixmatch.stderr
+    fixmatch_record = json.loads((run / "finetune-fixmatch-train" / "run.json").read_text())
+    assert fixmatch_record["device"].startswith("cpu × 2 processes")
+    assert fixmatch_record["steps"] == 200 // 32  # a pass over the unlabeled images, μ × 16 a step, split
+    distilled = _torchrun(
+        ["distill", "--unlabeled", str(train), "--from", str(run / "finetune-train"), "--batch-size", "32", *common],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert distilled.returncode == 0, distilled.stdout + distilled.stderr
+    distill_record = json.loads((run / "distill-train" / "run.json").read_text())
+    assert distill_record["device"].startswith("cpu × 2 processes") and distill_record["steps"] == 200 // 32
+
     # evaluate runs in one process; in this one, to spare the start-up of another.
-    evaluated = CliRunner().invoke(
-        app, ["evaluate", "--test", str(test), "--from", str(run / "finetune-train"), "--quiet"]
-    )
+    evaluated = CliRunner().invoke(app, ["evaluate", "--test", str(test), "--from", str(run), "--quiet"])
     assert evaluated.exit_code == 0, evaluated.output
-    assert (run / "evaluate" / "report.json").is_file()
+    report = json.loads((run / "evaluate" / "report.json").read_text())
+    assert {"fine-tuned", "fine-tuned (fixmatch)", "distilled"} <= {
+        row["method"] for row in report["rows"]
+    }, report
 
 
 @pytest.mark.slow  # 20 torchrun launches, ~3 minutes on 2 cores
