@@ -2,8 +2,9 @@
 
 The 1,797 digits images (8×8, 10 classes; real scans that ship inside scikit-learn, so nothing
 is downloaded) are written as 32 px PNG files, a quarter of them held out as the test set. Then
-subset → pretrain → finetune (SSL and scratch) → evaluate run through the same `run(config)`
-functions as the CLI commands. The backbone is timm's `test_resnet` (0.4 M parameters) so the
+subset → pretrain → finetune (SSL and scratch) → distill (the fine-tuned SSL model into the same
+arch on the unlabeled pool, for half the pretraining epochs as SimCLRv2) → evaluate run through the
+same `run(config)` functions as the CLI commands. The backbone is timm's `test_resnet` (0.4 M parameters) so the
 run takes a few minutes on two CPU cores; a real dataset would use resnet18 or larger.
 """
 
@@ -16,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from labelfew import engine
-from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig, PretrainConfig
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
-from labelfew.stages import evaluate, finetune, pretrain
+from labelfew.stages import distill, evaluate, finetune, pretrain
 
 DEMO_ARCH = "test_resnet"
 DEMO_SIDE = 32
@@ -74,6 +75,10 @@ def run(out: Path, epochs: int = 30, quiet: bool = False) -> dict[str, Any]:
         finetune.run(
             FinetuneConfig(labels=labels, source=out, scratch=scratch, epochs=50, batch_size=50, quiet=quiet)
         )
+    teacher = out / f"finetune-{labels.stem}"
+    distill.run(
+        DistillConfig(unlabeled=train_folder, source=teacher, epochs=max(1, epochs // 2), quiet=quiet)
+    )
     result = evaluate.run(EvaluateConfig(test=test_folder, source=out, random_baseline=True, quiet=quiet))
-    say(f"[bold]demo[/] artifacts in {out}: pretrain/, finetune-*/, evaluate/report.json")
+    say(f"[bold]demo[/] artifacts in {out}: pretrain/, finetune-*/, distill-*/, evaluate/report.json")
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "evaluate" / "report.json").is_file()
     assert (tmp_path / "demo" / "finetune-scratch-labels-10-per-class" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "distill-labels-10-per-class" / "model.safetensors").is_file()
+    report = json.loads((tmp_path / "demo" / "evaluate" / "report.json").read_text())
+    assert {"fine-tuned", "fine-tuned (scratch)", "distilled"} <= {row["method"] for row in report["rows"]}
 
 
 # The CLI is built from the configs (labelfew.options): one declaration per option.
