@@ -67,3 +67,32 @@ def cifar10_archive() -> Path:
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """scikit-learn's digits as 32 px PNG files: (train folder, test folder), class per subfolder."""
     return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+TinyRun = dict[str, Path]
+"""work, run (its pretrain), unlabeled (20 digits of each of 3 classes), labels (5 of each), test (5 of each)"""
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch test_resnet pretrain on 60 digits of 3 classes and the folders beside it (made once)."""
+    from labelfew.config import PretrainConfig
+    from labelfew.stages import pretrain
+
+    train, test = digits_folder
+    work = tmp_path_factory.mktemp("tiny-pretrained")
+    for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
+        for folder in sorted(source.iterdir())[:3]:
+            (work / name / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                shutil.copy(path, work / name / folder.name / path.name)
+    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
+                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
+    return work
+
+
+def copy_tiny_run(tiny_pretrained: Path, destination: Path) -> TinyRun:
+    """A copy of `tiny_pretrained`'s folders in `destination`, for a test module to add its stages to."""
+    shutil.copytree(tiny_pretrained, destination, dirs_exist_ok=True)
+    names = ("unlabeled", "labels", "test", "run")
+    return {"work": destination, **{name: destination / name for name in names}}

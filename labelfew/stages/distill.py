@@ -45,6 +45,7 @@ from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine.counts import EpochCounts
 from labelfew.engine.loggers import check_loggers, open_loggers
+from labelfew.engine.start import load_pretrained
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.losses import distillation_loss
@@ -147,11 +148,7 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
     if config.arch is not None and not timm.is_model(config.arch):
         build_backbone(config.arch, small_stem=False)  # raises the UserError with close names
     if config.from_pretrain is not None:
-        start = load_artifact(resolve_artifact(config.from_pretrain, ("pretrain",)), "pretrain")
-        if config.arch is not None and config.arch != start.arch:
-            raise UserError(
-                f"--from-pretrain {start.path}: pretrained as {start.arch}, not --arch {config.arch}; drop one"
-            )
+        start = load_pretrained(config.from_pretrain, config.arch, "--from-pretrain")
         kind = "self" if start.arch == spec.arch else "pretrain"
         return Student(kind, start.arch, start.spec.small_stem, start)
     if config.arch is not None and config.arch != spec.arch:

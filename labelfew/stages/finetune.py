@@ -27,13 +27,11 @@ from labelfew.artifacts import (
     StageInfo,
     load_artifact,
     register_stage,
-    resolve_artifact,
     save_tensors,
     write_run_json,
 )
 from labelfew.config import FIXMATCH_OPTIONS, FinetuneConfig, to_json
 from labelfew.data.batches import Batch
-from labelfew.data.images import typical_image_side
 from labelfew.data.labelled import held_out_split, labelled_batches
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import content_hashes
@@ -48,6 +46,7 @@ from labelfew.engine.fixmatch import (
     fixmatch_training,
 )
 from labelfew.engine.loggers import check_loggers, open_loggers
+from labelfew.engine.start import Start, finetune_start
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, build_classifier, head_spec
@@ -58,7 +57,7 @@ from labelfew.optim import (
     fixmatch_learning_rate,
 )
 from labelfew.report.tables import print_lr_search
-from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
+from labelfew.spec import ModelSpec
 from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
 from labelfew.views.finetune import CropFlipViews
 
@@ -73,39 +72,6 @@ def _label(artifact: Artifact) -> str:
 STAGE = register_stage(
     StageInfo("finetune", file="model.safetensors", folder="finetune", kind="classifier", label=_label)
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Start:
-    """Where the weights come from: the pretrain artifact, or nothing (scratch)."""
-
-    artifact: Artifact | None
-    arch: str
-    image_size: int
-    small_stem: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def _start(config: FinetuneConfig, labeled: LabeledImages) -> Start:
-    artifact: Artifact | None = None
-    try:
-        artifact = load_artifact(resolve_artifact(config.source, ("pretrain",)), "pretrain")
-    except UserError:
-        if not config.scratch:
-            raise
-    if artifact is not None:
-        if config.arch is not None and config.arch != artifact.arch:
-            raise UserError(
-                f"{artifact.path}: pretrained as {artifact.arch}, but --arch {config.arch} was asked for; drop --arch or pretrain {config.arch}"
-            )
-        spec = artifact.spec
-        image_size = spec.image_size if config.image_size is None else config.image_size
-        return Start(artifact, spec.arch, image_size, spec.small_stem, spec.mean, spec.std)
-    image_size = typical_image_side(list(labeled.paths)) if config.image_size is None else config.image_size
-    return Start(
-        None, config.arch or "resnet18", image_size, uses_small_stem(image_size), IMAGENET_MEAN, IMAGENET_STD
-    )
 
 
 def _val_loader(
@@ -284,7 +250,7 @@ def run(config: FinetuneConfig) -> Path:
     set_seed(config.seed)
     labeled = read_labels(config.labels)
     engine.per_process_batch(config.batch_size, accelerator)
-    start = _start(config, labeled)
+    start = finetune_start(config.source, config.scratch, config.arch, config.image_size, labeled.paths)
     class_names = labeled.class_names
     if len(class_names) < 2:
         raise UserError(f"{config.labels}: only one class ({class_names[0]}); a classifier needs at least 2")

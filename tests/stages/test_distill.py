@@ -12,46 +12,38 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TinyRun, copy_tiny_run
 
 from labelfew import engine
 from labelfew.artifacts import find_models, load_artifact, model_label
-from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.errors import UserError
 from labelfew.losses import distillation_loss
 from labelfew.models import load_model
-from labelfew.stages import distill, evaluate, finetune, pretrain
+from labelfew.stages import distill, evaluate, finetune
 from labelfew.views.finetune import CropFlipViews
 
 LABELFEW = str(Path(sys.executable).parent / "labelfew")
 
 
 @pytest.fixture(scope="module")
-def tiny(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1-epoch pretrain on 60 digits of 3 classes, fine-tuned on 5 labels of each; a test set."""
-    train, test = digits_folder
-    work = tmp_path_factory.mktemp("distill")
-    for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
-        for folder in sorted(source.iterdir())[:3]:
-            (work / name / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:count]:
-                shutil.copy(path, work / name / folder.name / path.name)
-    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
-                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
-    finetune.run(FinetuneConfig(labels=work / "labels", source=work / "run", out=work / "run" / "finetune-labels",
+def tiny(tiny_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The shared 1-epoch pretrain on 60 digits of 3 classes, fine-tuned on its 5 labels of each."""
+    tiny = copy_tiny_run(tiny_pretrained, tmp_path_factory.mktemp("distill"))
+    finetune.run(FinetuneConfig(labels=tiny["labels"], source=tiny["run"], out=tiny["run"] / "finetune-labels",
                                 epochs=2, batch_size=15, lr=0.05, workers=0, quiet=True))  # fmt: skip
-    return {"work": work, "run": work / "run", "unlabeled": work / "unlabeled", "test": work / "test",
-            "labels": work / "labels"}  # fmt: skip
+    return tiny
 
 
-def _config(tiny: dict[str, Path], **options: Any) -> DistillConfig:
+def _config(tiny: TinyRun, **options: Any) -> DistillConfig:
     values: dict[str, Any] = {"unlabeled": tiny["unlabeled"], "source": tiny["run"], "epochs": 1, "batch_size": 20,
                               "workers": 0, "quiet": True, **options}  # fmt: skip
     return DistillConfig(**values)
 
 
 def test_the_step_is_the_distillation_loss_of_the_teacher_and_student_on_the_same_views(
-    tiny: dict[str, Path],
+    tiny: TinyRun,
 ) -> None:
     teacher_artifact = distill.find_teacher(tiny["run"])
     teacher = load_model(teacher_artifact).eval()
@@ -77,13 +69,11 @@ def test_the_step_is_the_distillation_loss_of_the_teacher_and_student_on_the_sam
 
 
 @pytest.fixture(scope="module")
-def distilled(tiny: dict[str, Path]) -> Path:
+def distilled(tiny: TinyRun) -> Path:
     return distill.run(_config(tiny, epochs=2))
 
 
-def test_the_teacher_stays_in_eval_mode_and_unchanged(
-    tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_teacher_stays_in_eval_mode_and_unchanged(tiny: TinyRun, monkeypatch: pytest.MonkeyPatch) -> None:
     """DESIGN.md trap 11: in train mode its BN running statistics would drift with the student's batches."""
     teacher_artifact = distill.find_teacher(tiny["run"])
     before = {key: value.clone() for key, value in teacher_artifact.tensors.items()}
@@ -110,9 +100,7 @@ def test_the_teacher_stays_in_eval_mode_and_unchanged(
     assert all(not param.requires_grad for param in teacher.parameters())
 
 
-def test_the_artifact_loads_predicts_and_is_evaluated_as_distilled(
-    tiny: dict[str, Path], distilled: Path
-) -> None:
+def test_the_artifact_loads_predicts_and_is_evaluated_as_distilled(tiny: TinyRun, distilled: Path) -> None:
     assert distilled == tiny["run"] / "distill-labels" / "model.safetensors"
     artifact = load_artifact(distilled, "distill")
     teacher = distill.find_teacher(tiny["run"])
@@ -131,9 +119,7 @@ def test_the_artifact_loads_predicts_and_is_evaluated_as_distilled(
     assert "distilled" in names and "fine-tuned" in names
 
 
-def test_a_smaller_student_from_random_init_and_the_labelled_loss(
-    tiny: dict[str, Path], distilled: Path
-) -> None:
+def test_a_smaller_student_from_random_init_and_the_labelled_loss(tiny: TinyRun, distilled: Path) -> None:
     out = distill.run(_config(tiny, arch="resnet10t", labels=tiny["labels"], alpha=1.0))
     assert out.parent.name == "distill-labels-resnet10t"
     artifact = load_artifact(out, "distill")
@@ -142,7 +128,7 @@ def test_a_smaller_student_from_random_init_and_the_labelled_loss(
     assert distill.find_teacher(tiny["run"]).stage == "finetune"  # a distilled model is never a teacher
 
 
-def _bad(tiny: dict[str, Path], *arguments: str) -> str:
+def _bad(tiny: TinyRun, *arguments: str) -> str:
     result = subprocess.run([LABELFEW, "distill", "--workers", "0", "--quiet", *arguments], cwd=tiny["work"],
                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
@@ -151,7 +137,7 @@ def _bad(tiny: dict[str, Path], *arguments: str) -> str:
     return lines[0]
 
 
-def test_bad_input_exits_2_with_one_line(tiny: dict[str, Path]) -> None:
+def test_bad_input_exits_2_with_one_line(tiny: TinyRun) -> None:
     only_pretrain = tiny["work"] / "only-pretrain"
     shutil.copytree(tiny["run"] / "pretrain", only_pretrain / "pretrain")
     empty = tiny["work"] / "empty"

@@ -4,7 +4,6 @@ the moving average saved instead of the weights, the artifact as evaluate reads 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TinyRun, copy_tiny_run
 from safetensors.torch import load_file
 from torch import nn
 
 from labelfew.artifacts import load_artifact, model_label
-from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.config import EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.engine import checkpoint
 from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, fixmatch_step
 from labelfew.errors import UserError
 from labelfew.models import build_classifier, load_model
-from labelfew.stages import evaluate, finetune, pretrain
+from labelfew.stages import evaluate, finetune
 from labelfew.views.finetune import CropFlipViews
 from labelfew.views.randaugment import apply_randaugment, sample_randaugment
 
@@ -109,22 +109,13 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
 
 
 @pytest.fixture(scope="module")
-def tiny(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 1-epoch pretrain on 60 digits of 3 classes, 5 labels of each, and a test set."""
-    train, test = digits_folder
-    work = tmp_path_factory.mktemp("fixmatch")
-    for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
-        for folder in sorted(source.iterdir())[:3]:
-            (work / name / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:count]:
-                shutil.copy(path, work / name / folder.name / path.name)
-    pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
-                                epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
-    return {"work": work, "run": work / "run", "unlabeled": work / "unlabeled", "test": work / "test",
-            "labels": work / "labels"}  # fmt: skip
+def tiny(tiny_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """The shared 1-epoch pretrain on 60 digits of 3 classes."""
+    tiny = copy_tiny_run(tiny_pretrained, tmp_path_factory.mktemp("fixmatch"))
+    return tiny
 
 
-def _config(tiny: dict[str, Path], **options: Any) -> FinetuneConfig:
+def _config(tiny: TinyRun, **options: Any) -> FinetuneConfig:
     values: dict[str, Any] = {"labels": tiny["labels"], "source": tiny["run"], "method": "fixmatch",
                               "unlabeled": tiny["unlabeled"], "epochs": 2, "batch_size": 5, "mu": 2,
                               "threshold": 0.5, "workers": 0, "quiet": True, **options}  # fmt: skip
@@ -132,12 +123,12 @@ def _config(tiny: dict[str, Path], **options: Any) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def fixmatch(tiny: dict[str, Path]) -> Path:
+def fixmatch(tiny: TinyRun) -> Path:
     return finetune.run(_config(tiny))
 
 
 def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
-    tiny: dict[str, Path], fixmatch: Path
+    tiny: TinyRun, fixmatch: Path
 ) -> None:
     assert fixmatch == tiny["run"] / "finetune-fixmatch-labels" / "model.safetensors"
     artifact = load_artifact(fixmatch, "finetune")
@@ -177,7 +168,7 @@ def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
     assert "fine-tuned (fixmatch)" in names and "fine-tuned" in names
 
 
-def test_from_scratch_it_is_plain_fixmatch(tiny: dict[str, Path]) -> None:
+def test_from_scratch_it_is_plain_fixmatch(tiny: TinyRun) -> None:
     path = finetune.run(_config(tiny, scratch=True, epochs=1))
     assert path.parent.name == "finetune-fixmatch-scratch-labels"
     artifact = load_artifact(path, "finetune")
@@ -185,7 +176,7 @@ def test_from_scratch_it_is_plain_fixmatch(tiny: dict[str, Path]) -> None:
     assert json.loads((path.parent / "run.json").read_text())["parent"] is None
 
 
-def _bad(tiny: dict[str, Path], *arguments: str) -> str:
+def _bad(tiny: TinyRun, *arguments: str) -> str:
     result = subprocess.run([LABELFEW, "finetune", "--labels", str(tiny["labels"]), "--from", str(tiny["run"]),
                              "--workers", "0", "--quiet", *arguments], cwd=tiny["work"],
                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
@@ -195,7 +186,7 @@ def _bad(tiny: dict[str, Path], *arguments: str) -> str:
     return lines[0]
 
 
-def test_options_that_do_not_go_together_exit_2_with_one_line(tiny: dict[str, Path]) -> None:
+def test_options_that_do_not_go_together_exit_2_with_one_line(tiny: TinyRun) -> None:
     assert "--method fixmatch needs --unlabeled" in _bad(tiny, "--method", "fixmatch")
     unlabeled = str(tiny["unlabeled"])
     assert "--unlabeled: only for --method fixmatch" in _bad(tiny, "--unlabeled", unlabeled)
