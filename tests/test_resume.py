@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def _assert_same_tensors(first: Path, second: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _whole_then_killed_and_resumed(
+    command: Callable[[Path], list[str]], tmp_path: Path
+) -> subprocess.CompletedProcess[str]:
+    """Runs `command(out)` whole, then again SIGKILLed after step 20's checkpoint and resumed; the two
+    give the same model and the same log (no step logged twice). Returns the resumed run."""
+    _run(command(tmp_path / "whole"), tmp_path)
+    _kill_after_checkpoint(
+        command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", 20, tmp_path, signal.SIGKILL
+    )
+    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
+    assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+    return resumed
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +192,8 @@ def test_distill_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, 
                 "--epochs", "2", "--batch-size", str(BATCH), "--workers", "0", "--quiet", "--out", str(out),
                 "--checkpoint-every", EVERY_LOG_POINT]  # fmt: skip
 
-    _run(command(tmp_path / "whole"), tmp_path)
-    _kill_after_checkpoint(
-        command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", 20, tmp_path, signal.SIGKILL
-    )
-    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    resumed = _whole_then_killed_and_resumed(command, tmp_path)
     assert "resuming distill" in resumed.stderr and "epoch 2" in resumed.stderr
-    _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
-    assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
 
 
 def test_fixmatch_killed_mid_epoch_resumes_to_the_same_average_and_weights(
@@ -196,15 +206,9 @@ def test_fixmatch_killed_mid_epoch_resumes_to_the_same_average_and_weights(
                 "--unlabeled", str(small_digits), "--mu", "1", "--threshold", "0.5", "--epochs", "2", "--batch-size",
                 str(BATCH), "--workers", "0", "--quiet", "--out", str(out), "--checkpoint-every", EVERY_LOG_POINT]  # fmt: skip
 
-    _run(command(tmp_path / "whole"), tmp_path)
-    _kill_after_checkpoint(
-        command(tmp_path / "killed"), tmp_path / "killed" / "checkpoints", 20, tmp_path, signal.SIGKILL
-    )
-    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    resumed = _whole_then_killed_and_resumed(command, tmp_path)
     assert "resuming finetune (fixmatch)" in resumed.stderr and "epoch 2" in resumed.stderr
-    _assert_same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "killed" / "model.safetensors")
     last = "step-00000026"  # the end of epoch 2: the weights trained, besides their average
     for name in ("model.safetensors", "ema.safetensors"):
         whole, killed = (tmp_path / run / "checkpoints" / last / name for run in ("whole", "killed"))
         _assert_same_tensors(whole, killed)
-    assert (tmp_path / "killed" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
