@@ -198,17 +198,8 @@ def run(config: PretrainConfig) -> Path:
     assert config.out is not None and config.image_size is not None
     loader, undecodable = build_batches(config, paths, accelerator, per_process)
     _check_bad(config, undecodable, len(paths))  # known before training on the device path
-    model = build_model(config)
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model, optimizer, lr = _prepare_model(config, sync_bn, accelerator)
     channels_last = accelerator.device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    lr = _learning_rate(config)
-    optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=lr)  # type: ignore[arg-type]
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.compile:
-        model.compile()  # in place: the state_dict keys (checkpoints, artifacts) stay the same
     engine.seed_augmentations(accelerator, config.seed)
     steps_per_epoch = len(loader)
     scheduler = warmup_cosine(
@@ -251,6 +242,22 @@ def run(config: PretrainConfig) -> Path:
         lambda: _save(config, unwrapped, artifact, result, len(paths), bad, lr, accelerator, batchnorm),
     )
     return artifact
+
+
+def _prepare_model(config: PretrainConfig, sync_bn: bool, accelerator: Any) -> tuple[nn.Module, Any, float]:
+    """The encoder + projection head (sync-BN across processes, channels-last on a GPU, compiled on
+    request) and its optimizer at the resolved lr, both prepared by Accelerate."""
+    model = build_model(config)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    lr = _learning_rate(config)
+    optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay), lr=lr)  # type: ignore[arg-type]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:
+        model.compile()  # in place: the state_dict keys (checkpoints, artifacts) stay the same
+    return model, optimizer, lr
 
 
 def _estimate_printer(
