@@ -25,9 +25,10 @@ CopyPerClass = Callable[[Path, Path, int], Path]
 """copy_per_class(source, destination, per_class) -> destination"""
 
 
-def _copy_per_class(source: Path, destination: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder of `source`, copied to `destination`."""
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+def _copy_per_class(source: Path, destination: Path, per_class: int, classes: int | None = None) -> Path:
+    """The first `per_class` images of each class folder of `source` (of the first `classes` folders
+    when given), copied to `destination`."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir())[:classes]:
         (destination / folder.name).mkdir(parents=True)
         for path in sorted(folder.iterdir())[:per_class]:
             shutil.copy(path, destination / folder.name / path.name)
@@ -82,10 +83,7 @@ def tiny_pretrained(digits_folder: tuple[Path, Path], tmp_path_factory: pytest.T
     train, test = digits_folder
     work = tmp_path_factory.mktemp("tiny-pretrained")
     for name, source, count in (("unlabeled", train, 20), ("labels", train, 5), ("test", test, 5)):
-        for folder in sorted(source.iterdir())[:3]:
-            (work / name / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:count]:
-                shutil.copy(path, work / name / folder.name / path.name)
+        _copy_per_class(source, work / name, count, classes=3)
     pretrain.run(PretrainConfig(data=work / "unlabeled", out=work / "run", arch="test_resnet", small_stem=False,
                                 epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
     return work

@@ -64,7 +64,7 @@ def finetune_start(
     """
     artifact: Artifact | None = None
     try:
-        artifact = load_artifact(resolve_artifact(source, ("pretrain",)), "pretrain")
+        artifact = load_pretrained(source, arch=None)  # the arch is checked below, --scratch or not
     except UserError:
         if not scratch:
             raise

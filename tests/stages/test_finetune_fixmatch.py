@@ -111,8 +111,7 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
 @pytest.fixture(scope="module")
 def tiny(tiny_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     """The shared 1-epoch pretrain on 60 digits of 3 classes."""
-    tiny = copy_tiny_run(tiny_pretrained, tmp_path_factory.mktemp("fixmatch"))
-    return tiny
+    return copy_tiny_run(tiny_pretrained, tmp_path_factory.mktemp("fixmatch"))
 
 
 def _config(tiny: TinyRun, **options: Any) -> FinetuneConfig:
