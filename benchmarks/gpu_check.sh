@@ -13,7 +13,8 @@
 #   0. setup: lightly wheels into /tmp/site, pip install --no-deps -e ., unpack CIFAR-10
 #   1. benchmarks/throughput.py, bf16: resnet18 @ 32, batch 512, rows labelfew, lightly, bare on
 #      the 50,000 CIFAR-10 training JPEGs; resnet50 @ 224, batch 256, rows labelfew (device path),
-#      lightly, bare and cpu-path (the worker path) on 1,024 synthetic 500x375 JPEG photos
+#      lightly, bare, cpu-path (the PIL worker path), stream (workers decode) and stream-device (nvJPEG
+#      decode on the GPU, `--decode-on device`) on 1,024 synthetic 500x375 JPEG photos
 #   2. benchmarks/sync_check.py: host syncs per step of pretrain's loop (sync debug mode "warn"),
 #      2 epochs of 11 steps
 #   3. labelfew pretrain on the 50,000 CIFAR-10 training images (recipes/cifar10-resnet18.toml),
@@ -220,7 +221,7 @@ LIGHTLY_ROWS=lightly
 run_step lightly 60 "$PY" -c "import lightly; from lightly.data import LightlyDataset; from lightly.loss import NTXentLoss; from lightly.transforms import SimCLRTransform; from lightly.utils.lars import LARS; print('lightly', lightly.__version__, 'from', lightly.__file__)" ||
   LIGHTLY_ROWS=""
 ROWS_R18=labelfew${LIGHTLY_ROWS:+,$LIGHTLY_ROWS},bare
-ROWS_R50=labelfew${LIGHTLY_ROWS:+,$LIGHTLY_ROWS},bare,cpu-path
+ROWS_R50=labelfew${LIGHTLY_ROWS:+,$LIGHTLY_ROWS},bare,cpu-path,stream,stream-device
 
 # ---------------------------------------------------------------- 1. throughput
 if ((HAVE_DATA)); then
@@ -235,11 +236,11 @@ T1A_RC=$?
 if ((T1A_RC != 0 && T1A_RC != 99)) && [[ -n $LIGHTLY_ROWS ]] && grep -qE "/lightly/|row_lightly" "$WORK/logs/t1a.log"; then
   # lightly imports but its row broke the run: record why, and measure the other rows without it
   record lightly --status "failed in throughput.py" --detail "$(grep -v '^\s*$' "$WORK/logs/t1a.log" | tail -n 2)"
-  LIGHTLY_ROWS="" ROWS_R18=labelfew,bare ROWS_R50=labelfew,bare,cpu-path
+  LIGHTLY_ROWS="" ROWS_R18=labelfew,bare ROWS_R50=labelfew,bare,cpu-path,stream,stream-device
   run_step t1a "$(limit 120 "$RESERVE_AFTER_T1")" "$PY" benchmarks/throughput.py "${R18[@]}" "${R18_DATA[@]}" \
     --rows "$ROWS_R18" --skip-data-only --out "$WORK/t1a"
 fi
-run_step t1c "$(limit 150 "$RESERVE_AFTER_T1")" "$PY" benchmarks/throughput.py "${R50[@]}" \
+run_step t1c "$(limit 180 "$RESERVE_AFTER_T1")" "$PY" benchmarks/throughput.py "${R50[@]}" \
   --rows "$ROWS_R50" --skip-data-only --out "$WORK/t1c"
 
 # ---------------------------------------------------------------- 2. host syncs

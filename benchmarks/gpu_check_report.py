@@ -34,6 +34,8 @@ ROW_LABELS = {
     "lightly": "(b) lightly 1.6.0",
     "bare": "(c) bare step",
     "cpu-path": "(d) worker path",
+    "stream": "(e) stream, CPU decode",
+    "stream-device": "(f) stream, device decode",
 }
 THROUGHPUT_STEPS = {
     "t1a": "resnet18 @ 32 px, batch 512",
@@ -271,11 +273,13 @@ def throughput_summary(name: str, work: Path, steps: dict[str, dict[str, Any]]) 
             "views_per_second": row.get("views_per_second"),
             "peak_memory_gib": row.get("peak_memory_gib"),
             "status": row.get("status"),
-            "notes": {k: row[k] for k in ("workers", "store_device", "resize", "decode_seconds") if k in row},
+            "notes": {k: row[k] for k in ("workers", "store_device", "resize", "decode_seconds", "decode") if k in row},
         }
     summary["a_over_b"] = ratio(rates.get("labelfew"), rates.get("lightly"))
     summary["a_over_c"] = ratio(rates.get("labelfew"), rates.get("bare"))
     summary["d_over_c"] = ratio(rates.get("cpu-path"), rates.get("bare"))
+    summary["e_over_c"] = ratio(rates.get("stream"), rates.get("bare"))
+    summary["f_over_c"] = ratio(rates.get("stream-device"), rates.get("bare"))
     return summary
 
 
@@ -455,14 +459,14 @@ def to_markdown(
         "Throughput, views/s (median round; peak GiB: `torch.cuda.max_memory_allocated` over the row's timed "
         "steps with every row of the run resident, or the process's peak RSS on the CPU):",
         "",
-        "| config | (a) labelfew batched | (b) lightly 1.6.0 | (c) bare step | (d) worker path | a/b | a/c | peak GiB a / b / c / d | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| config | (a) labelfew batched | (b) lightly 1.6.0 | (c) bare step | (d) worker path | (e) stream, CPU decode | (f) stream, device decode | a/b | a/c | e/c | f/c | peak GiB a / b / c / d / e / f | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for summary in throughput.values():
         rows = summary.get("rows", {})
         cells = []
         peaks = []
-        for key in ("labelfew", "lightly", "bare", "cpu-path"):
+        for key in ("labelfew", "lightly", "bare", "cpu-path", "stream", "stream-device"):
             row = rows.get(key)
             if row is None:
                 cells.append(cell(lightly_missing) if key == "lightly" and rows else "")
@@ -481,14 +485,17 @@ def to_markdown(
             status = detail if detail.startswith(status) else f"{status}: {detail}"
         lines.append(
             f"| {summary['config']} | {' | '.join(cells)} | {summary.get('a_over_b') or ''} | "
-            f"{summary.get('a_over_c') or ''} | {' / '.join(peaks)} | {cell(status)} |"
+            f"{summary.get('a_over_c') or ''} | {summary.get('e_over_c') or ''} | {summary.get('f_over_c') or ''} | "
+            f"{' / '.join(peaks)} | {cell(status)} |"
         )
     lines += [
         "",
-        "(d) is the path `pretrain --augment-on auto` takes for a folder whose decoded images exceed "
-        "`--memory-budget` (PIL views in DataLoader workers); the resnet50 run measures it on synthetic "
-        "500×375 JPEG photos (throughput.py without --data), which also fit the budget, so (a) is measured on "
-        "the same files.",
+        "(d) is the per-image PIL path that `pretrain --augment-on workers` took before the streaming source; "
+        "(e) and (f) are the path `pretrain --augment-on auto` takes for a folder whose decoded images exceed "
+        "`--memory-budget` (workers decode and resize, views on the device), (e) decoding in the workers, "
+        "(f) decoding the JPEGs of each batch with nvJPEG on the GPU (`--decode-on device`, the default on CUDA). "
+        "The resnet50 run measures them on synthetic 500×375 JPEG photos (throughput.py without --data), which "
+        "also fit the budget, so (a) is measured on the same files.",
         "",
         f"Time to accuracy: {knn_result(tta) if tta.get('knn') else 'not measured'}. Anchor: {LIGHTLY_ANCHOR}.",
         "",

@@ -175,8 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_folder = args.cache / "runs" / f"{args.recipe.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
     pretrain_config = build_config(
-        PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, **overrides
-    )
+        PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, follow_links=True, **overrides
+    )  # the pool is a folder of links to the training images
     pretrain_started = time.perf_counter()
     if args.pretrained:  # the label part only, on the backbone of an earlier run
         backbone = args.pretrained / "pretrain" / "backbone.safetensors"
@@ -278,13 +278,13 @@ def train_model(name: str, recipe: dict[str, dict[str, Any]], labels_csv: Path, 
     pool (`[distill]`), or FixMatch on the labels + pool (`[benchmark.fixmatch]` as `[finetune]`)."""
     teacher = run_folder / f"finetune-{fraction}-seed{seed}"
     if name == "distill":
-        return distill.run(build_config(DistillConfig, recipe, unlabeled=pool, source=teacher, seed=seed,
+        return distill.run(build_config(DistillConfig, recipe, unlabeled=pool, source=teacher, seed=seed, follow_links=True,
                                         out=run_folder / f"distill-{fraction}-seed{seed}", quiet=quiet))  # fmt: skip
     scratch = name.endswith("scratch")
     if name.startswith("fixmatch"):
         fixmatch = {**recipe, "finetune": dict(recipe.get("benchmark", {}).get("fixmatch", {}))}
         return finetune.run(build_config(FinetuneConfig, fixmatch, labels=labels_csv, source=run_folder, method="fixmatch",
-                                         unlabeled=pool, scratch=scratch, seed=seed, quiet=quiet,
+                                         unlabeled=pool, follow_links=True, scratch=scratch, seed=seed, quiet=quiet,
                                          out=run_folder / f"{name}-{fraction}-seed{seed}"))  # fmt: skip
     out = teacher if not scratch else run_folder / f"finetune-scratch-{fraction}-seed{seed}"
     config = build_config(FinetuneConfig, recipe, labels=labels_csv, source=run_folder, scratch=scratch, seed=seed,

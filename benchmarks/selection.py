@@ -55,7 +55,7 @@ class Experiment:
         if args.test_images:
             self.test = balanced_subset(self.test, per_class=args.test_images // 10, seed=0)
         truth = {path.resolve(): label for path, label in zip(train.paths, train.labels, strict=True)}
-        self.pool_paths = [Path(os.path.normpath(path.absolute())) for path in find_images(pool)]
+        self.pool_paths = [Path(os.path.normpath(path.absolute())) for path in find_images(pool, follow_links=True)]
         self.pool = LabeledImages(
             tuple(self.pool_paths), tuple(truth[path.resolve()] for path in self.pool_paths), pool.absolute()
         )
@@ -77,6 +77,7 @@ class Experiment:
         out = self.run_folder / f"select-{tag}" / "to-label.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         config = SelectConfig(folder=self.pool.root, budget=budget, out=out, seed=seed, quiet=self.args.quiet,
+                              follow_links=True,  # the pool is a folder of links
                               source=settings.pop("source", self.run_folder), **settings)  # fmt: skip
         select_stage.run(config)
         with out.open(newline="", encoding="utf-8") as handle:
@@ -130,7 +131,8 @@ def pretrained_run(args: argparse.Namespace, recipe: dict[str, Any], pool: Path)
         return run_folder, 0.0
     overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
     pretrain.run(
-        build_config(PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, **overrides)
+        build_config(PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, follow_links=True,
+                     **overrides)
     )
     return run_folder, (time.perf_counter() - started) / 60
 

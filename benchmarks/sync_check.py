@@ -87,11 +87,12 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:
         folder = sample_folder(args.data, args.batch_size * args.steps_per_epoch, Path(temporary) / "images")
-        images = len(find_images(folder))
+        images = len(find_images(folder, follow_links=True))  # a folder of links
         config = build_config(
             PretrainConfig,
             load_recipe(args.recipe),
             data=folder,
+            follow_links=True,
             out=Path(temporary) / "run",
             arch=args.arch,
             batch_size=args.batch_size,

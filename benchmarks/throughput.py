@@ -13,7 +13,10 @@ backward, LARS update), all in one process, on the same model, batch and device:
   (d) the per-image PIL path (`tests/reference/pil_views.TwoViews` in DataLoader workers), what
       `pretrain --augment-on workers` was before the streaming source;
   (e) labelfew, stream: DataLoader workers that only decode and resize (`labelfew.data.stream`),
-      the same views as (a) made on the device: `pretrain --augment-on workers`.
+      the same views as (a) made on the device: `pretrain --augment-on workers`;
+  (f) labelfew, stream + device decode: the workers only read the files' bytes, and the JPEGs of
+      each batch are decoded by `torchvision.io.decode_jpeg` on the training device (batched
+      nvJPEG on CUDA; `labelfew.data.device_decode`, `pretrain --decode-on device`).
 
 Both labelfew rows and the bare step use the same autocast precision and memory format as
 `pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
@@ -60,6 +63,7 @@ from torch.utils.data import DataLoader
 from labelfew import engine
 from labelfew.config import PretrainConfig
 from labelfew.data.batches import Batch, EpochOrder
+from labelfew.data.device_decode import DeviceDecodedBatches, RawFiles
 from labelfew.data.images import ImageDataset, collate, find_images
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET, MemoryBatches, decode_images, store_device, stored_side
 from labelfew.data.stream import DecodedFiles, StreamBatches
@@ -127,7 +131,7 @@ def parse_arguments() -> argparse.Namespace:
         "--rows",
         default="labelfew,lightly,bare,cpu-path,stream",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
-        help="comma-separated subset of labelfew, lightly, bare, cpu-path, stream",
+        help="comma-separated subset of labelfew, lightly, bare, cpu-path, stream, stream-device",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every row's model (pretrain --compile)"
@@ -136,7 +140,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--stream-images", type=int, default=128, help="files the streaming rows decode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path", "stream"}
+    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path", "stream", "stream-device"}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}")
     return args
@@ -295,6 +299,17 @@ class Bench:
             cycle(batches),
             self.labelfew_step(self.model(), SimCLRViews(self.view)),
             {"workers": self.workers},
+        )
+
+    def row_stream_device(self) -> Runner:
+        files = RawFiles(self.paths, stored_side(self.args.image_size))
+        batches = DeviceDecodedBatches(
+            files, EpochOrder(len(self.paths), self.args.batch_size), self.device, self.workers
+        )
+        return Runner(
+            cycle(batches),
+            self.labelfew_step(self.model(), SimCLRViews(self.view)),
+            {"workers": self.workers, "decode": f"on {self.device.type}"},
         )
 
     def row_bare(self) -> Runner:
@@ -547,11 +562,12 @@ def report(
         "bare": "(c) bare step",
         "cpu-path": "(d) PIL per image (reference)",
         "stream": "(e) labelfew stream",
+        "stream-device": "(f) stream, decode on device",
     }
     for row in rows:
         rate = row.get("views_per_second")
         notes = row.get("status") or ", ".join(
-            f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device")
+            f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device", "decode")
         )
         table.add_row(
             labels[row["row"]],

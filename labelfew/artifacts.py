@@ -9,7 +9,8 @@ Each stage module registers what it writes (`register_stage`): its model file, t
 writes in a run, whether the model is a backbone or a classifier, and how evaluate names it.
 `resolve_artifact`, `find_models` and `resolve_model` find models through that registry, so a
 new stage is found by every `--from` once its module is imported (`labelfew.stages` imports
-them all). Files written today:
+them all). A run's stage folders are recognised by what they hold (the stage's file and a run.json
+naming the stage), not by their names, so `--out runs/x/anything` is still found. Files written today:
 
     pretrain/backbone.safetensors   backbone state dict, timm key layout (no prefixes)
     pretrain/head.safetensors       projection head state dict (`layers.*`), metadata part=head
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -243,26 +244,87 @@ def resolve_artifact(source: Path | None, stages: tuple[str, ...], runs_root: Pa
     return candidates[0]
 
 
+def _recorded_stage(folder: Path) -> str | None:
+    """The stage a folder's run.json names; None when it names none (written before it did) or is unreadable."""
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    stage = record.get("stage") if isinstance(record, dict) else None
+    return stage if isinstance(stage, str) else None
+
+
+def _holds(folder: Path, info: StageInfo) -> bool:
+    """Whether a folder holds a completed model of a stage: its file, and a run.json naming the stage.
+
+    A run.json that names no stage (an old one) falls back to the folder's name (`<folder>*`).
+    """
+    if not (folder / info.file).is_file() or not (folder / "run.json").is_file():
+        return False
+    stage = _recorded_stage(folder)
+    return stage == info.name if stage is not None else folder.name.startswith(info.folder)
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """A run's folders, by name (hidden ones left out)."""
+    return sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
 def _stage_files(folder: Path, stages: tuple[str, ...]) -> list[Path]:
-    """Completed artifacts in a run or stage folder, in `stages` preference order, newest first."""
+    """Completed artifacts in a run or stage folder, in `stages` preference order, newest first.
+
+    A run's stage folders are found by what they hold, whatever their name (`finetune --out
+    runs/x/ft-auto` is found as a finetune model of `runs/x`).
+    """
     found: list[Path] = []
+    subfolders = _subfolders(folder) if folder.is_dir() else []
     for stage in stages:
         info = stage_info(stage)
         direct = folder / info.file
-        if direct.is_file() and (folder / "run.json").is_file():
+        if direct.is_file() and (folder / "run.json").is_file() and _recorded_stage(folder) in (stage, None):
             found.append(direct)
-        nested = [p for p in folder.glob(f"{info.folder}*/{info.file}") if (p.parent / "run.json").is_file()]
+        nested = [sub / info.file for sub in subfolders if _holds(sub, info)]
         found.extend(sorted(nested, key=lambda p: p.stat().st_mtime, reverse=True))
     return found
 
 
-def find_models(source: Path | None, runs_root: Path = RUNS_ROOT) -> tuple[list[Artifact], Path]:
-    """Every model `--from` names, and the run folder they belong to.
+def _unusable(folder: Path, found: set[Path]) -> str | None:
+    """Why a run's subfolder that looks like a stage gives no model (one line), or None."""
+    if any(path.parent == folder for path in found):
+        return None
+    if (folder / "run.json").is_file():
+        stage = _recorded_stage(folder)
+        if stage in _STAGES and not (folder / _STAGES[stage].file).is_file():
+            return f"{folder}: its run.json is a {stage} run's, but {_STAGES[stage].file} is missing; rerun {stage}"
+        return None
+    if any(folder.glob("*.safetensors")) or (folder / "checkpoints").is_dir():
+        return f"{folder}: no run.json, so an unfinished (or still running) stage; rerun its command to finish it"
+    return None
+
+
+class RunModels(NamedTuple):
+    """What `find_models` found.
+
+    Attributes:
+        models: the loaded models.
+        run_folder: the run they belong to.
+        unusable: one line per folder of the run that looks like a stage but gives no model.
+    """
+
+    models: list[Artifact]
+    run_folder: Path
+    unusable: list[str]
+
+
+def find_models(source: Path | None, runs_root: Path = RUNS_ROOT) -> RunModels:
+    """Every model `--from` names, the run folder they belong to, and the folders that could not be used.
 
     An artifact file or a stage folder gives its one model; a run folder (or no `source`: the
-    newest run under `runs_root`) gives every completed model of every registered stage, in the
-    order of their folder names. A model whose stage is not registered is not a model here
-    (pretrain's head file, embeddings).
+    newest run under `runs_root`) gives every completed model of every registered stage, whatever
+    its folder is called, in the order of their folder names. A model whose stage is not
+    registered is not a model here (pretrain's head file, embeddings). In a run folder, a model
+    that cannot be loaded, or a stage folder without its run.json or model, is left out with a line
+    in `unusable`.
 
     Raises:
         UserError: nothing found, with what was looked for.
@@ -270,10 +332,40 @@ def find_models(source: Path | None, runs_root: Path = RUNS_ROOT) -> tuple[list[
     everything = stage_names(("backbone", "classifier"))
     path = resolve_artifact(source, everything, runs_root)
     if source is not None and (Path(source).is_file() or path.parent == Path(source)):
-        return [load_artifact(path)], path.parent.parent
+        return RunModels([_model_file(load_artifact(path))], path.parent.parent, [])
     run_folder = path.parent.parent if source is None else Path(source)
     paths = sorted(set(_stage_files(run_folder, everything)), key=lambda p: p.parent.name)
-    return [load_artifact(p) for p in paths], run_folder
+    models, unusable = [], []
+    for candidate in paths:
+        try:
+            models.append(load_artifact(candidate))
+        except UserError as error:
+            unusable.append(str(error))
+    subfolders = _subfolders(run_folder)
+    unusable += [line for sub in subfolders if (line := _unusable(sub, set(paths))) is not None]
+    if not models:
+        raise UserError(f"--from {run_folder}: no usable model ({'; '.join(unusable)})")
+    return RunModels(models, run_folder, unusable)
+
+
+def _model_file(artifact: Artifact) -> Artifact:
+    """`artifact` when a registered stage wrote it; `--from` can name any file, and an embeddings
+    file from `labelfew embed` has the metadata of one but no model (it failed later with a KeyError).
+
+    Raises:
+        UserError: the file holds no model, saying what to pass instead.
+    """
+    if artifact.stage in _STAGES:
+        return artifact
+    if artifact.stage == "embeddings":
+        raise UserError(
+            f"--from {artifact.path}: embeddings written by `labelfew embed`, not a model; pass --from the model "
+            f"they came from ({artifact.metadata.get('source', 'its path is in the file')}) or its run folder"
+        )
+    raise UserError(
+        f"--from {artifact.path}: a {artifact.stage} file, not a model; pass --from a "
+        f"{either(stage_names(('backbone', 'classifier')))} artifact or a run folder"
+    )
 
 
 def resolve_model(source: Path | None, kinds: tuple[ModelKind, ...], runs_root: Path = RUNS_ROOT) -> Artifact:
@@ -292,7 +384,7 @@ def resolve_model(source: Path | None, kinds: tuple[ModelKind, ...], runs_root: 
     path = resolve_artifact(source, stage_names(kinds), runs_root)
     picked_from_run = source is None or (Path(source).is_dir() and path.parent != Path(source))
     if not picked_from_run:
-        return load_artifact(path)
+        return _model_file(load_artifact(path))
     newest_first: list[Path] = []
     for kind in kinds:
         newest_first = _stage_files(path.parent.parent, stage_names((kind,)))

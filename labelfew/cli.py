@@ -11,15 +11,19 @@ Exit codes: 0 success, 2 bad input (one line saying what and what to do), 1 inte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import os
+import signal
+import sys
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.markup import escape
 
 from labelfew import __version__
 from labelfew.config import (
@@ -40,15 +44,22 @@ from labelfew.config import (
     takes_recipe,
 )
 from labelfew.errors import Interrupted, UserError
+from labelfew.fileio import DISK_FULL_HINT, is_disk_full
+from labelfew.locks import release_locks
 from labelfew.options import Option, default_text, field_options, flag_of
+
+HELP_WIDTH = 120
+"""`-h` is click's plain layout, as wide as the terminal up to this: rich's option table shrank every
+column to fit 80 columns, cut option names (`--checkpoint-eve…`) and wrapped help 19 characters wide."""
 
 app = typer.Typer(
     name="labelfew",
     help="Many images, few labels: SimCLR pretraining, fine-tuning on a label subset, evaluation.",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": HELP_WIDTH},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
@@ -87,34 +98,82 @@ def _root(
     """Many images, few labels: SimCLR pretraining, fine-tuning on a label subset, evaluation."""
 
 
-def guarded(action: Callable[[], T], debug: bool) -> T:
-    """Runs a command body; turns errors into one line and an exit code."""
-    try:
-        return action()
-    except UserError as error:
-        if debug:
-            raise
-        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
-    except Interrupted as error:
-        typer.secho(f"interrupted: {error}", err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
-        typer.secho("interrupted", err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(130) from None
-    except Exception as error:
-        if debug:
-            raise
-        typer.secho(
-            f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-            err=True,
-            fg=typer.colors.RED,
-        )
-        raise typer.Exit(1) from None
-    finally:
-        from labelfew import engine
+class _StopAtOnce:
+    """SIGINT/SIGTERM outside the training loop (which checkpoints first: `engine.signals`): one
+    line, the stage folder's lock released, exit 130/143 at once.
 
-        engine.shutdown()
+    Python's KeyboardInterrupt can land inside an import (torch's takes seconds): the half-imported
+    modules then fail with other errors, print several tracebacks, or crash at exit (exit 1 or
+    139 where Ctrl-C should give 130).
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.reported = False  # a line was printed already: the signal only hurries the exit
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopAtOnce:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self)
+        return self
+
+    def __call__(self, number: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a forked loader worker: as Python does (its loop ignores it)
+            raise KeyboardInterrupt
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a flush this signal interrupted
+                stream.flush()
+        if not self.reported:
+            os.write(2, f"interrupted: stopped by {signal.Signals(number).name}\n".encode())
+        release_locks()
+        os._exit(128 + number)
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be restored
+                signal.signal(number, handler)
+
+
+def guarded(action: Callable[[], T], debug: bool) -> T:
+    """Runs a command body; turns errors into one line and an exit code (130 on Ctrl-C, at any moment)."""
+    with _StopAtOnce() as stop:
+        try:
+            return action()
+        except UserError as error:
+            if debug:
+                raise
+            stop.reported = True
+            typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2) from None
+        except Interrupted as error:
+            stop.reported = True
+            typer.secho(f"interrupted: {error}", err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C during training (`engine.signals`)
+            stop.reported = True
+            typer.secho("interrupted", err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(130) from None
+        except Exception as error:
+            if debug:
+                raise
+            stop.reported = True
+            if is_disk_full(error, Path(getattr(error, "filename", None) or ".")):
+                typer.secho(f"error: the disk is full ({error}); {DISK_FULL_HINT}", err=True, fg="red")
+                raise typer.Exit(2) from None
+            typer.secho(
+                f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                err=True,
+                fg=typer.colors.RED,
+            )
+            raise typer.Exit(1) from None
+        finally:
+            release_locks()
+            # Only a command that imported the engine has a process group. Importing it here would
+            # import torch, and importing a torch whose import Ctrl-C cut short can crash.
+            accelerator = sys.modules.get("labelfew.engine.accelerator")
+            if accelerator is not None:
+                accelerator.shutdown()
 
 
 # What each command runs; the stage modules are imported only then (`labelfew -h` stays fast).
@@ -146,6 +205,10 @@ def _subset(config: SubsetConfig) -> None:
     from labelfew.data.labels import read_labels, write_labels
     from labelfew.data.subsets import balanced_subset
 
+    if config.out.is_dir():  # else an IsADirectoryError after the labels were read
+        raise UserError(
+            f"--out {config.out}: a folder; name the CSV to write, e.g. {config.out / 'subset.csv'}"
+        )
     full = read_labels(config.labels)
     chosen = balanced_subset(
         full,
@@ -232,8 +295,8 @@ def is_single_flag(spec: Option, annotation: Any) -> bool:
 
 
 def _plain(text: str) -> str:
-    """README markdown (`code`, **bold**) as plain text for `-h` (where [brackets] are rich markup)."""
-    return escape(text.replace("`", "").replace("**", ""))
+    """README markdown (`code`, **bold**) as plain text for `-h`."""
+    return text.replace("`", "").replace("**", "")
 
 
 def _cli_type(annotation: Any) -> Any:

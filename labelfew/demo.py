@@ -73,7 +73,9 @@ def run(out: Path, epochs: int = 30, quiet: bool = False) -> dict[str, Any]:
     )
     for scratch in (False, True):
         finetune.run(
-            FinetuneConfig(labels=labels, source=out, scratch=scratch, epochs=50, batch_size=50, quiet=quiet)
+            FinetuneConfig(
+                labels=(labels,), source=out, scratch=scratch, epochs=50, batch_size=50, quiet=quiet
+            )
         )
     teacher = out / f"finetune-{labels.stem}"
     distill.run(

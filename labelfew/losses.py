@@ -154,14 +154,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     ``-sum_y softmax(teacher / t)[y] * log_softmax(student / t)[y]``, averaged over the batch. The
     teacher is detached (it is not trained), and the temperature divides both sides (DESIGN.md trap
     11: on one side only, the student's optimum is no longer the teacher's distribution). There is
-    no ``t**2`` factor: eq. 2 has none (Hinton et al.'s factor keeps gradients comparable when the
-    loss is mixed with a hard-label term at ``t > 1``); at the paper's ``t = 1`` it is 1 anyway.
+    no ``t**2`` factor here, as eq. 2 has none; the distill stage multiplies by it (Hinton et al.,
+    arXiv 1503.02531) so that the layers LARS does not adapt take steps of T = 1's size at the
+    paper's ``t = 0.1`` (`labelfew.stages.distill.distillation_step`).
 
     Args:
         student_logits: Shape: (batch_size, num_classes).
         teacher_logits: The teacher's logits on the same views, from a model in eval mode.
             Shape: (batch_size, num_classes).
-        temperature: Divides both logits; SimCLRv2 uses 1.
+        temperature: Divides both logits; SimCLRv2 (section 3) uses 0.1 for self-distillation and
+            1.0 from a big teacher to a small student.
 
     Returns:
         Scalar, float32 (or float64 for float64 inputs), even under autocast.

@@ -297,10 +297,17 @@ def build_optimizer(
 
 
 def build_finetune_optimizer(
-    name: OptimizerName, model: nn.Module, classifier: nn.Module, weight_decay: float, lr: float
+    name: OptimizerName,
+    model: nn.Module,
+    classifier: nn.Module,
+    weight_decay: float,
+    lr: float,
+    decay_classifier: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer of a model with a new linear classifier, which is neither LARS-adapted nor
-    decayed (SimCLR's `lars_optimizer.py` excludes `head_supervised` from both).
+    decayed (SimCLR's `lars_optimizer.py` excludes `head_supervised` from both), unless
+    `decay_classifier`: FixMatch decays every weight matrix, the final dense layer's too (official
+    code: every ``kernel``; USB: all but biases and BatchNorm).
 
     Args:
         name: "sgd" (Nesterov momentum), "lars" or "adamw" (`build_optimizer`).
@@ -308,8 +315,9 @@ def build_finetune_optimizer(
         classifier: its linear layer (a submodule of `model`).
         weight_decay: for the other weights; biases and normalisation weights never decay.
         lr: the peak learning rate.
+        decay_classifier: treat the classifier's weight as the other weights (its bias still not).
     """
-    groups = parameter_groups(model, weight_decay, exclude=[classifier])
+    groups = parameter_groups(model, weight_decay, exclude=[] if decay_classifier else [classifier])
     return build_optimizer(name, groups, lr=lr)
 
 
@@ -350,13 +358,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 def fixmatch_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> LambdaLR:
     """FixMatch's decay (arXiv 2001.07685, section 4): ``cos(7 pi k / 16 K)`` at step ``k`` of ``K``,
-    ending at 0.2 of the peak, after a linear warmup over `warmup_fraction` of the steps (FixMatch: none)."""
+    ending at 0.2 of the peak, after a linear warmup over `warmup_fraction` of the steps (FixMatch: none).
+
+    With a warmup of ``W`` steps the decay runs over the ``K - W`` steps after it, ``k`` counted from
+    its end, so that it reaches ``cos(7 pi / 16)`` at step ``K`` and stays there."""
     warmup = min(total_steps, max(1, round(warmup_fraction * total_steps))) if warmup_fraction > 0 else 0
+    decay_steps = max(1, total_steps - warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return math.cos(7 * math.pi * min(step - warmup, total_steps) / (16 * max(1, total_steps - warmup)))
+        return math.cos(7 * math.pi * min(step - warmup, decay_steps) / (16 * decay_steps))
 
     return LambdaLR(optimizer, lr_lambda=factor)
 

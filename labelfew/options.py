@@ -9,6 +9,7 @@ compares with the configs. `python -m labelfew.options README.md` regenerates th
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import tomllib
@@ -35,6 +36,8 @@ class Option:
         minimum, maximum: inclusive bounds of a number.
         above, below: exclusive bounds of a number (`--temperature` above 0).
         toggle: for a bool, a `--x/--no-x` pair; False: a single `--x` flag that turns it on.
+        infinite: whether a float may be inf (or nan); off for every option unless declared, since
+            no setting means "infinity" and `--lr inf` would otherwise fail only after the data is read.
         shown: the default as `-h` and the README show it, where the value alone does not say
             it (`None` meaning "the median side of the images").
         hint: what to do when the value is out of range, instead of the generated sentence.
@@ -50,6 +53,7 @@ class Option:
     above: float | None = None
     below: float | None = None
     toggle: bool = True
+    infinite: bool = False
     shown: str = ""
     hint: str = ""
 
@@ -64,6 +68,8 @@ class Option:
             return f"use one of {', '.join(self.choices)}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
+        if isinstance(value, float) and not self.infinite and not math.isfinite(value):
+            return f"use a finite number{'' if self.rule() == 'any value' else ', ' + self.rule()}"
         low_ok = (self.minimum is None or value >= self.minimum) and (
             self.above is None or value > self.above
         )

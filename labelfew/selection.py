@@ -1,10 +1,13 @@
 """Which images to label first: TypiClust and margin uncertainty, as pure numpy/scikit-learn functions.
 
 TypiClust (Hacohen et al., ICML 2022, arXiv 2202.02794): cluster the self-supervised embeddings
-into as many clusters as there will be labels, skip the clusters that labelled images already
-cover, and take the most typical image of each remaining cluster, largest cluster first.
-Typicality is the inverse mean Euclidean distance to the K nearest neighbours within the cluster
-(K = 20, or half the cluster for small ones, as in the authors' code).
+into as many clusters as there will be labels (at most 500), drop the clusters of 5 images or fewer
+(outliers), and take the most typical image of each remaining cluster, those with the fewest
+labelled images first, then the largest; round again while budget is left. Typicality is the
+inverse mean Euclidean distance to the K nearest neighbours within the cluster (K = 20, or half the
+cluster for small ones). The constants and the order are those of the authors' code
+(avihu111/TypiClust, `deep-al/pycls/al/typiclust.py`); where it would fail (the larger clusters have
+no images left for the budget) labelfew fills the rest from the small clusters as "outlier" picks.
 
 At larger budgets the opposite works better: images the model is least sure of (smallest margin
 between its top two softmax scores), spread over the clusters so that one confusing region does
@@ -22,7 +25,8 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 NEIGHBOURS = 20  # TypiClust's K for typicality
-MIN_CLUSTER_SIZE = 5  # smaller clusters are outliers; TypiClust drops them, here they go last
+MIN_CLUSTER_SIZE = 5  # clusters of this many images or fewer are outliers: TypiClust never picks from them
+MAX_CLUSTERS = 500  # TypiClust's cap on k-means' k (MAX_NUM_CLUSTERS); past it the picks go round again
 MINIBATCH_ABOVE = 50_000  # images; above this k-means runs as MiniBatchKMeans
 MAX_CANDIDATES = 10_000  # per cluster: a seeded sample of this many is scored in a larger cluster
 CHUNK_ELEMENTS = 2**24  # distances held at once (64 MiB of float32)
@@ -36,7 +40,8 @@ class Pick:
     Attributes:
         row: index into the embeddings.
         cluster: its k-means cluster.
-        reason: "typical" or "uncertain".
+        reason: "typical", "uncertain", or "outlier" (a typical pick from a cluster of at most
+            `MIN_CLUSTER_SIZE` images, made only when the larger clusters ran out of images).
         score: its typicality (1 / mean kNN distance) or its margin (top-1 − top-2 probability).
     """
 
@@ -57,13 +62,20 @@ def normalize(embeddings: np.ndarray) -> np.ndarray:
 
 
 def cluster(
-    embeddings: np.ndarray, clusters: int, seed: int, minibatch_above: int = MINIBATCH_ABOVE
+    embeddings: np.ndarray,
+    clusters: int,
+    seed: int,
+    minibatch_above: int = MINIBATCH_ABOVE,
+    max_clusters: int = MAX_CLUSTERS,
 ) -> np.ndarray:
     """k-means cluster of every row: KMeans for small folders, MiniBatchKMeans above `minibatch_above`.
 
-    Shape: (N, D) -> (N,) integers in [0, clusters)
+    `clusters` is capped at `max_clusters` (TypiClust's 500): at large budgets more clusters would
+    each hold a handful of images, too few for typicality to mean density.
+
+    Shape: (N, D) -> (N,) integers in [0, min(clusters, max_clusters))
     """
-    clusters = min(clusters, len(embeddings))
+    clusters = min(clusters, len(embeddings), max_clusters)
     if len(embeddings) > minibatch_above:
         model: KMeans | MiniBatchKMeans = MiniBatchKMeans(
             n_clusters=clusters, batch_size=max(4096, 4 * clusters), n_init=3, random_state=seed
@@ -126,15 +138,17 @@ def _groups(clusters: np.ndarray, available: np.ndarray) -> dict[int, np.ndarray
     return {int(i): part for i, part in zip(ids, np.split(order, starts[1:]), strict=True)}
 
 
-def cluster_order(clusters: np.ndarray, labelled: np.ndarray) -> list[int]:
-    """Clusters in TypiClust's order: uncovered first, then larger first; tiny clusters last.
+def cluster_order(clusters: np.ndarray, labelled: np.ndarray, min_size: int = MIN_CLUSTER_SIZE) -> list[int]:
+    """The clusters of more than `min_size` images (labelled ones count) in TypiClust's order: fewest
+    labelled images first, then larger first. Smaller clusters are outliers and are left out (the
+    authors' code drops them; ordering them last would still give each a pick when k = the budget).
 
     Shape: clusters (N,), labelled (N,) bool
     """
     sizes = np.bincount(clusters)
     covered = np.bincount(clusters[labelled], minlength=len(sizes))
-    present = [int(c) for c in np.flatnonzero(sizes)]
-    return sorted(present, key=lambda c: (sizes[c] < MIN_CLUSTER_SIZE, covered[c], -sizes[c], c))
+    eligible = [int(c) for c in np.flatnonzero(sizes > min_size)]
+    return sorted(eligible, key=lambda c: (covered[c], -sizes[c], c))
 
 
 def choose_typical(
@@ -147,33 +161,37 @@ def choose_typical(
     max_candidates: int = MAX_CANDIDATES,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> list[Pick]:
-    """TypiClust: the most typical unlabelled image of each cluster, in `cluster_order`.
+    """TypiClust: the most typical unlabelled image of each cluster of `cluster_order`, round after round.
 
-    When the budget exceeds the clusters the order repeats, each time with typicality recomputed
-    among the images not yet taken. In a cluster larger than `max_candidates` a seeded sample of
-    that many images is scored (against every member), which bounds the work at 1M images.
+    Each round recomputes typicality among the images not yet taken (as the authors' code does when
+    the budget exceeds the clusters). Only when those clusters have no image left does the rest of
+    the budget come from the clusters of `MIN_CLUSTER_SIZE` images or fewer, in the same way, with
+    reason "outlier" (the authors' code fails there). In a cluster larger than `max_candidates` a
+    seeded sample of that many images is scored (against every member), which bounds the work at 1M
+    images.
 
     Shape: embeddings (N, D), clusters (N,), labelled (N,) bool
     """
     random = np.random.default_rng(seed)
     taken = labelled.copy()
+    eligible = cluster_order(clusters, labelled)
+    small = [c for c in cluster_order(clusters, labelled, min_size=0) if c not in set(eligible)]
     picks: list[Pick] = []
-    order = cluster_order(clusters, labelled)
-    while len(picks) < budget and not taken.all():
-        groups = _groups(clusters, ~taken)
-        for cluster_id in order:
-            if len(picks) == budget:
+    for order, reason in ((eligible, "typical"), (small, "outlier")):
+        while len(picks) < budget:
+            groups = _groups(clusters, ~taken)
+            left = [cluster_id for cluster_id in order if cluster_id in groups]
+            if not left:
                 break
-            members = groups.get(cluster_id)
-            if members is None:
-                continue
-            candidates = members
-            if len(members) > max_candidates:
-                candidates = np.sort(random.choice(members, size=max_candidates, replace=False))
-            scores = typicality(embeddings[candidates], embeddings[members], neighbours, chunk_elements)
-            best = int(np.argmax(scores))
-            picks.append(Pick(int(candidates[best]), cluster_id, "typical", float(scores[best])))
-            taken[candidates[best]] = True
+            for cluster_id in left[: budget - len(picks)]:
+                members = groups[cluster_id]
+                candidates = members
+                if len(members) > max_candidates:
+                    candidates = np.sort(random.choice(members, size=max_candidates, replace=False))
+                scores = typicality(embeddings[candidates], embeddings[members], neighbours, chunk_elements)
+                best = int(np.argmax(scores))
+                picks.append(Pick(int(candidates[best]), cluster_id, reason, float(scores[best])))
+                taken[candidates[best]] = True
     return picks
 
 
@@ -217,7 +235,9 @@ def mixed_split(
     """How many of a `mixed` budget are typical and how many uncertain.
 
     Typical picks until labels and picks together reach `per_class` per class, uncertain ones
-    after: TypiClust's low-budget regime ends at a few labels per class (arXiv 2202.02794, fig. 1).
+    after. The switch is labelfew's heuristic, not part of TypiClust: the paper (arXiv 2202.02794,
+    fig. 1) finds typical picks better at a few labels per class and uncertainty better at many, but
+    gives no rule for where the change happens.
     """
     typical = int(np.clip(per_class * classes - labelled, 0, budget))
     return typical, budget - typical

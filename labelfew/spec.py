@@ -64,6 +64,9 @@ class ModelSpec:
         from_head_layer: how many head blocks a classifier keeps between backbone and linear layer.
         class_names: the class index order of a classifier; None for a backbone.
         scratch: trained from random initialisation (the baseline, not a self-supervised start).
+        init: the `--init` SOURCE the weights started from before any labelfew training
+            (``timm:resnet50.a1_in1k``, a file, a run), or None for random init.
+        init_sha256: the sha256 of those weights (`labelfew.engine.init_weights.Init.sha256`).
     """
 
     arch: str
@@ -76,6 +79,8 @@ class ModelSpec:
     from_head_layer: int = 0
     class_names: tuple[str, ...] | None = None
     scratch: bool = False
+    init: str | None = None
+    init_sha256: str | None = None
 
     @property
     def is_classifier(self) -> bool:
@@ -88,7 +93,10 @@ class ModelSpec:
 
     def backbone(self) -> ModelSpec:
         """The spec of this model's backbone alone (no head, no classes)."""
-        return ModelSpec(self.arch, self.image_size, self.small_stem, self.num_features, self.mean, self.std)
+        return ModelSpec(
+            self.arch, self.image_size, self.small_stem, self.num_features, self.mean, self.std,
+            init=self.init, init_sha256=self.init_sha256,
+        )  # fmt: skip
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors metadata of format 1 (the keys and encodings every artifact so far has)."""
@@ -104,6 +112,9 @@ class ModelSpec:
             metadata["class_names"] = json.dumps(list(self.class_names))
             metadata["from_head_layer"] = str(self.from_head_layer)
             metadata["scratch"] = json.dumps(self.scratch)
+        if self.init is not None:
+            metadata["init"] = self.init
+            metadata["init_sha256"] = self.init_sha256 or ""
         if self.head is not None:
             metadata["projection_depth"] = str(self.head.depth)
             metadata["projection_hidden"] = str(self.head.hidden)
@@ -137,6 +148,8 @@ class ModelSpec:
                 from_head_layer=int(metadata.get("from_head_layer", "0")),
                 class_names=tuple(str(name) for name in class_names) if class_names is not None else None,
                 scratch=bool(json.loads(metadata.get("scratch", "false"))),
+                init=metadata.get("init"),
+                init_sha256=metadata.get("init_sha256") or None,
             )
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(

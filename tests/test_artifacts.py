@@ -330,7 +330,8 @@ def test_find_models_lists_every_model_of_a_run_through_the_registry(
     distilled = _model(run / "distill-10pc", "distill", 4000)
     (run / "evaluate").mkdir()
     (run / "evaluate" / "report.json").write_text("{}")
-    models, folder = artifacts.find_models(run)
+    models, folder, unusable = artifacts.find_models(run)
+    assert unusable == []
     assert folder == run
     assert [model.path for model in models] == [distilled, tuned, scratch, backbone]
     assert [artifacts.model_label(model) for model in models] == [
@@ -339,6 +340,38 @@ def test_find_models_lists_every_model_of_a_run_through_the_registry(
     assert [model.path for model in artifacts.find_models(run / "finetune-10pc")[0]] == [tuned]
     assert [model.path for model in artifacts.find_models(scratch)[0]] == [scratch]
     assert artifacts.find_models(None, runs_root=tmp_path)[1] == run
+
+
+def test_find_models_finds_a_model_by_what_its_folder_holds_and_names_unusable_folders(
+    tmp_path: Path, distill: artifacts.StageInfo
+) -> None:
+    """`finetune --out runs/x/ft-auto` was left out (found by the `finetune*` prefix), without a word."""
+    run = tmp_path / "run"
+    backbone = _model(run / "pretrain", "pretrain", 1000)
+    auto = _model(run / "ft-auto", "finetune", 2000)
+    student = _model(run / "small-student", "distill", 3000)
+    (run / "finetune-unfinished" / "checkpoints").mkdir(parents=True)
+    _model(run / "finetune-lost", "finetune", 4000).unlink()
+    (run / "notes").mkdir()
+    (run / "notes" / "todo.txt").write_text("not a stage")
+    models, _, unusable = artifacts.find_models(run)
+    assert [model.path for model in models] == [auto, backbone, student]
+    assert [model.stage for model in models] == ["finetune", "pretrain", "distill"]
+    assert len(unusable) == 2
+    assert "finetune-lost" in unusable[0] and "model.safetensors is missing" in unusable[0]
+    assert "finetune-unfinished" in unusable[1] and "no run.json" in unusable[1]
+    assert artifacts.resolve_model(run, ("classifier",)).path == student
+    assert resolve_artifact(run, ("finetune",)) == auto
+
+
+def test_find_models_leaves_out_a_corrupt_model_of_a_run_with_a_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    backbone = _model(run / "pretrain", "pretrain", 1000)
+    broken = _model(run / "finetune", "finetune", 2000)
+    broken.write_bytes(b"truncated")
+    models, _, unusable = artifacts.find_models(run)
+    assert [model.path for model in models] == [backbone]
+    assert len(unusable) == 1 and "corrupt" in unusable[0]
 
 
 def test_resolve_model_prefers_kind_then_a_self_supervised_start_then_newest(
@@ -369,7 +402,7 @@ def test_the_v1_fixture_loads_and_predicts_what_it_predicted(monkeypatch: pytest
     monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))
     expected = json.loads((FIXTURES / "v1_expected.json").read_text(encoding="utf-8"))
     paths = [FIXTURES / "v1_images" / name for name in expected["paths"]]
-    models, _ = artifacts.find_models(FIXTURES / "v1_run")
+    models = artifacts.find_models(FIXTURES / "v1_run").models
     assert [model.stage for model in models] == ["finetune", "pretrain"]
     tuned, pretrained = models
     logits = run_model(load_model(tuned), paths, tuned.spec, workers=0)

@@ -72,6 +72,29 @@ def _copy_artifact(pretrained: Path, folder: Path, mangle: Callable[[bytes], byt
     return folder / "backbone.safetensors"
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def _embeddings(pretrained: Path) -> Path:
+    """An embeddings file written by `labelfew embed` (made once), which is not a model."""
+    path = pretrained / "embeddings.safetensors"
+    if not path.is_file():
+        args = [
+            "embed",
+            str(pretrained / "images"),
+            "--from",
+            str(pretrained / "run"),
+            "--out",
+            str(path),
+            "--quiet",
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return path
+
+
 def _finetuned(pretrained: Path) -> Path:
     artifact = pretrained / "run" / "finetune-images" / "model.safetensors"
     if not artifact.is_file():
@@ -176,6 +199,19 @@ ROWS: list[Row] = [
             str(t / "o.csv"),
         ],
         "labelled both",
+    ),
+    (  # repeated --labels used to keep only the last file (issue 22, item 2)
+        "finetune --labels twice, one path labelled differently",
+        lambda t, p: [
+            "finetune",
+            "--labels",
+            str(_csv(t / "one.csv", f"path,label\n{_png(t / 'a.png')},cat\n{_png(t / 'b.png')},dog\n")),
+            "--labels",
+            str(_csv(t / "two.csv", f"path,label\n{t / 'a.png'},dog\n")),
+            "--scratch",
+        ],
+        # the line names both rows: two.csv:2 first, then one.csv:2
+        "one.csv:2) and 'dog' here; keep one",
     ),
     (
         "CSV not UTF-8",
@@ -295,6 +331,48 @@ ROWS: list[Row] = [
             "8",
         ],
         "--warmup-epochs 10 is not shorter than --epochs 1",
+    ),
+    (  # used to end in IsADirectoryError after the labels were read (issue 22, item 10)
+        "subset --out an existing folder",
+        lambda t, p: [
+            "subset",
+            str(_labelled_tree(t / "d")),
+            "--fraction",
+            "0.5",
+            "--out",
+            str(_folder(t / "o")),
+        ],
+        "a folder; name the CSV to write",
+    ),
+    (
+        "embed --out an existing folder",
+        lambda t, p: [
+            "embed",
+            str(p / "images"),
+            "--from",
+            str(p / "run"),
+            "--out",
+            str(_folder(t / "e.safetensors")),
+        ],
+        "a folder; name the embeddings file",
+    ),
+    (  # used to be a KeyError, exit 1 (issue 22, item 10)
+        "embeddings passed to evaluate as the model",
+        lambda t, p: [
+            "evaluate",
+            "--test",
+            str(p / "images"),
+            "--bank",
+            str(p / "images"),
+            "--from",
+            str(_embeddings(p)),
+        ],
+        "embeddings written by `labelfew embed`, not a model; pass --from the model they came from",
+    ),
+    (
+        "embeddings passed to select as the model",
+        lambda t, p: ["select", str(p / "images"), "--budget", "2", "--from", str(_embeddings(p))],
+        "embeddings written by `labelfew embed`, not a model",
     ),
 ]
 
@@ -416,7 +494,45 @@ BEFORE_DECODING: list[tuple[str, list[str], str]] = [
     ("similar", ["-k", "0"], "--top-k 0: use at least 1"),
     ("export", ["--format", "tflite"], "--format tflite: use one of safetensors, onnx, both"),
     ("subset", ["--fraction", "0"], "--fraction 0.0: out of range"),
+    # values inside the declared range that used to fail late (issue 22, item 10)
+    ("pretrain", ["--base-lr", "inf"], "--base-lr inf: use a finite number, a positive value"),
+    ("pretrain", ["--weight-decay", "inf"], "--weight-decay inf: use a finite number, at least 0"),
+    ("pretrain", ["--image-size", "100000"], "--image-size 100000: use a side from 8 to 1024 px"),
+    ("pretrain", ["--seed", "-1"], "--seed -1: use a value from 0 to 4294967295"),
+    ("finetune", ["--lr", "inf"], "--lr inf: use a finite number, a positive value"),
+    ("finetune", ["--weight-decay", "nan"], "--weight-decay nan: use a finite number, at least 0"),
+    ("finetune", ["--seed", "-1"], "--seed -1: use a value from 0 to 4294967295"),
+    ("subset", ["--fraction", "0.5", "--seed", "4294967296"], "--seed 4294967296: use a value from 0"),
 ]
+
+
+def _spy_on_decoding(marker: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[int]]:
+    """Wraps PIL's `Image.open`, which every decode of these PNG files goes through (only JPEGs can
+    take the device decoder), to append its process id to `marker`; returns a reader of those ids. A file, not a list, so that the DataLoader worker
+    processes (forked: they inherit the patched module) are seen too."""
+    original = Image.open
+
+    def spy(*args: object, **kwargs: object) -> Image.Image:
+        with marker.open("a", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    return lambda: [int(line) for line in marker.read_text().split()] if marker.is_file() else []
+
+
+def test_the_decoding_spy_sees_decodes_here_and_in_worker_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The positive control of the two tests below: the same pretrain without a bad option, its
+    images decoded by 2 streaming workers."""
+    images = _labelled_tree(tmp_path / "images")
+    opened = _spy_on_decoding(tmp_path / "opened", monkeypatch)
+    result = runner.invoke(app, ["pretrain", str(images), "--arch", "test_resnet", "--no-small-stem", "--epochs",
+                                 "1", "--batch-size", "8", "--augment-on", "workers", "--workers", "2", "--out",
+                                 str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert os.getpid() in opened() and set(opened()) - {os.getpid()}, "no decode seen here or in a worker"
 
 
 @pytest.mark.parametrize(
@@ -426,11 +542,7 @@ def test_a_bad_option_exits_2_before_any_image_is_decoded(command: str, bad: lis
                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
     images = _labelled_tree(tmp_path / "images")
-    opened: list[object] = []
-    original = Image.open
-    monkeypatch.setattr(
-        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
-    )
+    opened = _spy_on_decoding(tmp_path / "opened", monkeypatch)
     where = {
         "pretrain": [str(images), "--batch-size", "8"],
         "finetune": ["--labels", str(images)],
@@ -445,7 +557,7 @@ def test_a_bad_option_exits_2_before_any_image_is_decoded(command: str, bad: lis
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
-    assert opened == [], f"{len(opened)} image(s) opened before the bad option was refused"
+    assert opened() == [], f"{len(opened())} image(s) opened before the bad option was refused"
 
 
 def test_a_bad_recipe_value_exits_2_before_any_image_is_decoded(
@@ -453,11 +565,7 @@ def test_a_bad_recipe_value_exits_2_before_any_image_is_decoded(
 ) -> None:
     images = _labelled_tree(tmp_path / "images")
     recipe = _csv(tmp_path / "r.toml", '[pretrain]\nlr_rule = "cube"\n')
-    opened: list[object] = []
-    original = Image.open
-    monkeypatch.setattr(
-        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
-    )
+    opened = _spy_on_decoding(tmp_path / "opened", monkeypatch)
     result = runner.invoke(app, ["pretrain", str(images), "--recipe", str(recipe)])
     assert result.exit_code == 2 and "--lr-rule cube: use one of sqrt, linear" in result.output, result.output
-    assert opened == []
+    assert opened() == []

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 import typer.core
@@ -105,8 +109,15 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path: Path, digits_folder:
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["pretrain", str(tmp_path / "missing"), "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    """The same bad input gives one line without `--debug`, and Python's traceback with it (run as a
+    user runs it: in a CliRunner an exception is recorded whatever the exit path)."""
+    plain = runner.invoke(app, ["pretrain", str(tmp_path / "missing")])
+    assert plain.exit_code == 2 and plain.output.strip().startswith("error:") and "missing" in plain.output
+    assert len(plain.output.strip().splitlines()) == 1
+    command = [sys.executable, "-m", "labelfew", "pretrain", str(tmp_path / "missing"), "--debug"]
+    debug = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "labelfew.errors.UserError" in debug.stderr and "no such folder" in debug.stderr
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
@@ -225,3 +236,127 @@ def test_a_field_added_to_a_config_appears_on_the_command_line() -> None:
     assert result.exit_code == 0, result.output
     assert seen == [NewConfig(images=Path("x"), strength=2.0, mode="slow", lr=0.1, verbose=True)]
     assert "How strong. Default: 0.5." in runner.invoke(new_app, ["new", "--help"]).output
+
+
+@pytest.mark.parametrize("command", list(COMMAND_CONFIGS))
+def test_help_at_80_columns_shows_every_option_name_whole(command: str) -> None:
+    # rich shrank every column of the option table and cut 11 names (`--checkpoint-eve…`) (issue 22, item 13)
+    import re
+
+    output = CliRunner().invoke(app, [command, "-h"], env={"COLUMNS": "80"}, terminal_width=80).output
+    assert max(len(line) for line in output.splitlines()) <= 80
+    for item, spec, annotation in field_options(COMMAND_CONFIGS[command]):
+        if spec.argument:
+            continue
+        names = [flag_of(item.name, spec)]
+        if annotation in (bool, bool | None) and spec.toggle:
+            names.append("--no-" + names[0][2:])
+        for name in names:
+            assert re.search(re.escape(name) + r"(?![\w-])", output), f"{command}: {name} cut in\n{output}"
+
+
+# Run folders, locks and Ctrl-C (issue 22, items 3, 4 and 7)
+
+
+def _tiny_images(folder: Path, count: int = 8) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    generator = np.random.default_rng(len(str(folder)))
+    for index in range(count):
+        Image.fromarray(generator.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
+TINY_PRETRAIN = ["--arch", "test_resnet", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--quiet"]
+
+
+def test_two_data_folders_of_one_name_get_two_runs_and_restart_keeps_the_other(tmp_path: Path) -> None:
+    first, second = _tiny_images(tmp_path / "a" / "train"), _tiny_images(tmp_path / "b" / "train")
+    for data in (first, second):
+        result = runner.invoke(app, ["pretrain", str(data), *TINY_PRETRAIN])
+        assert result.exit_code == 0, result.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(run.name.startswith("train-") for run in runs)
+    taken = next(run for run in runs if str(first) in (run / "pretrain" / ".source.json").read_text())
+    weights = (taken / "pretrain" / "backbone.safetensors").read_bytes()
+    message = _one_line_error(["pretrain", str(second), "--out", str(taken), "--restart", *TINY_PRETRAIN])
+    assert f"made from {first}, not {second}" in message and "--restart would delete it" in message
+    assert (taken / "pretrain" / "backbone.safetensors").read_bytes() == weights
+    assert not (taken / "pretrain" / ".lock").exists()  # released on the error's way out too
+
+
+def test_a_second_run_on_one_out_exits_2_naming_the_first(tmp_path: Path) -> None:
+    data, out = _tiny_images(tmp_path / "data"), tmp_path / "run"
+    (out / "pretrain").mkdir(parents=True)
+    hold = "import sys; from pathlib import Path; from labelfew import locks; "
+    hold += "locks.lock_stage_folder(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()"
+    first = subprocess.Popen([sys.executable, "-c", hold, str(out / "pretrain")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "locked\n"
+        message = _one_line_error(["pretrain", str(data), "--out", str(out), *TINY_PRETRAIN])
+        assert f"in use by another labelfew run (pid {first.pid} on " in message
+    finally:
+        first.communicate("")
+    assert runner.invoke(app, ["pretrain", str(data), "--out", str(out), *TINY_PRETRAIN]).exit_code == 0
+
+
+def test_the_exit_path_never_imports_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C during the first import of torch left it half imported; importing it again on the
+    way out printed a second traceback or crashed (exit 139)."""
+    import labelfew
+
+    for name in [name for name in sys.modules if name.startswith("labelfew.engine")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delattr(labelfew, "engine", raising=False)
+
+    def fails() -> None:
+        raise UserError("bad input")
+
+    with pytest.raises(typer.Exit):
+        cli.guarded(fails, debug=False)
+    assert "labelfew.engine" not in sys.modules
+
+
+STARTS = "import sys; from labelfew.__main__ import main; sys.argv[0] = 'labelfew'; print('ready', flush=True); main()"
+"""The `labelfew` script, saying when the interpreter is up (a signal before that is Python's own)."""
+
+
+def test_ctrl_c_at_any_moment_exits_130_with_one_line(tmp_path: Path) -> None:
+    """SIGINT (and SIGTERM) while the CLI, torch or the stage imports, while the images load, while
+    it trains: exit 130 (143), one line, and the stage folder's lock released."""
+    data = _tiny_images(tmp_path / "data")
+    stops = [(0.05, signal.SIGINT), (0.3, signal.SIGINT), (0.8, signal.SIGINT), (1.5, signal.SIGINT),
+             (3.0, signal.SIGTERM), (3.0, signal.SIGINT), (6.0, signal.SIGINT)]  # seconds after the interpreter is up  # fmt: skip
+    processes = []
+    for index in range(len(stops)):
+        command = [sys.executable, "-c", STARTS, "pretrain", str(data), "--out", str(tmp_path / f"run{index}"),
+                   *TINY_PRETRAIN, "--epochs", "1000"]  # fmt: skip
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    for (delay, number), process in zip(stops, processes, strict=True):
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        process.send_signal(number)
+    for index, ((delay, number), process) in enumerate(zip(stops, processes, strict=True)):
+        _, stderr = process.communicate(timeout=120)
+        lines = [line for line in stderr.splitlines() if not line.startswith("pretrain epoch")]
+        assert process.returncode == 128 + number, (delay, stderr)
+        assert len(lines) == 1 and lines[0].startswith("interrupted"), (delay, stderr)
+        assert not list((tmp_path / f"run{index}").rglob(".lock")), delay
+
+
+def test_a_full_disk_anywhere_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """A write outside the checkpoints and artifacts (the training log) that finds the disk full."""
+
+    def writes() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(typer.Exit) as caught:
+        cli.guarded(writes, debug=False)
+    assert caught.value.exit_code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: the disk is full") and "rerun the same command" in message
+    assert message.count("\n") == 1

@@ -53,7 +53,7 @@ def test_no_recipe_gives_the_defaults() -> None:
 def test_strings_become_paths_for_path_fields(tmp_path: Path) -> None:
     recipe = load_recipe(_recipe(tmp_path, '[finetune]\nout = "runs/x"\n'))
     config = build_config(FinetuneConfig, recipe, labels="labels.csv", source="runs/a")
-    assert config.labels == Path("labels.csv")
+    assert config.labels == (Path("labels.csv"),)  # a repeatable option: one path is one file
     assert config.source == Path("runs/a")
     assert config.out == Path("runs/x")
     assert config.arch is None  # a str | None field stays as given
@@ -197,3 +197,67 @@ def test_readme_option_tables_are_the_generated_ones() -> None:
     assert readme_tables(readme, tables) == readme, (
         "README's option tables differ from labelfew/config/; run `python -m labelfew.options README.md`"
     )
+
+
+def _with_required(config_class: type, values: dict) -> dict:
+    """`values` plus a placeholder for each required field (and subset's one-of pair)."""
+    required = {
+        item.name: "x" for item, _, _ in field_options(config_class) if item.default is dataclasses.MISSING
+    }
+    extra = {"fraction": 0.5} if config_class is SubsetConfig and "fraction" not in values else {}
+    return {**required, **extra, **values}
+
+
+FLOAT_FIELDS = [
+    (name, config_class, item.name)
+    for name, config_class in COMMAND_CONFIGS.items()
+    for item, spec, annotation in field_options(config_class)
+    if "float" in str(annotation) and not spec.infinite
+]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize(
+    ("command", "config_class", "field"), FLOAT_FIELDS, ids=[f"{c} {f}" for c, _, f in FLOAT_FIELDS]
+)
+def test_every_float_option_must_be_finite(
+    command: str, config_class: type, field: str, value: float
+) -> None:
+    # `--lr inf` passed `above=0` and failed after the data was read (issue 22, item 10)
+    flag = "--" + field.replace("_", "-") if field != "source" else "--from"
+    with pytest.raises(UserError, match=rf"{flag} {value}: use a finite number"):
+        build_config(config_class, {}, **_with_required(config_class, {field: value}))
+
+
+SEED_FIELDS = [
+    (name, config_class) for name, config_class in COMMAND_CONFIGS.items()
+    if "seed" in {item.name for item in dataclasses.fields(config_class)}
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("command", "config_class"), SEED_FIELDS, ids=[name for name, _ in SEED_FIELDS])
+def test_every_seed_is_in_numpys_range(command: str, config_class: type) -> None:
+    # `--seed -1` failed in numpy after the lr search (issue 22, item 10)
+    for bad in (-1, 2**32):
+        with pytest.raises(UserError, match=rf"--seed {bad}: use a value from 0 to 4294967295"):
+            build_config(config_class, {}, **_with_required(config_class, {"seed": bad}))
+    assert (
+        build_config(config_class, {}, **_with_required(config_class, {"seed": 2**32 - 1})).seed == 2**32 - 1
+    )
+
+
+@pytest.mark.parametrize("config_class", [PretrainConfig, FinetuneConfig])
+def test_image_size_has_a_sane_maximum(config_class: type) -> None:
+    # `--image-size 100000` tried to allocate 1.9 TB after reading the images (issue 22, item 10)
+    with pytest.raises(UserError, match=r"--image-size 100000: use a side from 8 to 1024 px"):
+        build_config(config_class, {}, **_with_required(config_class, {"image_size": 100000}))
+    assert (
+        build_config(config_class, {}, **_with_required(config_class, {"image_size": 1024})).image_size
+        == 1024
+    )
+
+
+def test_a_recipe_inf_is_refused_like_an_option(tmp_path: Path) -> None:
+    recipe = load_recipe(_recipe(tmp_path, "[pretrain]\nweight_decay = inf\n"))
+    with pytest.raises(UserError, match="--weight-decay inf: use a finite number, at least 0"):
+        build_config(PretrainConfig, recipe, data="d")

@@ -13,7 +13,9 @@ from torch import nn
 
 from labelfew.optim import (
     LARS,
+    build_finetune_optimizer,
     build_optimizer,
+    fixmatch_schedule,
     parameter_groups,
     scaled_learning_rate,
     warmup_cosine,
@@ -277,6 +279,22 @@ def test_excluded_modules_are_neither_adapted_nor_decayed() -> None:
     assert (excluded["weight_decay"], excluded["lars_adapt"]) == (0.0, False)
 
 
+def test_fixmatch_decays_the_classifier_weight_and_simclr_fine_tuning_does_not() -> None:
+    """FixMatch decays every weight matrix, the final dense one's too (official: every ``kernel``;
+    USB: all but biases and BatchNorm); SimCLR's fine-tuning excludes its new head."""
+    model = _small_model()
+
+    def decay_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+        return {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+
+    fixmatch = decay_of(build_finetune_optimizer("sgd", model, model[4], 5e-4, 0.03, decay_classifier=True))
+    simclr = decay_of(build_finetune_optimizer("sgd", model, model[4], 5e-4, 0.03))
+    assert (fixmatch[id(model[4].weight)], simclr[id(model[4].weight)]) == (5e-4, 0.0)
+    assert fixmatch[id(model[0].weight)] == simclr[id(model[0].weight)] == 5e-4
+    for never in (model[4].bias, model[1].weight, model[1].bias, model[0].bias):
+        assert fixmatch[id(never)] == simclr[id(never)] == 0.0
+
+
 # --- Schedule ------------------------------------------------------------------------------
 
 
@@ -314,3 +332,22 @@ def test_warmup_cosine_rejects_bad_steps(warmup_steps: int, total_steps: int) ->
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(ValueError, match="warmup_steps"):
         warmup_cosine(optimizer, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.1, 0.5])
+def test_fixmatch_schedule_reaches_cos_7_pi_16_at_the_last_step_and_stays(warmup_fraction: float) -> None:
+    """After a warmup of W steps, FixMatch's cos(7 pi k / 16 K) runs over the K - W steps left: k counts
+    from the warmup's end, and the factor is cos(7 pi / 16) from step K on, never lower."""
+    total = 40
+    warmup = round(warmup_fraction * total)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    factor = fixmatch_schedule(optimizer, total, warmup_fraction).lr_lambdas[0]
+    assert [factor(step) for step in range(warmup)] == pytest.approx(
+        [(s + 1) / warmup for s in range(warmup)]
+    )
+    expected = [
+        math.cos(7 * math.pi * (step - warmup) / (16 * (total - warmup))) for step in range(warmup, total)
+    ]
+    assert [factor(step) for step in range(warmup, total)] == pytest.approx(expected)
+    end = math.cos(7 * math.pi / 16)
+    assert [factor(step) for step in (total, total + 1, 2 * total)] == pytest.approx([end] * 3)

@@ -141,15 +141,28 @@ def test_finetune_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path,
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_143(small_digits: Path, tmp_path: Path) -> None:
-    train = small_digits
-    command = _command("pretrain", train, tmp_path / "run", "--checkpoint-every", EVERY_LOG_POINT)
-    code = _kill_after_checkpoint(
-        command, tmp_path / "run" / "pretrain" / "checkpoints", 10, tmp_path, signal.SIGTERM
+    """The signal path itself writes the checkpoint: SIGTERM arrives once step 10 is logged, with no
+    checkpoint on disk, the epoch's end 42 steps away and the periodic one 10 minutes away."""
+    stage = tmp_path / "run" / "pretrain"
+    # One epoch of 52 steps (click keeps the last of a repeated option); checkpoints every 10 minutes.
+    command = _command("pretrain", small_digits, tmp_path / "run", "--batch-size", "8", "--epochs", "1")
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    assert code == 143
-    checkpoints = sorted((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())
-    state = torch.load(checkpoints[-1] / "state.pt", weights_only=True)
-    assert state["position"]["global_step"] >= 10
+    deadline = time.monotonic() + 300
+    while not ((stage / "log.jsonl").is_file() and (stage / "log.jsonl").read_text().endswith("\n")):
+        assert process.poll() is None and time.monotonic() < deadline, "step 10 was never logged"
+        time.sleep(0.01)
+    assert not list(stage.glob("checkpoints/*/state.pt"))  # nothing on disk yet: the signal must write it
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 143
+    (saved,) = stage.glob("checkpoints/*/state.pt")
+    position = torch.load(saved, weights_only=True)["position"]
+    assert 10 <= position["global_step"] < 52 and position["step_in_epoch"] == position["global_step"]
+    resumed = _run(command, tmp_path)  # and a rerun continues from it
+    assert f"(epoch 1, step {position['step_in_epoch']} of the epoch)" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in (stage / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 52 and (stage / "backbone.safetensors").is_file()
 
 
 def test_changed_settings_refuse_to_resume_and_restart_starts_over(small_digits: Path, tmp_path: Path) -> None:  # fmt: skip

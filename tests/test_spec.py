@@ -106,3 +106,21 @@ def test_the_small_image_and_resize_rules(image_size: int, resize: int, small: b
     assert uses_small_stem(image_size) is small
     assert ModelSpec("resnet18", image_size, small, 512).resize_side == resize
     assert (image_size <= SMALL_IMAGE_SIDE) is small
+
+
+def test_the_init_a_model_started_from_is_kept_in_the_metadata_and_by_its_backbone() -> None:
+    spec = ModelSpec(
+        "resnet18",
+        224,
+        False,
+        512,
+        class_names=("a", "b"),
+        init="timm:resnet18.a1_in1k",
+        init_sha256="0" * 64,
+    )
+    metadata = spec.to_metadata()
+    assert metadata["init"] == "timm:resnet18.a1_in1k" and metadata["init_sha256"] == "0" * 64
+    assert ModelSpec.from_metadata(metadata) == spec
+    assert spec.backbone().init == spec.init and spec.backbone().init_sha256 == spec.init_sha256
+    plain = ModelSpec("resnet18", 224, False, 512)
+    assert "init" not in plain.to_metadata() and ModelSpec.from_metadata(plain.to_metadata()).init is None

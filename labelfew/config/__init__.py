@@ -30,6 +30,7 @@ from labelfew.config.commands import (
 from labelfew.config.shared import (
     CHECKPOINT_EVERY,
     FROM,
+    IMAGE_SIZE,
     INFERENCE_BATCH,
     LOGGER,
     PRECISION,
@@ -53,6 +54,7 @@ __all__ = [
     "COMMAND_CONFIGS",
     "FIXMATCH_OPTIONS",
     "FROM",
+    "IMAGE_SIZE",
     "INFERENCE_BATCH",
     "LOGGER",
     "PRECISION",
@@ -139,6 +141,10 @@ def build_config(config_class: type[Config], recipe: dict[str, dict[str, Any]], 
 def to_json(config: Any) -> dict[str, Any]:
     """A config as JSON-ready values (paths as strings)."""
     return {
-        key: str(value) if isinstance(value, Path) else value
+        key: str(value)
+        if isinstance(value, Path)
+        else tuple(str(each) if isinstance(each, Path) else each for each in value)
+        if isinstance(value, tuple)
+        else value
         for key, value in dataclasses.asdict(config).items()
     }

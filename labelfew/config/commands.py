@@ -6,7 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from labelfew.config.shared import FROM, INFERENCE_BATCH, LOGGER, QUIET, SEED, WORKERS, Validated
+from labelfew.config.shared import (
+    FOLLOW_LINKS,
+    FROM,
+    INFERENCE_BATCH,
+    LOGGER,
+    QUIET,
+    SEED,
+    WORKERS,
+    Validated,
+    as_paths,
+)
 from labelfew.errors import UserError
 from labelfew.options import option, validate
 
@@ -29,14 +39,15 @@ class EvaluateConfig(Validated):
     allow_overlap: bool = option(
         False,
         toggle=False,
-        help="Evaluate even when test images are also in the kNN bank or a model's fine-tuning labels "
-        "(same resolved path or same content); the overlap is printed and stored in report.json.",
+        help="Evaluate even when a model saw test images (in the kNN bank, its labels, the pretraining "
+        "folder or an --unlabeled folder; same path, same bytes, or a re-encoded or resized copy): "
+        "transductive use; each row's count is a column of the table and in report.json.",
     )
     knn_k: int = option(
         20,
         minimum=1,
-        help="Neighbours for kNN, capped by the bank size (20: DINO's best, arXiv 2104.14294; "
-        "200: the CIFAR protocol, which recipes set).",
+        help="Neighbours for kNN, capped by the smallest class of the bank (more is a majority vote) "
+        "(20: DINO's best, arXiv 2104.14294; 200: the CIFAR protocol, which recipes set).",
     )
     knn_temperature: float = option(
         0.07,
@@ -83,7 +94,7 @@ class SubsetConfig(Validated):
     per_class: int | None = option(
         None, minimum=1, help="Images to keep per class (instead of `--fraction`)."
     )
-    seed: int = option(0, help="Which images are chosen; the same seed gives the same subset.")
+    seed: int = option(0, SEED, help="Which images are chosen; the same seed gives the same subset.")
     allow_empty: bool = option(False, help="Allow a fraction that leaves a class with no images.")
 
     def __post_init__(self) -> None:
@@ -113,6 +124,7 @@ class PredictConfig(Validated):
     top_k: int = option(3, short="-k", minimum=1, help="How many classes to list per image.")
     batch_size: int = option(256, INFERENCE_BATCH)
     workers: int | None = option(None, WORKERS)
+    follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
 
 
@@ -130,6 +142,7 @@ class EmbedConfig(Validated):
     )
     batch_size: int = option(256, INFERENCE_BATCH)
     workers: int | None = option(None, WORKERS)
+    follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
 
 
@@ -177,24 +190,36 @@ class SelectConfig(Validated):
     source: Path | None = option(
         None, FROM, help="Pretrain or fine-tuned artifact, or a run folder (its pretrained backbone embeds)."
     )
-    labels: Path | None = option(
-        None,
-        help="Images already labelled (path,label CSV of images in the folder): their clusters are skipped.",
+    labels: tuple[Path, ...] = option(
+        (),
+        help="Images already labelled (path,label CSV or tree of images in the folder; repeat to merge "
+        "several): their clusters are skipped and the page shows their labels, editable.",
+        shown="—",
     )
     strategy: str | None = option(
         None,
         choices=("typical", "uncertain", "mixed"),
-        help="typical: the most typical image of each uncovered k-means cluster (best at a few labels "
-        "per class); uncertain: the fine-tuned model's smallest top-1 − top-2 margin, one per cluster a "
-        "round; mixed: typical until the labels reach 5 per class of the model, uncertain after.",
+        help="typical: the most typical image of each uncovered k-means cluster, clusters of ≤ 5 images "
+        "left out as outliers (TypiClust; best at a few labels per class); uncertain: the fine-tuned model's smallest top-1 − top-2 margin, one per cluster a "
+        "round; mixed: typical until the labels reach 5 per class of the model, uncertain after (that "
+        "switch is labelfew's heuristic, not TypiClust's).",
         shown="mixed with a fine-tuned --from and --labels, else typical",
     )
     classes: str | None = option(
         None,
-        help="Comma-separated class names the page offers (digits 1–9 pick them); new ones can be typed.",
+        help="Comma-separated class names the page offers (digits 1–9 pick them when no class name is a "
+        "number); new ones can be typed.",
         shown="the fine-tuned model's or the --labels classes",
     )
     seed: int = option(0, SEED, help="Random seed (k-means, sampling in very large clusters).")
     batch_size: int = option(256, INFERENCE_BATCH)
     workers: int | None = option(None, WORKERS)
+    force: bool = option(
+        False, toggle=False, help="Overwrite an --out CSV whose labels are (partly) filled in."
+    )
+    follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", as_paths(self.labels))
+        validate(self)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 from labelfew.options import Option, validate
 
 
@@ -12,9 +15,47 @@ class Validated:
         validate(self)
 
 
+def as_paths(value: str | Path | Iterable[str | Path] | None) -> tuple[Path, ...]:
+    """A repeatable path option as a tuple of paths: one path (a recipe's string, a caller's `Path`
+    from before the option repeated) is one file, so every reader sees the same type."""
+    if value is None:
+        return ()
+    if isinstance(value, str | Path):
+        return (Path(value),)
+    return tuple(Path(each) for each in value)
+
+
 # Options that several commands share, declared once.
 QUIET = Option(toggle=False, help="Log lines instead of progress bars.")
-SEED = Option(help="Random seed (model init, data order, augmentations, splits).")
+FOLLOW_LINKS = Option(
+    toggle=False,
+    help="Follow links to folders out of the image folder (each folder is read once, so link loops "
+    "end); without it they are skipped and counted. Links to image files are always followed.",
+)
+SKIP_BAD = Option(
+    toggle=False,
+    help="Leave out labelled images that cannot be decoded (counted and named) instead of stopping.",
+)
+SEED = Option(
+    minimum=0,
+    below=2**32,
+    hint="use a value from 0 to 4294967295 (numpy's and torch's seed range)",
+    help="Random seed (model init, data order, augmentations, splits).",
+)
+MAX_IMAGE_SIDE = 1024
+"""The largest `--image-size`: 21× the pixels of SimCLR's 224, past what a contrastive batch fits in
+GPU memory (activations grow with the side squared); a larger value is a typo that would otherwise
+try to allocate terabytes after the images are read."""
+IMAGE_SIZE = Option(
+    minimum=8,
+    maximum=MAX_IMAGE_SIDE,
+    hint=f"use a side from 8 to {MAX_IMAGE_SIDE} px (a larger one does not fit a batch in GPU memory)",
+    help="Training side in px.",
+)
+SMALL_STEM = Option(
+    help="3×3 stride-1 stem without max-pool for ResNets (other archs have no such stem: pass "
+    "`--no-small-stem` for them at ≤ 64 px).",
+)
 WORKERS = Option(
     minimum=0,
     help="DataLoader worker processes.",

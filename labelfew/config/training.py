@@ -7,14 +7,19 @@ from pathlib import Path
 
 from labelfew.config.shared import (
     CHECKPOINT_EVERY,
+    FOLLOW_LINKS,
     FROM,
+    IMAGE_SIZE,
     LOGGER,
     PRECISION,
     QUIET,
     RESTART,
     SEED,
+    SKIP_BAD,
+    SMALL_STEM,
     WORKERS,
     Validated,
+    as_paths,
 )
 from labelfew.errors import UserError
 from labelfew.options import option, validate
@@ -28,21 +33,18 @@ class PretrainConfig(Validated):
     out: Path | None = option(
         None,
         help="The run folder (rerunning the same command resumes it).",
-        shown="`runs/<folder name>`",
+        shown="`runs/<folder name>-<hash of its path>`",
     )
     arch: str = option("resnet18", help="Any timm model name, e.g. resnet18, resnet50.")
-    small_stem: bool | None = option(
-        None, help="3×3 stride-1 stem without max-pool for ResNets.", shown="on at ≤ 64 px"
-    )
-    image_size: int | None = option(
-        None, minimum=8, help="Training side in px.", shown="median side of the images, ≤ 224"
-    )
+    small_stem: bool | None = option(None, SMALL_STEM, shown="on at ≤ 64 px")
+    image_size: int | None = option(None, IMAGE_SIZE, shown="median side of the images, ≤ 224")
     epochs: int = option(100, minimum=1, help="Training epochs.")
-    batch_size: int = option(
-        256,
+    batch_size: int | None = option(
+        None,
         minimum=2,
         hint="a contrastive batch needs at least 2 images",
         help="The **global** batch (per process × processes).",
+        shown="256, or every image of a smaller folder",
     )
     optimizer: str = option(
         "lars", choices=("lars", "sgd", "adamw"), help="lars (as the paper), sgd or adamw."
@@ -137,6 +139,7 @@ class PretrainConfig(Validated):
     logger: tuple[str, ...] = option(("jsonl",), LOGGER)
     checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
     restart: bool = option(False, RESTART)
+    follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
 
 
@@ -146,9 +149,10 @@ class FixMatchSettings:
 
     FixMatch (Sohn et al. 2020, arXiv 2001.07685, section 4 and appendix B.1): μ = 7 unlabeled
     images per labelled one, confidence threshold τ = 0.95, unlabeled loss weight λ_u = 1, and the
-    model evaluated is an exponential moving average of the weights with decay 0.999; SGD with
-    Nesterov momentum, weight decay 5e-4 (CIFAR-10), lr 0.03 for a labelled batch of 64 decayed as
-    cos(7πk / 16K) over the K steps, without warmup (`labelfew.optim.fixmatch_schedule`).
+    model evaluated is an exponential moving average of the weights with decay 0.999 (BatchNorm
+    momentum 1 − decay, `labelfew.engine.ema`); SGD with Nesterov momentum, weight decay 5e-4
+    (CIFAR-10) on every weight matrix, the classifier's too, lr 0.03 for a labelled batch of 64
+    decayed as cos(7πk / 16K) over the K steps, without warmup (`labelfew.optim.fixmatch_schedule`).
     """
 
     mu: int = 7
@@ -172,7 +176,10 @@ class FinetuneConfig(Validated):
     """Fine-tuning on the labelled subset: supervised (SimCLRv2 appendix: SGD, few epochs) or
     FixMatch with the unlabeled images too (arXiv 2001.07685; from the SimCLR start as SelfMatch)."""
 
-    labels: Path = option(help="Label CSV (path,label) or class-per-folder tree to train on.")
+    labels: tuple[Path, ...] = option(
+        help="Label CSV (path,label) or class-per-folder tree to train on; repeat the flag to merge "
+        "several (the rounds of labelling), a path labelled differently in two of them is an error.",
+    )
     source: Path | None = option(None, FROM, help="Pretrain artifact file, stage folder or run folder.")
     scratch: bool = option(
         False,
@@ -194,8 +201,10 @@ class FinetuneConfig(Validated):
         choices=("auto",),
         above=0,
         help="Learning rate, or auto: fine-tune briefly at ×1, ×2, ×4 and ×8 the rule (sgd 0.05×B/256, "
-        "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth (each fifth in turn, "
-        "up to 5, while one holds fewer than 250 labels), then train on all.",
+        "lars 0.005×√B) on 4/5 of the labels, keep the best on the other fifth (further fifths for the "
+        "candidates still close, while one holds fewer than 250 labels), then train on all. The search "
+        "takes at most as many steps as the fine-tuning (at least an epoch a candidate); a rerun "
+        "continues it.",
     )
     warmup_fraction: float | None = option(
         None,
@@ -208,7 +217,8 @@ class FinetuneConfig(Validated):
     weight_decay: float | None = option(
         None,
         minimum=0,
-        help="Weight decay.",
+        help="Weight decay of the weight matrices (never biases or normalisation weights); the "
+        "classifier's only with fixmatch, as FixMatch (SimCLR's fine-tuning leaves it out).",
         shown=f"{SUPERVISED_WEIGHT_DECAY:g} (SimCLR fine-tuning); {FIXMATCH_WEIGHT_DECAY:g} for "
         "fixmatch (FixMatch, CIFAR-10)",
     )
@@ -225,9 +235,7 @@ class FinetuneConfig(Validated):
         below=1,
         help="Hold out this fraction of each class to report validation accuracy per epoch.",
     )
-    image_size: int | None = option(
-        None, minimum=8, help="Training side in px.", shown="the pretrain artifact's"
-    )
+    image_size: int | None = option(None, IMAGE_SIZE, shown="the pretrain artifact's")
     arch: str | None = option(
         None,
         help="Checked against the artifact's; with `--scratch` and no artifact, the arch to train.",
@@ -278,9 +286,16 @@ class FinetuneConfig(Validated):
     logger: tuple[str, ...] = option(("jsonl",), LOGGER)
     checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
     restart: bool = option(False, RESTART)
+    follow_links: bool = option(False, FOLLOW_LINKS)
+    skip_bad: bool = option(False, SKIP_BAD)
     quiet: bool = option(False, QUIET)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", as_paths(self.labels))
+        if not self.labels:
+            raise UserError(
+                "--labels: pass a label CSV or class-per-folder tree (repeat it to merge several)"
+            )
         validate(self)
         given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
         if self.method == "fixmatch" and self.unlabeled is None:
@@ -335,11 +350,16 @@ class DistillConfig(Validated):
     from_pretrain: Path | None = option(
         None, help="A pretrain artifact (or its folder) to start a student of another arch from."
     )
-    temperature: float = option(
-        1.0,
+    small_stem: bool | None = option(
+        None, SMALL_STEM, shown="the teacher's for a random-init student; a pretrained start's own"
+    )
+    temperature: float | str = option(
+        "auto",
+        choices=("auto",),
         above=0,
-        help="Softmax temperature of teacher and student alike (SimCLRv2: 1.0 big-to-small, 0.1 for "
-        "self-distillation).",
+        help="Softmax temperature of teacher and student alike; auto: SimCLRv2's (section 3), 0.1 when the "
+        "student's arch is the teacher's (self-distillation), 1.0 for another arch (big-to-small). The loss "
+        "is multiplied by T² (Hinton et al.), which keeps LARS's unadapted layers stable at 0.1.",
     )
     labels: Path | None = option(
         None, help="Label CSV or class-per-folder tree for the labelled loss (with `--alpha`)."
@@ -347,8 +367,9 @@ class DistillConfig(Validated):
     alpha: float = option(
         0.0,
         minimum=0,
-        help="Weight of the labelled cross-entropy added to the distillation loss (0: unlabeled only, "
-        "which SimCLRv2 finds almost as good at 1% of the labels).",
+        help="Weight of the labelled cross-entropy added to the distillation loss, whose weight stays 1 (0: "
+        "unlabeled only, which SimCLRv2 finds almost as good at 1% of the labels). Not the paper's α: its "
+        "eq. 3 weights the distillation term by α and the labelled one by 1 − α.",
     )
     out: Path | None = option(
         None, help="Output folder.", shown="`distill-<labels>/` in the teacher's run folder"
@@ -388,4 +409,5 @@ class DistillConfig(Validated):
     logger: tuple[str, ...] = option(("jsonl",), LOGGER)
     checkpoint_every: float = option(10.0, CHECKPOINT_EVERY)
     restart: bool = option(False, RESTART)
+    follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)

@@ -1,24 +1,28 @@
 """Finding, decoding and resizing images.
 
 Every stage reads images through `load_rgb`, so every mode (palette, CMYK, 16-bit, alpha,
-animated GIF) is turned into 8-bit RGB the same way, and every undecodable file raises the
-same `BadImage` error that the image sources count and skip. Both image sources (the in-memory
+animated GIF) is turned into 8-bit RGB the same way, every photo is turned upright by its EXIF
+orientation, and every undecodable file raises the same `BadImage` error that the image sources
+count and skip. Every command lists a folder through `scan_images` (regular files only, no link
+out of the folder unless asked, never a run folder) and shows a file name through `printable`. Both image sources (the in-memory
 store and the streaming workers) decode through `load_resized`, so they hold the same pixels.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as functional
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import Dataset
 
 from labelfew.errors import UserError
@@ -37,42 +41,145 @@ class BadImage(Exception):
     """A file that exists but cannot be decoded as an image."""
 
 
-def find_images(root: Path) -> list[Path]:
-    """Lists the image files under `root`, recursively, sorted by path.
+@dataclass(frozen=True)
+class FoundImages:
+    """The image files under a folder, and the entries that look like images but are left out.
 
-    Symbolic links to folders are followed once (a link that loops back is not followed again);
-    hidden files and folders (names starting with '.') are skipped.
+    Attributes:
+        paths: Regular image files, sorted.
+        skipped: ``"path: reason"`` (`printable`) for each FIFO, device, socket, broken link, link
+            out of the folder or unlistable folder, so that a stage can count and name them.
+    """
+
+    paths: list[Path]
+    skipped: list[str] = field(default_factory=list)
+
+
+def printable(path: Path | str) -> str:
+    """`path` as text that any terminal, CSV or JSON file can hold.
+
+    A file name that is not valid UTF-8 comes from the filesystem with surrogate escapes
+    (`os.fsdecode`), which raise UnicodeEncodeError when printed or written as UTF-8; its
+    undecodable bytes are shown as ``\\xNN`` instead. Every other name is unchanged.
+    """
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def skipped_note(skipped: Sequence[str], shown: int = 3) -> str:
+    """``"; skipped N file(s): a, b, c, …"`` naming the first `shown`, or "" when nothing was skipped:
+    the clause every stage adds to its closing line (run.json lists them all)."""
+    if not skipped:
+        return ""
+    more = ", …" if len(skipped) > shown else ""
+    return f"; skipped {len(skipped)} file(s): {', '.join(skipped[:shown])}{more}"
+
+
+def scan_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Path] = ()) -> FoundImages:
+    """The image files under `root`, recursively, and what was left out (`FoundImages`).
+
+    Only regular files are images: a FIFO named ``x.png`` would block the first read forever, so
+    it (and devices, sockets, broken links) is skipped and named, never opened. A link to an image
+    file is followed wherever it points (a folder of links is how a subset of a pool is made, and
+    one file cannot loop); a link to a folder out of `root` is skipped and named unless
+    `follow_links` (``X/up -> ..`` would otherwise train on the sibling folders). A folder is walked once
+    however many links reach it, so link loops end. Hidden files and folders (names starting
+    with '.') are ignored, and so are the folders in `exclude` and every labelfew stage folder
+    (`is_run_folder`): a run's own ``views.png`` must never become a training image.
 
     Raises:
         UserError: `root` does not exist or is not a folder.
     """
     root = Path(root)
     if not root.exists():
-        raise UserError(f"{root}: no such folder. Pass a folder of images.")
+        raise UserError(f"{printable(root)}: no such folder. Pass a folder of images.")
     if not root.is_dir():
-        raise UserError(f"{root}: not a folder. Pass a folder of images (searched recursively).")
+        raise UserError(f"{printable(root)}: not a folder. Pass a folder of images (searched recursively).")
+    root_real = os.path.realpath(root)
+    excluded = {os.path.realpath(folder) for folder in exclude}
+    seen = {root_real}
     found: list[Path] = []
-    seen_folders: set[str] = set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen_folders:
-            subfolders[:] = []
+    skipped: list[str] = []
+    folders = [str(root)]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append(f"{printable(folder)}: cannot be listed ({error.strerror})")
             continue
-        seen_folders.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in files:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            found.append(Path(folder) / name)
-    return sorted(found)
+            outside = entry.is_symlink() and not _inside(os.path.realpath(entry.path), root_real)
+            if entry.is_dir():
+                real = os.path.realpath(entry.path)
+                if outside and not follow_links:
+                    skipped.append(
+                        f"{printable(entry.path)}: a link out of the folder (--follow-links follows it)"
+                    )
+                elif real not in seen and real not in excluded and not is_run_folder(Path(entry.path)):
+                    seen.add(real)
+                    folders.append(entry.path)
+                continue
+            if Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            reason = _not_an_image_file(entry)
+            if reason:
+                skipped.append(f"{printable(entry.path)}: {reason}")
+            else:
+                found.append(Path(entry.path))
+    return FoundImages(sorted(found), sorted(skipped))
 
 
-def require_images(root: Path) -> list[Path]:
-    """`find_images(root)`, or a UserError when the folder holds no image file."""
-    paths = find_images(root)
-    if not paths:
-        raise UserError(f"{root}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively")
-    return paths
+def _inside(real: str, root_real: str) -> bool:
+    try:
+        return os.path.commonpath([real, root_real]) == root_real
+    except ValueError:  # another drive on Windows
+        return False
+
+
+def _not_an_image_file(entry: os.DirEntry[str]) -> str:
+    """Why an entry with an image extension is not read, or "" for a regular file (or a link to one)."""
+    if entry.is_file():  # follows links; False for FIFOs, devices, sockets
+        return ""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "a broken link"
+    return "not a regular file (a FIFO, device or socket); never opened"
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a labelfew stage folder, whose figures are never input images.
+
+    A finished stage holds a ``run.json`` that names the labelfew version; a stopped one its
+    ``log.jsonl`` beside its ``checkpoints`` or pretraining's ``views.png``.
+    """
+    run_file = folder / "run.json"
+    if run_file.is_file():
+        try:
+            record = json.loads(run_file.read_bytes())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and "labelfew_version" in record:
+            return True
+    return (folder / "log.jsonl").is_file() and (
+        (folder / "checkpoints").is_dir() or (folder / "views.png").is_file()
+    )
+
+
+def find_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Path] = ()) -> list[Path]:
+    """The regular image files under `root`, sorted (`scan_images` without what it skipped)."""
+    return scan_images(root, follow_links=follow_links, exclude=exclude).paths
+
+
+def require_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Path] = ()) -> FoundImages:
+    """`scan_images(root)`, or a UserError when the folder holds no image file."""
+    found = scan_images(root, follow_links=follow_links, exclude=exclude)
+    if not found.paths:
+        skipped = f" ({len(found.skipped)} skipped, e.g. {found.skipped[0]})" if found.skipped else ""
+        raise UserError(
+            f"{printable(root)}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively{skipped}"
+        )
+    return found
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -91,7 +198,7 @@ def load_rgb(path: Path) -> Image.Image:
             with Image.open(path) as image:
                 image.seek(0)
                 image.load()
-                return _to_rgb(image)
+                return _to_rgb(_upright(image))
     except (
         OSError,
         ValueError,
@@ -100,7 +207,31 @@ def load_rgb(path: Path) -> Image.Image:
         Image.DecompressionBombWarning,
         EOFError,
     ) as error:
-        raise BadImage(f"{path}: {error}") from error
+        raise BadImage(f"{printable(path)}: {error}") from error
+
+
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag that says how a camera held sideways stored its pixels (1 = as stored)."""
+
+
+def _orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation, 1 when absent or unreadable (malformed metadata is not fatal)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # Pillow raises several types on malformed EXIF; the pixels are still good
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as its EXIF orientation says it was taken (`PIL.ImageOps.exif_transpose`).
+
+    Phone photos are stored sideways with an orientation tag; the labelling page's browser honours
+    it, so the model must see the same upright photo the person labelled.
+    """
+    if _orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -172,10 +303,13 @@ def stored_extent(height: int, width: int, side: int) -> tuple[int, int]:
 
 
 def image_extent(path: Path) -> tuple[int, int] | None:
-    """``(height, width)`` from the file's header (no decoding), or None if it cannot be opened."""
+    """``(height, width)`` from the file's header (no decoding), upright as `load_rgb` decodes it,
+    or None if it cannot be opened."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            if _orientation(image) >= 5:  # a quarter turn: `load_rgb` swaps the sides
+                width, height = height, width
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
         return None
     return height, width

@@ -4,6 +4,7 @@ the training batches of the rest) and the unlabeled ones of distillation and Fix
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from labelfew.data import sources
 from labelfew.data.batches import EpochBatches, EpochOrder
+from labelfew.data.images import image_extent, printable
 from labelfew.data.labels import LabeledImages
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.data.subsets import balanced_subset
@@ -40,8 +42,48 @@ def held_out_split(
     return train, held
 
 
+def readable_labels(labeled: LabeledImages, skip_bad: bool) -> tuple[LabeledImages, list[str]]:
+    """`labeled` without the images whose header cannot be read, and their paths (`printable`).
+
+    A label is a person's work and a few dozen may be all there are, so an unreadable labelled
+    image stops the run (before any training) unless `skip_bad`; then it is left out, and the
+    stage counts and names it. Only headers are read here (a few tenths of a millisecond per
+    file); a file whose header is fine but whose pixels are truncated is found when the batches
+    are decoded (`labelled_batches`).
+
+    Raises:
+        UserError: some images cannot be opened and `skip_bad` is False.
+    """
+    with ThreadPoolExecutor() as pool:
+        extents = list(pool.map(image_extent, labeled.paths))
+    bad = [printable(path) for path, extent in zip(labeled.paths, extents, strict=True) if extent is None]
+    if not bad:
+        return labeled, []
+    _refuse_unless(skip_bad, bad, len(labeled))
+    kept = [(path, label) for path, label, extent in zip(labeled.paths, labeled.labels, extents, strict=True)
+            if extent is not None]  # fmt: skip
+    return LabeledImages(tuple(p for p, _ in kept), tuple(label for _, label in kept), labeled.root), bad
+
+
+def _refuse_unless(skip_bad: bool, bad: list[str], count: int) -> None:
+    """The UserError for unreadable labelled images, unless `skip_bad` (or every one is bad)."""
+    if skip_bad and len(bad) < count:
+        return
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    what = (
+        "none of the labelled images can be decoded"
+        if len(bad) == count
+        else "labelled image cannot be decoded"
+    )
+    hint = "fix or remove it from the labels" + (
+        "" if len(bad) == count else ", or pass --skip-bad to leave it out"
+    )
+    raise UserError(f"{bad[0]}{more}: {what}; {hint}")
+
+
 def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size: int, seed: int, image_size: int,
-                     accelerator: Any, workers: int, balanced: bool = False) -> tuple[EpochBatches, list[str]]:  # fmt: skip
+                     accelerator: Any, workers: int, balanced: bool = False,
+                     skip_bad: bool = False) -> tuple[EpochBatches, list[str]]:  # fmt: skip
     """The labelled images as uint8 batches from the store when they fit, else the stream
     (`labelfew.data.sources`), and the files found undecodable before training.
 
@@ -49,6 +91,9 @@ def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size:
     share. The last incomplete batch is dropped, so no step sees a single image (a BatchNorm in
     training mode cannot normalise one, e.g. the head layer of ``--from-head-layer 1``). With
     `balanced`, every class is drawn equally often (with replacement).
+
+    Raises:
+        UserError: a labelled image cannot be decoded and `skip_bad` is False (`readable_labels`).
     """
     targets = labeled.label_indices(class_names)
     batch = max(1, min(batch_size, len(labeled)) // accelerator.num_processes)
@@ -61,8 +106,11 @@ def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size:
     paths = list(labeled.paths)
     budget = DEFAULT_MEMORY_BUDGET / 2**30
     place = sources.augment_place("auto", budget, paths, image_size)
-    return sources.training_batches(paths, place, image_size, order, accelerator, budget, workers=workers,
-                                    labels=targets)  # fmt: skip
+    batches, undecodable = sources.training_batches(paths, place, image_size, order, accelerator, budget,
+                                                    workers=workers, labels=targets)  # fmt: skip
+    if undecodable:
+        _refuse_unless(skip_bad, undecodable, len(paths))
+    return batches, undecodable
 
 
 def unlabeled_batches(paths: list[Path], labels: list[int] | None, batch_size: int, seed: int, image_size: int,

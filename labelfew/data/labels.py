@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from labelfew.data.images import find_images
+from labelfew.data.images import find_images, printable
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 
@@ -66,11 +67,12 @@ class LabeledImages:
         return [lookup[label] for label in self.labels]
 
     def relative_key(self, path: Path) -> str:
-        """The path as written in a CSV: relative to `root` when below it, POSIX separators."""
+        """The path as written in a CSV: relative to `root` when below it, POSIX separators, a name
+        that is not UTF-8 with ``\\xNN`` escapes (`labelfew.data.images.printable`)."""
         try:
-            return Path(os.path.relpath(path, self.root)).as_posix()
+            return printable(Path(os.path.relpath(path, self.root)).as_posix())
         except ValueError:  # another drive on Windows
-            return path.as_posix()
+            return printable(path.as_posix())
 
 
 def read_labels(source: Path) -> LabeledImages:
@@ -79,28 +81,72 @@ def read_labels(source: Path) -> LabeledImages:
     Raises:
         UserError: with one sentence naming the file and the problem.
     """
-    source = Path(source)
-    if not source.exists():
-        raise UserError(
-            f"{source}: no such file or folder. Pass a label CSV (path,label) or a class-per-folder tree."
-        )
-    if source.is_dir():
-        return _read_tree(source)
-    return _read_csv(source)
+    return _merge([Path(source)])
 
 
-def _read_tree(root: Path) -> LabeledImages:
-    paths, labels = [], []
+def read_label_files(sources: Sequence[Path]) -> LabeledImages:
+    """Reads and merges several label CSVs or trees (the rounds of `select` → label → `finetune`).
+
+    A path labelled alike in several files counts once; the root is the first source's, so that a
+    second round adds to the first instead of silently replacing it.
+
+    Raises:
+        UserError: no source, a bad file, or a path labelled differently in two places (both named
+            as file:row, so the user knows which one to fix).
+    """
+    if not sources:
+        raise UserError("no label file given; pass --labels labels.csv (repeat it to merge several)")
+    return _merge([Path(source) for source in sources])
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One labelled image: its absolute path, its label, the path as written, and where it was read
+    (`file.csv:LINE`, or the class folder of a tree)."""
+
+    path: Path
+    label: str
+    written: str
+    where: str
+
+
+def _merge(sources: list[Path]) -> LabeledImages:
+    chosen: dict[Path, _Row] = {}
+    for source in sources:
+        if not source.exists():
+            raise UserError(
+                f"{source}: no such file or folder. Pass a label CSV (path,label) or a class-per-folder tree."
+            )
+        for row in _read_tree(source) if source.is_dir() else _read_csv(source):
+            earlier = chosen.setdefault(row.path, row)
+            if earlier.label != row.label:
+                raise UserError(
+                    f"{row.where}: {row.written} is labelled both {earlier.label!r} ({earlier.where}) and "
+                    f"{row.label!r} here; keep one"
+                )
+    rows = list(chosen.values())
+    return LabeledImages(
+        paths=tuple(row.path for row in rows),
+        labels=tuple(row.label for row in rows),
+        root=(sources[0] if sources[0].is_dir() else sources[0].parent).absolute(),
+    )
+
+
+def _read_tree(root: Path) -> list[_Row]:
+    rows = []
     for class_folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in find_images(class_folder):
-            paths.append(path.absolute())
-            labels.append(class_folder.name)
-    if not paths:
+        # A file linked into a class folder was labelled on purpose (a tree of links into a pool), so
+        # links are followed here as before; FIFOs and devices are still never opened.
+        for path in find_images(class_folder, follow_links=True):
+            rows.append(
+                _Row(Path(os.path.normpath(path.absolute())), class_folder.name, str(path), str(class_folder))
+            )
+    if not rows:
         raise UserError(
             f"{root}: no images in class subfolders. A labelled folder holds one subfolder per class "
             "(root/<class>/*.jpg), or pass a CSV with path,label columns"
         )
-    return LabeledImages(paths=tuple(paths), labels=tuple(labels), root=root.absolute())
+    return rows
 
 
 def _decode(source: Path) -> str:
@@ -114,7 +160,7 @@ def _decode(source: Path) -> str:
         raise UserError(f"{source}: not UTF-8 text (byte {error.start}); save the CSV as UTF-8") from None
 
 
-def _read_csv(source: Path) -> LabeledImages:
+def _read_csv(source: Path) -> list[_Row]:
     text = _decode(source)
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
@@ -129,7 +175,7 @@ def _read_csv(source: Path) -> LabeledImages:
             f"(found: {', '.join(columns) or 'nothing'})"
         )
     root = source.parent.absolute()
-    chosen: dict[Path, str] = {}
+    found: list[_Row] = []
     missing_files: list[str] = []
     for line, row in enumerate(rows, start=2):
         row = {(key or "").strip(): (value or "") for key, value in row.items() if key is not None}
@@ -140,21 +186,16 @@ def _read_csv(source: Path) -> LabeledImages:
         if not path.is_file():
             missing_files.append(raw_path)
             continue
-        path = Path(os.path.normpath(path))
-        if path in chosen and chosen[path] != label:
-            raise UserError(
-                f"{source}:{line}: {raw_path} is labelled both {chosen[path]!r} and {label!r}; keep one"
-            )
-        chosen[path] = label
+        found.append(_Row(Path(os.path.normpath(path)), label, raw_path, f"{source}:{line}"))
     if missing_files:
         shown = ", ".join(missing_files[:3])
         raise UserError(
             f"{source}: {len(missing_files)} path(s) do not exist (e.g. {shown}); "
             "paths are relative to the CSV's folder"
         )
-    if not chosen:
+    if not found:
         raise UserError(f"{source}: no rows; add path,label rows")
-    return LabeledImages(paths=tuple(chosen), labels=tuple(chosen.values()), root=root)
+    return found
 
 
 def write_labels(labeled: LabeledImages, out: Path) -> None:

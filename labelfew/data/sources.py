@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labelfew.data.batches import EpochBatches, EpochOrder
+from labelfew.data.images import printable
 from labelfew.data.store import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.data.stream import DecodedFiles, StreamBatches
 from labelfew.errors import UserError
@@ -86,7 +87,7 @@ def training_batches(
     order.count = len(store)
     kept = set(store.paths)
     return MemoryBatches(store, order, accelerator.device, kept_labels), [
-        str(p) for p in paths if p not in kept
+        printable(p) for p in paths if p not in kept
     ]
 
 

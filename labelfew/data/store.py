@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from labelfew.data.batches import Batch, EpochOrder
-from labelfew.data.images import BadImage, image_extent, load_resized, stored_extent
+from labelfew.data.images import BadImage, image_extent, load_resized, printable, stored_extent
 from labelfew.errors import UserError
 from labelfew.spec import eval_resize_side
 
@@ -177,7 +177,9 @@ def decode_images(
     offsets = torch.cumsum(counts, 0) - counts
     pixels = torch.empty(needed, dtype=torch.uint8)
     failures = {
-        index: f"{paths[index]}: cannot be opened as an image" for index, e in enumerate(extents) if e is None
+        index: f"{printable(paths[index])}: cannot be opened as an image"
+        for index, e in enumerate(extents)
+        if e is None
     }
     _decode_into(pixels, offsets, sizes, paths, side, threads, failures, on_progress)
     if len(failures) == len(paths):
@@ -214,7 +216,7 @@ def _decode_into(
                 if isinstance(result, str):
                     failures[index] = result
                 elif result.shape != (height, width, 3):
-                    failures[index] = f"{paths[index]}: decoded size differs from its header"
+                    failures[index] = f"{printable(paths[index])}: decoded size differs from its header"
                 else:
                     count = 3 * height * width
                     start_byte = int(offsets[index])

@@ -11,7 +11,10 @@ A checkpoint is a folder `checkpoints/step-00001234/` holding
     fingerprint.json    what must not change between the run and its resume (arch, batch, data …)
 
 It is written into a temporary folder and renamed, so a kill leaves either the whole checkpoint
-or none; the newest `keep` checkpoints are kept.
+or none; the newest `keep` checkpoints are kept. A full disk fails the write, not the earlier
+checkpoints: the run stops with one line saying how much space the checkpoint needs, and
+rerunning once space is freed resumes from the newest complete one. `require_space` refuses to
+start a run whose first checkpoint would not fit.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from labelfew.engine.accelerator import on_main_process
 from labelfew.engine.ema import ModelEMA
 from labelfew.errors import UserError
+from labelfew.fileio import disk_full_error, is_disk_full, require_free_space
 
 PREFIX = "step-"
 
@@ -79,14 +84,27 @@ def save(
     fingerprint: dict[str, Any], keep: int = 2, extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:  # fmt: skip
     """Writes one checkpoint atomically (temporary folder, fsync, rename) and prunes old ones;
-    each of `extra_tensors` as `<name>.safetensors` beside the model's."""
-    folder.mkdir(parents=True, exist_ok=True)
+    each of `extra_tensors` as `<name>.safetensors` beside the model's.
+
+    Raises:
+        UserError: the disk is full: the folder, the checkpoint's size and that a rerun resumes
+            (the earlier checkpoints are left as they were).
+    """
+    tensors = {"model": model_state, **(extra_tensors or {})}
+    needed = sum(_tensor_bytes(values) for values in tensors.values()) + _tensor_bytes(training_state)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_temporaries(folder)  # a killed write's (the stage folder's lock: no other writer)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{PREFIX}", dir=folder))
+    except OSError as error:
+        if is_disk_full(error, folder, needed):
+            raise disk_full_error(folder, "the next checkpoint", needed) from None
+        raise
     step = int(training_state["position"]["global_step"])
     final = folder / f"{PREFIX}{step:08d}"
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
     try:
-        for name, tensors in {"model": model_state, **(extra_tensors or {})}.items():
-            save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+        for name, values in tensors.items():
+            save_file({key: value.detach().cpu().contiguous() for key, value in values.items()},
                       str(temporary / f"{name}.safetensors"))  # fmt: skip
         torch.save(training_state, temporary / "state.pt")
         (temporary / "fingerprint.json").write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
@@ -96,8 +114,11 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-    except BaseException:
+    except BaseException as error:
+        full = isinstance(error, Exception) and is_disk_full(error, folder, needed)  # before freeing space
         shutil.rmtree(temporary, ignore_errors=True)
+        if full:
+            raise disk_full_error(folder, "the next checkpoint", needed) from None
         raise
     for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -132,16 +153,35 @@ def load(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dic
 def check_fingerprint(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuses to resume a run whose recipe changed.
 
+    A key `_K` holds the file list hashed into key `K` (`_image_list_sha256`): it is not compared
+    itself, but names the files that appeared or vanished when `K` differs.
+
     Raises:
-        UserError: naming every changed key, its old and new value, and `--restart`.
+        UserError: naming every changed key, its old and new value (and up to 3 files that appeared
+            or vanished), and `--restart`.
     """
-    changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}"
-               for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]  # fmt: skip
+    changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}{_files_changed(saved, current, key)}"
+               for key in sorted(set(saved) | set(current))
+               if not key.startswith("_") and saved.get(key) != current.get(key)]  # fmt: skip
     if changed:
         raise UserError(
             f"{checkpoint.parent}: a checkpoint of a different run ({'; '.join(changed)}); "
             "rerun with the original settings to resume, or pass --restart to start over"
         )
+
+
+def _files_changed(saved: dict[str, Any], current: dict[str, Any], key: str) -> str:
+    """` (2 appeared: a.png, b.png; 1 vanished: c.png)` from the lists under `_<key>`; "" without them."""
+    before, after = saved.get("_" + key), current.get("_" + key)
+    if not isinstance(before, list) or not isinstance(after, list):
+        return ""  # a checkpoint written before the lists were kept, or a list too long to keep
+    parts = []
+    appeared, vanished = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    for word, names in (("appeared", appeared), ("vanished", vanished)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} file(s) {word}: {', '.join(names[:3])}{more}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def position_from(state: dict[str, Any]) -> Position:
@@ -156,8 +196,55 @@ def remove_all(folder: Path) -> None:
     """Deletes every checkpoint in `folder` (for --restart)."""
     for path in folder.glob(f"{PREFIX}*"):
         shutil.rmtree(path, ignore_errors=True)
+    _remove_temporaries(folder)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Deletes the temporary folders of checkpoint writes that were killed (they only take space)."""
     for path in folder.glob(f".{PREFIX}*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state: what a checkpoint of it takes on disk, near enough."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def estimated_bytes(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA | None = None
+) -> int:
+    """The size of a checkpoint of this training before its first step: the weights (twice with a
+    moving average), the optimizer's per-parameter buffers (two with Adam's betas, one with
+    momentum) and 1 MB for the rest; the optimizer creates its buffers only at its first step."""
+    weights = _tensor_bytes(model.state_dict())
+    trainable = sum(_tensor_bytes(group["params"]) for group in optimizer.param_groups)
+    defaults = optimizer.defaults
+    buffers = 2 if "betas" in defaults else 1 if defaults.get("momentum") else 0
+    return (
+        weights * (2 if ema is not None else 1)
+        + max(trainable * buffers, _tensor_bytes(optimizer.state))
+        + (1 << 20)
+    )
+
+
+def require_space(
+    accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    ema: ModelEMA | None = None,
+) -> None:  # fmt: skip
+    """Refuses, before training starts, a run whose next checkpoint would not fit on the disk of
+    `folder` (the last ones are pruned only after it is written); every process must call this.
+
+    Raises:
+        UserError: on every process, naming the folder, the free space and the size needed.
+    """
+    needed = estimated_bytes(accelerator.unwrap_model(model), optimizer, ema)
+    on_main_process(accelerator, lambda: require_free_space(folder, needed, "a checkpoint of this run"))
 
 
 def save_training(
@@ -169,13 +256,17 @@ def save_training(
     weights' moving average when there is one).
 
     Every process must call this at the same step.
+
+    Raises:
+        UserError: on every process, when the main process's disk is full (`save`).
     """
     rng_states = [rng_state()]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         rng_states = gather_object(rng_states)
-    if accelerator.is_main_process:
+
+    def write() -> None:
         scaler = getattr(accelerator, "scaler", None)
         state = {
             "optimizer": optimizer.state_dict(),
@@ -188,7 +279,8 @@ def save_training(
         }
         extra = {"ema": ema.state_dict()} if ema is not None else None
         save(folder, accelerator.unwrap_model(model).state_dict(), state, fingerprint, extra_tensors=extra)
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, write)  # a full disk stops every process with its one line
 
 
 def restore_training(

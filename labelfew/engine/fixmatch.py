@@ -2,10 +2,12 @@
 pseudo-label counts and the step (a labelled batch and μ× as many unlabeled images, one forward pass).
 
 FixMatch (Sohn et al. 2020, https://arxiv.org/abs/2001.07685, algorithm 1): each unlabeled image
-gets a weak view (here fine-tuning's random resized crop + flip) and a strong view (another crop +
-flip, then RandAugment with per-image operations and magnitudes, then Cutout:
-`labelfew.views.randaugment`). The weak view's prediction, without gradient, is the pseudo-label
-where its softmax reaches the threshold; the strong view is trained towards it:
+gets a weak view (a flip and a shifted window of the image at the scale it is stored at,
+reflect-padded by 1/8 of the side up to 64 px: `labelfew.views.finetune.ShiftFlipViews`) and a
+strong view (that same weak view, then RandAugment with per-image operations and magnitudes, then
+Cutout: `labelfew.views.randaugment`); the labelled images get the weak view too. The weak view's
+prediction, without gradient, is the pseudo-label where its softmax reaches the threshold; the
+strong view is trained towards it:
 
     loss = CE(labelled) + λ_u · mean over the μB images of [max q ≥ τ] · CE(strong, argmax q)
 
@@ -13,13 +15,18 @@ with ``q = softmax(weak logits)`` (`labelfew.losses.fixmatch_unlabeled_loss`). L
 strong views go through the model as one batch, so BatchNorm normalises them together; the
 official code interleaves them across devices for the same reason, which one device per process
 does not need.
+
+BatchNorm: the model's running statistics are what the moving average copies (`labelfew.engine.ema`),
+so their momentum follows the average's decay, 0.001 once it is warmed up, as both references
+(official ``batch_norm`` momentum 0.999 in TensorFlow's convention; USB ``bn_momentum = 1 - ema_m``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +45,7 @@ from labelfew.engine.counts import EpochCounts
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.trainer import StepFunction
 from labelfew.losses import fixmatch_unlabeled_loss
-from labelfew.views.finetune import CropFlipViews
+from labelfew.views.finetune import CropFlipViews, ShiftFlipViews
 from labelfew.views.ops import normalization, normalize
 from labelfew.views.randaugment import RandAugmentViews
 
@@ -46,6 +53,10 @@ UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 """Normalisation that leaves views in [0, 1], where RandAugment works."""
 PSEUDO_LABEL_METRICS = ("mask_rate", "pseudo_label_top1", "masked_pseudo_label_top1")
 """What `PseudoLabels` logs per epoch (the accuracies only for a folder with classes)."""
+FIXMATCH_VERSION = 2
+"""What FixMatch trains beyond its options, in a resume's fingerprint so that a checkpoint of another
+version is refused rather than continued differently (2: the weak view flip + shift, the strong view
+of its window, the classifier decayed, BatchNorm momentum following the average)."""
 
 
 @dataclass(frozen=True)
@@ -56,26 +67,28 @@ class UnlabeledImages:
         root: the folder, searched recursively.
         paths: its image files, sorted.
         labels: each file's class index (for the logged pseudo-label accuracy only), or None.
+        skipped: ``"path: reason"`` for what the folder holds that is not read (FIFOs, links out).
     """
 
     root: Path
     paths: list[Path]
     labels: list[int] | None
+    skipped: list[str] = field(default_factory=list)
 
     def listing_sha256(self) -> str:
         """A short hash of the relative paths (what a resumed run must train on again)."""
         listing = "\n".join(str(path.relative_to(self.root)) for path in self.paths)
-        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+        return hashlib.sha256(os.fsencode(listing)).hexdigest()[:16]
 
 
-def find_unlabeled(root: Path, class_names: list[str]) -> UnlabeledImages:
+def find_unlabeled(root: Path, class_names: list[str], follow_links: bool = False) -> UnlabeledImages:
     """The images of `root` (`labelfew.data.images.require_images`).
 
     Raises:
         UserError: the folder holds no image files.
     """
-    paths = require_images(root)
-    return UnlabeledImages(root, paths, folder_labels(paths, root, class_names))
+    found = require_images(root, follow_links=follow_links)
+    return UnlabeledImages(root, found.paths, folder_labels(found.paths, root, class_names), found.skipped)
 
 
 def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: int, seed: int, image_size: int,
@@ -99,9 +112,13 @@ def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: in
 class WeakStrongViews:
     """The weak and the strong view of every image of an unlabeled batch, both normalised.
 
-    Both start from their own random resized crop + flip (drawn one after the other from the
-    step's generator); the strong one then gets RandAugment (N = 2 operations per image, each of
-    its own, with a random magnitude) and Cutout (half the side), as FixMatch's appendix table 12.
+    The weak view is a flip and a small shift (`ShiftFlipViews`); the strong view is
+    the same window, then RandAugment (N = 2 operations per image, each of its own, with a random
+    magnitude) and Cutout (half the side), as FixMatch's appendix table 12. Sharing the window is
+    the official ImageNet pipeline's (one crop, RandAugment on it); the official CIFAR code and USB
+    draw a second flip and shift for the strong view (at most 1/4 of the side from the weak one's,
+    perhaps mirrored), never another part of the photo. A strong view of another part than its
+    pseudo-label's weak view would be trained towards a label it may not show.
 
     Args:
         image_size: Output side ``S`` in pixels.
@@ -110,14 +127,14 @@ class WeakStrongViews:
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.crop_flip = CropFlipViews(image_size, UNIT_MEAN, UNIT_STD)
+        self.shift_flip = ShiftFlipViews(image_size, UNIT_MEAN, UNIT_STD)
         self.randaugment = RandAugmentViews()
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> two (batch, 3, S, S) float32."""
-        weak = self.crop_flip(images, sizes, generator)
-        strong = self.randaugment(self.crop_flip(images, sizes, generator), generator)
+        weak = self.shift_flip(images, sizes, generator)
+        strong = self.randaugment(weak, generator)  # a new tensor: the weak view is kept
         mean, std = normalization(self.mean, self.std, images.device)
         return normalize(weak, mean, std), normalize(strong, mean, std)
 
@@ -156,7 +173,7 @@ class PseudoLabels(EpochCounts):
 
 
 def fixmatch_step(
-    labelled_views: CropFlipViews,
+    labelled_views: ShiftFlipViews,
     unlabeled_views: WeakStrongViews,
     threshold: float,
     unlabeled_weight: float,
@@ -165,7 +182,7 @@ def fixmatch_step(
     pseudo_labels: PseudoLabels,
 ) -> StepFunction:
     """The step over a `LabelledPairBatch` (the unlabeled images, their labelled batch attached by
-    `labelfew.data.batches.WithLabelled`): cross-entropy on the labelled views plus
+    `labelfew.data.batches.WithLabelled`): cross-entropy on the labelled images' weak views plus
     ``unlabeled_weight`` × FixMatch's unlabeled loss; the number of views is B + 2μB."""
 
     def step(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
@@ -205,12 +222,16 @@ def fixmatch_training(model: nn.Module, labelled: EpochBatches, unlabeled: Unlab
                       views: CropFlipViews, label_smoothing: float, *, labelled_batch: int, seed: int, workers: int, show: bool,
                       accelerator: Any) -> FixMatchTraining:  # fmt: skip
     """FixMatch's parts around the unwrapped `model` and the labelled batches: μ × the labelled
-    batch (global) of unlabeled images a step (their own order, `seed`), weak and strong views on the device."""
+    batch (global) of unlabeled images a step (their own order, `seed`), weak and strong views on the
+    device (`views` gives their side and normalisation: the labelled images get the weak view, not
+    its crop), and the moving average, which sets `model`'s BatchNorm momentum (`ModelEMA`)."""
     count = min(settings.mu * labelled_batch, len(unlabeled.paths))  # global, as `labelled_batch`
     paired, skipped = paired_batches(
         labelled, unlabeled, count, seed, views.image_size, accelerator, workers, show
     )
     pseudo_labels = PseudoLabels(accelerator.device, has_labels=unlabeled.labels is not None)
-    step = fixmatch_step(views, WeakStrongViews(views.image_size, views.mean, views.std), settings.threshold,
+    weak = ShiftFlipViews(views.image_size, views.mean, views.std)
+    step = fixmatch_step(weak, WeakStrongViews(views.image_size, views.mean, views.std), settings.threshold,
                          settings.unlabeled_weight, label_smoothing, accelerator.device.type == "cuda", pseudo_labels)  # fmt: skip
-    return FixMatchTraining(paired, skipped, step, ModelEMA(model, settings.ema), pseudo_labels)
+    ema = ModelEMA(model, settings.ema, batchnorm=True)
+    return FixMatchTraining(paired, skipped, step, ema, pseudo_labels)

@@ -1,8 +1,9 @@
-"""Where a fine-tuning stage's weights come from: a pretrain artifact, or random init.
+"""Where a model's weights come from: a pretrain artifact, weights that already exist, or random init.
 
-`finetune` starts from `--from`'s pretrained backbone (or from nothing with `--scratch`);
-`distill`'s student from `--from-pretrain`'s. Both refuse an `--arch` that is not the one the
-backbone was pretrained as, with the same line.
+`finetune` starts from `--from`'s pretrained backbone (or from nothing with `--scratch`), or from
+`--init SOURCE` (timm's pretrained weights, a weights file of another tool, an exported folder or
+a labelfew run: `labelfew.engine.init_weights`); `distill`'s student from `--from-pretrain`'s.
+They refuse an `--arch` that is not the one the backbone was pretrained as, with the same line.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import nn
+
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.data.images import typical_image_side
+from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, uses_small_stem
 
@@ -22,7 +26,7 @@ DEFAULT_ARCH = "resnet18"
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where the weights come from: the pretrain artifact, or nothing (scratch)."""
+    """Where the weights come from: the pretrain artifact, `--init`'s weights, or nothing (scratch)."""
 
     artifact: Artifact | None
     arch: str
@@ -30,6 +34,38 @@ class Start:
     small_stem: bool
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    init: Init | None = None
+
+    def load_into(self, backbone: nn.Module) -> list[str]:
+        """Copies `init`'s weights into ``backbone`` (strictly); returns the keys left random."""
+        return [] if self.init is None else load_init(backbone, self.init, self.small_stem)
+
+
+def init_start(
+    source: str, arch: str | None, prefix: str | None, image_size: int | None, small_stem: bool | None,
+    paths: Sequence[Path],
+) -> Start:  # fmt: skip
+    """`--init SOURCE`'s weights as a start, with the settings they bring.
+
+    The mean and std are the init's (timm's ``pretrained_cfg``, a labelfew artifact's spec); the
+    stem is the init's: a labelfew artifact keeps its own, and other weights keep their pretrained
+    stem unless `small_stem` asks for the small-image stem, whose first conv then starts random
+    (`Start.load_into` returns it, the stage says so). The image size is `image_size`, else a
+    labelfew artifact's, else the images' typical side (as without an init).
+
+    Raises:
+        UserError: as `labelfew.engine.init_weights.read_init`, or `small_stem` against a labelfew
+            artifact's own stem.
+    """
+    init = read_init(source, arch=arch, prefix=prefix)
+    if small_stem is not None and init.image_size is not None and small_stem != init.small_stem:
+        raise UserError(
+            f"--{'' if small_stem else 'no-'}small-stem: --init {source} was trained "
+            f"{'with' if init.small_stem else 'without'} the small-image stem; leave the flag out"
+        )
+    size = image_size or init.image_size or typical_image_side(list(paths))
+    stem = init.small_stem if init.image_size is not None else bool(small_stem)
+    return Start(None, init.arch, size, stem, init.mean or IMAGENET_MEAN, init.std or IMAGENET_STD, init)
 
 
 def load_pretrained(source: Path | None, arch: str | None, flag: str = "--from") -> Artifact:

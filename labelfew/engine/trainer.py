@@ -27,6 +27,10 @@ from labelfew.engine.accelerator import console
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.loggers import RunLogger
 
+PROGRESS_SECONDS = 30.0
+"""Seconds between the plain progress lines of a run without a live bar (`--quiet`, or output to a
+file or pipe, where rich draws nothing until the end): a log point prints one once this has passed."""
+
 StepFunction = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
 """(model, batch) -> (loss to back-propagate, number of views processed). The step makes the views
 of the batch's uint8 images itself (`labelfew.views`), drawing from ``batch.generator()``."""
@@ -90,13 +94,14 @@ class Trainer:
     _step_lr: float = 0.0  # the lr the last optimizer step used (the scheduler has moved on since)
     _step_times: list[float] = field(default_factory=list)  # ends of the first steps, for the estimate
     _estimated: bool = False
+    _last_line: float = 0.0  # when the last plain progress line was printed
 
     def fit(self) -> FitResult:
         main = self.accelerator.is_main_process
         resumed = self._resume()
         position = self._position
         start = time.perf_counter() - position.seconds
-        self._last_checkpoint = time.perf_counter()
+        self._last_checkpoint = self._last_line = time.perf_counter()
         log = self.log_file.open("a", encoding="utf-8") if (main and self.log_file) else None
         progress = _progress(self.description, disable=not main or self.quiet)
         try:
@@ -205,6 +210,7 @@ class Trainer:
                 "(--lr / --base-lr) or use --precision no"
             )
         progress.update(task, loss=values[-1], lr=pending[-1][2], rate=rate)
+        self._progress_line(epoch, pending[-1][0], values[-1], pending[-1][2], rate)
         if log is not None:
             for (step, _, lr), value in zip(pending, values, strict=True):
                 log.write(json.dumps({"epoch": epoch + 1, "step": step, "loss": value, "lr": lr}) + "\n")
@@ -213,6 +219,20 @@ class Trainer:
             for (step, _, lr), value in zip(pending, values, strict=True):
                 self.loggers.log_scalars(step, {"loss": value, "lr": lr})
             self.loggers.log_scalars(pending[-1][0], {"views_per_second": rate})
+
+    def _progress_line(self, epoch: int, step: int, loss: float, lr: float, rate: float) -> None:
+        """A plain line every `PROGRESS_SECONDS` where no bar is drawn, so a long epoch shows progress."""
+        no_bar = self.quiet or not console.is_terminal
+        if not no_bar or not self.accelerator.is_main_process:
+            return
+        if time.perf_counter() - self._last_line < PROGRESS_SECONDS:
+            return
+        self._last_line = time.perf_counter()
+        console.print(
+            f"{self.description} epoch {epoch + 1}/{self.epochs} step {step}/{len(self.loader) * self.epochs} "
+            f"loss {loss:.4f} lr {lr:.3g} {rate:.0f} views/s",
+            highlight=False,
+        )
 
     def _checkpoint_due(self) -> bool:
         return (time.perf_counter() - self._last_checkpoint) >= 60 * self.checkpoint_minutes
@@ -245,6 +265,9 @@ class Trainer:
             if self.accelerator.is_main_process:
                 checkpoint.remove_all(self.checkpoint_dir)
             self.accelerator.wait_for_everyone()
+        # A full disk fails now, not at the first checkpoint minutes or hours later.
+        checkpoint.require_space(self.accelerator, self.checkpoint_dir, self.model, self.optimizer, self.ema)
+        if self.restart:
             return None
         restored = checkpoint.restore_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
                                                self.scheduler, self.fingerprint, self.ema)  # fmt: skip

@@ -20,6 +20,19 @@ class Shown:
     caption: str
 
 
+def page_path(path: Path | str, run_folder: Path) -> str:
+    """How the page names a file: relative to the run folder when inside it, else only its name.
+
+    The page is meant to be mailed: absolute paths would show the sender's folders and mean nothing
+    on the reader's machine.
+    """
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(run_folder.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def _percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
@@ -47,7 +60,7 @@ def render_html(result: dict[str, Any], out: Path, shown: Sequence[Shown], notes
         f"<title>labelfew evaluation — {escape(Path(test['path']).name)}</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>labelfew evaluation</h1>",
-        f"<p class=meta>Test set {escape(test['path'])}: {test['images']} images, "
+        f"<p class=meta>Test set {escape(Path(test['path']).name)}: {test['images']} images, "
         f"{len(result['class_names'])} classes. Device {escape(str(result.get('device')))}.</p>",
         "<table><tr><th>method</th><th>top-1</th><th>top-5</th><th>balanced accuracy</th></tr>",
         rows,

@@ -32,7 +32,7 @@ from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_text
 from labelfew.models import features_model, load_model
-from labelfew.report.html import Shown, render_html
+from labelfew.report.html import Shown, page_path, render_html
 from labelfew.use.inference import run_model
 
 TSNE_MAX_POINTS = 5000  # t-SNE above this takes minutes on a CPU; PCA is used instead
@@ -294,17 +294,18 @@ def write_report(
     labels = np.array(test.label_indices(class_names))
     source = pretrain or (finetunes[0] if finetunes else None)
     if source is not None and len(test) >= 3:
-        figures.append(_embedding_panel(source, test, labels, class_names, options))
+        figures.append(_embedding_panel(source, test, labels, class_names, options, run_folder))
     logs = _logs([model for model in (pretrain, *finetunes) if model is not None])
     if logs:
         caption = "Per-step loss (faint: raw, solid: moving average) and learning rate from log.jsonl."
         figures.append((curves_figure(logs), Shown("training_curves.png", "Training curves", caption)))
     else:
-        notes.append(f"No training log (log.jsonl) found under {run_folder}.")
+        notes.append(f"No training log (log.jsonl) found in the run folder {run_folder.name}.")
     tuned = [a for a in finetunes if not a.spec.scratch] or list(finetunes)
     mistakes = _mistakes(tuned[0], test, labels, class_names, options) if tuned else []
     if mistakes:
-        caption = f"Up to {MAX_MISTAKES_SHOWN} wrong predictions with the highest confidence; model {tuned[0].path}."
+        model = page_path(tuned[0].path, run_folder)
+        caption = f"Up to {MAX_MISTAKES_SHOWN} wrong predictions with the highest confidence; model {model}."
         figures.append(
             (misclassified_figure(mistakes), Shown("misclassified.png", "Most confident mistakes", caption))
         )
@@ -322,7 +323,12 @@ def write_report(
 
 
 def _embedding_panel(
-    source: Artifact, test: LabeledImages, labels: np.ndarray, class_names: list[str], options: dict[str, Any]
+    source: Artifact,
+    test: LabeledImages,
+    labels: np.ndarray,
+    class_names: list[str],
+    options: dict[str, Any],
+    run_folder: Path,
 ) -> tuple[Any, Shown]:
     features = run_model(
         features_model(load_model(source)),
@@ -332,7 +338,9 @@ def _embedding_panel(
         **options,
     )
     points, method = project_2d(features.values.numpy())
-    caption = f"Backbone features (L2-normalised) of {source.path}, coloured by true class."
+    caption = (
+        f"Backbone features (L2-normalised) of {page_path(source.path, run_folder)}, coloured by true class."
+    )
     return (
         embedding_figure(points, labels[features.kept], class_names, method),
         Shown("embedding_map.png", f"Test images in 2-D ({method})", caption),

@@ -83,35 +83,56 @@ def _shared_methods(rows: list[dict[str, Any]]) -> set[str]:
     return {method for method in methods if methods.count(method) > 1}
 
 
+def _note(row: dict[str, Any], shared: set[str]) -> str:
+    """The table's notes for one row: k and the bank for kNN, C for the probe, the labels for a model."""
+    details = row["details"]
+    if row["method"].startswith("kNN"):
+        note = f"k={details['k']}, T={details.get('temperature')}, bank {details['bank_images']} labelled"
+        if "k_requested" in details:
+            note += f" (k capped from {details['k_requested']})"
+        return note
+    if row["method"] == "linear probe":
+        return f"C={details['C']}, {details['bank_images']} labelled"
+    note = f"{details.get('labelled_images')} labelled"
+    if row["method"] in shared and details.get("artifact"):
+        note += f", {Path(details['artifact']).parent.name}"  # which of the run's models
+    return note
+
+
 def print_report(result: dict[str, Any], path: Path | None = None) -> None:
-    """One row per model/method, then the per-class accuracy of every row."""
+    """One row per model/method, then the per-class accuracy of every row.
+
+    The title counts the test images scored; the ones that could not be decoded are named below
+    it. With `--allow-overlap` and test images that a model saw, a column says how many each row saw.
+    """
     test = result["test"]
     table = Table(
         title=f"labelfew evaluation — {test['images']} test images, {len(result['class_names'])} classes"
     )
-    for column in ("method", "top-1", "top-5", "balanced acc.", "notes"):
+    overlap = bool(result.get("overlap"))
+    columns = (
+        ("method", "top-1", "top-5", "balanced acc.")
+        + (("test images seen",) if overlap else ())
+        + ("notes",)
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column in ("method", "notes") else "right")
     shared = _shared_methods(result["rows"])
     for row in result["rows"]:
-        details = row["details"]
-        if row["method"].startswith("kNN"):
-            note = f"k={details['k']}, T={details.get('temperature')}, bank {details['bank_images']} labelled"
-            if "k_requested" in details:
-                note += f" (k capped from {details['k_requested']}: every bank image votes)"
-        elif row["method"] == "linear probe":
-            note = f"C={details['C']}, {details['bank_images']} labelled"
-        else:
-            note = f"{details.get('labelled_images')} labelled"
-            if row["method"] in shared and details.get("artifact"):
-                note += f", {Path(details['artifact']).parent.name}"  # which of the run's models
-        table.add_row(
-            row["method"],
-            _percent(row["top1"]),
-            _percent(row["top5"]),
-            _percent(row["balanced_accuracy"]),
-            note,
+        seen = (str(row["details"].get("seen_test_images", "—")),) if overlap else ()
+        scores = (_percent(row["top1"]), _percent(row["top5"]), _percent(row["balanced_accuracy"]))
+        table.add_row(row["method"], *scores, *seen, _note(row, shared))
+    if test.get("skipped"):
+        named = "; ".join(test["skipped_files"][:3]) + ("; …" if test["skipped"] > 3 else "")
+        console.print(
+            f"[yellow]{test['skipped']} of {test['listed']} test images skipped[/] (cannot be decoded): {named}"
         )
     console.print(table)
+    capped = next((row["details"] for row in result["rows"] if "k_cap" in row["details"]), None)
+    if capped is not None:
+        console.print(
+            f"kNN: k capped from {capped['k_requested']} to {capped['k']}: {capped['k_cap']} (a larger k is a majority vote)"
+        )
     names = result["class_names"]
     if len(names) <= 20 and result["rows"]:
         per_class = Table(title="per-class accuracy", show_lines=False)

@@ -2,7 +2,8 @@
 
 SimCLRv2 (Chen et al. 2020, arXiv 2006.10029, section 2.3, eq. 2) uses the unlabeled images a
 second time: the fine-tuned model (the teacher) labels them with its softmax, and a student is
-trained to match it, `-sum_y P_T(y|x; t) log P_S(y|x; t)`, optionally plus the labelled loss.
+trained to match it, `-sum_y P_T(y|x; t) log P_S(y|x; t)` (× t², see `distillation_step`), at t = 0.1
+for the same arch and 1.0 for another by default (the paper's, section 3), optionally plus the labelled loss.
 Self-distillation (the same arch, started from the pretrained backbone) improves on the teacher;
 big-to-small distillation (`--arch`) gives a smaller model. Both are trained with the fine-tuning
 augmentation (random resized crop + flip) and, as in the paper, pretraining's optimizer and schedule.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +40,7 @@ from labelfew.artifacts import (
 from labelfew.config import DistillConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, LabelledPairBatch, WithLabelled
-from labelfew.data.images import require_images
+from labelfew.data.images import printable, require_images, skipped_note
 from labelfew.data.labelled import labelled_batches, unlabeled_batches
 from labelfew.data.labels import LabeledImages, folder_labels, read_labels
 from labelfew.data.overlap import content_hashes
@@ -68,6 +70,8 @@ STAGE = register_stage(
 
 WARMUP_FRACTION = 0.1
 """Linear warmup over this part of the steps, then cosine: pretraining's 10 of 100 epochs."""
+AUTO_TEMPERATURE = {"self": 0.1, "big-to-small": 1.0}
+"""`--temperature auto`: SimCLRv2 (arXiv 2006.10029, section 3) self-distils at 0.1, big-to-small at 1.0."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +154,12 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
     if config.from_pretrain is not None:
         start = load_pretrained(config.from_pretrain, config.arch, "--from-pretrain")
         kind = "self" if start.arch == spec.arch else "pretrain"
-        return Student(kind, start.arch, start.spec.small_stem, start)
+        return Student(kind, start.arch, _pretrained_stem(config, start), start)
     if config.arch is not None and config.arch != spec.arch:
-        return Student("random", config.arch, spec.small_stem, None)
+        small_stem = spec.small_stem if config.small_stem is None else config.small_stem
+        if small_stem:  # fails now, not after the images are decoded, for an arch without a ResNet stem
+            build_backbone(config.arch, small_stem=True, image_size=spec.image_size)
+        return Student("random", config.arch, small_stem, None)
     parent = (teacher.run_info().get("parent") or {}).get("path")
     if not parent or not Path(parent).is_file():
         raise UserError(
@@ -160,7 +167,25 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
             "there; pass --from-pretrain runs/NAME/pretrain (or --arch for a random-init student)"
         )
     start = load_artifact(Path(parent), "pretrain")
-    return Student("self", start.arch, start.spec.small_stem, start)
+    return Student("self", start.arch, _pretrained_stem(config, start), start)
+
+
+def _pretrained_stem(config: DistillConfig, start: Artifact) -> bool:
+    """The pretrained start's stem; a `--small-stem` / `--no-small-stem` against it is a UserError."""
+    if config.small_stem is not None and config.small_stem != start.spec.small_stem:
+        raise UserError(
+            f"--{'' if config.small_stem else 'no-'}small-stem: the student starts from {start.path}, pretrained "
+            f"{'with' if start.spec.small_stem else 'without'} the small-image stem; leave the flag out (it is for a "
+            "random-init student of another --arch)"
+        )
+    return start.spec.small_stem
+
+
+def distill_temperature(config: DistillConfig, teacher: Artifact, student: Student) -> float:
+    """`--temperature`, or for `auto` SimCLRv2's: 0.1 when the student's arch is the teacher's, else 1.0."""
+    if config.temperature != "auto":
+        return float(config.temperature)
+    return AUTO_TEMPERATURE["self" if student.arch == teacher.arch else "big-to-small"]
 
 
 def build_student(student: Student, spec: ModelSpec) -> Classifier:
@@ -173,9 +198,12 @@ def build_student(student: Student, spec: ModelSpec) -> Classifier:
 
 def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: float, alpha: float,
                       accelerator: Any, agreement: Agreement) -> engine.StepFunction:  # fmt: skip
-    """Distillation loss on one view of every unlabeled image, the teacher's logits made from that
-    same view once; with `alpha`, plus alpha × the cross-entropy of the labelled batch's views
-    (one student forward pass over both, so BN normalises them together)."""
+    """T² × the distillation loss of one view of every unlabeled image (the teacher's logits of that same
+    view); with `alpha`, + alpha × the labelled views' cross-entropy (one student pass, one BN batch).
+
+    T² (Hinton et al., arXiv 1503.02531; SimCLRv2's eq. 2 has none): at T = 0.1 the layers LARS does not
+    adapt (classifier, biases, BN) get ~20× T = 1's gradients, and a probe's self-distillation diverged
+    (agreement 19%; 98% with T², 96% at T = 1). LARS's trust ratio ignores the scale; the log shows it."""
     channels_last = accelerator.device.type == "cuda"
 
     def step(student: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -189,7 +217,7 @@ def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: flo
         with torch.no_grad(), accelerator.autocast():
             teacher_logits = teacher(images[:unlabeled]).float()
         logits = student(images).float()
-        loss = distillation_loss(logits[:unlabeled], teacher_logits, temperature)
+        loss = temperature**2 * distillation_loss(logits[:unlabeled], teacher_logits, temperature)
         agreement.add(logits[:unlabeled], teacher_logits, batch.labels, temperature)
         if labelled is not None and alpha > 0:
             assert labelled.labels is not None
@@ -228,9 +256,9 @@ def build_batches(config: DistillConfig, paths: list[Path], known: list[int] | N
     )  # fmt: skip
     if labeled is None:
         return WithLabelled(unlabeled, None), undecodable
-    labelled, _ = labelled_batches(labeled, class_names, config.batch_size, config.seed + 1, image_size, accelerator,
-                                   workers)  # fmt: skip
-    return WithLabelled(unlabeled, labelled), undecodable
+    labelled, unreadable = labelled_batches(labeled, class_names, config.batch_size, config.seed + 1, image_size,
+                                            accelerator, workers)  # fmt: skip
+    return WithLabelled(unlabeled, labelled), unreadable + undecodable
 
 
 def default_out(teacher: Artifact, student: Student) -> Path:
@@ -254,9 +282,11 @@ def fingerprint(config: DistillConfig, teacher: Artifact, student: Student, path
                 labeled: LabeledImages | None, place: str) -> dict[str, Any]:  # fmt: skip
     """What a resumed distillation must share with the run that wrote the checkpoint."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "memory_budget", "unlabeled", "source",
-               "from_pretrain", "labels", "augment_on", "logger"}  # fmt: skip
+               "from_pretrain", "labels", "augment_on", "logger", "follow_links"}  # fmt: skip
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
-    listing = hashlib.sha256("\n".join(str(path.relative_to(config.unlabeled)) for path in paths).encode())
+    listing = hashlib.sha256(
+        os.fsencode("\n".join(str(path.relative_to(config.unlabeled)) for path in paths))
+    )
     return {**values, "augment_on": place, "teacher_sha256": sha256_file(teacher.path), "student": student.kind,
             "student_arch": student.arch, "start_sha256": sha256_file(student.artifact.path) if student.artifact else None,
             "images": len(paths), "image_list_sha256": listing.hexdigest()[:16],
@@ -289,10 +319,12 @@ def run(config: DistillConfig) -> Path:
     set_seed(config.seed)
     teacher_artifact = find_teacher(config.source)
     student = student_start(config, teacher_artifact)
+    temperature = distill_temperature(config, teacher_artifact, student)
     spec = teacher_artifact.spec
     class_names = list(spec.class_names or ())
     labeled = labelled_images(config, class_names)
-    paths = require_images(config.unlabeled)
+    found = require_images(config.unlabeled, follow_links=config.follow_links)
+    paths = found.paths
     engine.per_process_batch(config.batch_size, accelerator)
     place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size)
     out = engine.on_main_process(
@@ -314,13 +346,13 @@ def run(config: DistillConfig) -> Path:
         engine.console.print(
             f"[bold]distill[/] {teacher_artifact.path} into {student.arch} ({student.kind if student.kind != 'self' else 'the same arch'}"
             f", from {student.artifact.path if student.artifact else 'random init'}), {len(paths)} unlabeled images"
-            f"{f' + {len(labeled)} labelled (alpha {config.alpha:g})' if labeled else ''}, T {config.temperature:g}, "
+            f"{f' + {len(labeled)} labelled (alpha {config.alpha:g})' if labeled else ''}, T {temperature:g}, "
             f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, on {engine.describe_device(accelerator)}"
         )
     run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
     trainer = engine.Trainer(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-        step=distillation_step(teacher, views, config.temperature, config.alpha, accelerator, agreement),
+        step=distillation_step(teacher, views, temperature, config.alpha, accelerator, agreement),
         epochs=config.epochs, description="distill", quiet=config.quiet, log_file=out / "log.jsonl",
         on_epoch_end=lambda epoch, loss: agreement.epoch_metrics(accelerator),
         checkpoint_dir=out / "checkpoints", checkpoint_minutes=config.checkpoint_every,
@@ -329,9 +361,9 @@ def run(config: DistillConfig) -> Path:
     )  # fmt: skip
     result = trainer.fit()
     artifact = out / "model.safetensors"
-    bad = undecodable + [str(paths[index]) for index in result.bad_indices]
+    bad = found.skipped + undecodable + [printable(paths[index]) for index in result.bad_indices]
     unwrapped = accelerator.unwrap_model(model)
-    record = {"lr": lr, "augment_on": place, "images": len(paths), "skipped_files": bad,
+    record = {"lr": lr, "temperature": temperature, "augment_on": place, "images": len(paths), "skipped_files": bad,
               "device": engine.describe_device(accelerator)}  # fmt: skip
     engine.on_main_process(
         accelerator,
@@ -360,6 +392,7 @@ def _save(config: DistillConfig, teacher: Artifact, student: Student, model: Cla
         **to_json(config),
         "arch": student.arch,
         "lr": record["lr"],
+        "temperature": record["temperature"],
         "augment_on": record["augment_on"],
     }
     width = int(model.backbone.num_features)  # type: ignore[arg-type]
@@ -391,5 +424,6 @@ def _save(config: DistillConfig, teacher: Artifact, student: Student, model: Cla
     })  # fmt: skip
     if not config.quiet:
         engine.console.print(
-            f"[green]distill done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}\n  artifact: {artifact}"
+            f"[green]distill done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}{skipped_note(skipped)}"
+            f"\n  artifact: {artifact}"
         )

@@ -22,7 +22,7 @@ from labelfew import artifacts, engine
 from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
 from labelfew.data.labels import LabeledImages, read_labels
-from labelfew.data.overlap import ImageSet, Overlap, content_hashes, find_overlap
+from labelfew.data.overlap import BANK, HASH_CACHE, Leaks, guard
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
@@ -113,11 +113,16 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> LogisticRegressio
 
 @dataclass(frozen=True)
 class Models:
-    """What one evaluation covers: a pretrain backbone and/or fine-tuned models."""
+    """What one evaluation covers: a pretrain backbone and/or fine-tuned models.
+
+    Attributes:
+        unusable: one line per folder of the run that looks like a stage but gives no model.
+    """
 
     pretrain: Artifact | None
     finetunes: list[Artifact]
     run_folder: Path
+    unusable: list[str]
 
 
 def find_models(source: Path | None) -> Models:
@@ -129,7 +134,7 @@ def find_models(source: Path | None) -> Models:
     Raises:
         UserError: nothing to evaluate.
     """
-    models, run_folder = artifacts.find_models(source)
+    models, run_folder, unusable = artifacts.find_models(source)
     backbones = [model for model in models if stage_info(model.stage).kind == "backbone"]
     classifiers = [model for model in models if stage_info(model.stage).kind == "classifier"]
     pretrain = backbones[0] if backbones else None
@@ -137,16 +142,21 @@ def find_models(source: Path | None) -> Models:
     if single and classifiers:
         parent = (classifiers[0].run_info().get("parent") or {}).get("path")
         pretrain = load_artifact(Path(parent), "pretrain") if parent and Path(parent).is_file() else None
-    return Models(pretrain, classifiers, run_folder)
+    return Models(pretrain, classifiers, run_folder, unusable)
 
 
 def _outputs(
     model: nn.Module, artifact: Artifact, labeled: LabeledImages, class_names: list[str], batch_size: int,
-    workers: int | None,
+    workers: int | None, skipped: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The model's outputs on the decodable labelled images, and their class indices."""
+    """The model's outputs on the decodable labelled images, and their class indices.
+
+    Each undecodable image is added to `skipped` (its path -> why), so that the report counts and names it.
+    """
     labels = torch.tensor(labeled.label_indices(class_names), dtype=torch.long)
     outputs = run_model(model, list(labeled.paths), artifact.spec, batch_size, workers)
+    if skipped is not None:
+        skipped.update({str(labeled.paths[index]): reason for index, reason in outputs.errors.items()})
     return outputs.values, labels[outputs.kept]
 
 
@@ -187,46 +197,83 @@ def finetuned_logits(
 
 
 def _bank_source(config: EvaluateConfig, models: Models) -> Path:
+    """--bank, or the one label set the run's models were fine-tuned on.
+
+    Raises:
+        UserError: no label set, or several (which one is the bank is the user's choice); before
+            any image is read.
+    """
     if config.bank is not None:
         return config.bank
-    ordered = sorted(models.finetunes, key=lambda a: a.spec.scratch)
-    for artifact in ordered:
+    found: dict[Path, None] = {}
+    for artifact in sorted(models.finetunes, key=lambda a: a.spec.scratch):
         labels = (artifact.run_info().get("labels") or {}).get("path")
         if labels and Path(labels).exists():
-            return Path(labels)
+            found[Path(labels).resolve()] = None
+    if len(found) > 1:
+        shown = ", ".join(str(path) for path in list(found)[:4])
+        raise UserError(
+            f"{models.run_folder}: its models were fine-tuned on {len(found)} label sets ({shown}); "
+            "pass --bank with the one for kNN and the linear probe (e.g. all your labels)"
+        )
+    if found:
+        return next(iter(found))
     raise UserError(
         "no labelled images for kNN and the linear probe: pass --bank labels.csv (e.g. your fine-tuning labels)"
     )
 
 
+def _class_names(models: Models) -> list[str] | None:
+    """The fine-tuned models' classes (None without any).
+
+    Raises:
+        UserError: two models with different classes.
+    """
+    if not models.finetunes:
+        return None
+    class_names = list(models.finetunes[0].spec.class_names or ())
+    for artifact in models.finetunes[1:]:
+        if list(artifact.spec.class_names or ()) != class_names:
+            raise UserError(
+                f"{artifact.path}: its classes differ from {models.finetunes[0].path}; evaluate them separately (--from)"
+            )
+    return class_names
+
+
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluates every model of the run on the test set; prints the table and writes report.json."""
+    """Evaluates every model of the run on the test set; prints the table and writes report.json.
+
+    Every check that can refuse (classes, the bank, test labels, the leakage guard) runs before the
+    first model does.
+    """
     started = time.perf_counter()
     check_loggers(config.logger)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.plots:
         plots.require_matplotlib()
     models = find_models(config.source)
-    test = read_labels(config.test)
-    class_names = list(models.finetunes[0].spec.class_names or ()) if models.finetunes else None
-    for artifact in models.finetunes[1:]:
-        if list(artifact.spec.class_names or ()) != class_names:
-            raise UserError(
-                f"{artifact.path}: its classes differ from {models.finetunes[0].path}; evaluate them separately (--from)"
-            )
-    rows: list[dict[str, Any]] = []
+    for line in models.unusable if not config.quiet else []:
+        engine.console.print(f"[yellow]left out[/]: {line}")
+    class_names = _class_names(models)
     bank = read_labels(_bank_source(config, models)) if models.pretrain is not None else None
-    overlaps = check_overlap(test, bank, models.finetunes, config.allow_overlap, config.quiet)
-    if models.pretrain is not None and bank is not None:
-        class_names = class_names or bank.class_names
-        rows += _frozen_rows(models.pretrain, bank, test, class_names, config, device)
+    test = read_labels(config.test)
+    class_names = class_names or (bank.class_names if bank is not None else None)
     if class_names is None:
         raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
+    test.label_indices(class_names)  # a test class the models do not know: refused now, not after the bank
+    out = config.out or models.run_folder / "evaluate"
+    leaks = check_overlap(test, bank, models, config.allow_overlap, config.quiet, out / HASH_CACHE)
+    skipped: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    if models.pretrain is not None and bank is not None:
+        rows += _frozen_rows(models.pretrain, bank, test, class_names, config, skipped, leaks)
     for artifact in models.finetunes:
-        rows.append(_finetune_row(artifact, test, class_names, config, device))
+        rows.append(_finetune_row(artifact, test, class_names, config, skipped, leaks))
     result = {
-        "test": {"path": str(config.test.resolve()), "images": len(test)},
-        "overlap": [{"with": item.other, "images": item.count, "example": item.example} for item in overlaps],
+        "test": {"path": str(config.test.resolve()), "images": len(test) - len(skipped), "listed": len(test),
+                 "skipped": len(skipped), "skipped_files": [f"{path}: {why}" for path, why in skipped.items()]},
+        "overlap": [item.to_json() for item in leaks.overlaps],
+        "left_out": models.unusable,
         "class_names": class_names,
         "rows": rows,
         "config": to_json(config),
@@ -236,8 +283,15 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         },
         "device": str(device),
         "wall_seconds": time.perf_counter() - started,
-    }
-    out = config.out or models.run_folder / "evaluate"
+    }  # fmt: skip
+    _write(config, out, result, models, test)
+    return result
+
+
+def _write(
+    config: EvaluateConfig, out: Path, result: dict[str, Any], models: Models, test: LabeledImages
+) -> None:
+    """report.json, the loggers' metrics, the terminal table and (--plots) the figures and report.html."""
     atomic_write_json(out / "report.json", result)
     _log_metrics(config, out, result)
     if not config.quiet:
@@ -254,7 +308,6 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
             workers=config.workers,
             quiet=config.quiet,
         )
-    return result
 
 
 def _log_metrics(config: EvaluateConfig, out: Path, result: dict[str, Any]) -> None:
@@ -275,45 +328,42 @@ def _log_metrics(config: EvaluateConfig, out: Path, result: dict[str, Any]) -> N
 def check_overlap(
     test: LabeledImages,
     bank: LabeledImages | None,
-    finetunes: list[Artifact],
+    models: Models,
     allow: bool,
     quiet: bool,
-) -> list[Overlap]:
-    """Test images also in the kNN bank or a model's fine-tuning labels (DESIGN.md trap 8).
-
-    Compared by resolved path and by content hash; a fine-tuned model's labels are the hashes its
-    run.json records and the images of its label file, where that still exists.
+    cache_file: Path,
+) -> Leaks:
+    """Test images that any model of the run saw (`labelfew.data.overlap.guard`), printed one line each.
 
     Raises:
-        UserError: any overlap, unless `allow` (then each is printed and returned for report.json).
+        UserError: any overlap, unless `allow`.
     """
-    test_paths = list(test.paths)
-    test_hashes = content_hashes(test_paths)
-    found = []
-    if bank is not None:
-        found.append(find_overlap(test_paths, test_hashes, ImageSet.of(bank.paths), "the kNN bank"))
-    for artifact in finetunes:
-        info = artifact.run_info().get("labels") or {}
-        label_file = Path(info["path"]) if info.get("path") else None
-        paths = list(read_labels(label_file).paths) if label_file is not None and label_file.exists() else []
-        recorded = info.get("content_sha256")
-        if not paths and recorded is None:
-            if not quiet:
-                engine.console.print(f"[yellow]cannot check {artifact.path} for overlap[/]: no label list")
-            continue
-        labels = ImageSet.of(paths, recorded)
-        found.append(
-            find_overlap(test_paths, test_hashes, labels, f"the fine-tuning labels of {artifact.path}")
-        )
-    overlaps = [item for item in found if item.count]
-    if overlaps and not allow:
-        raise UserError(
-            f"{'; '.join(item.message() for item in overlaps)}: scores on images the model has seen are not test scores; "
-            "keep test images out of the bank and the labels, or pass --allow-overlap"
-        )
-    for item in overlaps if not quiet else []:
-        engine.console.print(f"[yellow]--allow-overlap[/]: {item.message()}")
-    return overlaps
+    finetunes = [artifact.path for artifact in models.finetunes]
+    backbone = models.pretrain.path if models.pretrain is not None else None
+    say = None if quiet else engine.console.print
+    leaks = guard(list(test.paths), bank.paths if bank else None, backbone, finetunes, allow, cache_file, say)
+    lines = [*leaks.unchecked, *(f"--allow-overlap: {item.message()}" for item in leaks.overlaps)]
+    for line in lines if not quiet else []:
+        engine.console.print(f"[yellow]{line}[/]")
+    return leaks
+
+
+def _knn_k(requested: int, bank_labels: torch.Tensor, class_names: list[str]) -> tuple[int, dict[str, Any]]:
+    """k capped by the smallest class in the bank, and what report.json says about it.
+
+    With more neighbours than the smallest class has images, a query of that class is outvoted by
+    the others whatever its features: a bank of 20-30 labels with k = 20 is a majority vote.
+    """
+    counts = torch.bincount(bank_labels, minlength=len(class_names))
+    present = counts[counts > 0]
+    smallest = int(present.min()) if len(present) else 1
+    if requested <= smallest:
+        return requested, {}
+    name = class_names[int(torch.where(counts == smallest)[0][0])]
+    return smallest, {
+        "k_requested": requested,
+        "k_cap": f"the bank's smallest class, {name!r}, has {smallest}",
+    }
 
 
 def _frozen_rows(
@@ -322,21 +372,22 @@ def _frozen_rows(
     test: LabeledImages,
     class_names: list[str],
     config: EvaluateConfig,
-    device: torch.device,
+    skipped: dict[str, str],
+    leaks: Leaks,
 ) -> list[dict[str, Any]]:
     variants = [("", False)] + ([(" (random init)", True)] if config.random_baseline else [])
     rows = []
     for suffix, random_init in variants:
         backbone = _backbone(pretrain, random_init, config.seed)
         bank_x, bank_y = _outputs(backbone, pretrain, bank, class_names, config.batch_size, config.workers)
-        test_x, test_y = _outputs(backbone, pretrain, test, class_names, config.batch_size, config.workers)
-        knn = knn_scores(
-            bank_x, bank_y, test_x, len(class_names), k=config.knn_k, temperature=config.knn_temperature
+        test_x, test_y = _outputs(
+            backbone, pretrain, test, class_names, config.batch_size, config.workers, skipped
         )
-        k_used = min(config.knn_k, len(bank))
-        details = {"k": k_used, "temperature": config.knn_temperature, "bank_images": len(bank)}
-        if k_used < config.knn_k:
-            details["k_requested"] = config.knn_k  # the table says so: every bank image voted
+        k, capped = _knn_k(config.knn_k, bank_y, class_names)
+        knn = knn_scores(bank_x, bank_y, test_x, len(class_names), k=k, temperature=config.knn_temperature)
+        seen = leaks.seen[BANK if random_init else str(pretrain.path)]
+        details = {"k": k, "temperature": config.knn_temperature, "bank_images": len(bank_x), **capped,
+                   "seen_test_images": seen}  # fmt: skip
         rows.append(report.metrics_row(f"kNN{suffix}", knn.numpy(), test_y.numpy(), class_names, details))
         if random_init:
             continue
@@ -348,15 +399,9 @@ def _frozen_rows(
             holdout=config.probe_holdout,
             seed=config.seed,
         )
-        rows.append(
-            report.metrics_row(
-                "linear probe",
-                probe,
-                test_y.numpy(),
-                class_names,
-                {"C": c if c is not None else "1.0 (too few labels to choose)", "bank_images": len(bank)},
-            )
-        )
+        chosen = c if c is not None else "1.0 (too few labels to choose)"
+        details = {"C": chosen, "bank_images": len(bank_x), "seen_test_images": seen}
+        rows.append(report.metrics_row("linear probe", probe, test_y.numpy(), class_names, details))
     return rows
 
 
@@ -365,17 +410,16 @@ def _finetune_row(
     test: LabeledImages,
     class_names: list[str],
     config: EvaluateConfig,
-    device: torch.device,
+    skipped: dict[str, str],
+    leaks: Leaks,
 ) -> dict[str, Any]:
     logits, labels = _outputs(
-        load_model(artifact), artifact, test, class_names, config.batch_size, config.workers
+        load_model(artifact), artifact, test, class_names, config.batch_size, config.workers, skipped
     )
     name = model_label(artifact)
     info = artifact.run_info().get("labels", {})
+    details = {"labels": info.get("path"), "labelled_images": info.get("images"), "artifact": str(artifact.path),
+               "seen_test_images": leaks.seen[str(artifact.path)]}  # fmt: skip
     return report.metrics_row(
-        name,
-        torch.softmax(logits, dim=1).numpy(),
-        labels.numpy(),
-        class_names,
-        {"labels": info.get("path"), "labelled_images": info.get("images"), "artifact": str(artifact.path)},
+        name, torch.softmax(logits, dim=1).numpy(), labels.numpy(), class_names, details
     )

@@ -32,13 +32,15 @@ from labelfew.artifacts import (
 )
 from labelfew.config import FIXMATCH_OPTIONS, FinetuneConfig, to_json
 from labelfew.data.batches import Batch
-from labelfew.data.labelled import held_out_split, labelled_batches
-from labelfew.data.labels import LabeledImages, read_labels
+from labelfew.data.images import printable, skipped_note
+from labelfew.data.labelled import held_out_split, labelled_batches, readable_labels
+from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine import lr_search
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.fixmatch import (
+    FIXMATCH_VERSION,
     PSEUDO_LABEL_METRICS,
     PseudoLabels,
     UnlabeledImages,
@@ -47,7 +49,7 @@ from labelfew.engine.fixmatch import (
 )
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.engine.start import Start, finetune_start
-from labelfew.errors import UserError
+from labelfew.errors import Interrupted, UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, build_classifier, head_spec
 from labelfew.optim import (
@@ -104,10 +106,17 @@ def default_out(config: FinetuneConfig, start: Start) -> Path:
     """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`)
     beside the pretrain stage."""
     method = "fixmatch-" if config.method == "fixmatch" else ""
-    name = f"finetune-{method}{'scratch-' if config.scratch else ''}{config.labels.stem}"
+    stem = config.labels[-1].stem  # the latest round's file names the stage
+    name = f"finetune-{method}{'scratch-' if config.scratch else ''}{stem}"
     if start.artifact is not None:
         return start.artifact.path.parent.parent / name
-    return Path("runs") / config.labels.stem / name
+    return Path("runs") / stem / name
+
+
+def label_file(config: FinetuneConfig, out: Path) -> Path:
+    """The one label file run.json names, which evaluate reads for its kNN bank and overlap check:
+    the `--labels` given, or the merge of several, written as `labels.csv` into the stage folder."""
+    return config.labels[0] if len(config.labels) == 1 else out / "labels.csv"
 
 
 def fingerprint(
@@ -116,7 +125,7 @@ def fingerprint(
     """What a resumed fine-tuning must share with the run that wrote the checkpoint (a supervised
     run's as before the FixMatch options, so that its older checkpoints still resume)."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
-               "unlabeled"}  # fmt: skip
+               "unlabeled", "follow_links", "skip_bad"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
     values = {
@@ -128,7 +137,8 @@ def fingerprint(
     found = {"arch": start.arch, "image_size": start.image_size, "parent_sha256": parent,
              "labels_sha256": subset_hash(train)}  # fmt: skip
     if config.fixmatch is not None and unlabeled is not None:
-        found |= {"fixmatch": dataclasses.asdict(config.fixmatch), "unlabeled_images": len(unlabeled.paths),
+        found |= {"fixmatch": dataclasses.asdict(config.fixmatch), "fixmatch_version": FIXMATCH_VERSION,
+                  "unlabeled_images": len(unlabeled.paths),
                   "unlabeled_list_sha256": unlabeled.listing_sha256()}  # fmt: skip
     return {**values, **found}
 
@@ -157,9 +167,12 @@ def _prepare_training(config: FinetuneConfig, start: Start, class_names: list[st
         model = model.to(memory_format=torch.channels_last)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_finetune_optimizer(config.optimizer, model, model.classifier, config.decay, lr)  # type: ignore[arg-type]
+    # FixMatch decays the classifier's weight too; SimCLR's fine-tuning does not (`build_finetune_optimizer`)
+    optimizer = build_finetune_optimizer(config.optimizer, model, model.classifier, config.decay, lr,  # type: ignore[arg-type]
+                                         decay_classifier=config.fixmatch is not None)  # fmt: skip
     loader, undecodable = labelled_batches(labeled, class_names, config.batch_size, config.seed, start.image_size,
-                                           accelerator, engine.default_workers(config.workers), config.balanced)  # fmt: skip
+                                           accelerator, engine.default_workers(config.workers), config.balanced,
+                                           skip_bad=config.skip_bad)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     engine.seed_augmentations(accelerator, config.seed)
     views = CropFlipViews(start.image_size, start.mean, start.std)
@@ -197,7 +210,8 @@ def _learning_rate(
     key = {**fingerprint(config, start, train), "batch": batch}
     record = lr_search.reuse(out, key, config.restart)
     if record is None:
-        record = _search(config, start, class_names, train, batch, accelerator)
+        progress = lr_search.Progress.load(out, key, accelerator, config.restart)
+        record = _search(config, start, class_names, train, batch, accelerator, progress)
         lr_search.save(out, key, record, accelerator)
     if accelerator.is_main_process and not config.quiet:
         print_lr_search(record, reused=record.get("reused", False))
@@ -211,18 +225,25 @@ def _search(
     train: LabeledImages,
     batch: int,
     accelerator: Any,
+    progress: lr_search.Progress | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth
-    (on each of several fifths when one is small: `lr_search.search_folds`)."""
+    (on further fifths, for the candidates still in the race, while the search's budget of
+    `lr_search.SEARCH_BUDGET` × this fine-tuning's steps lasts: `lr_search.search`)."""
     rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
     folds = lr_search.search_folds(train, config.seed)
     checks = [_val_loader(check, class_names, start, config, accelerator) if len(check) else None
               for _, check in folds]  # fmt: skip
 
-    def candidate(lr: float, fold: int) -> lr_search.Candidate:
+    def steps(count: int) -> int:  # an epoch's steps: `labelled_batches` drops the last incomplete batch
+        return max(1, count // min(config.batch_size, count))
+
+    plan = lr_search.search_plan(config.epochs, steps_per_epoch=steps(len(train)),
+                                 fit_steps_per_epoch=steps(len(folds[0][0])), folds=len(folds))  # fmt: skip
+
+    def candidate(lr: float, fold: int, epochs: int) -> lr_search.Candidate:
         set_seed(config.seed)  # every candidate from the same initialisation and batches
         training = _prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
-        epochs = lr_search.search_epochs(config.epochs, len(training.loader))
         where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
@@ -238,9 +259,12 @@ def _search(
             top1, held_loss = held_out_scores(training.model, check_loader, accelerator)
         except FloatingPointError:  # diverged: this lr is out
             return lr_search.Candidate(lr, epochs, steps)
+        except Interrupted as error:  # the trainer says "checkpoints are off": not the whole truth
+            kept = f"the lr search's finished candidates are in {lr_search.SEARCH_FILE}: rerun to continue it"
+            raise Interrupted(f"{error}; {kept}", error.exit_code) from None
         return lr_search.Candidate(lr, epochs, steps, val_top1=top1, val_loss=held_loss, final_loss=loss)
 
-    return lr_search.search(rule, config.optimizer, batch, class_names, folds, candidate)
+    return lr_search.search(rule, config.optimizer, batch, class_names, folds, candidate, plan, progress)
 
 
 def run(config: FinetuneConfig) -> Path:
@@ -248,25 +272,33 @@ def run(config: FinetuneConfig) -> Path:
     check_loggers(config.logger)  # a missing extra fails now, before any image is read
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
-    labeled = read_labels(config.labels)
+    labeled, unreadable = readable_labels(read_label_files(config.labels), config.skip_bad)
     engine.per_process_batch(config.batch_size, accelerator)
     start = finetune_start(config.source, config.scratch, config.arch, config.image_size, labeled.paths)
     class_names = labeled.class_names
     if len(class_names) < 2:
-        raise UserError(f"{config.labels}: only one class ({class_names[0]}); a classifier needs at least 2")
+        shown = ", ".join(str(path) for path in config.labels)
+        raise UserError(f"{shown}: only one class ({class_names[0]}); a classifier needs at least 2")
     train, held = held_out_split(labeled, config.val_fraction, config.seed)
-    unlabeled = None if config.unlabeled is None else find_unlabeled(config.unlabeled, class_names)
+    unlabeled = (
+        None
+        if config.unlabeled is None
+        else find_unlabeled(config.unlabeled, class_names, config.follow_links)
+    )
     # The main process makes the folder (a default one has a timestamp) and every process uses it.
     out = engine.on_main_process(
         accelerator, lambda: prepare_stage_folder(config.out or default_out(config, start), config.restart)
     )
+    if len(config.labels) > 1:
+        engine.on_main_process(accelerator, lambda: write_labels(labeled, label_file(config, out)))
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = _prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
     result = _fit(config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator)
     artifact = out / "model.safetensors"
     trained = unlabeled.paths if unlabeled is not None else train.paths  # what the batches index
-    bad = training.undecodable + [str(trained[index]) for index in result.bad_indices]
+    skipped = unreadable + (unlabeled.skipped if unlabeled is not None else [])
+    bad = skipped + training.undecodable + [printable(trained[index]) for index in result.bad_indices]
     # FixMatch's model is the moving average of the weights (DESIGN.md trap 10), not the weights.
     model = training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model)
     record = {"lr": lr, "lr_search": None if search is None else
@@ -363,7 +395,9 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     write_run_json(artifact.parent, {
         "stage": "finetune", **method, "config": resolved, "parent": parent,
         "artifacts": {"model.safetensors": {"sha256": digest}},
-        "labels": {"path": str(config.labels.resolve()), "images": len(train), "subset_sha256": subset_hash(train),
+        "labels": {"path": str(label_file(config, artifact.parent).resolve()),
+                   "files": [str(path.resolve()) for path in config.labels],
+                   "images": len(train), "subset_sha256": subset_hash(train),
                    "class_names": class_names,
                    "content_sha256": content_hashes(train.paths)},  # evaluate refuses these as test images
         "data": data, "metrics": metrics, "wall_seconds": result.seconds, "steps": result.steps,
@@ -371,5 +405,6 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     })  # fmt: skip
     if not config.quiet:
         engine.console.print(
-            f"[green]finetune done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}\n  artifact: {artifact}"
+            f"[green]finetune done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}{skipped_note(bad)}"
+            f"\n  artifact: {artifact}"
         )

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from labelfew.artifacts import StageInfo, register_stage, save_tensors, write_ru
 from labelfew.config import PretrainConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, EpochOrder
-from labelfew.data.images import require_images, typical_image_side
+from labelfew.data.images import printable, require_images, skipped_note, typical_image_side
 from labelfew.engine import estimate
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.errors import UserError
-from labelfew.fileio import prepare_stage_folder
+from labelfew.fileio import default_run_folder, prepare_stage_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
@@ -47,14 +48,34 @@ STAGE = register_stage(
 )
 
 
-def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
-    """Fills the automatic values (image size, stem, colour strength, blur, warmup, output)."""
+LISTED_FILES = 100_000
+"""Folders up to this many images keep their file list in every checkpoint (a few MB of JSON)."""
+
+DEFAULT_BATCH = 256
+"""The batch without `--batch-size` (or a recipe's): suits a few thousand images on one GPU; a
+smaller folder trains on all its images per step (rounded down to a multiple of the processes)."""
+
+
+def run_folder(config: PretrainConfig) -> Path:
+    """`--out`, or `runs/<folder name>-<hash of its path>` (`fileio.default_run_folder`): known before
+    the images are listed, so that its own `pretrain/` folder (views.png) is never an input image,
+    even for `pretrain .`."""
+    return config.out or default_run_folder(config.data)
+
+
+def resolve(config: PretrainConfig, paths: list[Path], processes: int = 1) -> PretrainConfig:
+    """Fills the automatic values (batch, image size, stem, colour strength, blur, warmup, output).
+
+    Raises:
+        UserError: no batch was given and the folder holds fewer images than a contrastive batch needs.
+    """
     image_size = typical_image_side(paths) if config.image_size is None else config.image_size
+    batch = config.batch_size or _automatic_batch(config, len(paths), processes)  # given: at least 2
     small = uses_small_stem(image_size)
     warmup = config.warmup_epochs
     if warmup is None:
         warmup = min(10.0, config.epochs / 10)
-    out = config.out or Path("runs") / config.data.resolve().name
+    out = run_folder(config)
     return _replace(
         config,
         augment_on=sources.augment_place(config.augment_on, config.memory_budget, paths, image_size),
@@ -64,7 +85,19 @@ def resolve(config: PretrainConfig, paths: list[Path]) -> PretrainConfig:
         blur=image_size > 32 if config.blur is None else config.blur,
         warmup_epochs=warmup,
         out=out,
+        batch_size=batch,
     )
+
+
+def _automatic_batch(config: PretrainConfig, image_count: int, processes: int) -> int:
+    """`DEFAULT_BATCH`, or every image of a smaller folder (a multiple of the processes)."""
+    batch = min(DEFAULT_BATCH, image_count // processes * processes)
+    if batch < max(2, processes):
+        raise UserError(
+            f"{config.data}: {image_count} image(s); contrastive pretraining needs at least "
+            f"{max(2, processes)} (two per batch, one per process); add images"
+        )
+    return batch
 
 
 def _replace(config: PretrainConfig, **changes: Any) -> PretrainConfig:
@@ -82,6 +115,7 @@ def _check(config: PretrainConfig, image_count: int) -> None:
         )
     if not timm.is_model(config.arch):
         build_backbone(config.arch, small_stem=False)  # raises the UserError with close names
+    assert config.batch_size is not None  # resolved
     if config.batch_size > image_count:
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {image_count} images in {config.data}; "
@@ -162,19 +196,22 @@ def fingerprint(config: PretrainConfig, paths: list[Path]) -> dict[str, Any]:
     data's file list) — but not where output goes, how often it checkpoints, or how it prints.
     """
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data", "logger",
-               "memory_budget", "compile"}  # fmt: skip
+               "memory_budget", "compile", "follow_links"}  # fmt: skip
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
-    listing = hashlib.sha256("\n".join(str(path.relative_to(config.data)) for path in paths).encode())
-    return {**values, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16]}
+    names = [str(path.relative_to(config.data)) for path in paths]
+    listing = hashlib.sha256(os.fsencode("\n".join(names)))
+    # the list itself names the files that appeared or vanished when a resume is refused
+    kept = {"_image_list_sha256": names} if len(names) <= LISTED_FILES else {}
+    return {**values, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16], **kept}
 
 
 def _prepare_output(config: PretrainConfig) -> Path:
-    """Creates `<out>/pretrain` and clears an old log; main process only."""
+    """Creates and locks `<out>/pretrain`, records its data, and clears an old log; main process only."""
     assert config.out is not None
     stage = config.out / "pretrain"
     if stage.exists() and not stage.is_dir():
         raise UserError(f"{stage} is a file; pass --out a folder for the run")
-    prepare_stage_folder(stage, config.restart)
+    prepare_stage_folder(stage, config.restart, source=config.data)
     return config.out
 
 
@@ -187,10 +224,14 @@ def run(config: PretrainConfig) -> Path:
     check_loggers(config.logger)  # a missing extra fails now, not after decoding the folder
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
-    paths = require_images(config.data)
-    config = resolve(config, paths)
+    own = run_folder(config) / "pretrain"  # `pretrain .` must not train on its own views.png
+    found = require_images(config.data, follow_links=config.follow_links, exclude=[own])
+    paths = found.paths
+    automatic_batch = config.batch_size is None
+    config = resolve(config, paths, accelerator.num_processes)
     _check(config, len(paths))
-    assert config.out is not None and config.image_size is not None
+    assert config.out is not None and config.image_size is not None and config.batch_size is not None
+    batch_note = _batch_note(config, len(paths)) if automatic_batch else None
     per_process = engine.per_process_batch(config.batch_size, accelerator)
     sync_bn = use_sync_batchnorm(config.sync_bn, accelerator)
     # The default run folder has a timestamp: use the main process's, on every process.
@@ -210,7 +251,9 @@ def run(config: PretrainConfig) -> Path:
     views = SimCLRViews(view_config(config))
     run_loggers = None
     if accelerator.is_main_process:
-        _announce(config, len(paths), lr, accelerator, batchnorm_description(sync_bn, accelerator))
+        _announce(
+            config, len(paths), lr, accelerator, batchnorm_description(sync_bn, accelerator), batch_note
+        )
         run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
         write_views_figure(loader, views, config.out / "pretrain" / "views.png", run_loggers)
     trainer = engine.Trainer(
@@ -232,14 +275,25 @@ def run(config: PretrainConfig) -> Path:
         loggers=run_loggers,
     )
     result = trainer.fit()
-    bad = undecodable + [str(paths[index]) for index in result.bad_indices]
+    bad = undecodable + [printable(paths[index]) for index in result.bad_indices]
     _check_bad(config, bad, len(paths))
     artifact = config.out / "pretrain" / "backbone.safetensors"
     batchnorm = batchnorm_description(sync_bn, accelerator)
     unwrapped = accelerator.unwrap_model(model)
     engine.on_main_process(
         accelerator,
-        lambda: _save(config, unwrapped, artifact, result, len(paths), bad, lr, accelerator, batchnorm),
+        lambda: _save(
+            config,
+            unwrapped,
+            artifact,
+            result,
+            len(paths),
+            found.skipped + bad,
+            lr,
+            accelerator,
+            batchnorm,
+            batch_note,
+        ),
     )
     return artifact
 
@@ -299,6 +353,16 @@ def build_batches(
     )  # fmt: skip
 
 
+def _batch_note(config: PretrainConfig, image_count: int) -> str | None:
+    """The line that says the default batch was lowered to fit a small folder (None: it was not)."""
+    if config.batch_size == DEFAULT_BATCH:
+        return None
+    return (
+        f"batch {config.batch_size}: the default {DEFAULT_BATCH} is more than the {image_count} images in "
+        f"{config.data}, so each step takes all of them (pass --batch-size to choose)"
+    )
+
+
 def _check_bad(config: PretrainConfig, bad: list[str], image_count: int) -> None:
     if len(bad) > config.max_bad_fraction * image_count:
         raise UserError(
@@ -308,6 +372,7 @@ def _check_bad(config: PretrainConfig, bad: list[str], image_count: int) -> None
 
 
 def _learning_rate(config: PretrainConfig) -> float:
+    assert config.batch_size is not None  # resolved
     if config.optimizer == "lars":
         return scaled_learning_rate(config.base_lr, config.batch_size, config.lr_rule)  # type: ignore[arg-type]
     if config.base_lr is None:
@@ -315,9 +380,13 @@ def _learning_rate(config: PretrainConfig) -> float:
     return config.base_lr
 
 
-def _announce(config: PretrainConfig, image_count: int, lr: float, accelerator: Any, bn: str) -> None:
+def _announce(
+    config: PretrainConfig, image_count: int, lr: float, accelerator: Any, bn: str, batch_note: str | None
+) -> None:
     if config.quiet:
         return
+    if batch_note:
+        engine.console.print(batch_note)
     processes = accelerator.num_processes
     split = f" ({config.batch_size // processes} per process)" if processes > 1 else ""
     engine.console.print(
@@ -339,9 +408,10 @@ def _save(
     lr: float,
     accelerator: Any,
     batchnorm: str,
+    batch_note: str | None,
 ) -> None:
     resolved = to_json(config)
-    assert config.image_size is not None
+    assert config.image_size is not None and config.batch_size is not None
     width = int(model.backbone.num_features)
     spec = ModelSpec(config.arch, config.image_size, bool(config.small_stem), num_features=width)
     metadata = {"stage": "pretrain", **spec.to_metadata(), "config": json.dumps(resolved)}
@@ -360,6 +430,7 @@ def _save(
                 "head.safetensors": {"sha256": head_hash},
             },
             "data": {"images": image_count, "skipped": len(bad), "skipped_files": bad},
+            **({"automatic_batch": batch_note} if batch_note else {}),
             "metrics": {
                 "final_loss": result.final_loss,
                 "epoch_losses": result.epoch_losses,
@@ -377,7 +448,7 @@ def _save(
         },
     )
     if not config.quiet:
-        skipped = f"; skipped {len(bad)} undecodable file(s): {', '.join(bad[:3])}" if bad else ""
+        skipped = skipped_note(bad)
         engine.console.print(
             f"[green]pretrain done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f} "
             f"(chance {math.log(2 * config.batch_size - 1):.2f}), {result.views_per_second:.0f} views/s{skipped}\n"

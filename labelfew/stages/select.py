@@ -11,11 +11,15 @@ already-labelled clusters, and picks per `--strategy` (see `labelfew.selection`)
   reach `MIXED_TYPICAL_PER_CLASS` per class of the model, uncertain picks after.
 
 Writes `to-label.csv` (`path,label`, label empty, paths relative to the CSV's folder) and
-`to-label.html` beside it (`labelfew.report.label_page`).
+`to-label.html` beside it (`labelfew.report.label_page`): the picks to label, and the `--labels`
+images with their labels, editable, so that the page's download (`labels-round<N>.csv`, a name no
+earlier round's file in that folder has) holds every label. A CSV whose labels were filled in is
+never overwritten without `--force`.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import Counter
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from labelfew import selection
 from labelfew.artifacts import (
@@ -35,8 +40,8 @@ from labelfew.artifacts import (
     stage_names,
 )
 from labelfew.config import SelectConfig
-from labelfew.data.images import find_images
-from labelfew.data.labels import read_labels
+from labelfew.data.images import printable, scan_images, skipped_note
+from labelfew.data.labels import LabeledImages, read_label_files
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 from labelfew.models import features_model, load_model
@@ -94,30 +99,61 @@ def _probabilities(paths: list[Path], kept: list[int], model: Artifact, config: 
     return torch.softmax(outputs.values, dim=1).numpy()
 
 
-def _labelled(labels: Path | None, paths: list[Path]) -> np.ndarray:
+def _labelled(known: LabeledImages | None, paths: list[Path]) -> np.ndarray:
     """A mask of the folder's files that `--labels` already labels.
 
     Raises:
         UserError: a labelled path is not in the folder.
     """
     mask = np.zeros(len(paths), dtype=bool)
-    if labels is None:
+    if known is None:
         return mask
     position = {Path(os.path.normpath(path.absolute())): index for index, path in enumerate(paths)}
-    known = read_labels(labels)
     outside = [path for path in known.paths if Path(os.path.normpath(path)) not in position]
     if outside:
         raise UserError(
-            f"--labels {labels}: {len(outside)} of its {len(known)} paths are not in the folder (e.g. "
+            f"--labels: {len(outside)} of their {len(known)} paths are not in the folder (e.g. "
             f"{outside[0]}); pass the labels of images in this folder"
         )
     mask[[position[Path(os.path.normpath(path))] for path in known.paths]] = True
     return mask
 
 
+def _check_out(config: SelectConfig) -> None:
+    """Refuses to overwrite an `--out` CSV with labels filled in (a round's work) unless `--force`.
+
+    Raises:
+        UserError: the CSV has a filled label, or cannot be read to tell.
+    """
+    if config.force or not config.out.exists():
+        return
+    try:
+        with config.out.open(newline="", encoding="utf-8-sig") as handle:
+            filled = sum(1 for row in csv.DictReader(handle) if (row.get("label") or "").strip())
+    except (OSError, UnicodeDecodeError, csv.Error):
+        filled = -1
+    if filled:
+        what = "cannot be read as a label CSV" if filled < 0 else f"has {filled} label(s) filled in"
+        raise UserError(
+            f"--out {config.out}: {what}; pass it to --labels (already labelled), choose another --out, "
+            "or add --force to overwrite it"
+        )
+
+
+def download_name(config: SelectConfig) -> str:
+    """The name the page downloads its labels as: `labels-round<N>.csv`, N one more than the label
+    files given and past any such file in the page's folder, so no round replaces an earlier one."""
+    folder = config.out.absolute().parent
+    given = {path.absolute() for path in config.labels}
+    round_number = len(config.labels) + 1
+    while (path := folder / f"labels-round{round_number}.csv").exists() or path in given:
+        round_number += 1
+    return path.name
+
+
 def _strategy(config: SelectConfig, model: Artifact | None) -> str:
     if config.strategy is None:
-        return "mixed" if model is not None and config.labels is not None else "typical"
+        return "mixed" if model is not None and config.labels else "typical"
     if config.strategy in ("uncertain", "mixed") and model is None:
         raise UserError(
             f"--strategy {config.strategy} needs a fine-tuned model: pass --from a finetune artifact or a "
@@ -159,18 +195,18 @@ def choose(
 
 def _relative(path: Path, folder: Path) -> str:
     try:
-        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
+        return printable(Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix())
     except ValueError:  # another drive on Windows
-        return path.absolute().as_posix()
+        return printable(path.absolute().as_posix())
 
 
-def _classes(config: SelectConfig, model: Artifact | None) -> list[str]:
+def _classes(config: SelectConfig, model: Artifact | None, known: LabeledImages | None) -> list[str]:
     """The page's label choices: `--classes`, else the fine-tuned model's, else the labels' classes."""
     if config.classes:
         return [name.strip() for name in config.classes.split(",") if name.strip()]
     if model is not None:
         return list(model.spec.class_names or [])
-    return read_labels(config.labels).class_names if config.labels is not None else []
+    return known.class_names if known is not None else []
 
 
 def _write(
@@ -179,8 +215,9 @@ def _write(
     picks: list[selection.Pick],
     clusters: np.ndarray,
     classes: list[str],
+    known: LabeledImages | None,
 ) -> Path:
-    """Writes the CSV and the page beside it; returns the page's path."""
+    """Writes the CSV and the page beside it (the picks, then the earlier labels); returns the page's path."""
     folder = config.out.absolute().parent
     rows = [_relative(path, folder) for path in chosen]
     atomic_write_text(config.out, "path,label\n" + "".join(f"{_csv_cell(row)},\n" for row in rows))
@@ -189,8 +226,13 @@ def _write(
         PageItem(row, pick.cluster, int(sizes[pick.cluster]), pick.reason, thumbnail_uri(path))
         for row, pick, path in zip(rows, picks, chosen, strict=True)
     ]
-    title = f"{len(items)} images to label from {config.folder.name or config.folder}"
-    return write_label_page(config.out.with_suffix(".html"), items, classes, title)
+    if known is not None:
+        items += [
+            PageItem(_relative(path, folder), -1, 0, "labelled earlier", thumbnail_uri(path), earlier=label)
+            for path, label in zip(known.paths, known.labels, strict=True)
+        ]
+    title = f"{len(chosen)} images to label from {config.folder.name or config.folder}"
+    return write_label_page(config.out.with_suffix(".html"), items, classes, title, download_name(config))
 
 
 def _csv_cell(text: str) -> str:
@@ -206,9 +248,12 @@ def run(config: SelectConfig) -> Path:
     """
     if config.out.suffix.lower() != ".csv":
         raise UserError(f"--out {config.out}: name the file *.csv (the page goes beside it as *.html)")
+    _check_out(config)
+    known = read_label_files(config.labels) if config.labels else None
     pretrained, model = _models(config.source)
-    paths = find_images(config.folder)
-    labelled = _labelled(config.labels, paths)
+    found = scan_images(config.folder, follow_links=config.follow_links)
+    paths = found.paths
+    labelled = _labelled(known, paths)
     available = len(paths) - int(labelled.sum())
     if config.budget > available:
         raise UserError(
@@ -223,29 +268,44 @@ def run(config: SelectConfig) -> Path:
         )
     probabilities = _probabilities(paths, kept, model, config) if strategy != "typical" and model else None
     picks, clusters = choose(embeddings, labelled, config.budget, strategy, config.seed, probabilities)
+    decoded = set(kept)
+    skipped = found.skipped + [printable(path) for index, path in enumerate(paths) if index not in decoded]
     chosen = [paths[kept[pick.row]] for pick in picks]
-    page = _write(config, chosen, picks, clusters, _classes(config, model))
+    page = _write(config, chosen, picks, clusters, _classes(config, model, known), known)
     if not config.quiet:
         reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(p.reason for p in picks).items())
         console.print(
             f"chose {len(picks)} of {len(kept)} images ({reasons}; {strategy}, {int(labelled.sum())} already "
-            f"labelled, {len(np.unique(clusters))} clusters); wrote {config.out} and {page}"
+            f"labelled, {len(np.unique(clusters))} clusters){escape(skipped_note(skipped))}; "
+            f"wrote {config.out} and {page}"
         )
-    _record(config, strategy, pretrained, model, len(kept))
+    if (outliers := sum(pick.reason == "outlier" for pick in picks)) and not config.quiet:
+        console.print(
+            f"[yellow]{outliers} pick(s) come from clusters of ≤ {selection.MIN_CLUSTER_SIZE} images[/], outliers "
+            f"that TypiClust never picks: the larger clusters had no image left for --budget {config.budget}"
+        )
+    _record(config, strategy, pretrained, model, len(kept), skipped)
     return config.out
 
 
 def _record(
-    config: SelectConfig, strategy: str, pretrained: Artifact, model: Artifact | None, images: int
+    config: SelectConfig,
+    strategy: str,
+    pretrained: Artifact,
+    model: Artifact | None,
+    images: int,
+    skipped: list[str],
 ) -> None:
     """`<out stem>.json` beside the CSV: how the selection was made, to reproduce it."""
     record = {
         "folder": str(config.folder.absolute()),
         "images": images,
+        "skipped": len(skipped),
+        "skipped_files": skipped,
         "budget": config.budget,
         "strategy": strategy,
         "seed": config.seed,
-        "labels": str(config.labels.absolute()) if config.labels else None,
+        "labels": [str(path.absolute()) for path in config.labels],
         "pretrain": str(pretrained.path.absolute()),
         "finetune": str(model.path.absolute()) if model else None,
     }

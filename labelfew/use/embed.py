@@ -17,7 +17,7 @@ from labelfew.data.images import require_images
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
-from labelfew.use.files import console, relative_path, report_bad, shown, write_csv
+from labelfew.use.files import console, relative_path, report_bad, report_skipped, shown, write_csv
 from labelfew.use.inference import run_model
 
 
@@ -30,9 +30,14 @@ def embed(config: EmbedConfig) -> Path:
     """
     if config.out.suffix != ".safetensors":
         raise UserError(f"--out {config.out}: name the embeddings file *.safetensors")
+    if config.out.is_dir():  # `x.safetensors/`: else an IsADirectoryError after every image was embedded
+        raise UserError(
+            f"--out {config.out}: a folder; name the embeddings file, e.g. {config.out / 'embeddings.safetensors'}"
+        )
     artifact = resolve_model(config.source, ("backbone", "classifier"))
     spec = artifact.spec
-    paths = require_images(config.images)
+    found = require_images(config.images, follow_links=config.follow_links)
+    paths = found.paths
     outputs = run_model(
         features_model(load_model(artifact)),
         paths,
@@ -66,4 +71,5 @@ def embed(config: EmbedConfig) -> Path:
             f"{artifact.stage} backbone features from {shown(artifact.path)}; index {shown(index)}"
         )
         report_bad(paths, outputs.errors, "not in the index")
+        report_skipped(found.skipped)
     return config.out

@@ -10,26 +10,30 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from labelfew.data.images import printable
 from labelfew.fileio import atomic_write_text
 
 console = Console()  # results go to stdout; progress goes to engine.console (stderr)
 
 
 def relative_path(path: Path, folder: Path) -> str:
-    """`path` relative to `folder` (POSIX separators), as label CSVs write paths."""
+    """`path` relative to `folder` (POSIX separators), as label CSVs write paths; a name that is not
+    UTF-8 is written with ``\\xNN`` escapes (`labelfew.data.images.printable`), never a crash."""
     try:
-        return Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix()
+        return printable(Path(os.path.relpath(path.absolute(), folder.absolute())).as_posix())
     except ValueError:  # another drive on Windows
-        return path.absolute().as_posix()
+        return printable(path.absolute().as_posix())
 
 
 def shown(path: Path) -> str:
-    """A path as the user typed it would look: relative to the current folder when inside it."""
+    """A path as the user typed it would look: relative to the current folder when inside it
+    (`labelfew.data.images.printable`, so any file name prints)."""
     try:
-        return path.absolute().relative_to(Path.cwd()).as_posix()
+        return printable(path.absolute().relative_to(Path.cwd()).as_posix())
     except ValueError:
-        return str(path.absolute())
+        return printable(path.absolute())
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -46,4 +50,16 @@ def report_bad(paths: list[Path], errors: dict[int, str], where: str) -> None:
     if errors:
         names = ", ".join(shown(paths[index]) for index in sorted(errors)[:3])
         more = ", …" if len(errors) > 3 else ""
-        console.print(f"[yellow]{len(errors)} file(s) could not be decoded[/] ({where}): {names}{more}")
+        console.print(
+            f"[yellow]{len(errors)} file(s) could not be decoded[/] ({where}): {escape(names)}{more}"
+        )
+
+
+def report_skipped(skipped: list[str]) -> None:
+    """One line counting and naming (up to three) what the folder holds that was never read:
+    FIFOs, devices, broken links, links out of the folder (`labelfew.data.images.scan_images`)."""
+    if skipped:
+        more = ", …" if len(skipped) > 3 else ""
+        console.print(
+            f"[yellow]skipped {len(skipped)} file(s)[/] (not read): {escape(', '.join(skipped[:3]))}{more}"
+        )

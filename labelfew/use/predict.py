@@ -16,7 +16,7 @@ from labelfew.config import PredictConfig
 from labelfew.data.images import require_images
 from labelfew.errors import UserError
 from labelfew.models import load_model
-from labelfew.use.files import console, relative_path, report_bad, shown, write_csv
+from labelfew.use.files import console, relative_path, report_bad, report_skipped, shown, write_csv
 from labelfew.use.inference import Outputs, run_model
 
 
@@ -33,7 +33,8 @@ def predict(config: PredictConfig) -> Path:
     spec = artifact.spec
     if spec.class_names is None:
         raise UserError(f"{artifact.path}: a {artifact.stage} artifact; predict needs a fine-tuned model")
-    paths = require_images(config.images)
+    found = require_images(config.images, follow_links=config.follow_links)
+    paths = found.paths
     class_names = list(spec.class_names)
     outputs = run_model(
         load_model(artifact), paths, spec, config.batch_size, config.workers, "predict", config.quiet
@@ -61,6 +62,7 @@ def predict(config: PredictConfig) -> Path:
     if not config.quiet:
         _print_predictions(config, artifact, class_names, top_index[:, 0], top_probability[:, 0], outputs)
         report_bad(paths, outputs.errors, "listed in the CSV with their error")
+        report_skipped(found.skipped)
     return config.out
 
 

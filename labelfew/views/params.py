@@ -171,3 +171,30 @@ def sample_crop_and_flip(
     """The crop boxes (views, 4) and flip coins (views,) of fine-tuning's crop + flip."""
     draw = Draw(view_count, generator)
     return sample_crops(draw, image_sizes, min_scale), draw.uniform() < flip_prob
+
+
+def sample_shift_and_flip(
+    view_count: int,
+    extents: Tensor,
+    size: int,
+    padding: int,
+    flip_prob: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """torchvision's ``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` parameters, per view.
+
+    The window's corner is uniform over every ``size x size`` window of the image padded by
+    ``padding`` on each side (``torch.randint(0, extent + 2 * padding - size + 1)``, as
+    ``RandomCrop.get_params``), in the padded image's coordinates.
+
+    Args:
+        extents: ``(height, width)`` of each view's image, at least ``size``. Shape: (views, 2).
+
+    Returns:
+        ``(top, left, flip)``: shapes (views,), int64, int64 and bool.
+    """
+    draw = Draw(view_count, generator)
+    spans = extents.to(torch.float64) + 2 * padding - size + 1
+    corners = torch.floor(draw.uniform(columns=2) * spans).long()
+    corners = torch.minimum(corners, spans.long() - 1)
+    return corners[:, 0], corners[:, 1], draw.uniform() < flip_prob

@@ -12,8 +12,8 @@ sorted by the operation they drew, so that each operation runs once on a contigu
 five geometric operations share one ``grid_sample``); the order is then restored and Cutout masks
 every image in one ``masked_fill``. The pixel operations are in `labelfew.views.randaugment_ops`.
 
-Input and output: float views in ``[0, 1]`` of shape (batch, 3, H, W), not normalised (the crop +
-flip of the weak view, drawn again), on any device. Each operation computes what
+Input and output: float views in ``[0, 1]`` of shape (batch, 3, H, W), not normalised (the weak
+view itself, `labelfew.views.finetune.ShiftFlipViews`), on any device. Each operation computes what
 ``torchvision.transforms.v2.functional`` computes on one float image (``tests/views/test_randaugment.py``
 compares them image by image); geometric operations use nearest interpolation, as PIL's
 ``transform`` does in the reference code, and fill what leaves the image with grey 0.5, as Cutout.
@@ -178,7 +178,7 @@ def sample_randaugment(
 class RandAugmentViews:
     """FixMatch's strong augmentation of a batch of float views: RandAugment (N = 2) and Cutout.
 
-    ``strong = RandAugmentViews()(crop_flip_views_in_0_1, generator)``, then normalise.
+    ``strong = RandAugmentViews()(weak_views_in_0_1, generator)``, then normalise.
 
     Args:
         operation_count: Operations per image (FixMatch's N = 2).

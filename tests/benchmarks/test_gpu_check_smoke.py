@@ -53,7 +53,13 @@ def test_gpu_check_smoke_runs_every_step_and_writes_the_report(cifar10_archive: 
     assert {"lightly", "t1b", "evaluate"} <= set(statuses), statuses
     rows = record["throughput"]["t1a"]["rows"]
     assert rows["labelfew"]["views_per_second"] > 0 and rows["bare"]["views_per_second"] > 0
-    assert set(record["throughput"]["t1c"]["rows"]) >= {"labelfew", "bare", "cpu-path"}
+    assert set(record["throughput"]["t1c"]["rows"]) >= {
+        "labelfew",
+        "bare",
+        "cpu-path",
+        "stream",
+        "stream-device",
+    }
     sync = record["sync"]
     assert sync["steps"] and all(step["syncs"] >= 0 for step in sync["steps"])
     assert sync["applicable"] == (sync["status"] == "ok")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labelfew.data import images
 from labelfew.data.images import (
@@ -18,11 +20,16 @@ from labelfew.data.images import (
     collate,
     find_images,
     image_extent,
+    is_run_folder,
     load_resized,
     load_rgb,
+    printable,
+    require_images,
+    scan_images,
     stored_extent,
     typical_image_side,
 )
+from labelfew.data.labels import read_labels
 from labelfew.errors import UserError
 
 
@@ -69,11 +76,95 @@ def test_find_images_survives_a_symlink_loop_without_duplicates(tmp_path: Path) 
     assert {path.resolve() for path in found} == {first.resolve(), second.resolve()}
 
 
-def test_find_images_follows_a_link_to_a_folder_outside_the_root(tmp_path: Path) -> None:
+def test_folder_links_out_of_the_folder_are_skipped_and_named_unless_follow_links(tmp_path: Path) -> None:
     outside = _png(tmp_path / "outside" / "x.png")
-    (tmp_path / "root").mkdir()
+    inside = _png(tmp_path / "root" / "X" / "in.png")
     (tmp_path / "root" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
-    assert [path.resolve() for path in find_images(tmp_path / "root")] == [outside.resolve()]
+    (tmp_path / "root" / "X" / "up").symlink_to("..", target_is_directory=True)  # back into the root
+    (tmp_path / "root" / "file.png").symlink_to(outside)
+    (tmp_path / "root" / "X" / "same.png").symlink_to(inside)  # a link inside the root is followed
+    found = scan_images(tmp_path / "root")
+    assert found.paths == [  # a link to an image file is one image, wherever it points
+        tmp_path / "root" / "X" / "in.png",
+        tmp_path / "root" / "X" / "same.png",
+        tmp_path / "root" / "file.png",
+    ]
+    assert [entry.split(":")[0] for entry in found.skipped] == [str(tmp_path / "root" / "linked")]
+    assert all("--follow-links" in entry for entry in found.skipped)
+    followed = scan_images(tmp_path / "root", follow_links=True)
+    assert followed.skipped == []
+    assert sorted(path.resolve() for path in followed.paths) == sorted(
+        [outside.resolve(), outside.resolve(), inside.resolve(), inside.resolve()]
+    )
+
+
+def test_a_link_up_out_of_the_folder_does_not_read_the_siblings(tmp_path: Path) -> None:
+    """`X/up -> ..` must not train on X's sibling folders; with --follow-links it ends (loop guard)."""
+    kept = _png(tmp_path / "X" / "a.png")
+    _png(tmp_path / "sibling" / "b.png")
+    (tmp_path / "X" / "up").symlink_to("..", target_is_directory=True)
+    assert scan_images(tmp_path / "X").paths == [kept]
+    followed = scan_images(tmp_path / "X", follow_links=True).paths
+    assert sorted(path.resolve() for path in followed) == [
+        kept.resolve(),
+        (tmp_path / "sibling" / "b.png").resolve(),
+    ]
+
+
+def test_fifos_named_like_images_are_skipped_counted_and_never_opened(tmp_path: Path) -> None:
+    kept = _png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would block forever
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "absent.jpg")
+    found = scan_images(tmp_path)
+    assert found.paths == [kept]
+    assert found.skipped == [
+        f"{tmp_path / 'broken.jpg'}: a broken link",
+        f"{tmp_path / 'pipe.png'}: not a regular file (a FIFO, device or socket); never opened",
+    ]
+    with pytest.raises(UserError, match="2 skipped"):
+        require_images(_folder_with_only_a_fifo(tmp_path / "only"))
+
+
+def _folder_with_only_a_fifo(folder: Path) -> Path:
+    folder.mkdir()
+    os.mkfifo(folder / "x.png")
+    (folder / "y.png").symlink_to(folder / "absent.png")
+    return folder
+
+
+def test_a_file_name_that_is_not_utf8_is_found_decoded_and_printable(tmp_path: Path) -> None:
+    name = os.fsdecode(b"caf\xe9-\xff.png")  # Latin-1 bytes: surrogate escapes in Python
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(os.path.join(tmp_path, name), format="PNG")
+    [path] = find_images(tmp_path)
+    assert path.name == name
+    assert load_rgb(path).size == (8, 8)
+    text = printable(path)
+    assert text == f"{tmp_path}/caf\\xe9-\\xff.png"
+    text.encode("utf-8")  # no UnicodeEncodeError
+    assert printable(tmp_path / "été.png") == f"{tmp_path}/été.png"  # valid UTF-8 is unchanged
+
+
+def test_run_folders_and_excluded_folders_are_never_input(tmp_path: Path) -> None:
+    """`pretrain .` must not read its own `views.png` (or another run's), so it can resume."""
+    kept = _png(tmp_path / "photos" / "a.png")
+    stopped = tmp_path / "runs" / "x" / "pretrain"
+    _png(stopped / "views.png")
+    (stopped / "log.jsonl").write_text("")
+    finished = tmp_path / "runs" / "y" / "finetune"
+    _png(finished / "curves.png")
+    (finished / "run.json").write_text(json.dumps({"labelfew_version": "1", "stage": "finetune"}))
+    other = _png(tmp_path / "theirs" / "p.png")
+    (tmp_path / "theirs" / "run.json").write_text('{"something": "else"}')  # not labelfew's: input
+    own = _png(tmp_path / "out" / "pretrain" / "fresh.png")
+    assert find_images(tmp_path, exclude=[own.parent]) == [kept, other]
+    assert is_run_folder(stopped) and is_run_folder(finished) and not is_run_folder(other.parent)
+
+
+def test_the_root_itself_is_read_even_when_it_looks_like_a_run(tmp_path: Path) -> None:
+    kept = _png(tmp_path / "a.png")
+    (tmp_path / "log.jsonl").write_text("")
+    _png(tmp_path / "views.png")
+    assert find_images(tmp_path) == [kept, tmp_path / "views.png"]
 
 
 def test_find_images_refuses_a_missing_folder_or_a_file(tmp_path: Path) -> None:
@@ -317,3 +408,54 @@ def test_load_resized_is_torchvisions_resize_and_never_upsamples(
     assert resized.dtype == np.uint8 and resized.flags.writeable
     assert image_extent(tmp_path / "photo.png") == (height, width)
     assert stored_extent(height, width, side) == resized.shape[:2]
+
+
+# --- EXIF orientation -----------------------------------------------------------------------------
+
+
+def rotated_jpeg(path: Path, orientation: int, width: int = 48, height: int = 24) -> Path:
+    """A JPEG stored as a camera stores it, with the EXIF Orientation tag that says how to turn it.
+
+    Quadrants of distinct colours make every one of the 8 orientations look different."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (250, 10, 10)
+    pixels[: height // 2, width // 2 :] = (10, 250, 10)
+    pixels[height // 2 :, : width // 2] = (10, 10, 250)
+    pixels[height // 2 :, width // 2 :] = (250, 250, 10)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillows_exif_transpose(tmp_path: Path, orientation: int) -> None:
+    path = rotated_jpeg(tmp_path / "photo.jpg", orientation)
+    with Image.open(path) as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    decoded = np.asarray(load_rgb(path))
+    assert np.array_equal(decoded, expected)
+    assert decoded.shape[:2] == ((48, 24) if orientation >= 5 else (24, 48))
+    assert image_extent(path) == decoded.shape[:2]  # the header's size is the upright one
+    assert load_resized(path, side=12).shape == ((24, 12, 3) if orientation >= 5 else (12, 24, 3))
+
+
+def test_malformed_exif_orientation_is_ignored(tmp_path: Path) -> None:
+    path = rotated_jpeg(tmp_path / "photo.jpg", orientation=1)
+    with Image.open(path) as image:
+        stored = np.asarray(image.convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 99  # not an orientation
+    Image.fromarray(stored).save(tmp_path / "odd.jpg", format="JPEG", quality=95, exif=exif)
+    assert load_rgb(tmp_path / "odd.jpg").size == (48, 24)
+    assert image_extent(tmp_path / "odd.jpg") == (24, 48)
+
+
+def test_a_label_tree_of_links_into_a_pool_keeps_its_labels(tmp_path: Path) -> None:
+    """A labelled tree is often links into an image pool: those are labels, so they are followed."""
+    pool = _png(tmp_path / "pool" / "a.png")
+    (tmp_path / "labels" / "cat").mkdir(parents=True)
+    (tmp_path / "labels" / "cat" / "a.png").symlink_to(pool)
+    _png(tmp_path / "labels" / "dog" / "b.png")
+    assert read_labels(tmp_path / "labels").labels == ("cat", "dog")

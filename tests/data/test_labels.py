@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from labelfew.data.labels import LabeledImages, read_labels, write_labels
+from labelfew.data.labels import LabeledImages, read_label_files, read_labels, write_labels
 from labelfew.errors import UserError
 
 
@@ -166,3 +166,31 @@ def test_an_empty_set_is_not_written(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"empty\.csv: no images to write"):
         write_labels(LabeledImages(paths=(), labels=(), root=tmp_path), out)
     assert not out.exists()
+
+
+def test_several_files_are_merged_and_agreeing_repeats_count_once(images: Path, tmp_path: Path) -> None:
+    # round 2's file repeats a round-1 row (as the page's download does) and adds two
+    first = _csv(images / "labels-round1.csv", "path,label\na.png,cat\nb.png,dog\n")
+    second = _csv(tmp_path / "elsewhere" / "labels-round2.csv",
+                  f"path,label\n{images / 'a.png'},cat\n{images / 'c.png'},dog\n{images / 'sub/d.png'},cat\n")  # fmt: skip
+    merged = read_label_files([first, second])
+    assert dict(zip(merged.paths, merged.labels, strict=True)) == {
+        images / "a.png": "cat", images / "b.png": "dog", images / "c.png": "dog", images / "sub" / "d.png": "cat"
+    }  # fmt: skip
+    assert merged.root == images  # the first file's folder
+    assert read_label_files([first]) == read_labels(first)
+
+
+def test_a_path_labelled_differently_in_two_files_names_both_rows(images: Path) -> None:
+    first = _csv(images / "one.csv", "path,label\na.png,cat\nb.png,dog\n")
+    second = _csv(images / "two.csv", "path,label\nc.png,cat\nb.png,cat\n")
+    with pytest.raises(UserError) as caught:
+        read_label_files([first, second])
+    message = str(caught.value)
+    assert f"{second}:3: b.png is labelled both 'dog' ({first}:3) and 'cat'" in message
+    assert "\n" not in message
+
+
+def test_no_label_file_is_a_user_error() -> None:
+    with pytest.raises(UserError, match="no label file given"):
+        read_label_files([])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from labelfew.data.batches import EpochOrder
 from labelfew.data.images import find_images, load_resized
@@ -153,3 +153,17 @@ def test_batches_follow_the_epoch_order_and_carry_their_step_seed() -> None:
 def test_too_few_images_for_one_global_batch_is_refused() -> None:
     with pytest.raises(UserError, match="larger than the 10 decoded images"):
         MemoryBatches(store_of(10), EpochOrder(10, batch_size=6, world_size=2), "cpu")
+
+
+def test_sideways_phone_photos_are_stored_upright(tmp_path: Path) -> None:
+    """A JPEG with EXIF Orientation 6 (camera turned a quarter) is stored as PIL's exif_transpose
+    shows it, at the upright extent its header promised (no "size differs from its header")."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(_png(tmp_path / "raw.png", 20, 40)).save(tmp_path / "photo.jpg", quality=95, exif=exif)
+    store = decode_images([tmp_path / "photo.jpg"], side=64)
+    assert store.skipped == [] and store.sizes.tolist() == [[40, 20]]
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        expected = torch.from_numpy(np.array(ImageOps.exif_transpose(stored).convert("RGB"))).permute(2, 0, 1)
+    images, _ = store.gather(torch.tensor([0]))
+    assert torch.equal(images[0], expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 import random
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from labelfew import fileio
 from labelfew.engine import checkpoint
 from labelfew.errors import UserError
 
@@ -160,3 +162,98 @@ def test_save_and_restore_training_restore_model_optimizer_scheduler_and_positio
     assert torch.equal(fresh_optimizer.state_dict()["state"][0]["momentum_buffer"], momentum)
     with pytest.raises(UserError, match="a checkpoint of a different run"):
         checkpoint.restore_training(accelerator, tmp_path, fresh, fresh_optimizer, fresh_scheduler, {"a": 2})
+
+
+def test_a_changed_file_list_names_up_to_three_files_that_appeared_or_vanished(tmp_path: Path) -> None:
+    # the refusal named only two hashes (issue 22, item 13)
+    saved = {"image_list_sha256": "aaa", "_image_list_sha256": ["a.png", "b.png", "c.png"]}
+    new = [f"new{i}.png" for i in range(5)]
+    current = {"image_list_sha256": "bbb", "_image_list_sha256": ["b.png", "c.png", *new]}
+    with pytest.raises(UserError) as error:
+        checkpoint.check_fingerprint(tmp_path / "step-00000001", saved, current)
+    message = str(error.value)
+    assert "'aaa' → 'bbb' (5 file(s) appeared: new0.png, new1.png, new2.png and 2 more; " in message
+    assert "1 file(s) vanished: a.png)" in message and "_image_list" not in message and "b.png" not in message
+    old = {"image_list_sha256": "aaa"}  # a checkpoint written before the lists were kept: the hashes only
+    with pytest.raises(UserError, match=r"\(image_list_sha256 'aaa' → 'bbb'\); rerun"):
+        checkpoint.check_fingerprint(tmp_path / "step-00000001", old, current)
+    # a list alone is no change
+    checkpoint.check_fingerprint(tmp_path, old, {**old, "_image_list_sha256": ["a.png"]})
+
+
+TORCH_DISK_FULL = RuntimeError(
+    "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+)
+
+
+@pytest.mark.parametrize("failure", ["oserror", "torch"])
+def test_a_full_disk_is_one_line_with_the_size_needed_and_the_earlier_checkpoints_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    weights = {"w": torch.ones(1000)}
+    checkpoint.save(tmp_path, weights, _state(5), {"a": 1})
+
+    def full_disk(value: object, path: Path) -> None:
+        Path(path).write_bytes(b"part of it")
+        if failure == "oserror":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise TORCH_DISK_FULL
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: 0)
+    with pytest.raises(UserError) as caught:
+        checkpoint.save(tmp_path, weights, _state(10), {"a": 1})
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path}: the disk holding it is full (0 bytes left, the next checkpoint needs about 4 kB)")  # fmt: skip
+    assert "a training run resumes from its last checkpoint" in message and "\n" not in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000005"]  # no partial folder
+    model_state, _, _ = checkpoint.load(checkpoint.latest(tmp_path))  # type: ignore[arg-type]
+    assert torch.equal(model_state["w"], weights["w"])
+
+
+def test_an_unrelated_write_error_is_not_called_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(value: object, path: Path) -> None:
+        raise TORCH_DISK_FULL  # the same words, but the disk has room: not a full disk
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: 10**12)
+    with pytest.raises(RuntimeError, match="file write failed"):
+        checkpoint.save(tmp_path, {"w": torch.ones(1)}, _state(1), {})
+
+
+def test_save_clears_the_temporary_folders_of_killed_writes(tmp_path: Path) -> None:
+    (tmp_path / ".step-00000009.abc").mkdir(parents=True)
+    (tmp_path / ".step-00000009.abc" / "model.safetensors").write_bytes(b"partial")
+    checkpoint.save(tmp_path, {"w": torch.ones(1)}, _state(12), {})
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-00000012"]
+
+
+def test_the_size_estimate_counts_weights_average_and_optimizer_buffers() -> None:
+    model = nn.Linear(100, 10)  # 1010 float32 parameters: 4040 bytes
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adamw = torch.optim.AdamW(model.parameters())
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert checkpoint.estimated_bytes(model, sgd) == 4040 + 4040 + (1 << 20)
+    assert checkpoint.estimated_bytes(model, adamw) == 4040 + 2 * 4040 + (1 << 20)
+    assert checkpoint.estimated_bytes(model, plain) == 4040 + (1 << 20)
+    model(torch.randn(2, 100)).sum().backward()
+    adamw.step()  # now the buffers exist (and a step count): at least the estimate
+    saved = checkpoint._tensor_bytes(adamw.state_dict()["state"])
+    assert checkpoint.estimated_bytes(model, adamw) - (1 << 20) - 4040 >= 2 * 4040
+    assert saved >= 2 * 4040
+
+
+def test_require_space_refuses_a_run_whose_checkpoint_does_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    accelerator = SimpleNamespace(num_processes=1, is_main_process=True, unwrap_model=lambda model: model)
+    model = nn.Linear(100, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    needed = checkpoint.estimated_bytes(model, optimizer)
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: needed)
+    checkpoint.require_space(accelerator, tmp_path / "checkpoints", model, optimizer)
+    monkeypatch.setattr(fileio, "free_bytes", lambda folder: needed - 1)
+    with pytest.raises(UserError, match=r"checkpoints: the disk holding it has 1.1 MB free but a checkpoint of this run needs about 1.1 MB"):  # fmt: skip
+        checkpoint.require_space(accelerator, tmp_path / "checkpoints", model, optimizer)

@@ -55,3 +55,28 @@ def test_the_decay_reaches_its_value_and_a_restored_average_goes_on_the_same_way
 def test_a_decay_outside_0_1_is_refused() -> None:
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(_model(), decay=1.0)
+
+
+def test_with_batchnorm_the_models_momentum_is_one_minus_the_decay_so_statistics_match_the_average() -> None:
+    """FixMatch's references set BN momentum to 1 - decay (0.001); here it warms up with the decay, and
+    the running mean the average copies is the hand-written EMA of the batch means with those momenta."""
+    torch.manual_seed(0)
+    model = _model()
+    batchnorm = model[1]
+    ema = ModelEMA(model, decay=0.999, batchnorm=True)
+    expected_mean = batchnorm.running_mean.clone()
+    for n in range(20):
+        momentum = 1 - min(0.999, (1 + n) / (10 + n))
+        assert batchnorm.momentum == pytest.approx(momentum)
+        inputs = torch.randn(8, 4) + n
+        with torch.no_grad():
+            batch_mean = model[0](inputs).mean(dim=0)
+        model.train()(inputs)
+        expected_mean = (1 - momentum) * expected_mean + momentum * batch_mean
+        ema.update(model)
+    torch.testing.assert_close(dict(ema.module.named_buffers())["1.running_mean"], expected_mean)
+    ema.load_state_dict(ema.state_dict(), updates=10_000)  # a resumed run: the momentum goes with the count
+    assert batchnorm.momentum == pytest.approx(0.001)
+    plain = _model()
+    ModelEMA(plain, decay=0.999).update(plain)
+    assert plain[1].momentum == 0.1  # without batchnorm=True the model's own momentum is left

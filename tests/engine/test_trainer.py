@@ -79,3 +79,19 @@ def test_the_first_steps_are_timed_once_for_the_estimate() -> None:
     trainer.fit()
     # Timed from the end of step 1 to the end of step 4 (3 steps); 8 of the 12 steps are left.
     assert len(calls) == 1 and calls[0][1] == 8 and 0 < calls[0][0] < 5
+
+
+def test_a_run_without_a_bar_prints_a_progress_line_every_few_seconds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --quiet and output to a file showed nothing within an epoch (issue 22, item 13)
+    from labelfew.engine import trainer as trainer_module
+
+    _trainer(lambda value: value**2).fit()  # 12 steps take well under PROGRESS_SECONDS: no line
+    assert "step" not in capsys.readouterr().err
+    monkeypatch.setattr(trainer_module, "PROGRESS_SECONDS", 0.0)
+    _trainer(lambda value: value**2).fit()
+    lines = [line for line in capsys.readouterr().err.splitlines() if " step " in line]
+    # at the log point (step 10, log_every) and at the epoch end (step 12)
+    assert [line.split(" step ")[1].split()[0] for line in lines] == ["10/12", "12/12"]
+    assert all(line.startswith("test epoch 1/1 ") and "loss " in line and "views/s" in line for line in lines)

@@ -1,15 +1,15 @@
-"""Test-only companions of `labelfew.losses`: the loss as a module, and a cross-process mean.
+"""Test-only references for `labelfew.losses`: SimCLR's loss as a plain loop, and a cross-process mean.
 
-They were part of the package but nothing there used them; the tests use `global_mean` to check
-that the per-process losses average to the single-process loss on the global batch.
+`tests/test_losses.py` checks `labelfew.losses.nt_xent_loss` against `reference_nt_xent`, and the
+distributed tests use `global_mean` to check that the per-process losses average to the
+single-process loss on the global batch. Nothing here is tested for its own sake.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as torch_distributed
-from torch import Tensor, nn
-
-from labelfew.losses import nt_xent_loss
+from torch import Tensor
 
 
 def _is_distributed() -> bool:
@@ -38,26 +38,19 @@ def global_mean(value: Tensor) -> Tensor:
     return total / torch_distributed.get_world_size()
 
 
-class NTXentLoss(nn.Module):
-    """`nt_xent_loss` as a module.
-
-    Args:
-        temperature: divides the cosine similarities; 0.1 for large batches with LARS, 0.5
-            for CIFAR-sized runs (SimCLR appendix B.9, https://arxiv.org/abs/2002.05709).
-
-    Raises:
-        ValueError: non-positive temperature.
-    """
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"NT-Xent temperature must be positive, got {temperature}.")
-        self.temperature = temperature
-
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """Per-process loss; see `nt_xent_loss`. Shapes: (local_batch_size, dim) each."""
-        return nt_xent_loss(z1, z2, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time."""
+    views = [z / torch.linalg.vector_norm(z) for z in list(z1) + list(z2)]
+    batch_size = z1.shape[0]
+    total = torch.zeros((), dtype=z1.dtype)
+    for anchor in range(2 * batch_size):
+        positive = (anchor + batch_size) % (2 * batch_size)
+        denominator = torch.zeros((), dtype=z1.dtype)
+        for candidate in range(2 * batch_size):
+            if candidate != anchor:
+                denominator = denominator + torch.exp(
+                    torch.dot(views[anchor], views[candidate]) / temperature
+                )
+        numerator = torch.exp(torch.dot(views[anchor], views[positive]) / temperature)
+        total = total - torch.log(numerator / denominator)
+    return total / (2 * batch_size)

@@ -163,3 +163,12 @@ def test_read_log_keeps_complete_records_only(tmp_path: Path) -> None:
         '{"epoch": 1, "step": 1, "loss": 6.2, "lr": 0.1}\n{"step": 2, "loss"\n[1, 2]\n{"step": 3, "loss": 6.0, "lr": 0.2}\n'
     )
     assert [record["step"] for record in read_log(log)] == [1, 3]
+
+
+def test_report_html_names_files_relative_to_the_run_folder(run: dict[str, Path]) -> None:
+    # the page is meant to be mailed: it printed the sender's absolute paths (issue 22, item 13)
+    text = (run["out"] / "report.html").read_text(encoding="utf-8")
+    assert str(run["work"]) not in text and str(run["work"].resolve()) not in text
+    assert "Test set test: " in text
+    assert "of pretrain/backbone.safetensors, coloured" in text  # the embedding map's model
+    assert "model finetune-labels/model.safetensors." in text  # the mistakes' model

@@ -3,6 +3,7 @@ artifact as every command reads it, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.errors import UserError
 from labelfew.losses import distillation_loss
 from labelfew.models import load_model
+from labelfew.optim import parameter_groups
 from labelfew.stages import distill, evaluate, finetune
 from labelfew.views.finetune import CropFlipViews
 
@@ -61,7 +63,7 @@ def test_the_step_is_the_distillation_loss_of_the_teacher_and_student_on_the_sam
     loss, count = step(student, batch)
     same_views = views(images, batch.sizes, Batch(images, batch.sizes, batch.indices, seed=7).generator())
     with torch.no_grad():
-        expected = distillation_loss(student(same_views), teacher(same_views), temperature=2.0)
+        expected = 2.0**2 * distillation_loss(student(same_views), teacher(same_views), temperature=2.0)
     assert count == 6 and torch.allclose(loss, expected)
     loss.backward()
     assert all(param.grad is None for param in teacher.parameters())  # no gradient reaches the teacher
@@ -109,6 +111,7 @@ def test_the_artifact_loads_predicts_and_is_evaluated_as_distilled(tiny: TinyRun
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     record = json.loads((distilled.parent / "run.json").read_text())
     assert record["parent"]["path"] == str(teacher.path.resolve()) and record["student"]["start"] == "self"
+    assert record["config"]["temperature"] == 0.1  # auto: SimCLRv2's self-distillation temperature
     assert record["labels"]["content_sha256"] == teacher.run_info()["labels"]["content_sha256"]
     # the unlabeled folder is a tree of the teacher's classes: its accuracy is logged
     assert len(record["metrics"]["teacher_top1"]) == 2
@@ -124,7 +127,9 @@ def test_a_smaller_student_from_random_init_and_the_labelled_loss(tiny: TinyRun,
     assert out.parent.name == "distill-labels-resnet10t"
     artifact = load_artifact(out, "distill")
     assert artifact.arch == "resnet10t" and model_label(artifact) == "distilled (resnet10t, random init)"
-    assert json.loads((out.parent / "run.json").read_text())["distill_labels"]["images"] == 15
+    record = json.loads((out.parent / "run.json").read_text())
+    assert record["distill_labels"]["images"] == 15
+    assert record["config"]["temperature"] == 1.0  # auto: SimCLRv2's big-to-small temperature
     assert distill.find_teacher(tiny["run"]).stage == "finetune"  # a distilled model is never a teacher
 
 
@@ -153,3 +158,65 @@ def test_bad_input_exits_2_with_one_line(tiny: TinyRun) -> None:
     )
     with pytest.raises(UserError, match="--labels and --alpha go together"):
         distill.run(_config(tiny, alpha=0.5))
+
+
+def test_auto_temperature_is_simclr_v2s_and_a_given_one_is_kept(tiny: TinyRun) -> None:
+    """SimCLRv2 (section 3): T = 0.1 for self-distillation, 1.0 from a big teacher to a small student."""
+    teacher = distill.find_teacher(tiny["run"])
+    same = distill.student_start(_config(tiny), teacher)
+    other = distill.student_start(_config(tiny, arch="resnet10t"), teacher)
+    assert distill.distill_temperature(_config(tiny), teacher, same) == 0.1
+    assert distill.distill_temperature(_config(tiny), teacher, other) == 1.0
+    assert distill.distill_temperature(_config(tiny, temperature=0.5), teacher, same) == 0.5
+
+
+def _with_small_stem(artifact: Any) -> Any:
+    """The same teacher as if it had been trained with the small-image stem (as at <= 64 px)."""
+    return dataclasses.replace(artifact, metadata={**artifact.metadata, "small_stem": "true"})
+
+
+def test_a_non_resnet_student_of_a_small_stem_teacher_needs_no_small_stem(tiny: TinyRun) -> None:
+    """The message names `--no-small-stem`, which distill must then have (issue 22, item 11)."""
+    teacher = _with_small_stem(distill.find_teacher(tiny["run"]))
+    with pytest.raises(UserError, match="pass --no-small-stem"):
+        distill.student_start(_config(tiny, arch="test_efficientnet"), teacher)
+    student = distill.student_start(_config(tiny, arch="test_efficientnet", small_stem=False), teacher)
+    assert student.kind == "random" and not student.small_stem
+    model = distill.build_student(student, teacher.spec)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert distill.student_start(_config(tiny, arch="resnet10t"), teacher).small_stem  # the teacher's stem
+
+
+def test_small_stem_flags_exist_and_refuse_to_change_a_pretrained_start(tiny: TinyRun) -> None:
+    line = _bad(tiny, "--unlabeled", str(tiny["unlabeled"]), "--from", str(tiny["run"]), "--small-stem")
+    assert "--small-stem" in line and "leave the flag out" in line
+    student = distill.student_start(_config(tiny, small_stem=False), distill.find_teacher(tiny["run"]))
+    assert student.kind == "self" and not student.small_stem  # the pretrained backbone's own stem
+
+
+def test_t_squared_keeps_the_unadapted_layers_gradients_at_their_t_1_size(tiny: TinyRun) -> None:
+    """LARS steps the classifier, biases and BN weights by lr × gradient: at T = 0.1 the plain eq. 2 loss
+    gives them many times T = 1's gradient, the step's T² factor brings it back under T = 1's."""
+    teacher_artifact = distill.find_teacher(tiny["run"])
+    teacher = load_model(teacher_artifact).eval()
+    teacher.classifier.weight.data *= 20  # a confident teacher, as a fine-tuned one becomes
+    images = torch.randint(0, 256, (16, 3, 40, 36), dtype=torch.uint8)
+    batch = LabelledPairBatch(images, torch.tensor([[40, 36]] * 16), torch.arange(16), seed=3)
+    accelerator = engine.make_accelerator("no", seed=0)
+
+    def unadapted_gradient_norm(temperature: float, plain: bool = False) -> float:
+        student = distill.build_student(
+            distill.student_start(_config(tiny), teacher_artifact), teacher_artifact.spec
+        )
+        agreement = distill.Agreement(torch.device("cpu"), has_labels=False)
+        loss, _ = distill.distillation_step(
+            teacher, CropFlipViews(32), temperature, 0.0, accelerator, agreement
+        )(student, batch)
+        (loss / (temperature**2 if plain else 1.0)).backward()
+        groups = parameter_groups(student, 1e-6, exclude=[student.classifier])
+        unadapted = next(group for group in groups if not group["lars_adapt"])["params"]
+        return float(torch.sqrt(sum((param.grad**2).sum() for param in unadapted)))
+
+    at_one = unadapted_gradient_norm(1.0)
+    assert unadapted_gradient_norm(0.1, plain=True) > 5 * at_one  # why the factor is there
+    assert unadapted_gradient_norm(0.1) < at_one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,7 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from rich.console import Console
 
+from labelfew.artifacts import load_artifact, save_tensors, write_run_json
 from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from labelfew.errors import UserError
 from labelfew.report import tables as report
@@ -91,9 +95,27 @@ def test_linear_probe_separates_separable_classes_and_chooses_c() -> None:
     test_y = np.repeat(np.arange(3), 10)
     test_x = centres[test_y] + rng.normal(size=(30, 3))
     scores, chosen = linear_probe_scores(train_x, train_y, test_x, num_classes=3)
-    assert chosen is not None
+    assert chosen in evaluate.PROBE_C_GRID
     assert (scores.argmax(axis=1) == test_y).mean() > 0.9
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_linear_probe_chooses_the_c_that_sklearns_grid_search_picks_on_the_same_split() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, train_test_split
+
+    rng = np.random.default_rng(4)  # overlapping classes in 8 dimensions: C matters, and 10 and 100 tie
+    train_y = np.repeat(np.arange(3), 20)
+    train_x = rng.normal(size=(3, 8))[train_y] + rng.normal(size=(60, 8))
+    _, chosen = linear_probe_scores(train_x, train_y, train_x[:3], num_classes=3, holdout=0.2, seed=0)
+    # The reference: the same features, stratified hold-out split and seed, through GridSearchCV.
+    normalised = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    fit, held = train_test_split(np.arange(60), test_size=0.2, stratify=train_y, random_state=0)
+    grid = GridSearchCV(LogisticRegression(max_iter=2000, random_state=0), {"C": list(evaluate.PROBE_C_GRID)},
+                        cv=[(fit, held)], scoring="accuracy").fit(normalised, train_y)  # fmt: skip
+    edges = (evaluate.PROBE_C_GRID[0], evaluate.PROBE_C_GRID[-1])
+    assert grid.best_params_["C"] not in edges  # a real choice: neither the first nor the last of a tie
+    assert chosen == grid.best_params_["C"]
 
 
 def test_linear_probe_with_one_label_per_class_uses_default_c() -> None:
@@ -152,15 +174,104 @@ def _evaluate(run: dict[str, Path], bank: Path, **options: Any) -> dict[str, Any
     return evaluate.run(config)
 
 
-def test_separate_sets_pass_and_a_capped_k_is_noted(tiny_run: dict[str, Path]) -> None:
+def test_separate_sets_pass_and_k_is_capped_by_the_smallest_class_of_the_bank(
+    tiny_run: dict[str, Path],
+) -> None:
+    """k = 20 over a bank of 10 labels (one per class) was a vote of every bank image, won by the
+    classes with more labels; capped by the smallest class, one neighbour decides."""
     result = _evaluate(tiny_run, tiny_run["bank"])
     assert result["overlap"] == []
     knn = next(row for row in result["rows"] if row["method"] == "kNN")
-    assert knn["details"]["k"] == 10 and knn["details"]["k_requested"] == 20  # the bank has 10 images
+    assert knn["details"]["k"] == 1 and knn["details"]["k_requested"] == 20
+    assert "smallest class" in knn["details"]["k_cap"]
+    assert knn["details"]["seen_test_images"] == 0
     console = report.console
     with console.capture() as captured:
         report.print_report(result)
-    assert "k capped from 20" in captured.get()
+    assert "k capped from 20 to 1: the bank's smallest class, '0', has 1" in captured.get()
+    assert "test images seen" not in captured.get()  # the column only comes with an overlap
+
+
+def test_k_is_capped_by_the_smallest_class_against_a_plain_vote() -> None:
+    bank_labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 4)
+    k, capped = evaluate._knn_k(20, bank_labels, ["a", "b", "c"])
+    assert (k, capped["k_requested"]) == (2, 20) and "'b', has 2" in capped["k_cap"]
+    assert evaluate._knn_k(2, bank_labels, ["a", "b", "c"]) == (2, {})
+    # a query on a class-1 image: with k = 12 (the bank) the 6 class-0 images outvote it; with k = 2 it wins
+    bank = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(6, 1), torch.tensor([[0.0, 1.0]]).repeat(2, 1),
+                      torch.tensor([[-1.0, 0.0]]).repeat(4, 1)])  # fmt: skip
+    query = torch.tensor([[0.6, 0.8]])
+    assert knn_scores(bank, bank_labels, query, 3, k=k, temperature=10.0).argmax().item() == 1
+    assert knn_scores(bank, bank_labels, query, 3, k=12, temperature=10.0).argmax().item() == 0
+
+
+def test_a_test_image_in_the_pretraining_folder_is_refused_or_counted(
+    tiny_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard looked at the bank and the labels only; pretrain's folder (run.json) was never read."""
+    test_image = sorted(tiny_run["test"].rglob("*.png"))[0]
+    copy = tiny_run["work"] / "unlabeled" / "0" / "re-encoded.jpg"
+    with Image.open(test_image) as image:
+        image.convert("RGB").resize((48, 48)).save(copy, quality=60)
+    try:
+        with pytest.raises(
+            UserError, match=r"1 test image\(s\) are also in the pretraining folder .*unlabeled"
+        ):
+            _evaluate(tiny_run, tiny_run["bank"])
+        result = _evaluate(tiny_run, tiny_run["bank"], allow_overlap=True)
+    finally:
+        copy.unlink()
+    assert [item["images"] for item in result["overlap"]] == [1]
+    assert {row["method"]: row["details"]["seen_test_images"] for row in result["rows"]} == {
+        "kNN": 1, "linear probe": 1,
+    }  # fmt: skip
+    assert (tiny_run["work"] / "evaluate" / "image_hashes.npz").is_file()
+    monkeypatch.setattr(report, "console", Console(width=200))
+    with report.console.capture() as captured:
+        report.print_report(result)
+    assert "test images seen" in captured.get()
+
+
+def test_undecodable_test_images_are_counted_and_named(tiny_run: dict[str, Path]) -> None:
+    test = tiny_run["work"] / "test-with-a-bad-file"
+    shutil.copytree(tiny_run["test"], test)
+    listed = len(list(test.rglob("*.png")))
+    (test / "0" / "broken.png").write_bytes(b"not a png")
+    config = EvaluateConfig(test=test, source=tiny_run["run"], bank=tiny_run["bank"], out=tiny_run["work"] / "evaluate",
+                            workers=0, quiet=True)  # fmt: skip
+    result = evaluate.run(config)
+    assert (result["test"]["images"], result["test"]["listed"], result["test"]["skipped"]) == (
+        listed,
+        listed + 1,
+        1,
+    )
+    assert "broken.png" in result["test"]["skipped_files"][0]
+    assert sum(sum(row) for row in result["rows"][0]["confusion_matrix"]) == listed
+    with report.console.capture() as captured:
+        report.print_report(result)
+    assert (
+        f"{listed} test images" in captured.get()
+        and "1 of" in captured.get()
+        and "broken.png" in captured.get()
+    )
+
+
+def test_several_label_sets_without_bank_are_refused_before_any_work(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"] / "pretrain", run / "pretrain")
+    spec = dataclasses.replace(load_artifact(run / "pretrain" / "backbone.safetensors").spec,
+                               class_names=tuple(str(digit) for digit in range(10)))  # fmt: skip
+    for name, labels in (("ft-a", tiny_run["bank"]), ("ft-b", tiny_run["test"])):
+        digest = save_tensors(run / name / "model.safetensors", {"w": torch.ones(1)},
+                              {"stage": "finetune", **spec.to_metadata()})  # fmt: skip
+        write_run_json(run / name, {"stage": "finetune", "labels": {"path": str(labels)},
+                                    "artifacts": {"model.safetensors": {"sha256": digest}}})  # fmt: skip
+    monkeypatch.setattr(evaluate, "guard", lambda *args, **kwargs: pytest.fail("hashing started"))
+    monkeypatch.setattr(evaluate, "run_model", lambda *args, **kwargs: pytest.fail("a model ran"))
+    with pytest.raises(UserError, match=r"fine-tuned on 2 label sets .*pass --bank"):
+        evaluate.run(EvaluateConfig(test=tiny_run["test"], source=run, workers=0, quiet=True))
 
 
 def test_test_images_in_the_bank_are_refused_by_path_and_by_content(tiny_run: dict[str, Path]) -> None:

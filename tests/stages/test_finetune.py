@@ -15,7 +15,7 @@ from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.labels import LabeledImages
 from labelfew.data.subsets import balanced_subset
 from labelfew.engine import lr_search
-from labelfew.errors import UserError
+from labelfew.errors import Interrupted, UserError
 from labelfew.models import build_classifier
 from labelfew.optim import (
     LARS,
@@ -127,28 +127,6 @@ def test_fifths_left_empty_by_small_classes_are_skipped(tmp_path: Path) -> None:
     assert len(alone) == 1 and len(alone[0][1]) == 0 and len(alone[0][0]) == 4  # nothing to hold out
 
 
-def test_the_search_pools_the_folds_by_their_size_and_ties_go_to_the_smaller_lr(tmp_path: Path) -> None:
-    labeled = LabeledImages(
-        tuple(tmp_path / f"{i}.png" for i in range(20)), ("a",) * 10 + ("b",) * 10, tmp_path
-    )
-    folds = lr_search.search_folds(labeled, seed=0)
-    sizes = [len(check) for _, check in folds]
-    scores = {1: [1.0, 0.0, 0.0, 0.0, 0.0], 2: [0.0, 0.5, 0.5, 0.5, 0.5], 4: [0.4] * 5, 8: [None] * 5}
-
-    def train(lr: float, fold: int) -> lr_search.Candidate:
-        top1 = scores[round(lr / 0.01)][fold]
-        if top1 is None:
-            return lr_search.Candidate(lr, 2, 3)
-        return lr_search.Candidate(lr, 2, 3, val_top1=top1, val_loss=1 - top1, final_loss=0.1)
-
-    record = lr_search.search(0.01, "sgd", 8, ["a", "b"], folds, train)
-    expected = [sum(s * n for s, n in zip(scores[f], sizes, strict=True)) / sum(sizes) for f in (1, 2, 4)]
-    assert [item["val_top1"] for item in record["candidates"][:3]] == pytest.approx(expected)
-    assert record["candidates"][3]["val_top1"] is None and record["candidates"][0]["steps"] == 15
-    assert (record["folds"], record["held_out_images"]) == (5, 20)
-    assert record["chosen"] == pytest.approx(0.02)  # 0.4 for ×2 and ×4: the smaller
-
-
 def _rates(scheduler_of: Any, steps: int = 100) -> list[float]:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = scheduler_of(optimizer)
@@ -212,28 +190,46 @@ def _finetune(tiny: dict[str, Path], out: str, **options: Any) -> dict[str, Any]
 def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 5 folds of 6 (30 labels, a fifth of 6 < 250): pooled 0.5, 0.7, 0.9, 0.9; ×4 and ×8 tie: the smaller wins
-    scores = iter([0.5] * 5 + [0.7] * 5 + [1.0, 0.5, 1.0, 1.0, 1.0] + [0.9] * 5)
-    monkeypatch.setattr(finetune, "held_out_scores", lambda *args: (next(scores), 0.5))
+    # 30 labels, fifths of 6; 2 epochs of 3 steps: a budget of 6 steps, so one epoch (3 steps) a
+    # candidate (never less), on the first fold only. ×4 and ×8 tie on top-1: the lower held-out loss wins.
+    scores = iter([(0.5, 0.9), (0.5, 0.8), (1.0, 0.6), (1.0, 0.5)])
+    monkeypatch.setattr(finetune, "held_out_scores", lambda *args: next(scores))
     record = _finetune(tiny_pretrain, "auto")
     search = record["lr_search"]
     rule = 0.05 * 8 / 256
-    assert [item["lr"] for item in search["candidates"]] == pytest.approx(
-        [rule, 2 * rule, 4 * rule, 8 * rule]
-    )
-    assert (search["fit_images"], search["held_out_images"], search["folds"]) == (
-        24,
-        30,
-        5,
-    )  # each label once
-    assert search["candidates"][0]["steps"] == 5 * 6  # 3 steps an epoch, for all 2 epochs, on each fold
-    assert record["lr"] == search["chosen"] == pytest.approx(4 * rule) == record["config"]["lr"]
+    factors = [item["lr"] / rule for item in search["candidates"]]
+    assert factors == pytest.approx([1, 2, 4, 8])
+    assert (search["fit_images"], search["held_out_images"], search["folds"]) == (24, 6, 1)
+    assert search["candidates"][0]["steps"] == 3 and (search["budget_steps"], search["steps"]) == (6, 12)
+    assert record["lr"] == search["chosen"] == pytest.approx(8 * rule) == record["config"]["lr"]
     assert record["labels"]["images"] == 30  # then trained on all the labels
     # A rerun (after a kill, or to rebuild) reads lr_search.json instead of searching again.
     monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched again"))
     (tiny_pretrain["work"] / "auto" / "model.safetensors").unlink()
     shutil.rmtree(tiny_pretrain["work"] / "auto" / "checkpoints")  # tests/test_resume.py covers resuming
-    assert _finetune(tiny_pretrain, "auto")["lr"] == pytest.approx(4 * rule)
+    assert _finetune(tiny_pretrain, "auto")["lr"] == pytest.approx(8 * rule)
+
+
+def test_a_search_stopped_by_ctrl_c_continues_where_it_stopped(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scored: list[int] = []
+    stop_at = [3]  # Ctrl-C at the third candidate's end, once
+
+    def scores(*args: Any) -> tuple[float, float]:
+        scored.append(len(scored))
+        if len(scored) in stop_at:
+            stop_at.clear()  # what the trainer raises on SIGINT when it has no checkpoints:
+            raise Interrupted("stopped by SIGINT; no checkpoint was written (checkpoints are off)", 130)
+        return 0.5, 1.0
+
+    monkeypatch.setattr(finetune, "held_out_scores", scores)
+    with pytest.raises(Interrupted, match=r"finished candidates are in lr_search\.json: rerun"):
+        _finetune(tiny_pretrain, "stopped")
+    scored.clear()
+    search = _finetune(tiny_pretrain, "stopped")["lr_search"]
+    assert len(scored) == 2  # the third and fourth candidates; the first two were read back
+    assert len(search["candidates"]) == 4 and search["steps"] == 12
 
 
 def test_an_explicit_lr_skips_the_search(

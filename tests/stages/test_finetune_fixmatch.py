@@ -1,5 +1,6 @@
-"""`finetune --method fixmatch`: the step against a hand-written FixMatch loss, per-image strong views,
-the moving average saved instead of the weights, the artifact as evaluate reads it, and bad options."""
+"""`finetune --method fixmatch`: the step against a hand-written FixMatch loss, per-image strong views
+of the weak view's window, the classifier's weight decay and BatchNorm momentum, the moving average
+saved instead of the weights, the artifact as evaluate reads it, and bad options."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -15,16 +16,20 @@ from conftest import TinyRun, copy_tiny_run
 from safetensors.torch import load_file
 from torch import nn
 
+from labelfew import engine
 from labelfew.artifacts import load_artifact, model_label
 from labelfew.config import EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
+from labelfew.data.labelled import held_out_split
+from labelfew.data.labels import read_label_files
 from labelfew.engine import checkpoint
-from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, fixmatch_step
+from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, find_unlabeled, fixmatch_step
+from labelfew.engine.start import finetune_start
 from labelfew.errors import UserError
-from labelfew.models import build_classifier, load_model
+from labelfew.models import Classifier, build_classifier, load_model
 from labelfew.stages import evaluate, finetune
-from labelfew.views.finetune import CropFlipViews
-from labelfew.views.randaugment import apply_randaugment, sample_randaugment
+from labelfew.views.finetune import ShiftFlipViews
+from labelfew.views.randaugment import RandAugmentViews, apply_randaugment, sample_randaugment
 
 LABELFEW = str(Path(sys.executable).parent / "labelfew")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,29 +45,40 @@ def _batches(labelled: int = 4, unlabeled: int = 8) -> LabelledPairBatch:
 
 
 def _unit_views(images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return CropFlipViews(32, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes, generator)
+    return ShiftFlipViews(32, mean=(0, 0, 0), std=(1, 1, 1))(images, sizes, generator)
 
 
 def _normalise(views: torch.Tensor) -> torch.Tensor:
     return (views - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-def test_the_strong_view_is_a_second_crop_with_its_own_randaugment_operations_per_image() -> None:
+def test_the_strong_view_is_the_weak_views_window_with_its_own_randaugment_operations_per_image() -> None:
     torch.manual_seed(0)
     batch = _batches(unlabeled=16)
     weak, strong = WeakStrongViews(32, MEAN, STD)(batch.images, batch.sizes, batch.generator())
-    generator = batch.generator()  # the same draws by hand: weak crop, strong crop, RandAugment, Cutout
+    generator = batch.generator()  # the same draws by hand: one shift + flip, then RandAugment and Cutout
     expected_weak = _unit_views(batch.images, batch.sizes, generator)
-    second_crop = _unit_views(batch.images, batch.sizes, generator)
     parameters = sample_randaugment(16, 32, 32, generator)
     torch.testing.assert_close(weak, _normalise(expected_weak))
-    torch.testing.assert_close(strong, _normalise(apply_randaugment(second_crop, parameters)))
+    torch.testing.assert_close(strong, _normalise(apply_randaugment(expected_weak, parameters)))
     assert len({tuple(row) for row in parameters.operations.tolist()}) > 8  # per image, not one op per batch
     assert len({tuple(row) for row in parameters.cutout.tolist()}) > 8
     # the same image twice in one batch gets two different strong views
     twice = torch.cat([batch.images[:1]] * 2)
     _, strong_twice = WeakStrongViews(32, MEAN, STD)(twice, batch.sizes[:2], torch.Generator().manual_seed(5))
     assert not torch.allclose(strong_twice[0], strong_twice[1])
+
+
+def test_without_randaugment_the_strong_view_is_the_weak_view_pixel_for_pixel() -> None:
+    """The strong view's geometry is the weak view's (IoU 1): the same window and flip, whatever the
+    images' sizes, so a pseudo-label is never a label of another part of the photo."""
+    images = torch.randint(0, 256, (6, 3, 40, 48), dtype=torch.uint8)
+    sizes = torch.tensor([[32, 32], [32, 40], [40, 32], [32, 48], [20, 28], [40, 48]])  # stored, and resized
+    views = WeakStrongViews(32, MEAN, STD)
+    views.randaugment = RandAugmentViews(operation_count=0, cutout_fraction=0)
+    weak, strong = views(images, sizes, torch.Generator().manual_seed(3))
+    assert torch.equal(weak, strong)
+    assert torch.equal(weak, _normalise(_unit_views(images, sizes, torch.Generator().manual_seed(3))))
 
 
 def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax() -> None:
@@ -72,12 +88,13 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
     batch = _batches()
     labelled = batch.labelled
     assert labelled is not None and labelled.labels is not None
-    # by hand: the labelled views, then the weak and strong views, one forward pass over all three
-    labelled_views = CropFlipViews(32, MEAN, STD)(labelled.images, labelled.sizes, labelled.generator())
+    # by hand: the labelled images' weak views, then the unlabeled weak and strong views (RandAugment of
+    # the weak one), one forward pass over all three
+    labelled_views = ShiftFlipViews(32, MEAN, STD)(labelled.images, labelled.sizes, labelled.generator())
     generator = batch.generator()
-    weak = _normalise(_unit_views(batch.images, batch.sizes, generator))
-    strong_base = _unit_views(batch.images, batch.sizes, generator)
-    strong = _normalise(apply_randaugment(strong_base, sample_randaugment(8, 32, 32, generator)))
+    weak_base = _unit_views(batch.images, batch.sizes, generator)
+    weak = _normalise(weak_base)
+    strong = _normalise(apply_randaugment(weak_base, sample_randaugment(8, 32, 32, generator)))
     logits = model(torch.cat([labelled_views, weak, strong]))
     weak_logits, strong_logits = logits[4:12], logits[12:]
     confidence, guess = torch.softmax(weak_logits.detach(), dim=1).max(dim=1)
@@ -88,7 +105,7 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
     expected = nn.functional.cross_entropy(logits[:4], labelled.labels) + 2.0 * (mask * per_image).mean()
 
     pseudo_labels = PseudoLabels(torch.device("cpu"), has_labels=False)
-    step = fixmatch_step(CropFlipViews(32, MEAN, STD), WeakStrongViews(32, MEAN, STD), threshold,
+    step = fixmatch_step(ShiftFlipViews(32, MEAN, STD), WeakStrongViews(32, MEAN, STD), threshold,
                          unlabeled_weight=2.0, label_smoothing=0.0, channels_last=False,
                          pseudo_labels=pseudo_labels)  # fmt: skip
     loss, count = step(model, batch)
@@ -153,6 +170,8 @@ def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
     # what was saved is the average kept in the last checkpoint, not the weights trained last
     last = checkpoint.latest(fixmatch.parent / "checkpoints")
     assert last is not None
+    # a checkpoint of FixMatch before its weak view, decay and BN momentum were the references' is refused
+    assert json.loads((last / "fingerprint.json").read_text())["fixmatch_version"] == 2
     saved, averaged, weights = (load_file(str(path)) for path in (fixmatch, last / "ema.safetensors",
                                                                    last / "model.safetensors"))  # fmt: skip
     assert all(torch.equal(saved[key], averaged[key]) for key in saved)
@@ -165,6 +184,45 @@ def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
                                          out=tiny["work"] / "evaluate", workers=0, quiet=True))  # fmt: skip
     names = [row["method"] for row in result["rows"]]
     assert "fine-tuned (fixmatch)" in names and "fine-tuned" in names
+
+
+def _prepared(config: FinetuneConfig) -> finetune.Training:
+    """The model, optimizer and step `finetune.run` would train, without training."""
+    accelerator = engine.make_accelerator(config.precision, seed=config.seed)
+    labeled = read_label_files(config.labels)
+    start = finetune_start(config.source, config.scratch, config.arch, config.image_size, labeled.paths)
+    train, _ = held_out_split(labeled, config.val_fraction, config.seed)
+    unlabeled = None if config.unlabeled is None else find_unlabeled(config.unlabeled, labeled.class_names)
+    return finetune._prepare_training(config, start, labeled.class_names, train, 0.01, accelerator, unlabeled)
+
+
+def _batchnorm_momenta(model: nn.Module) -> set[float | None]:
+    return {
+        module.momentum for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def test_fixmatch_decays_the_classifier_weight_and_its_batchnorm_follows_the_average(tiny: TinyRun) -> None:
+    """FixMatch (official: every kernel; USB: all but biases and BN) decays the final dense weight,
+    SimCLR's fine-tuning does not; FixMatch's BN momentum is 1 - the average's decay (0.001 warmed up),
+    plain fine-tuning keeps PyTorch's 0.1."""
+    fixmatch = _prepared(_config(tiny, weight_decay=5e-4))
+    supervised = _prepared(FinetuneConfig(labels=tiny["labels"], source=tiny["run"], weight_decay=5e-4, epochs=1,
+                                          batch_size=5, workers=0, quiet=True))  # fmt: skip
+    for training, classifier_decay in ((fixmatch, 5e-4), (supervised, 0.0)):
+        classifier = cast(Classifier, training.model).classifier
+        decays = {id(param): group["weight_decay"] for group in training.optimizer.param_groups
+                  for param in group["params"]}  # fmt: skip
+        assert decays[id(classifier.weight)] == classifier_decay
+        assert decays[id(classifier.bias)] == 0.0
+        backbone_weights = [param for param in training.model.parameters() if param.ndim > 1]
+        assert all(decays[id(param)] == 5e-4 for param in backbone_weights if param is not classifier.weight)
+    assert _batchnorm_momenta(supervised.model) == {0.1}
+    ema = fixmatch.ema
+    assert ema is not None
+    assert list(_batchnorm_momenta(fixmatch.model)) == [pytest.approx(0.9)]  # 1 - d_0 = 1 - 1/10: warming up
+    ema.load_state_dict(ema.state_dict(), updates=10_000)  # as a resumed run far into training
+    assert list(_batchnorm_momenta(fixmatch.model)) == [pytest.approx(0.001)]
 
 
 def test_from_scratch_it_is_plain_fixmatch(tiny: TinyRun) -> None:

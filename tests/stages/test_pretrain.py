@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,40 @@ def test_the_estimate_suggests_nothing_on_a_gpu_or_under_an_hour() -> None:
         "estimated time: 8 h 20 min for 3000 steps (10 s per step, measured); "
         "to fit an hour on this CPU: --image-size 128 --arch resnet50 --epochs 35 ≈ 57 min"
     )
+
+
+def test_without_a_batch_size_a_small_folder_trains_on_all_its_images(tmp_path: Path) -> None:
+    # the README's first command failed on any folder under 256 images (issue 22, item 11)
+    folder = _folder(tmp_path / "images", count=12)
+    paths = find_images(folder)
+    assert pretrain.resolve(PretrainConfig(data=folder), paths).batch_size == 12
+    assert pretrain.resolve(PretrainConfig(data=folder), paths, processes=8).batch_size == 8  # splits evenly
+    assert pretrain.resolve(PretrainConfig(data=folder), paths * 30).batch_size == pretrain.DEFAULT_BATCH
+    assert pretrain.resolve(PretrainConfig(data=folder, batch_size=4), paths).batch_size == 4  # given: kept
+    with pytest.raises(UserError, match="1 image\\(s\\); contrastive pretraining needs at least 2"):
+        pretrain.resolve(PretrainConfig(data=folder), paths[:1])
+    result = runner.invoke(app, [
+        "pretrain", str(folder), "--arch", "test_resnet", "--no-small-stem", "--epochs", "1",
+        "--out", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = "batch 12: the default 256 is more than the 12 images in"
+    assert line in result.output.replace("\n", " ")
+    record = json.loads((tmp_path / "run" / "pretrain" / "run.json").read_text())
+    assert record["config"]["batch_size"] == 12 and record["automatic_batch"].startswith(line)
+    # an explicit batch larger than the folder is still refused (exit 2)
+    args = ["pretrain", str(folder), "--batch-size", "64", "--out", str(tmp_path / "r2")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--batch-size 64 is larger than the 12 images" in result.output
+
+
+def test_a_refused_resume_names_the_images_that_appeared_or_vanished(tmp_path: Path) -> None:
+    from labelfew.engine import checkpoint
+
+    folder = _folder(tmp_path / "images", count=4)
+    paths = find_images(folder)
+    config = pretrain.resolve(PretrainConfig(data=folder, batch_size=2), paths)
+    saved = pretrain.fingerprint(config, paths)
+    current = pretrain.fingerprint(config, [*paths[1:], folder / "new.png"])
+    with pytest.raises(UserError, match=r"1 file\(s\) appeared: new.png; 1 file\(s\) vanished: 0.png\)"):
+        checkpoint.check_fingerprint(tmp_path / "step-00000001", saved, current)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser import Chromium
 from conftest import CopyPerClass
 from typer.testing import CliRunner
 
@@ -77,11 +82,24 @@ def test_same_seed_same_choice(work: dict[str, Path]) -> None:
     assert select(work, "seed-a", seed=3) == select(work, "seed-b", seed=3)
 
 
-def test_labelled_images_are_never_chosen_again(work: dict[str, Path]) -> None:
-    labelled = {path.resolve() for path in read_labels(work["labels"]).paths}
-    rows = select(work, "with-labels", labels=work["labels"], strategy="typical")
-    folder = work["root"] / "with-labels"
-    assert not {(folder / row["path"]).resolve() for row in rows} & labelled
+@pytest.mark.parametrize("strategy", ["typical", "uncertain"])
+def test_labelled_images_are_never_chosen_again(work: dict[str, Path], strategy: str) -> None:
+    """The collision is forced: the new labels are this strategy's own first picks, and the budget is
+    every image left, so a labelled image chosen again would push an unlabelled one out."""
+    source = work["run"] if strategy == "typical" else work["tuned"]
+    first = select(work, f"again-{strategy}", source=source, labels=work["labels"], strategy=strategy)
+    folder = work["root"] / f"again-{strategy}"
+    labels = folder / "labels-round2.csv"
+    picked = [[row["path"], row["path"].split("/")[-2]] for row in first]  # labelled by their folder
+    with labels.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["path", "label"], *picked])
+    labelled = {path.resolve() for path in read_labels(work["labels"]).paths + read_labels(labels).paths}
+    assert len(labelled) == 30
+    pool = {path.resolve() for path in work["pool"].rglob("*.png")}
+    rows = select(work, f"again-{strategy}-2", source=source, labels=(work["labels"], labels), strategy=strategy,
+                  budget=len(pool) - len(labelled))  # fmt: skip
+    chosen = {(work["root"] / f"again-{strategy}-2" / row["path"]).resolve() for row in rows}
+    assert chosen == pool - labelled
 
 
 def test_mixed_is_the_default_with_a_model_and_labels(work: dict[str, Path]) -> None:
@@ -161,3 +179,123 @@ def _scratch_model(work: dict[str, Path]) -> Path:
             )
         )  # fmt: skip
     return folder / "model.safetensors"
+
+
+def test_a_csv_with_filled_labels_is_not_overwritten_without_force(work: dict[str, Path]) -> None:
+    select(work, "force")  # a rerun over a CSV with empty labels is fine
+    rows = select(work, "force")
+    out = work["root"] / "force" / "to-label.csv"
+    filled = out.read_text(encoding="utf-8").replace(f"{rows[0]['path']},", f"{rows[0]['path']},7", 1)
+    out.write_text(filled, encoding="utf-8")
+    result = runner.invoke(app, ["select", str(work["pool"]), "--budget", "3", "--out", str(out),
+                                 "--from", str(work["run"]), "--workers", "0", "--quiet"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "has 1 label(s) filled in" in result.output and "--force" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert out.read_text(encoding="utf-8") == filled  # the round's work is still there
+    assert len(select(work, "force", budget=3, force=True)) == 3
+
+
+def test_each_round_downloads_a_name_of_its_own(work: dict[str, Path]) -> None:
+    folder = work["root"] / "rounds"
+
+    def download() -> str:
+        page = (folder / "to-label.html").read_text(encoding="utf-8")
+        return str(json.loads(page.split('id="labelfew-data">')[1].split("</script>")[0])["download"])
+
+    select(work, "rounds")
+    assert download() == "labels-round1.csv"
+    first = folder / "labels-round1.csv"
+    first.write_text("".join(f"{line}\n" for line in ["path,label", *_labelled_rows(work, first.parent, 3)]))
+    select(work, "rounds", labels=first)
+    assert download() == "labels-round2.csv"
+    (folder / "labels-round2.csv").write_text("path,label\n")  # e.g. a round 2 saved, then redone
+    select(work, "rounds", labels=first)
+    assert download() == "labels-round3.csv"
+
+
+def _labelled_rows(work: dict[str, Path], folder: Path, count: int) -> list[str]:
+    """`path,label` rows of the first `count` labels of the work's label file, relative to `folder`."""
+    known = read_labels(work["labels"])
+    return [
+        f"{os.path.relpath(path, folder)},{label}"
+        for path, label in list(zip(known.paths, known.labels, strict=True))[:count]
+    ]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Chromium]:
+    chromium = Chromium(profile=tmp_path / "profile", downloads=tmp_path / "downloads")
+    yield chromium
+    chromium.close()
+
+
+def _label_in_browser(browser: Chromium, page: Path, downloads: Path) -> Path:
+    """Opens the page, types every empty field's true class (its folder: the digit) and downloads;
+    returns the download moved beside the page, as the page says to save it."""
+    browser.open(page)
+    paths = browser.evaluate("Array.from(document.querySelectorAll('input.label')).map(i => i.dataset.path)")
+    for index, path in enumerate(paths):
+        if browser.evaluate(f"document.querySelectorAll('input.label')[{index}].value") == "":
+            browser.evaluate(f"document.querySelectorAll('input.label')[{index}].focus()")
+            for key in Path(path).parent.name:
+                browser.press(key)
+            browser.press("Enter")
+    browser.evaluate("document.getElementById('download').click()")
+    name = browser.wait_for_download()
+    return Path(shutil.move(downloads / name, page.parent / name))
+
+
+def test_two_labelling_rounds_in_chromium(work: dict[str, Path], browser: Chromium, tmp_path: Path) -> None:
+    """README's flow: select → label → finetune → select uncertain → label → finetune on both rounds."""
+    folder, downloads = tmp_path / "labelling", tmp_path / "downloads"
+    folder.mkdir()
+    out = ["--out", str(folder / "to-label.csv"), "--workers", "0", "--quiet"]
+    tune = ["--epochs", "1", "--batch-size", "10", "--lr", "0.05", "--workers", "0", "--quiet"]
+    classes = ",".join(str(digit) for digit in range(10))  # numeric names: typed, never a digit shortcut
+    result = runner.invoke(app, ["select", str(work["pool"]), "--budget", "10", "--from", str(work["run"]),
+                                 "--classes", classes, *out])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    first = _label_in_browser(browser, folder / "to-label.html", downloads)
+    assert first.name == "labels-round1.csv"
+    truth = {path: path.parent.name for path in read_labels(first).paths}
+    assert len(truth) == 10 and read_labels(first).labels == tuple(truth.values())  # nothing mislabelled
+    result = runner.invoke(app, ["finetune", "--labels", str(first), "--from", str(work["run"]),
+                                 "--out", str(folder / "round1"), *tune])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(app, ["select", str(work["pool"]), "--budget", "10", "--from", str(folder / "round1"),
+                                 "--labels", str(first), "--strategy", "uncertain", *out])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    page = (folder / "to-label.html").read_text(encoding="utf-8")
+    assert page.count("(labelled earlier)") == 10 and page.count("(uncertain)") == 10
+    second = _label_in_browser(browser, folder / "to-label.html", downloads)
+    assert second.name == "labels-round2.csv"
+    assert len(read_labels(first)) == 10  # round 1's file is untouched
+    both = read_labels(second)  # the round-2 page carried round 1's labels: nothing lost
+    assert len(both) == 20 and all(
+        label == path.parent.name for path, label in zip(both.paths, both.labels, strict=True)
+    )
+    result = runner.invoke(app, ["finetune", "--labels", str(first), "--labels", str(second), "--from",
+                                 str(work["run"]), "--out", str(folder / "round2"), *tune])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((folder / "round2" / "run.json").read_text())["labels"]
+    assert recorded["images"] == 20 and len(recorded["files"]) == 2
+    assert len(read_labels(Path(recorded["path"]))) == 20  # the merge evaluate reads
+
+
+def test_outlier_picks_only_when_the_larger_clusters_run_out_and_one_line_says_so(
+    work: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """150 of 200 images: k-means' 150 clusters are mostly of <= 5 images, which TypiClust never picks
+    (its loop fails once the larger ones are used up); select fills the rest from them and says so."""
+    out = work["root"] / "outliers" / "to-label.csv"
+    out.parent.mkdir()
+    stage.run(
+        SelectConfig(folder=work["pool"], budget=150, out=out, source=work["run"], workers=0, quiet=False)
+    )
+    printed = capsys.readouterr().out
+    page = out.with_suffix(".html").read_text(encoding="utf-8")
+    outliers = page.count("(outlier)")
+    assert outliers > 0 and page.count("(typical)") == 150 - outliers
+    assert f"{outliers} pick(s) come from clusters of ≤ 5 images" in " ".join(printed.split())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from reference.pil_views import eval_transform
 from torch import nn
 
@@ -73,3 +73,17 @@ def test_held_out_accuracy_counts_each_image_once(tmp_path: Path) -> None:
     top1, loss = inference.held_out_scores(RedOrNot(), images, accelerator)
     assert top1 == pytest.approx(float(expected)) and loss > 0
     assert inference.accuracy(RedOrNot(), images, accelerator) == top1
+
+
+def test_run_model_sees_a_sideways_photo_upright(tmp_path: Path) -> None:
+    """EXIF Orientation 8: the model gets the eval transform of PIL's exif_transpose of the photo."""
+    source = photos(tmp_path)[0]
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.open(source).save(tmp_path / "sideways.jpg", quality=95, exif=exif)
+    spec = ModelSpec("test_resnet", 32, small_stem=False, num_features=8)
+    outputs = inference.run_model(nn.Flatten(), [tmp_path / "sideways.jpg"], spec, batch_size=1, workers=0)
+    transform = eval_transform(32, spec.mean, spec.std, on_tensor=True)
+    with Image.open(tmp_path / "sideways.jpg") as stored:
+        expected = transform(ImageOps.exif_transpose(stored).convert("RGB")).flatten()
+    torch.testing.assert_close(outputs.values[0], expected, atol=2e-6, rtol=0)
