@@ -3,8 +3,11 @@
 The 1,797 digits images (8×8, 10 classes; real scans that ship inside scikit-learn, so nothing
 is downloaded) are written as 32 px PNG files, a quarter of them held out as the test set. Then
 subset → pretrain → finetune (SSL and scratch) → distill (the fine-tuned SSL model into the same
-arch on the unlabeled pool, for half the pretraining epochs as SimCLRv2) → evaluate run through the
-same `run(config)` functions as the CLI commands. The backbone is timm's `test_resnet` (0.4 M parameters) so the
+arch on the unlabeled pool, for half the pretraining epochs as SimCLRv2) → the transfer baseline
+(`finetune --init`, here with the weights of the demo's own pretraining exported by `labelfew
+export` and read back, not a download, at the SSL model's lr, so its row is close to
+`fine-tuned`'s when export and reload lose nothing) → evaluate run through the same `run(config)`
+functions as the CLI commands. The backbone is timm's `test_resnet` (0.4 M parameters) so the
 run takes a few minutes on two CPU cores; a real dataset would use resnet18 or larger.
 """
 
@@ -17,10 +20,12 @@ import numpy as np
 from PIL import Image
 
 from labelfew import engine
-from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig, PretrainConfig
+from labelfew.artifacts import load_artifact
+from labelfew.config import DistillConfig, EvaluateConfig, ExportConfig, FinetuneConfig, PretrainConfig
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
 from labelfew.stages import distill, evaluate, finetune, pretrain
+from labelfew.use import export
 
 DEMO_ARCH = "test_resnet"
 DEMO_SIDE = 32
@@ -78,9 +83,33 @@ def run(out: Path, epochs: int = 30, quiet: bool = False) -> dict[str, Any]:
             )
         )
     teacher = out / f"finetune-{labels.stem}"
+    _transfer_baseline(out, labels, teacher, quiet)
     distill.run(
         DistillConfig(unlabeled=train_folder, source=teacher, epochs=max(1, epochs // 2), quiet=quiet)
     )
     result = evaluate.run(EvaluateConfig(test=test_folder, source=out, random_baseline=True, quiet=quiet))
     say(f"[bold]demo[/] artifacts in {out}: pretrain/, finetune-*/, distill-*/, evaluate/report.json")
     return result
+
+
+def _transfer_baseline(out: Path, labels: Path, teacher: Path, quiet: bool) -> Path:
+    """`finetune --init` from the demo's pretrained backbone, exported and read back as foreign weights.
+
+    The lr is the SSL model's (searched once, and the demo stays under two minutes): the same
+    weights at the same lr and seed, so the row shows what the export → `--init` path costs (about
+    nothing, when it works). Returns the model's path.
+    """
+    weights = export.run(ExportConfig(source=out / "pretrain", out=out / "pretrain" / "pretrain-export",
+                                      format="safetensors", quiet=True))  # fmt: skip
+    lr = load_artifact(teacher / "model.safetensors").json_field("config")["lr"]
+    return finetune.run(
+        FinetuneConfig(
+            labels=(labels,),
+            init=str(weights),
+            out=out / f"finetune-init-{labels.stem}",
+            lr=lr,
+            epochs=50,
+            batch_size=50,
+            quiet=quiet,
+        )
+    )

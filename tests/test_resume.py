@@ -129,6 +129,37 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path,
     assert len(list((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())) == 2  # the last two are kept
 
 
+def test_pretrain_from_an_init_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, tmp_path: Path) -> None:  # fmt: skip
+    """`--init` (issue 24): the resumed run takes the checkpoint's weights, not the init's again."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)  # weights that no run's own seed would draw
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(tmp_path / "init.safetensors"),
+              metadata={"architecture": "test_resnet"})  # fmt: skip
+    # 208 digits, 13 steps of 16 per epoch: the kill still lands inside epoch 2, at half the cost
+    half = tmp_path / "digits"
+    for path in sorted(small_digits.rglob("*.png"))[::2]:
+        (half / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, half / path.parent.name / path.name)
+
+    def command(out: Path) -> list[str]:
+        return _command("pretrain", half, out, "--batch-size", "16", "--init", str(tmp_path / "init.safetensors"),
+                        "--checkpoint-every", EVERY_LOG_POINT)  # fmt: skip
+
+    _run(command(tmp_path / "whole"), tmp_path)
+    checkpoints = tmp_path / "killed" / "pretrain" / "checkpoints"
+    _kill_after_checkpoint(command(tmp_path / "killed"), checkpoints, 20, tmp_path, signal.SIGKILL)
+    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    assert "resuming pretrain" in resumed.stderr and "epoch 2" in resumed.stderr
+    whole, killed = tmp_path / "whole" / "pretrain", tmp_path / "killed" / "pretrain"
+    for name in ("backbone.safetensors", "head.safetensors"):
+        _assert_same_tensors(whole / name, killed / name)
+    assert (killed / "log.jsonl").read_text() == (whole / "log.jsonl").read_text()
+    record = json.loads((killed / "run.json").read_text())
+    assert record["init"]["sha256"] == json.loads((whole / "run.json").read_text())["init"]["sha256"]
+
+
 def test_finetune_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, reference: Path, tmp_path: Path) -> None:  # fmt: skip
     train = small_digits
     out = tmp_path / "finetune"
@@ -225,3 +256,28 @@ def test_fixmatch_killed_mid_epoch_resumes_to_the_same_average_and_weights(
     for name in ("model.safetensors", "ema.safetensors"):
         whole, killed = (tmp_path / run / "checkpoints" / last / name for run in ("whole", "killed"))
         _assert_same_tensors(whole, killed)
+
+
+def test_finetune_from_init_killed_mid_epoch_resumes_to_the_same_model(
+    small_digits: Path, tmp_path: Path
+) -> None:
+    """`finetune --init`: the resume fingerprint holds the init's sha256, and the resumed run the same tensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    state = timm.create_model("test_resnet", num_classes=0).state_dict()
+    init = tmp_path / "init.safetensors"
+    save_file(
+        {key: value.contiguous() for key, value in state.items()}, str(init), metadata={"arch": "test_resnet"}
+    )
+
+    def command(out: Path) -> list[str]:
+        return _command("finetune", small_digits, out, "--init", str(init), "--lr", "0.01",
+                        "--checkpoint-every", EVERY_LOG_POINT)  # fmt: skip
+
+    resumed = _whole_then_killed_and_resumed(command, tmp_path)
+    assert "resuming finetune" in resumed.stderr and "epoch 2" in resumed.stderr
+    saved = json.loads(next((tmp_path / "killed" / "checkpoints").glob("*/fingerprint.json")).read_text())
+    record = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert saved["init_sha256"] == record["init"]["sha256"]

@@ -10,6 +10,8 @@ from labelfew.config.shared import (
     FOLLOW_LINKS,
     FROM,
     INFERENCE_BATCH,
+    INIT,
+    INIT_PREFIX,
     LOGGER,
     QUIET,
     SEED,
@@ -18,17 +20,46 @@ from labelfew.config.shared import (
     as_paths,
 )
 from labelfew.errors import UserError
-from labelfew.options import option, validate
+from labelfew.options import Option, option, validate
+
+INIT_ARCH = Option(
+    help="The timm architecture of an `--init` weights file that does not record one (a bare state dict).",
+    shown="the one --init records",
+)
+
+
+class WithInit(Validated):
+    """A command that can read features from `--init`'s weights: `--arch` and `--init-prefix` need it."""
+
+    init: str | None
+    init_prefix: str | None
+    arch: str | None
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--arch", self.arch), ("--init-prefix", self.init_prefix)):
+            if value is not None and self.init is None:
+                raise UserError(f"{flag} {value}: only with --init (it describes the --init weights)")
+        validate(self)
 
 
 @dataclass(frozen=True)
-class EvaluateConfig(Validated):
+class EvaluateConfig(WithInit):
     """kNN, linear probe and fine-tuned accuracy on a labelled test set."""
 
     test: Path = option(help="Labelled test images: CSV (path,label) or class-per-folder tree.")
     source: Path | None = option(
         None, FROM, help="Finetune or pretrain artifact, stage folder or run folder."
     )
+    init: str | None = option(
+        None,
+        INIT,
+        help="Also score these weights' own frozen features (kNN and linear probe rows named `init NAME`): "
+        "`timm:NAME.TAG`, a `.safetensors`/`.pth` file, an exported folder or a labelfew run. Alone (no "
+        "--from) only they are evaluated, at their recorded image size, else the test images' typical side.",
+        shown="none",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
+    arch: str | None = option(None, INIT_ARCH)
     bank: Path | None = option(
         None,
         help="Labelled images for kNN and the linear probe (pass all your training labels for the "
@@ -129,7 +160,7 @@ class PredictConfig(Validated):
 
 
 @dataclass(frozen=True)
-class EmbedConfig(Validated):
+class EmbedConfig(WithInit):
     """`labelfew embed`: backbone features of every image of a folder."""
 
     images: Path = option(argument=True, help="Folder of images to embed, searched recursively.")
@@ -140,6 +171,16 @@ class EmbedConfig(Validated):
     source: Path | None = option(
         None, FROM, help="Pretrain or fine-tuned artifact, or a run folder (its pretrain backbone)."
     )
+    init: str | None = option(
+        None,
+        INIT,
+        help="Embed with these weights' backbone instead of a labelfew model: `timm:NAME.TAG`, a "
+        "`.safetensors`/`.pth` file, an exported folder or a labelfew run (at their recorded image size, "
+        "else the images' typical side).",
+        shown="none: --from's model",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
+    arch: str | None = option(None, INIT_ARCH)
     batch_size: int = option(256, INFERENCE_BATCH)
     workers: int | None = option(None, WORKERS)
     follow_links: bool = option(False, FOLLOW_LINKS)
@@ -178,7 +219,7 @@ class ExportConfig(Validated):
 
 
 @dataclass(frozen=True)
-class SelectConfig(Validated):
+class SelectConfig(WithInit):
     """`labelfew select`: which images to label first (TypiClust, arXiv 2202.02794)."""
 
     folder: Path = option(argument=True, help="Folder of unlabeled images, searched recursively.")
@@ -190,6 +231,16 @@ class SelectConfig(Validated):
     source: Path | None = option(
         None, FROM, help="Pretrain or fine-tuned artifact, or a run folder (its pretrained backbone embeds)."
     )
+    init: str | None = option(
+        None,
+        INIT,
+        help="Cluster these weights' features instead of a pretrain run's: `timm:NAME.TAG`, a "
+        "`.safetensors`/`.pth` file, an exported folder or a labelfew run (at their recorded image size, "
+        "else the images' typical side); --from then only gives the fine-tuned model of uncertain/mixed.",
+        shown="none: --from's backbone",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
+    arch: str | None = option(None, INIT_ARCH)
     labels: tuple[Path, ...] = option(
         (),
         help="Images already labelled (path,label CSV or tree of images in the folder; repeat to merge "
@@ -222,4 +273,4 @@ class SelectConfig(Validated):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", as_paths(self.labels))
-        validate(self)
+        super().__post_init__()  # WithInit's checks, then validate

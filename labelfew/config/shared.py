@@ -74,6 +74,19 @@ RESTART = Option(
 FROM = Option(
     flag="--from", help="Artifact file, stage folder or run folder.", shown="the latest run under ./runs"
 )
+INIT = Option(
+    help="Start the backbone from weights that already exist: `timm:NAME.TAG` (timm's pretrained "
+    "weights through the Hugging Face hub cache, e.g. `timm:resnet50.a1_in1k`), a `.safetensors` or "
+    "`.pth`/`.pt`/`.bin` file (read with torch.load(weights_only=True)), a folder written by "
+    "`labelfew export`, or a labelfew run or artifact. The backbone is loaded strictly, the rest "
+    "(classifier, head) skipped and counted; the init's mean/std and stem come with it.",
+    shown="random init",
+)
+INIT_PREFIX = Option(
+    help="The key prefix of the backbone inside an `--init` checkpoint of another tool (e.g. "
+    "`module.encoder_q.`); found automatically when exactly one prefix holds a whole backbone.",
+    shown="found automatically",
+)
 INFERENCE_BATCH = Option(minimum=1, help="Images per forward pass (lower it if memory runs out).")
 LOGGER = Option(
     choices=("jsonl", "tensorboard", "mlflow"),

@@ -10,6 +10,8 @@ from labelfew.config.shared import (
     FOLLOW_LINKS,
     FROM,
     IMAGE_SIZE,
+    INIT,
+    INIT_PREFIX,
     LOGGER,
     PRECISION,
     QUIET,
@@ -24,6 +26,9 @@ from labelfew.config.shared import (
 from labelfew.errors import UserError
 from labelfew.options import option, validate
 
+DECODE_PLACES = ("auto", "cpu", "device")
+"""``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
+
 
 @dataclass(frozen=True)
 class PretrainConfig(Validated):
@@ -35,8 +40,18 @@ class PretrainConfig(Validated):
         help="The run folder (rerunning the same command resumes it).",
         shown="`runs/<folder name>-<hash of its path>`",
     )
-    arch: str = option("resnet18", help="Any timm model name, e.g. resnet18, resnet50.")
-    small_stem: bool | None = option(None, SMALL_STEM, shown="on at ≤ 64 px")
+    arch: str | None = option(
+        None, help="Any timm model name, e.g. resnet18, resnet50.", shown="resnet18; `--init`'s own"
+    )
+    init: str | None = option(
+        None,
+        INIT,
+        help="Continue SimCLR pretraining from weights that already exist (the head starts random): "
+        "`timm:NAME.TAG`, a `.safetensors`/`.pth` file, an exported folder or a labelfew run; their "
+        "arch, mean/std and stem come with them (`--small-stem` makes the first conv start random).",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
+    small_stem: bool | None = option(None, SMALL_STEM, shown="on at ≤ 64 px; off with `--init`")
     image_size: int | None = option(None, IMAGE_SIZE, shown="median side of the images, ≤ 224")
     epochs: int = option(100, minimum=1, help="Training epochs.")
     batch_size: int | None = option(
@@ -109,6 +124,14 @@ class PretrainConfig(Validated):
         "operations on the GPU (or CPU) that trains; `workers`: one PIL image at a time in DataLoader "
         "workers; `auto`: `device` when the decoded images fit in `--memory-budget`.",
     )
+    decode_on: str = option(
+        "auto",
+        choices=DECODE_PLACES,
+        help="Where streamed JPEGs are decoded: `device` decodes the JPEGs of each batch with nvJPEG on "
+        "the GPU (workers only read the files; other formats are decoded on the CPU); `cpu`: in the "
+        "workers; `auto`: `device` on CUDA when the images are streamed (over `--memory-budget`), else "
+        "`cpu`. `device` on a CPU-only machine is an error.",
+    )
     memory_budget: float = option(
         4.0,
         above=0,
@@ -141,6 +164,13 @@ class PretrainConfig(Validated):
     restart: bool = option(False, RESTART)
     follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.init_prefix is not None and self.init is None:
+            raise UserError(
+                f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
+            )
 
 
 @dataclass(frozen=True)
@@ -181,13 +211,24 @@ class FinetuneConfig(Validated):
         "several (the rounds of labelling), a path labelled differently in two of them is an error.",
     )
     source: Path | None = option(None, FROM, help="Pretrain artifact file, stage folder or run folder.")
+    init: str | None = option(
+        None,
+        INIT,
+        help="Fine-tune weights that already exist instead of a pretrain artifact (no self-supervised "
+        "step: the transfer baseline): `timm:NAME.TAG`, a `.safetensors`/`.pth` file, an exported "
+        "folder or a labelfew run; their mean/std and stem come with them. Not with --from or --scratch.",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
     scratch: bool = option(
         False,
         toggle=False,
         help="Random init of the same architecture instead of the pretrain artifact: the baseline.",
     )
     out: Path | None = option(
-        None, help="Output folder.", shown="`finetune-<labels>/` in the artifact's run folder"
+        None,
+        help="Output folder.",
+        shown="`finetune-<labels>/` in the artifact's run folder (without one: in "
+        "`runs/<labels>[-init-<name>]-<hash>/`)",
     )
     epochs: int = option(
         60, minimum=1, help="Training epochs (SimCLRv2: 60 for 1% of the labels, 30 for 10%)."
@@ -238,7 +279,8 @@ class FinetuneConfig(Validated):
     image_size: int | None = option(None, IMAGE_SIZE, shown="the pretrain artifact's")
     arch: str | None = option(
         None,
-        help="Checked against the artifact's; with `--scratch` and no artifact, the arch to train.",
+        help="Checked against the artifact's (or `--init`'s; the arch of an `--init` file that records "
+        "none); with `--scratch` and no artifact, the arch to train.",
         shown="the artifact's (resnet18 for `--scratch` without one)",
     )
     method: str = option(
@@ -297,6 +339,20 @@ class FinetuneConfig(Validated):
                 "--labels: pass a label CSV or class-per-folder tree (repeat it to merge several)"
             )
         validate(self)
+        if self.init is not None:
+            other = "--from" if self.source is not None else "--scratch" if self.scratch else None
+            if other is not None:
+                raise UserError(
+                    f"--init {self.init}: not with {other} (the weights start from one of them); drop one"
+                )
+            if self.from_head_layer > 0:
+                raise UserError(
+                    "--from-head-layer: the head's layers come from a pretrain artifact, not --init"
+                )
+        elif self.init_prefix is not None:
+            raise UserError(
+                f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
+            )
         given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
         if self.method == "fixmatch" and self.unlabeled is None:
             raise UserError(
@@ -350,6 +406,13 @@ class DistillConfig(Validated):
     from_pretrain: Path | None = option(
         None, help="A pretrain artifact (or its folder) to start a student of another arch from."
     )
+    init: str | None = option(
+        None,
+        INIT,
+        help="Start the student from weights that already exist (instead of `--from-pretrain` or random "
+        "init): `timm:NAME.TAG`, a `.safetensors`/`.pth` file, an exported folder or a labelfew run.",
+    )
+    init_prefix: str | None = option(None, INIT_PREFIX)
     small_stem: bool | None = option(
         None, SMALL_STEM, shown="the teacher's for a random-init student; a pretrained start's own"
     )
@@ -411,3 +474,14 @@ class DistillConfig(Validated):
     restart: bool = option(False, RESTART)
     follow_links: bool = option(False, FOLLOW_LINKS)
     quiet: bool = option(False, QUIET)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.init is not None and self.from_pretrain is not None:
+            raise UserError(
+                f"--init {self.init}: not with --from-pretrain (the student starts from one); drop one"
+            )
+        if self.init_prefix is not None and self.init is None:
+            raise UserError(
+                f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
+            )

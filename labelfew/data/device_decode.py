@@ -26,13 +26,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from labelfew.config.training import DECODE_PLACES
 from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import BadImage, load_resized
 from labelfew.errors import UserError
 from labelfew.views.config import resized_extent
-
-DECODE_PLACES = ("auto", "cpu", "device")
-"""``--decode-on`` values: ``auto`` is ``device`` on CUDA when the images are streamed, else ``cpu``."""
 
 EXIF_ORIENTATION = 0x0112
 MAX_ATTEMPTS = 16

@@ -6,6 +6,9 @@
 same order, and the views are made from them on the training device either way
 (`labelfew.views`), so the choice changes the speed, not the training: for a seed both give the
 same views. ``auto`` picks ``device`` when the decoded images fit the memory budget.
+
+A streamed source decodes each batch's JPEGs on the CPU in its workers, or (``--decode-on device``)
+on the training GPU with nvJPEG while the workers only read the files (`labelfew.data.device_decode`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from labelfew.data.batches import EpochBatches, EpochOrder
+from labelfew.data.device_decode import DeviceDecodedBatches, RawFiles, decode_place
 from labelfew.data.images import printable
 from labelfew.data.store import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.data.stream import DecodedFiles, StreamBatches
@@ -28,8 +32,12 @@ AUGMENT_PLACES = ("auto", "device", "workers")
 """``--augment-on`` values: ``device`` is the in-memory store, ``workers`` the streaming source."""
 
 
-def augment_place(requested: str, budget_gib: float, paths: Sequence[Path], image_size: int) -> str:
+def augment_place(
+    requested: str, budget_gib: float, paths: Sequence[Path], image_size: int, decode_on: str = "auto"
+) -> str:
     """The image source, ``device`` (in-memory store) or ``workers`` (streaming), ``auto`` resolved.
+
+    ``auto`` streams when `--decode-on device` is asked for: only a streamed source decodes per batch.
 
     Raises:
         UserError: An unknown place or a budget that is not positive.
@@ -40,8 +48,32 @@ def augment_place(requested: str, budget_gib: float, paths: Sequence[Path], imag
         raise UserError(f"--memory-budget {budget_gib}: give a positive size in GiB (default 4)")
     if requested != "auto":
         return requested
+    if decode_on == "device":
+        return "workers"
     fits = fits_in_memory(paths, stored_side(image_size), int(budget_gib * 2**30))
     return "device" if fits else "workers"
+
+
+def check_decode_on(decode_on: str, augment_on: str, device: torch.device) -> None:
+    """Refuses a `--decode-on` that no image can make right, before any image is opened.
+
+    Raises:
+        UserError: an unknown value, ``device`` without CUDA (nvJPEG is CUDA only), or ``device``
+            with `--augment-on device`, whose store decodes every image once before training.
+    """
+    decode_place(decode_on, device, streamed=augment_on != "device")
+    if decode_on == "device" and augment_on == "device":
+        raise UserError(
+            "--decode-on device decodes the batches of a streamed source, but --augment-on device decodes "
+            "every image once into memory: drop one of the two (or pass --augment-on workers)"
+        )
+
+
+def decode_record(batches: EpochBatches) -> dict[str, int]:
+    """run.json's counts of the files decoded on the device and on the CPU, when the device decoded."""
+    if not isinstance(batches, DeviceDecodedBatches):
+        return {}
+    return {"device_decoded": batches.device_decoded, "cpu_fallbacks": batches.cpu_fallbacks}
 
 
 def training_batches(
@@ -54,14 +86,16 @@ def training_batches(
     workers: int = 0,
     labels: Sequence[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    decode_on: str = "cpu",
 ) -> tuple[EpochBatches, list[str]]:
     """This process's training batches from ``place`` (resolved), and the files found undecodable.
 
     ``device``: the images are decoded once (threads, a progress bar on the main process) and kept
     on the GPU when they take at most a quarter of its free memory, else in host memory; every
     process holds them all and takes its share of each global batch. ``workers``: DataLoader
-    workers decode each batch; undecodable files are then found during training and reported by
-    the trainer.
+    workers decode each batch (or, with ``decode_on`` ``device``, only read the files, and the JPEGs
+    of each batch are decoded on the accelerator's device); undecodable files are then found during
+    training and reported by the trainer.
 
     Args:
         paths: Image files.
@@ -73,8 +107,11 @@ def training_batches(
         workers: Streaming DataLoader workers (0 decodes in the training process).
         labels: Class index of every file, or None.
         on_progress: Progress callback of the decoding (`decode_progress`), or None.
+        decode_on: Where a streamed source decodes, ``cpu`` or ``device`` (`check_decode_on`).
     """
     side = stored_side(image_size)
+    if place == "workers" and decode_on == "device":
+        return DeviceDecodedBatches(RawFiles(paths, side, labels), order, accelerator.device, workers), []
     if place == "workers":
         files = DecodedFiles(paths, side, labels)
         return StreamBatches(files, order, accelerator.device, workers), []

@@ -72,11 +72,7 @@ class Init:
     @property
     def name(self) -> str:
         """A short name for tables: the timm name, or the file or folder name."""
-        return (
-            self.source.removeprefix(TIMM_PREFIX)
-            if self.source.startswith(TIMM_PREFIX)
-            else Path(self.source).name
-        )
+        return init_name(self.source)
 
     def summary(self) -> str:
         """One line: what was loaded, what was skipped and why."""
@@ -94,6 +90,11 @@ class Init:
             "source": self.source, "sha256": self.sha256, "arch": self.arch, "prefix": self.prefix,
             "tensors_loaded": len(self.tensors), "tensors_skipped": len(self.skipped),
         }  # fmt: skip
+
+
+def init_name(source: str) -> str:
+    """`Init.name` of an `--init` SOURCE, also from the source a spec records (evaluate's labels)."""
+    return source.removeprefix(TIMM_PREFIX) if source.startswith(TIMM_PREFIX) else Path(source).name
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.data.images import typical_image_side
 from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
-from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, uses_small_stem
+from labelfew.models import build_backbone
+from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
 
 DEFAULT_ARCH = "resnet18"
 """The architecture of a `--scratch` fine-tuning without `--arch`: SimCLR's CIFAR-10 backbone."""
@@ -42,10 +43,10 @@ class Start:
 
 
 def init_start(
-    source: str, arch: str | None, prefix: str | None, image_size: int | None, small_stem: bool | None,
+    source: str | Init, arch: str | None, prefix: str | None, image_size: int | None, small_stem: bool | None,
     paths: Sequence[Path],
 ) -> Start:  # fmt: skip
-    """`--init SOURCE`'s weights as a start, with the settings they bring.
+    """`--init SOURCE`'s weights (or an `Init` already read) as a start, with the settings they bring.
 
     The mean and std are the init's (timm's ``pretrained_cfg``, a labelfew artifact's spec); the
     stem is the init's: a labelfew artifact keeps its own, and other weights keep their pretrained
@@ -57,7 +58,8 @@ def init_start(
         UserError: as `labelfew.engine.init_weights.read_init`, or `small_stem` against a labelfew
             artifact's own stem.
     """
-    init = read_init(source, arch=arch, prefix=prefix)
+    init = source if isinstance(source, Init) else read_init(source, arch=arch, prefix=prefix)
+    source = init.source
     if small_stem is not None and init.image_size is not None and small_stem != init.small_stem:
         raise UserError(
             f"--{'' if small_stem else 'no-'}small-stem: --init {source} was trained "
@@ -111,3 +113,36 @@ def finetune_start(
         return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std)
     size = typical_image_side(list(paths)) if image_size is None else image_size
     return Start(None, arch or DEFAULT_ARCH, size, uses_small_stem(size), IMAGENET_MEAN, IMAGENET_STD)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenBackbone:
+    """`--init`'s backbone alone, loaded, and the spec that feeds it images.
+
+    What `evaluate`, `select` and `embed` run in place of a pretrain artifact: the inference loop
+    (`labelfew.use.inference.run_model`) takes a module and a spec, so an init needs no file.
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    init: Init
+
+
+def frozen_backbone(init: Init, paths: Sequence[Path], image_size: int | None = None) -> FrozenBackbone:
+    """The backbone `init` holds, as it was trained: its own stem, mean/std and (when recorded) size.
+
+    The image size is the init's own when it records one (a labelfew run or export: the size its
+    features were learnt at), else `image_size` (evaluate passes its run's models' size, so every
+    row sees the same pixels), else the typical side of `paths` (as training would choose). A
+    weights file without a stem of labelfew's keeps its pretrained stem: the features are the
+    init's, never a half-random small stem's.
+    """
+    size = init.image_size or image_size or typical_image_side(list(paths))
+    start = init_start(init, arch=None, prefix=None, image_size=size, small_stem=None, paths=paths)
+    backbone = build_backbone(start.arch, small_stem=start.small_stem, image_size=start.image_size)
+    start.load_into(backbone)
+    spec = ModelSpec(
+        start.arch, start.image_size, start.small_stem, int(backbone.num_features),  # type: ignore[arg-type]
+        start.mean, start.std, init=init.source, init_sha256=init.sha256,
+    )  # fmt: skip
+    return FrozenBackbone(backbone, spec, init)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,20 +174,31 @@ def read_log(path: Path) -> list[dict[str, float]]:
     return records
 
 
-def curves_figure(logs: dict[str, list[dict[str, float]]]) -> Any:
-    """Loss (raw and moving average) and learning rate per step; one row per registered stage.
+@dataclass(frozen=True)
+class Curve:
+    """One model's training log: its folder's name (the legend), its stage (the row), its records."""
 
-    `logs` maps a stage folder's name (`pretrain`, `finetune-10pc`) to its records.
+    name: str
+    stage: str
+    records: list[dict[str, float]]
+
+
+def curves_figure(curves: Sequence[Curve]) -> Any:
+    """Loss (raw and moving average) and learning rate per step; one row per stage, in the registry's order.
+
+    The stage is the model's own (its artifact's), not guessed from its folder's name, so a model
+    written to `--out runs/x/ft-auto` has its curve in the finetune row.
     """
     from matplotlib.ticker import MaxNLocator
 
-    kinds = [info.folder for info in stages() if any(name.startswith(info.folder) for name in logs)]
+    kinds = [info.name for info in stages() if any(curve.stage == info.name for curve in curves)]
     figure = _figure(11.0, 3.4 * len(kinds))
     grid = figure.subplots(len(kinds), 2, squeeze=False)
     for (loss_axes, lr_axes), kind in zip(grid, kinds, strict=True):
-        for name, records in logs.items():
-            if not name.startswith(kind):
+        for curve in curves:
+            if curve.stage != kind:
                 continue
+            name, records = curve.name, curve.records
             steps = np.array([record["step"] for record in records])
             losses = np.array([record["loss"] for record in records])
             line = loss_axes.plot(steps, losses, alpha=0.3, linewidth=0.8)[0]
@@ -223,10 +235,13 @@ def _short(name: str, length: int = 18) -> str:
 
 
 def _main_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row the confusion matrix shows: a fine-tuned model (from the self-supervised start
+    first; never the scratch baseline), else a linear probe, else the first row."""
     for method in ("fine-tuned", "linear probe"):
-        for row in rows:
-            if row["method"] == method:
-                return row
+        named = [row for row in rows if row["method"].startswith(method) and "scratch" not in row["method"]]
+        exact = [row for row in named if row["method"] == method]
+        if exact or named:
+            return (exact or named)[0]
     return rows[0]
 
 
@@ -347,7 +362,11 @@ def _embedding_panel(
     )
 
 
-def _logs(models: Sequence[Artifact]) -> dict[str, list[dict[str, float]]]:
-    files = {model.path.parent.name: model.path.parent / "log.jsonl" for model in models}
-    logs = {name: read_log(path) for name, path in files.items() if path.is_file()}
-    return {name: records for name, records in logs.items() if records}
+def _logs(models: Sequence[Artifact]) -> list[Curve]:
+    """The training curve of each model whose folder holds a log.jsonl with records."""
+    curves: dict[Path, Curve] = {}
+    for model in models:
+        path = model.path.parent / "log.jsonl"
+        if path not in curves and path.is_file() and (records := read_log(path)):
+            curves[path] = Curve(model.path.parent.name, model.stage, records)
+    return list(curves.values())

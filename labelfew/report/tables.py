@@ -84,15 +84,20 @@ def _shared_methods(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def _note(row: dict[str, Any], shared: set[str]) -> str:
-    """The table's notes for one row: k and the bank for kNN, C for the probe, the labels for a model."""
+    """The table's notes for one row: k and the bank for kNN, C for the probe, the labels for a model.
+
+    A row of `--init`'s features also names the weights' sha256 (first 12 hex digits), so two
+    files of one name are told apart.
+    """
     details = row["details"]
+    init = f", init sha256 {details['init']['sha256'][:12]}" if details.get("init") else ""
     if row["method"].startswith("kNN"):
         note = f"k={details['k']}, T={details.get('temperature')}, bank {details['bank_images']} labelled"
         if "k_requested" in details:
             note += f" (k capped from {details['k_requested']})"
-        return note
-    if row["method"] == "linear probe":
-        return f"C={details['C']}, {details['bank_images']} labelled"
+        return note + init
+    if row["method"].startswith("linear probe"):
+        return f"C={details['C']}, {details['bank_images']} labelled{init}"
     note = f"{details.get('labelled_images')} labelled"
     if row["method"] in shared and details.get("artifact"):
         note += f", {Path(details['artifact']).parent.name}"  # which of the run's models

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-import timm
 import torch
 from accelerate.utils import set_seed
 from torch import nn
@@ -30,9 +29,7 @@ from labelfew import engine
 from labelfew.artifacts import (
     Artifact,
     StageInfo,
-    load_artifact,
     register_stage,
-    resolve_artifact,
     save_tensors,
     stage_info,
     write_run_json,
@@ -46,22 +43,26 @@ from labelfew.data.labels import LabeledImages, folder_labels, read_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine.counts import EpochCounts
+from labelfew.engine.fine_tuning import listed, place_for_training
+from labelfew.engine.init_weights import init_name
 from labelfew.engine.loggers import check_loggers, open_loggers
-from labelfew.engine.start import load_pretrained
+from labelfew.engine.student import Student, build_student, find_teacher, student_start
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.losses import distillation_loss
-from labelfew.models import Classifier, build_backbone, build_classifier, load_model
+from labelfew.models import Classifier, load_model
 from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine_fraction
-from labelfew.spec import ModelSpec
 from labelfew.views.finetune import CropFlipViews
 
 
 def _label(artifact: Artifact) -> str:
+    """evaluate's name: "distilled" (the teacher's own start), "distilled (ARCH[, random init])",
+    "distilled (ARCH, init NAME)" (a student started from `--init`)."""
     start = artifact.metadata.get("student", "self")
     if start == "self":
         return "distilled"
-    return f"distilled ({artifact.arch}{', random init' if start == 'random' else ''})"
+    init = f", init {init_name(artifact.spec.init or '')}" if start == "init" else ""
+    return f"distilled ({artifact.arch}{', random init' if start == 'random' else ''}{init})"
 
 
 STAGE = register_stage(
@@ -72,17 +73,6 @@ WARMUP_FRACTION = 0.1
 """Linear warmup over this part of the steps, then cosine: pretraining's 10 of 100 epochs."""
 AUTO_TEMPERATURE = {"self": 0.1, "big-to-small": 1.0}
 """`--temperature auto`: SimCLRv2 (arXiv 2006.10029, section 3) self-distils at 0.1, big-to-small at 1.0."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Student:
-    """Where the student starts: `kind` self (the teacher's pretrained backbone), pretrain
-    (`--from-pretrain`) or random (`--arch` alone), and the pretrain artifact when there is one."""
-
-    kind: str
-    arch: str
-    small_stem: bool
-    artifact: Artifact | None
 
 
 class Agreement(EpochCounts):
@@ -111,89 +101,11 @@ class Agreement(EpochCounts):
         return {**metrics, "teacher_top1": correct / max(total, 1)} if self.has_labels else metrics
 
 
-def find_teacher(source: Path | None) -> Artifact:
-    """The run's model fine-tuned from the self-supervised pretrain (not a `--scratch` baseline).
-
-    Raises:
-        UserError: no fine-tuned model, another stage's file, or only `--scratch` baselines.
-    """
-    path = resolve_artifact(source, ("finetune",))
-    teacher = load_artifact(path)
-    if teacher.stage != "finetune":
-        raise UserError(
-            f"{path}: a {teacher.stage} artifact; the teacher is a fine-tuned model (finetune*/model.safetensors)"
-        )
-    if not teacher.spec.scratch:
-        return teacher
-    if source is None or (Path(source).is_dir() and path.parent != Path(source)):
-        info = stage_info("finetune")
-        found = [
-            p
-            for p in path.parent.parent.glob(f"{info.folder}*/{info.file}")
-            if (p.parent / "run.json").is_file()
-        ]
-        for candidate in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-            if not (artifact := load_artifact(candidate)).spec.scratch:
-                return artifact
-    raise UserError(
-        f"{path}: a --scratch baseline; the teacher is the model fine-tuned from the pretrained backbone "
-        "(run finetune without --scratch, or pass --from its folder)"
-    )
-
-
-def student_start(config: DistillConfig, teacher: Artifact) -> Student:
-    """Same arch: the pretrained backbone the teacher started from; another: `--from-pretrain` or random.
-
-    Raises:
-        UserError: an unknown arch, an arch that differs from `--from-pretrain`'s, or a teacher whose
-            pretrained backbone is gone.
-    """
-    spec = teacher.spec
-    if config.arch is not None and not timm.is_model(config.arch):
-        build_backbone(config.arch, small_stem=False)  # raises the UserError with close names
-    if config.from_pretrain is not None:
-        start = load_pretrained(config.from_pretrain, config.arch, "--from-pretrain")
-        kind = "self" if start.arch == spec.arch else "pretrain"
-        return Student(kind, start.arch, _pretrained_stem(config, start), start)
-    if config.arch is not None and config.arch != spec.arch:
-        small_stem = spec.small_stem if config.small_stem is None else config.small_stem
-        if small_stem:  # fails now, not after the images are decoded, for an arch without a ResNet stem
-            build_backbone(config.arch, small_stem=True, image_size=spec.image_size)
-        return Student("random", config.arch, small_stem, None)
-    parent = (teacher.run_info().get("parent") or {}).get("path")
-    if not parent or not Path(parent).is_file():
-        raise UserError(
-            f"{teacher.path}: the pretrained backbone it was fine-tuned from ({parent or 'not recorded'}) is not "
-            "there; pass --from-pretrain runs/NAME/pretrain (or --arch for a random-init student)"
-        )
-    start = load_artifact(Path(parent), "pretrain")
-    return Student("self", start.arch, _pretrained_stem(config, start), start)
-
-
-def _pretrained_stem(config: DistillConfig, start: Artifact) -> bool:
-    """The pretrained start's stem; a `--small-stem` / `--no-small-stem` against it is a UserError."""
-    if config.small_stem is not None and config.small_stem != start.spec.small_stem:
-        raise UserError(
-            f"--{'' if config.small_stem else 'no-'}small-stem: the student starts from {start.path}, pretrained "
-            f"{'with' if start.spec.small_stem else 'without'} the small-image stem; leave the flag out (it is for a "
-            "random-init student of another --arch)"
-        )
-    return start.spec.small_stem
-
-
 def distill_temperature(config: DistillConfig, teacher: Artifact, student: Student) -> float:
     """`--temperature`, or for `auto` SimCLRv2's: 0.1 when the student's arch is the teacher's, else 1.0."""
     if config.temperature != "auto":
         return float(config.temperature)
     return AUTO_TEMPERATURE["self" if student.arch == teacher.arch else "big-to-small"]
-
-
-def build_student(student: Student, spec: ModelSpec) -> Classifier:
-    """The pretrained backbone (or a random one) + a zero-initialised linear layer for the teacher's classes."""
-    assert spec.class_names is not None
-    return build_classifier(
-        student.arch, student.small_stem, spec.image_size, len(spec.class_names), student.artifact
-    )
 
 
 def distillation_step(teacher: nn.Module, views: CropFlipViews, temperature: float, alpha: float,
@@ -264,9 +176,9 @@ def build_batches(config: DistillConfig, paths: list[Path], known: list[int] | N
 def default_out(teacher: Artifact, student: Student) -> Path:
     """`<run>/distill-<labels stem>` beside the teacher's `finetune-<labels stem>` (+ `-<arch>` for
     another student arch, so that two students of one teacher do not share a folder)."""
-    suffix = teacher.path.parent.name.removeprefix(stage_info("finetune").folder)
-    arch = "" if student.kind == "self" else f"-{student.arch}"
-    return teacher.path.parent.parent / f"{STAGE.folder}{suffix}{arch}"
+    folder, prefix = teacher.path.parent.name, stage_info("finetune").folder
+    suffix = folder.removeprefix(prefix) if folder.startswith(prefix) else f"-{folder}"  # `--out ft-auto`
+    return teacher.path.parent.parent / f"{STAGE.folder}{suffix}{student.folder_suffix}"
 
 
 def learning_rate(config: DistillConfig, batch: int) -> float:
@@ -282,15 +194,27 @@ def fingerprint(config: DistillConfig, teacher: Artifact, student: Student, path
                 labeled: LabeledImages | None, place: str) -> dict[str, Any]:  # fmt: skip
     """What a resumed distillation must share with the run that wrote the checkpoint."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "memory_budget", "unlabeled", "source",
-               "from_pretrain", "labels", "augment_on", "logger", "follow_links"}  # fmt: skip
+               "from_pretrain", "labels", "augment_on", "logger", "follow_links", "init", "init_prefix"}  # fmt: skip
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
-    listing = hashlib.sha256(
-        os.fsencode("\n".join(str(path.relative_to(config.unlabeled)) for path in paths))
+    names = [str(path.relative_to(config.unlabeled)) for path in paths]
+    listing = hashlib.sha256(os.fsencode("\n".join(names)))
+    start = (
+        student.init.sha256
+        if student.init
+        else sha256_file(student.artifact.path)
+        if student.artifact
+        else None
     )
-    return {**values, "augment_on": place, "teacher_sha256": sha256_file(teacher.path), "student": student.kind,
-            "student_arch": student.arch, "start_sha256": sha256_file(student.artifact.path) if student.artifact else None,
-            "images": len(paths), "image_list_sha256": listing.hexdigest()[:16],
-            "labels_sha256": subset_hash(labeled) if labeled is not None else None}  # fmt: skip
+    found = {"augment_on": place, "teacher_sha256": sha256_file(teacher.path), "student": student.kind,
+             "student_arch": student.arch, "start_sha256": start, "images": len(paths),
+             "image_list_sha256": listing.hexdigest()[:16], "_image_list_sha256": listed(names),
+             "labels_sha256": subset_hash(labeled) if labeled is not None else None}  # fmt: skip
+    if labeled is not None:  # the file lists (`_` keys) name what appeared or vanished in a refused resume
+        found["_labels_sha256"] = listed(f"{labeled.relative_key(path)} ({label})"
+                                         for path, label in zip(labeled.paths, labeled.labels, strict=True))  # fmt: skip
+    if student.init is not None:
+        found["init_prefix"] = student.init.prefix
+    return {**values, **found}
 
 
 def _prepare_models(
@@ -299,12 +223,10 @@ def _prepare_models(
     """The student (seeded, prepared for training), its optimizer, and the teacher: on the device in
     eval mode with no gradients, each process its own copy, never given to `accelerator.prepare`."""
     set_seed(config.seed)
-    model: nn.Module = build_student(student, teacher_artifact.spec)
+    model, channels_last = place_for_training(build_student(student, teacher_artifact.spec), accelerator)
     teacher = load_model(teacher_artifact).to(accelerator.device).eval().requires_grad_(False)
-    if accelerator.device.type == "cuda":
-        model, teacher = (part.to(memory_format=torch.channels_last) for part in (model, teacher))
-        if accelerator.num_processes > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
     classifier = cast(Classifier, model).classifier
     optimizer = build_finetune_optimizer(config.optimizer, model, classifier, config.weight_decay, lr)  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -327,10 +249,8 @@ def run(config: DistillConfig) -> Path:
     paths = found.paths
     engine.per_process_batch(config.batch_size, accelerator)
     place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size)
-    out = engine.on_main_process(
-        accelerator,
-        lambda: prepare_stage_folder(config.out or default_out(teacher_artifact, student), config.restart),
-    )
+    out = engine.on_main_process(accelerator, lambda: prepare_stage_folder(
+        config.out or default_out(teacher_artifact, student), config.restart, source=config.unlabeled))  # fmt: skip
     known = folder_labels(paths, config.unlabeled, class_names)
     loader, undecodable = build_batches(
         config, paths, known, labeled, class_names, spec.image_size, place, accelerator
@@ -343,12 +263,7 @@ def run(config: DistillConfig) -> Path:
     agreement = Agreement(accelerator.device, has_labels=known is not None)
     views = CropFlipViews(spec.image_size, spec.mean, spec.std)
     if accelerator.is_main_process and not config.quiet:
-        engine.console.print(
-            f"[bold]distill[/] {teacher_artifact.path} into {student.arch} ({student.kind if student.kind != 'self' else 'the same arch'}"
-            f", from {student.artifact.path if student.artifact else 'random init'}), {len(paths)} unlabeled images"
-            f"{f' + {len(labeled)} labelled (alpha {config.alpha:g})' if labeled else ''}, T {temperature:g}, "
-            f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, on {engine.describe_device(accelerator)}"
-        )
+        _announce(config, teacher_artifact, student, len(paths), labeled, temperature, lr, accelerator)
     run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
     trainer = engine.Trainer(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
@@ -370,6 +285,22 @@ def run(config: DistillConfig) -> Path:
         lambda: _save(config, teacher_artifact, student, unwrapped, artifact, labeled, result, record),
     )
     return artifact
+
+
+def _announce(config: DistillConfig, teacher: Artifact, student: Student, images: int, labeled: LabeledImages | None,
+              temperature: float, lr: float, accelerator: Any) -> None:  # fmt: skip
+    """The run's line, after `--init`'s (what was loaded and skipped, a stem left random)."""
+    if student.init is not None:  # `labelfew.engine.init_weights.load_init` leaves that conv random
+        stem = student.small_stem and not student.init.small_stem
+        engine.console.print(
+            student.init.summary() + ("; the small-image stem's conv starts random" if stem else "")
+        )
+    engine.console.print(
+        f"[bold]distill[/] {teacher.path} into {student.arch} ({student.kind if student.kind != 'self' else 'the same arch'}"
+        f", from {student.origin}), {images} unlabeled images"
+        f"{f' + {len(labeled)} labelled (alpha {config.alpha:g})' if labeled else ''}, T {temperature:g}, "
+        f"{config.epochs} epochs, {config.optimizer} lr {lr:.3g}, on {engine.describe_device(accelerator)}"
+    )
 
 
 def _file_record(path: Path | None) -> dict[str, str] | None:
@@ -396,8 +327,12 @@ def _save(config: DistillConfig, teacher: Artifact, student: Student, model: Cla
         "augment_on": record["augment_on"],
     }
     width = int(model.backbone.num_features)  # type: ignore[arg-type]
+    # the init's lineage: `--init`'s own, or the one its pretrained start had (none from random init)
+    init, init_sha256 = (student.init.source, student.init.sha256) if student.init else (
+        (student.artifact.spec.init, student.artifact.spec.init_sha256) if student.artifact else (None, None))  # fmt: skip
     spec = dataclasses.replace(teacher.spec.backbone(), arch=student.arch, small_stem=student.small_stem,
-                               num_features=width, class_names=teacher.spec.class_names)  # fmt: skip
+                               num_features=width, class_names=teacher.spec.class_names, init=init,
+                               init_sha256=init_sha256)  # fmt: skip
     metadata = {
         "stage": STAGE.name,
         **spec.to_metadata(),
@@ -411,7 +346,8 @@ def _save(config: DistillConfig, teacher: Artifact, student: Student, model: Cla
     write_run_json(artifact.parent, {
         "stage": STAGE.name, "config": resolved, "parent": _file_record(teacher.path),
         "student": {"start": student.kind, "arch": student.arch,
-                    "pretrain": _file_record(student.artifact.path if student.artifact else None)},
+                    "pretrain": _file_record(student.artifact.path if student.artifact else None),
+                    "init": student.init.record() if student.init else None},
         "artifacts": {"model.safetensors": {"sha256": digest}},
         "labels": _labels_record(teacher, labeled),
         "distill_labels": None if labeled is None else {"path": str(config.labels), "images": len(labeled),

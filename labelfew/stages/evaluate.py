@@ -1,21 +1,22 @@
 """Evaluation: kNN and a linear probe on frozen backbone features, and fine-tuned model accuracy.
 
-kNN and the probe use the backbone's pooled features, never the projection head's output
-(trap 6 in DESIGN.md: the head is for the loss; SimCLR arXiv 2002.05709 section 4.2).
+kNN and the probe (`labelfew.probes`) use the backbone's pooled features, never the projection
+head's output (trap 6 in DESIGN.md). Every row's name says where the model's weights started:
+`kNN` on a pretrain run's backbone (`kNN (init + SSL)` when that pretraining started from `--init`
+weights), `kNN (init NAME)` on `evaluate --init`'s own features, `kNN (random init)`, and each
+classifier by its stage's label (`fine-tuned (init NAME)`, `fine-tuned (scratch)`, ...).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from labelfew import artifacts, engine
@@ -23,92 +24,20 @@ from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import BANK, HASH_CACHE, Leaks, guard
+from labelfew.engine.init_weights import Init, read_init
 from labelfew.engine.loggers import check_loggers, open_loggers
+from labelfew.engine.start import FrozenBackbone, frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
 from labelfew.models import build_model, load_model
+from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import plots
 from labelfew.report import tables as report
+from labelfew.spec import ModelSpec
 from labelfew.use.inference import run_model
 
-PROBE_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-
-
-def knn_scores(
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    queries: torch.Tensor,
-    num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Weighted kNN class scores (Wu et al. 2018, arXiv 1805.01978; DINO's eval_knn).
-
-    Cosine similarity of each query to the bank; the k nearest vote for their class with
-    weight exp(similarity / temperature). k is capped by the bank size. DINO (arXiv 2104.14294)
-    uses T = 0.07 and reports k = 20 as best; k = 200 with T = 0.1 is the CIFAR protocol of
-    Wu et al., which a few-label bank cannot serve (every image then votes, and the classes with
-    more labels win). The scores are on the device of `bank` and `queries`.
-
-    Shape: bank (B, D), bank_labels (B,), queries (Q, D) -> scores (Q, num_classes)
-    """
-    bank = nn.functional.normalize(bank.float(), dim=1)
-    queries = nn.functional.normalize(queries.float(), dim=1)
-    k = min(k, bank.shape[0])
-    scores = []
-    for start in range(0, queries.shape[0], chunk):
-        similarity = queries[start : start + chunk] @ bank.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        weights = (top_similarity / temperature).exp()
-        votes = torch.zeros(similarity.shape[0], num_classes, device=similarity.device)
-        votes.scatter_add_(1, bank_labels.to(similarity.device)[top_index], weights)
-        scores.append(votes)
-    return torch.cat(scores)
-
-
-def linear_probe_scores(
-    train: np.ndarray,
-    train_labels: np.ndarray,
-    test: np.ndarray,
-    num_classes: int,
-    holdout: float = 0.2,
-    seed: int = 0,
-) -> tuple[np.ndarray, float | None]:
-    """Logistic regression on L2-normalised frozen features; returns (scores, chosen C).
-
-    C is chosen from PROBE_C_GRID on a stratified held-out part of the training features, then
-    the probe is refit on all of them. With fewer than two examples of a class no split is
-    possible and C = 1 is used (the second value is then None).
-
-    Shape: train (N, D), train_labels (N,), test (Q, D) -> scores (Q, num_classes)
-    """
-    train = train / np.linalg.norm(train, axis=1, keepdims=True).clip(1e-12)
-    test = test / np.linalg.norm(test, axis=1, keepdims=True).clip(1e-12)
-    counts = np.bincount(train_labels, minlength=num_classes)
-    present = counts > 0
-    chosen: float | None = None
-    if (counts[present] >= 2).all() and holdout > 0 and len(np.unique(train_labels)) > 1:
-        fit_x, val_x, fit_y, val_y = train_test_split(
-            train,
-            train_labels,
-            test_size=max(holdout, present.sum() / len(train_labels)),
-            stratify=train_labels,
-            random_state=seed,
-        )
-        best = -1.0
-        for c in PROBE_C_GRID:
-            score = _fit(fit_x, fit_y, c, seed).score(val_x, val_y)
-            if score > best:
-                best, chosen = score, c
-    probe = _fit(train, train_labels, chosen or 1.0, seed)
-    scores = np.zeros((test.shape[0], num_classes))
-    scores[:, probe.classes_] = probe.predict_proba(test)
-    return scores, chosen
-
-
-def _fit(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> LogisticRegression:
-    return LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, y)
+__all__ = ["backbone_features", "finetuned_logits", "knn_scores", "linear_probe_scores", "run"]
+"""`knn_scores` and `linear_probe_scores` live in `labelfew.probes`; the benchmarks import them from here."""
 
 
 @dataclass(frozen=True)
@@ -125,15 +54,19 @@ class Models:
     unusable: list[str]
 
 
-def find_models(source: Path | None) -> Models:
+def find_models(source: Path | None, init: Init | None = None) -> Models:
     """Resolves --from into the backbone (pretrain) and every classifier (fine-tuned) model of the run.
 
     A single fine-tuned model (its file or stage folder) comes with the pretrain artifact it
-    started from (run.json's parent), while that still exists.
+    started from (run.json's parent), while that still exists. `--init` without `--from` is
+    evaluated alone (not beside whichever run is newest), its report in `runs/init-<NAME>/evaluate`.
 
     Raises:
         UserError: nothing to evaluate.
     """
+    if init is not None and source is None:
+        name = re.sub(r"[^\w.-]", "_", init.name)
+        return Models(None, [], artifacts.RUNS_ROOT / f"init-{name}", [])
     models, run_folder, unusable = artifacts.find_models(source)
     backbones = [model for model in models if stage_info(model.stage).kind == "backbone"]
     classifiers = [model for model in models if stage_info(model.stage).kind == "classifier"]
@@ -146,7 +79,7 @@ def find_models(source: Path | None) -> Models:
 
 
 def _outputs(
-    model: nn.Module, artifact: Artifact, labeled: LabeledImages, class_names: list[str], batch_size: int,
+    model: nn.Module, spec: ModelSpec, labeled: LabeledImages, class_names: list[str], batch_size: int,
     workers: int | None, skipped: dict[str, str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The model's outputs on the decodable labelled images, and their class indices.
@@ -154,15 +87,16 @@ def _outputs(
     Each undecodable image is added to `skipped` (its path -> why), so that the report counts and names it.
     """
     labels = torch.tensor(labeled.label_indices(class_names), dtype=torch.long)
-    outputs = run_model(model, list(labeled.paths), artifact.spec, batch_size, workers)
+    outputs = run_model(model, list(labeled.paths), spec, batch_size, workers)
     if skipped is not None:
         skipped.update({str(labeled.paths[index]): reason for index, reason in outputs.errors.items()})
     return outputs.values, labels[outputs.kept]
 
 
-def _backbone(artifact: Artifact, random_init: bool, seed: int) -> nn.Module:
+def _random(spec: ModelSpec, seed: int) -> nn.Module:
+    """An untrained model of `spec`, the same for the same seed (the random-init baseline)."""
     torch.manual_seed(seed)
-    return build_model(artifact.spec) if random_init else load_model(artifact)
+    return build_model(spec)
 
 
 def backbone_features(
@@ -178,8 +112,8 @@ def backbone_features(
 
     Shape: -> features (N, num_features), labels (N,)
     """
-    model = _backbone(artifact, random_init, seed)
-    return _outputs(model, artifact, labeled, class_names, batch_size, workers)
+    model = _random(artifact.spec, seed) if random_init else load_model(artifact)
+    return _outputs(model, artifact.spec, labeled, class_names, batch_size, workers)
 
 
 def finetuned_logits(
@@ -193,7 +127,7 @@ def finetuned_logits(
 
     Shape: -> logits (N, num_classes), labels (N,)
     """
-    return _outputs(load_model(artifact), artifact, labeled, class_names, batch_size, workers)
+    return _outputs(load_model(artifact), artifact.spec, labeled, class_names, batch_size, workers)
 
 
 def _bank_source(config: EvaluateConfig, models: Models) -> Path:
@@ -241,32 +175,37 @@ def _class_names(models: Models) -> list[str] | None:
 
 
 def run(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluates every model of the run on the test set; prints the table and writes report.json.
+    """Evaluates every model of the run (and `--init`'s features) on the test set; prints the table
+    and writes report.json.
 
-    Every check that can refuse (classes, the bank, test labels, the leakage guard) runs before the
-    first model does.
+    Every check that can refuse (the init, classes, the bank, test labels, the leakage guard) runs
+    before the first model does; a bad `--init` before any image is opened.
     """
     started = time.perf_counter()
     check_loggers(config.logger)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config.plots:
         plots.require_matplotlib()
-    models = find_models(config.source)
+    init = read_init(config.init, arch=config.arch, prefix=config.init_prefix) if config.init else None
+    models = find_models(config.source, init)
     for line in models.unusable if not config.quiet else []:
         engine.console.print(f"[yellow]left out[/]: {line}")
+    if init is not None and not config.quiet:
+        engine.console.print(init.summary())
     class_names = _class_names(models)
-    bank = read_labels(_bank_source(config, models)) if models.pretrain is not None else None
+    scores_features = models.pretrain is not None or init is not None
+    bank = read_labels(_bank_source(config, models)) if scores_features else None
     test = read_labels(config.test)
     class_names = class_names or (bank.class_names if bank is not None else None)
     if class_names is None:
         raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
     test.label_indices(class_names)  # a test class the models do not know: refused now, not after the bank
+    own = frozen_backbone(init, test.paths, _image_size(models)) if init is not None else None
     out = config.out or models.run_folder / "evaluate"
     leaks = check_overlap(test, bank, models, config.allow_overlap, config.quiet, out / HASH_CACHE)
     skipped: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
-    if models.pretrain is not None and bank is not None:
-        rows += _frozen_rows(models.pretrain, bank, test, class_names, config, skipped, leaks)
+    for frozen in _frozen(models, own, config):
+        rows += _frozen_rows(frozen, bank, test, class_names, config, skipped, leaks)
     for artifact in models.finetunes:
         rows.append(_finetune_row(artifact, test, class_names, config, skipped, leaks))
     result = {
@@ -280,12 +219,19 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "models": {
             "pretrain": str(models.pretrain.path) if models.pretrain else None,
             "finetunes": [str(a.path) for a in models.finetunes],
+            "init": {**own.init.record(), "image_size": own.spec.image_size} if own is not None else None,
         },
-        "device": str(device),
+        "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "wall_seconds": time.perf_counter() - started,
     }  # fmt: skip
     _write(config, out, result, models, test)
     return result
+
+
+def _image_size(models: Models) -> int | None:
+    """The run's models' input side (`--init` features are compared at it when the init records none)."""
+    known = [models.pretrain] if models.pretrain is not None else models.finetunes
+    return known[0].spec.image_size if known else None
 
 
 def _write(
@@ -348,60 +294,76 @@ def check_overlap(
     return leaks
 
 
-def _knn_k(requested: int, bank_labels: torch.Tensor, class_names: list[str]) -> tuple[int, dict[str, Any]]:
-    """k capped by the smallest class in the bank, and what report.json says about it.
+@dataclass(frozen=True)
+class Frozen:
+    """A backbone whose frozen features kNN (and the linear probe) score, and how its rows are named.
 
-    With more neighbours than the smallest class has images, a query of that class is outvoted by
-    the others whatever its features: a bank of 20-30 labels with k = 20 is a majority vote.
+    Attributes:
+        start: the rows' name after the method: "" (pretrain), " (init + SSL)", " (init NAME)", " (random init)".
+        build: makes the backbone when its rows are computed (one model in memory at a time).
+        seen: its key in `labelfew.data.overlap.Leaks.seen`.
     """
-    counts = torch.bincount(bank_labels, minlength=len(class_names))
-    present = counts[counts > 0]
-    smallest = int(present.min()) if len(present) else 1
-    if requested <= smallest:
-        return requested, {}
-    name = class_names[int(torch.where(counts == smallest)[0][0])]
-    return smallest, {
-        "k_requested": requested,
-        "k_cap": f"the bank's smallest class, {name!r}, has {smallest}",
-    }
+
+    start: str
+    build: Callable[[], nn.Module]
+    spec: ModelSpec
+    seen: str
+    probe: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _frozen(models: Models, own: FrozenBackbone | None, config: EvaluateConfig) -> list[Frozen]:
+    """The backbones to score: the run's pretrain backbone, `--init`'s, then the random-init baseline."""
+    found: list[Frozen] = []
+    if (pretrain := models.pretrain) is not None:
+        start = " (init + SSL)" if pretrain.spec.init else ""
+        found.append(Frozen(start, lambda: load_model(pretrain), pretrain.spec, str(pretrain.path)))
+    if own is not None:
+        details = {"init": own.init.record()}
+        found.append(Frozen(f" (init {own.init.name})", lambda: own.model, own.spec, BANK, details=details))
+    base = found[0].spec if found else None
+    if config.random_baseline and base is not None:
+        found.append(Frozen(" (random init)", lambda: _random(base, config.seed), base, BANK, probe=False))
+    return found
 
 
 def _frozen_rows(
-    pretrain: Artifact,
-    bank: LabeledImages,
+    frozen: Frozen,
+    bank: LabeledImages | None,
     test: LabeledImages,
     class_names: list[str],
     config: EvaluateConfig,
     skipped: dict[str, str],
     leaks: Leaks,
 ) -> list[dict[str, Any]]:
-    variants = [("", False)] + ([(" (random init)", True)] if config.random_baseline else [])
-    rows = []
-    for suffix, random_init in variants:
-        backbone = _backbone(pretrain, random_init, config.seed)
-        bank_x, bank_y = _outputs(backbone, pretrain, bank, class_names, config.batch_size, config.workers)
-        test_x, test_y = _outputs(
-            backbone, pretrain, test, class_names, config.batch_size, config.workers, skipped
-        )
-        k, capped = _knn_k(config.knn_k, bank_y, class_names)
-        knn = knn_scores(bank_x, bank_y, test_x, len(class_names), k=k, temperature=config.knn_temperature)
-        seen = leaks.seen[BANK if random_init else str(pretrain.path)]
-        details = {"k": k, "temperature": config.knn_temperature, "bank_images": len(bank_x), **capped,
-                   "seen_test_images": seen}  # fmt: skip
-        rows.append(report.metrics_row(f"kNN{suffix}", knn.numpy(), test_y.numpy(), class_names, details))
-        if random_init:
-            continue
-        probe, c = linear_probe_scores(
-            bank_x.numpy(),
-            bank_y.numpy(),
-            test_x.numpy(),
-            len(class_names),
-            holdout=config.probe_holdout,
-            seed=config.seed,
-        )
-        chosen = c if c is not None else "1.0 (too few labels to choose)"
-        details = {"C": chosen, "bank_images": len(bank_x), "seen_test_images": seen}
-        rows.append(report.metrics_row("linear probe", probe, test_y.numpy(), class_names, details))
+    """kNN (and the linear probe) rows of one backbone."""
+    assert bank is not None  # read whenever there is a backbone to score
+    backbone = frozen.build()
+    bank_x, bank_y = _outputs(backbone, frozen.spec, bank, class_names, config.batch_size, config.workers)
+    test_x, test_y = _outputs(
+        backbone, frozen.spec, test, class_names, config.batch_size, config.workers, skipped
+    )
+    k, capped = knn_k(config.knn_k, bank_y, class_names)
+    knn = knn_scores(bank_x, bank_y, test_x, len(class_names), k=k, temperature=config.knn_temperature)
+    seen = leaks.seen[frozen.seen]
+    details = {"k": k, "temperature": config.knn_temperature, "bank_images": len(bank_x), **capped,
+               "seen_test_images": seen, **frozen.details}  # fmt: skip
+    rows = [report.metrics_row(f"kNN{frozen.start}", knn.numpy(), test_y.numpy(), class_names, details)]
+    if not frozen.probe:
+        return rows
+    probe, c = linear_probe_scores(
+        bank_x.numpy(),
+        bank_y.numpy(),
+        test_x.numpy(),
+        len(class_names),
+        holdout=config.probe_holdout,
+        seed=config.seed,
+    )
+    chosen = c if c is not None else "1.0 (too few labels to choose)"
+    details = {"C": chosen, "bank_images": len(bank_x), "seen_test_images": seen, **frozen.details}
+    rows.append(
+        report.metrics_row(f"linear probe{frozen.start}", probe, test_y.numpy(), class_names, details)
+    )
     return rows
 
 
@@ -414,7 +376,7 @@ def _finetune_row(
     leaks: Leaks,
 ) -> dict[str, Any]:
     logits, labels = _outputs(
-        load_model(artifact), artifact, test, class_names, config.batch_size, config.workers, skipped
+        load_model(artifact), artifact.spec, test, class_names, config.batch_size, config.workers, skipped
     )
     name = model_label(artifact)
     info = artifact.run_info().get("labels", {})

@@ -8,6 +8,9 @@ which helps most with 1% of the labels (`--from-head-layer 1`).
 SelfMatch (arXiv 2101.06480) does from SimCLR, or from random init with `--scratch` (plain
 FixMatch): each step adds μB unlabeled images (`labelfew.engine.fixmatch`), an epoch is one pass
 over them, and the moving average of the weights (`labelfew.engine.ema`) is validated and saved.
+
+`--init SOURCE` fine-tunes weights that already exist (timm's, another tool's, a labelfew run)
+with no self-supervised step: the transfer baseline, one command (`labelfew.engine.init_weights`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from accelerate.utils import set_seed
 from torch import nn
 
@@ -30,44 +32,43 @@ from labelfew.artifacts import (
     save_tensors,
     write_run_json,
 )
-from labelfew.config import FIXMATCH_OPTIONS, FinetuneConfig, to_json
-from labelfew.data.batches import Batch
+from labelfew.config import FinetuneConfig, to_json
 from labelfew.data.images import printable, skipped_note
-from labelfew.data.labelled import held_out_split, labelled_batches, readable_labels
+from labelfew.data.labelled import held_out_split, readable_labels
 from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine import lr_search
-from labelfew.engine.ema import ModelEMA
-from labelfew.engine.fixmatch import (
-    FIXMATCH_VERSION,
-    PSEUDO_LABEL_METRICS,
-    PseudoLabels,
-    UnlabeledImages,
-    find_unlabeled,
-    fixmatch_training,
+from labelfew.engine.fine_tuning import (
+    Training,
+    data_source,
+    fingerprint,
+    labels_run_folder,
+    method_defaults,
+    prepare_training,
 )
+from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
+from labelfew.engine.init_weights import Init, init_name, read_init
 from labelfew.engine.loggers import check_loggers, open_loggers
-from labelfew.engine.start import Start, finetune_start
+from labelfew.engine.start import Start, finetune_start, init_start
 from labelfew.errors import Interrupted, UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
-from labelfew.models import Classifier, build_classifier, head_spec
-from labelfew.optim import (
-    build_finetune_optimizer,
-    finetune_learning_rate,
-    finetune_schedule,
-    fixmatch_learning_rate,
-)
+from labelfew.models import Classifier, head_spec
+from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import ModelSpec
 from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
-from labelfew.views.finetune import CropFlipViews
 
 
 def _label(artifact: Artifact) -> str:
-    """evaluate's name of a model: "fine-tuned", "fine-tuned (scratch)", "fine-tuned (fixmatch, scratch)"."""
-    method = artifact.metadata.get("method", "supervised")
-    parts = [method] * (method != "supervised") + ["scratch"] * artifact.spec.scratch
+    """evaluate's name of a model by its start: "fine-tuned" (from a self-supervised pretrain),
+    "fine-tuned (scratch)", "fine-tuned (init NAME)" (`--init`: no self-supervised step),
+    "fine-tuned (init + SSL)" (from a pretrain that started from an init), with a method first
+    ("fine-tuned (fixmatch, init NAME)")."""
+    method, spec = artifact.metadata.get("method", "supervised"), artifact.spec
+    start = ["scratch"] if spec.scratch else [] if spec.init is None else [
+        f"init {init_name(spec.init)}" if artifact.metadata.get("start") == "init" else "init + SSL"]  # fmt: skip
+    parts = [method] * (method != "supervised") + start
     return f"fine-tuned ({', '.join(parts)})" if parts else "fine-tuned"
 
 
@@ -76,41 +77,18 @@ STAGE = register_stage(
 )
 
 
-def _val_loader(
-    labeled: LabeledImages, class_names: list[str], start: Start, config: FinetuneConfig, accelerator: Any
-) -> EvalImages:
-    """The held-out images as the evaluation view sees them, sharded by Accelerate (for `accuracy`)."""
-    return held_out_images(labeled, class_names, start.image_size, start.mean, start.std,
-                           config.batch_size, config.workers, accelerator)  # fmt: skip
-
-
-def classification_step(
-    label_smoothing: float, channels_last: bool, views: CropFlipViews
-) -> engine.StepFunction:
-    """Cross-entropy on one labelled batch, its crop + flip views made on the device."""
-
-    def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        assert batch.labels is not None
-        images = views(batch.images, batch.sizes, batch.generator())
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        return nn.functional.cross_entropy(
-            logits, batch.labels, label_smoothing=label_smoothing
-        ), images.shape[0]
-
-    return step
-
-
 def default_out(config: FinetuneConfig, start: Start) -> Path:
     """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`)
-    beside the pretrain stage."""
+    beside the pretrain stage; without one, in a run of its own named after the labels (and the
+    init): `runs/<stem>[-init-<name>]-<hash>` (`labelfew.engine.fine_tuning.labels_run_folder`)."""
     method = "fixmatch-" if config.method == "fixmatch" else ""
     stem = config.labels[-1].stem  # the latest round's file names the stage
     name = f"finetune-{method}{'scratch-' if config.scratch else ''}{stem}"
     if start.artifact is not None:
         return start.artifact.path.parent.parent / name
-    return Path("runs") / stem / name
+    if start.init is not None:
+        return labels_run_folder(config.labels, f"init-{start.init.name}", salt=start.init.sha256) / name
+    return labels_run_folder(config.labels) / name
 
 
 def label_file(config: FinetuneConfig, out: Path) -> Path:
@@ -119,73 +97,12 @@ def label_file(config: FinetuneConfig, out: Path) -> Path:
     return config.labels[0] if len(config.labels) == 1 else out / "labels.csv"
 
 
-def fingerprint(
-    config: FinetuneConfig, start: Start, train: LabeledImages, unlabeled: UnlabeledImages | None = None
-) -> dict[str, Any]:
-    """What a resumed fine-tuning must share with the run that wrote the checkpoint (a supervised
-    run's as before the FixMatch options, so that its older checkpoints still resume)."""
-    ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
-               "unlabeled", "follow_links", "skip_bad"}  # fmt: skip
-    if config.fixmatch is None:
-        ignored |= {"method", *FIXMATCH_OPTIONS}
-    values = {
-        key: value
-        for key, value in {**to_json(config), **_method_defaults(config)}.items()
-        if key not in ignored
-    }
-    parent = sha256_file(start.artifact.path) if start.artifact is not None and not config.scratch else None
-    found = {"arch": start.arch, "image_size": start.image_size, "parent_sha256": parent,
-             "labels_sha256": subset_hash(train)}  # fmt: skip
-    if config.fixmatch is not None and unlabeled is not None:
-        found |= {"fixmatch": dataclasses.asdict(config.fixmatch), "fixmatch_version": FIXMATCH_VERSION,
-                  "unlabeled_images": len(unlabeled.paths),
-                  "unlabeled_list_sha256": unlabeled.listing_sha256()}  # fmt: skip
-    return {**values, **found}
-
-
-@dataclasses.dataclass
-class Training:
-    """A prepared model, optimizer and batches for one fine-tuning run (a search candidate or the final one)."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: engine.EpochBatches
-    undecodable: list[str]
-    step: engine.StepFunction
-    ema: ModelEMA | None = None
-    pseudo_labels: PseudoLabels | None = None
-
-
-def _prepare_training(config: FinetuneConfig, start: Start, class_names: list[str], labeled: LabeledImages,
-                      lr: float, accelerator: Any, unlabeled: UnlabeledImages | None = None) -> Training:  # fmt: skip
-    """The classifier, its optimizer and batches, and the step: supervised, or FixMatch's with the
-    unlabeled batches attached and the moving average of the weights."""
-    model = build_classifier(start.arch, start.small_stem, start.image_size, len(class_names), start.artifact,
-                             config.from_head_layer, load_weights=not config.scratch)  # fmt: skip
-    channels_last = accelerator.device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # FixMatch decays the classifier's weight too; SimCLR's fine-tuning does not (`build_finetune_optimizer`)
-    optimizer = build_finetune_optimizer(config.optimizer, model, model.classifier, config.decay, lr,  # type: ignore[arg-type]
-                                         decay_classifier=config.fixmatch is not None)  # fmt: skip
-    loader, undecodable = labelled_batches(labeled, class_names, config.batch_size, config.seed, start.image_size,
-                                           accelerator, engine.default_workers(config.workers), config.balanced,
-                                           skip_bad=config.skip_bad)  # fmt: skip
-    model, optimizer = accelerator.prepare(model, optimizer)
-    engine.seed_augmentations(accelerator, config.seed)
-    views = CropFlipViews(start.image_size, start.mean, start.std)
-    settings = config.fixmatch
-    if settings is None or unlabeled is None:
-        step = classification_step(config.label_smoothing, channels_last, views)
-        return Training(model, optimizer, loader, undecodable, step)
-    workers = engine.default_workers(config.workers)
-    parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
-                              labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
-                              workers=workers, show=not config.quiet, accelerator=accelerator)  # fmt: skip
-    undecodable += parts.skipped
-    return Training(model, optimizer, parts.loader, undecodable, parts.step, parts.ema, parts.pseudo_labels)
+def _val_loader(
+    labeled: LabeledImages, class_names: list[str], start: Start, config: FinetuneConfig, accelerator: Any
+) -> EvalImages:
+    """The held-out images as the evaluation view sees them, sharded by Accelerate (for `accuracy`)."""
+    return held_out_images(labeled, class_names, start.image_size, start.mean, start.std,
+                           config.batch_size, config.workers, accelerator)  # fmt: skip
 
 
 def _learning_rate(
@@ -207,7 +124,9 @@ def _learning_rate(
         rule = fixmatch_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
         return rule, {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [], "chosen": rule,
                       "note": "not searched for --method fixmatch: FixMatch's lr (sgd 0.03 × B / 64)"}  # fmt: skip
-    key = {**fingerprint(config, start, train), "batch": batch}
+    # the file lists (`_` keys) only name files in a refused resume; the search's record keeps none
+    key = {key: value for key, value in fingerprint(config, start, train).items() if not key.startswith("_")}
+    key["batch"] = batch
     record = lr_search.reuse(out, key, config.restart)
     if record is None:
         progress = lr_search.Progress.load(out, key, accelerator, config.restart)
@@ -243,7 +162,7 @@ def _search(
 
     def candidate(lr: float, fold: int, epochs: int) -> lr_search.Candidate:
         set_seed(config.seed)  # every candidate from the same initialisation and batches
-        training = _prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
+        training = prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
         where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
         trainer = engine.Trainer(
             accelerator=accelerator, model=training.model, optimizer=training.optimizer,
@@ -270,11 +189,15 @@ def _search(
 def run(config: FinetuneConfig) -> Path:
     """Fine-tunes and writes the artifact; returns the path of model.safetensors."""
     check_loggers(config.logger)  # a missing extra fails now, before any image is read
+    # a bad --init (a truncated file, another arch) fails before any image is opened
+    init = (
+        None if config.init is None else read_init(config.init, arch=config.arch, prefix=config.init_prefix)
+    )
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     labeled, unreadable = readable_labels(read_label_files(config.labels), config.skip_bad)
     engine.per_process_batch(config.batch_size, accelerator)
-    start = finetune_start(config.source, config.scratch, config.arch, config.image_size, labeled.paths)
+    start = _start(config, init, labeled.paths)
     class_names = labeled.class_names
     if len(class_names) < 2:
         shown = ", ".join(str(path) for path in config.labels)
@@ -286,14 +209,13 @@ def run(config: FinetuneConfig) -> Path:
         else find_unlabeled(config.unlabeled, class_names, config.follow_links)
     )
     # The main process makes the folder (a default one has a timestamp) and every process uses it.
-    out = engine.on_main_process(
-        accelerator, lambda: prepare_stage_folder(config.out or default_out(config, start), config.restart)
-    )
+    out = engine.on_main_process(accelerator, lambda: prepare_stage_folder(
+        config.out or default_out(config, start), config.restart, source=data_source(config.labels)))  # fmt: skip
     if len(config.labels) > 1:
         engine.on_main_process(accelerator, lambda: write_labels(labeled, label_file(config, out)))
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
-    training = _prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
+    training = prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
     result = _fit(config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator)
     artifact = out / "model.safetensors"
     trained = unlabeled.paths if unlabeled is not None else train.paths  # what the batches index
@@ -312,6 +234,35 @@ def run(config: FinetuneConfig) -> Path:
     return artifact
 
 
+def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
+    """`--init`'s weights (their stem and mean/std, the image size as `init_start` says), else
+    `--from`'s pretrained backbone, or random init with `--scratch`."""
+    if init is None:
+        return finetune_start(config.source, config.scratch, config.arch, config.image_size, paths)
+    return init_start(init, config.arch, config.init_prefix, config.image_size, None, paths)
+
+
+def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classes: int,
+              unlabeled: UnlabeledImages | None, lr: float, searched: bool, accelerator: Any) -> None:  # fmt: skip
+    """The run's one line (and `--init`'s: what was loaded and skipped), main process only."""
+    if not accelerator.is_main_process or config.quiet:
+        return
+    settings = config.fixmatch
+    origin = ("random init (scratch)" if config.scratch else f"init {start.init.source}" if start.init
+              else str(start.artifact.path if start.artifact else None))  # fmt: skip
+    auto = " (auto: the rule, not searched for fixmatch)" if settings else " (auto)"
+    plus = "" if unlabeled is None or settings is None else (
+        f" + {len(unlabeled.paths)} unlabeled (FixMatch: μ {settings.mu}, threshold {settings.threshold:g}, "
+        f"λ_u {settings.unlabeled_weight:g}, EMA {settings.ema:g})")  # fmt: skip
+    if start.init is not None:
+        engine.console.print(start.init.summary())
+    engine.console.print(
+        f"[bold]finetune[/] {len(train)} labelled images{plus}, {classes} classes, from {origin}, "
+        f"{config.epochs} epochs, {config.optimizer} lr {lr:.4g}{auto if searched else ''}, "
+        f"on {engine.describe_device(accelerator)}"
+    )
+
+
 def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
          held: LabeledImages | None, unlabeled: UnlabeledImages | None, training: Training, out: Path, lr: float,
          search: dict[str, Any] | None, accelerator: Any) -> engine.FitResult:  # fmt: skip
@@ -328,17 +279,7 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
 
     run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
     settings = config.fixmatch
-    if accelerator.is_main_process and not config.quiet:
-        origin = "random init (scratch)" if config.scratch else str(start.artifact.path)  # type: ignore[union-attr]
-        auto = " (auto: the rule, not searched for fixmatch)" if settings else " (auto)"
-        plus = "" if unlabeled is None or settings is None else (
-            f" + {len(unlabeled.paths)} unlabeled (FixMatch: μ {settings.mu}, threshold {settings.threshold:g}, "
-            f"λ_u {settings.unlabeled_weight:g}, EMA {settings.ema:g})")  # fmt: skip
-        engine.console.print(
-            f"[bold]finetune[/] {len(train)} labelled images{plus}, {len(class_names)} classes, from {origin}, "
-            f"{config.epochs} epochs, {config.optimizer} lr {lr:.4g}{auto if search else ''}, "
-            f"on {engine.describe_device(accelerator)}"
-        )
+    _announce(config, start, train, len(class_names), unlabeled, lr, search is not None, accelerator)
     trainer = engine.Trainer(
         accelerator=accelerator, model=training.model, optimizer=training.optimizer,
         scheduler=finetune_schedule(training.optimizer, len(training.loader) * config.epochs, config.warmup,
@@ -352,15 +293,10 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
     return trainer.fit()
 
 
-def _method_defaults(config: FinetuneConfig) -> dict[str, float]:
-    """The weight decay and warmup the method trains with, given or its default."""
-    return {"weight_decay": config.decay, "warmup_fraction": config.warmup}
-
-
 def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]:
     """The config as run: the start's arch and image size, the chosen lr (run.json's lr_search says
     whether it was searched) and FixMatch's values."""
-    resolved = {**to_json(config), **_method_defaults(config), "arch": start.arch, "image_size": start.image_size,
+    resolved = {**to_json(config), **method_defaults(config), "arch": start.arch, "image_size": start.image_size,
                 "lr": lr}  # fmt: skip
     return {**resolved, **dataclasses.asdict(config.fixmatch)} if config.fixmatch is not None else resolved
 
@@ -373,12 +309,17 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     if config.from_head_layer > 0 and start.artifact is not None:
         head = head_spec(load_artifact(start.artifact.path.parent / "head.safetensors", "pretrain"))
     width = int(cast(Classifier, model).backbone.num_features)  # type: ignore[arg-type]
+    # the init's lineage: `--init`'s own, or the one the pretrain started from (not a --scratch model's)
+    lineage = start.artifact.spec if start.artifact is not None and not config.scratch else None
+    init, init_sha256 = (start.init.source, start.init.sha256) if start.init else (
+        (lineage.init, lineage.init_sha256) if lineage else (None, None))  # fmt: skip
     spec = ModelSpec(
         start.arch, start.image_size, start.small_stem, width, start.mean, start.std, head,
-        config.from_head_layer, tuple(class_names), config.scratch,
+        config.from_head_layer, tuple(class_names), config.scratch, init, init_sha256,
     )  # fmt: skip
     method = {"method": config.method} if config.fixmatch is not None else {}
-    metadata = {"stage": "finetune", **spec.to_metadata(), **method, "config": json.dumps(resolved)}
+    origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
+    metadata = {"stage": "finetune", **spec.to_metadata(), **method, **origin, "config": json.dumps(resolved)}
     digest = save_tensors(artifact, model.state_dict(), metadata)
     parent = (
         None
@@ -394,6 +335,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
         data |= {"unlabeled": str(unlabeled.root.resolve()), "unlabeled_images": len(unlabeled.paths)}
     write_run_json(artifact.parent, {
         "stage": "finetune", **method, "config": resolved, "parent": parent,
+        "init": start.init.record() if start.init is not None else None,
         "artifacts": {"model.safetensors": {"sha256": digest}},
         "labels": {"path": str(label_file(config, artifact.parent).resolve()),
                    "files": [str(path.resolve()) for path in config.labels],

@@ -1,6 +1,7 @@
 """`labelfew select`: which images of an unlabeled folder to label first.
 
-Embeds the folder with the run's pretrained backbone, clusters the embeddings into budget +
+Embeds the folder with the run's pretrained backbone (or `--init`'s weights: timm's, another
+tool's, an export; `labelfew.engine.start.frozen_backbone`), clusters the embeddings into budget +
 already-labelled clusters, and picks per `--strategy` (see `labelfew.selection`):
 
 - typical (TypiClust, arXiv 2202.02794): the most typical image of each cluster that the
@@ -42,6 +43,8 @@ from labelfew.artifacts import (
 from labelfew.config import SelectConfig
 from labelfew.data.images import printable, scan_images, skipped_note
 from labelfew.data.labels import LabeledImages, read_label_files
+from labelfew.engine.init_weights import Init, read_init
+from labelfew.engine.start import FrozenBackbone, frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 from labelfew.models import features_model, load_model
@@ -51,12 +54,16 @@ from labelfew.use.inference import run_model
 console = Console()
 
 
-def _models(source: Path | None) -> tuple[Artifact, Artifact | None]:
+def _models(source: Path | None, init: Init | None) -> tuple[Artifact | None, Artifact | None]:
     """(the pretrained backbone to embed with, the fine-tuned model if `--from` leads to one).
+
+    With `--init` the init embeds: `--from` then only names the fine-tuned model (none without it).
 
     Raises:
         UserError: nothing found, or no pretrained backbone in the run (a `--scratch` model alone).
     """
+    if init is not None:
+        return None, resolve_model(source, ("classifier",)) if source is not None else None
     artifact = resolve_model(source, ("classifier", "backbone"))
     if stage_info(artifact.stage).kind == "backbone":
         return artifact, None
@@ -73,13 +80,20 @@ def _models(source: Path | None) -> tuple[Artifact, Artifact | None]:
     return load_artifact(backbone), artifact
 
 
-def _embed(paths: list[Path], artifact: Artifact, config: SelectConfig) -> tuple[np.ndarray, list[int]]:
-    """L2-normalised backbone features of the decodable files, and their indices into `paths`.
+def _embed(
+    paths: list[Path], pretrained: Artifact | None, own: FrozenBackbone | None, config: SelectConfig
+) -> tuple[np.ndarray, list[int]]:
+    """L2-normalised backbone features (the pretrained run's, or `--init`'s) of the decodable files,
+    and their indices into `paths`.
 
     Shape: -> (decodable files, num_features)
     """
-    model = features_model(load_model(artifact))
-    outputs = run_model(model, paths, artifact.spec, config.batch_size, config.workers, "embed", config.quiet)
+    if own is not None:
+        model, spec = own.model, own.spec
+    else:
+        assert pretrained is not None
+        model, spec = features_model(load_model(pretrained)), pretrained.spec
+    outputs = run_model(model, paths, spec, config.batch_size, config.workers, "embed", config.quiet)
     if outputs.errors and not config.quiet:
         console.print(f"[yellow]{len(outputs.errors)} file(s) could not be decoded[/] and are not chosen")
     return selection.normalize(outputs.values.numpy()), outputs.kept
@@ -249,8 +263,9 @@ def run(config: SelectConfig) -> Path:
     if config.out.suffix.lower() != ".csv":
         raise UserError(f"--out {config.out}: name the file *.csv (the page goes beside it as *.html)")
     _check_out(config)
+    init = read_init(config.init, arch=config.arch, prefix=config.init_prefix) if config.init else None
     known = read_label_files(config.labels) if config.labels else None
-    pretrained, model = _models(config.source)
+    pretrained, model = _models(config.source, init)
     found = scan_images(config.folder, follow_links=config.follow_links)
     paths = found.paths
     labelled = _labelled(known, paths)
@@ -260,7 +275,8 @@ def run(config: SelectConfig) -> Path:
             f"--budget {config.budget}: {config.folder} has only {available} unlabelled images; use at most {available}"
         )
     strategy = _strategy(config, model)
-    embeddings, kept = _embed(paths, pretrained, config)
+    own = frozen_backbone(init, paths, model.spec.image_size if model else None) if init else None
+    embeddings, kept = _embed(paths, pretrained, own, config)
     labelled = labelled[kept]
     if config.budget > len(kept) - int(labelled.sum()):
         raise UserError(
@@ -284,19 +300,21 @@ def run(config: SelectConfig) -> Path:
             f"[yellow]{outliers} pick(s) come from clusters of ≤ {selection.MIN_CLUSTER_SIZE} images[/], outliers "
             f"that TypiClust never picks: the larger clusters had no image left for --budget {config.budget}"
         )
-    _record(config, strategy, pretrained, model, len(kept), skipped)
+    _record(config, strategy, pretrained, own, model, len(kept), skipped)
     return config.out
 
 
 def _record(
     config: SelectConfig,
     strategy: str,
-    pretrained: Artifact,
+    pretrained: Artifact | None,
+    own: FrozenBackbone | None,
     model: Artifact | None,
     images: int,
     skipped: list[str],
 ) -> None:
-    """`<out stem>.json` beside the CSV: how the selection was made, to reproduce it."""
+    """`<out stem>.json` beside the CSV: how the selection was made, to reproduce it (an `--init`
+    by its source, sha256 and the image size its features were taken at)."""
     record = {
         "folder": str(config.folder.absolute()),
         "images": images,
@@ -306,7 +324,8 @@ def _record(
         "strategy": strategy,
         "seed": config.seed,
         "labels": [str(path.absolute()) for path in config.labels],
-        "pretrain": str(pretrained.path.absolute()),
+        "pretrain": str(pretrained.path.absolute()) if pretrained else None,
+        "init": {**own.init.record(), "image_size": own.spec.image_size} if own else None,
         "finetune": str(model.path.absolute()) if model else None,
     }
     atomic_write_text(config.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

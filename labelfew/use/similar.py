@@ -12,9 +12,12 @@ from torch import nn
 
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.config import SimilarConfig
+from labelfew.engine.init_weights import read_init
+from labelfew.engine.start import frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
+from labelfew.spec import ModelSpec
 from labelfew.use.files import console, shown
 from labelfew.use.inference import run_model
 
@@ -41,10 +44,10 @@ def similar(config: SimilarConfig) -> list[Neighbour]:
         )
     index = load_artifact(config.index, "embeddings")
     paths = _index_paths(index)
-    artifact = _index_model(index, config.source)
+    model, spec = _index_backbone(index, config.source)
     if not config.query.is_file():
         raise UserError(f"{config.query}: no such image file")
-    query = run_model(features_model(load_model(artifact)), [config.query], artifact.spec)
+    query = run_model(model, [config.query], spec)
     if query.errors:
         raise UserError(f"{config.query}: not a readable image ({query.errors[0]})")
     similarity = index.tensors["embeddings"].float() @ nn.functional.normalize(query.values, dim=1)[0]
@@ -78,6 +81,23 @@ def _index_paths(index: Artifact) -> list[Path]:
             f"{index.tensors['embeddings'].shape[0]} embeddings; rerun `labelfew embed`"
         )
     return paths
+
+
+def _index_backbone(index: Artifact, source: Path | None) -> tuple[nn.Module, ModelSpec]:
+    """The backbone the index was built with and its spec: a labelfew model, or `embed --init`'s weights
+    (read again from their source, `--from` when they have moved, and checked by sha256)."""
+    if index.metadata.get("source_stage") != "init":
+        artifact = _index_model(index, source)
+        return features_model(load_model(artifact)), artifact.spec
+    origin = str(source) if source is not None else index.metadata["source"]
+    init = read_init(origin, arch=index.metadata["arch"], prefix=index.metadata.get("init_prefix"))
+    if init.sha256 != index.metadata["source_sha256"]:
+        raise UserError(
+            f"--init {origin} is not the weights {index.path} was built with; pass --from with those "
+            "or rerun `labelfew embed`"
+        )
+    own = frozen_backbone(init, [], image_size=int(index.metadata["image_size"]))
+    return own.model, own.spec
 
 
 def _index_model(index: Artifact, source: Path | None) -> Artifact:

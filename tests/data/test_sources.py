@@ -97,3 +97,49 @@ def test_the_same_views_from_either_source_on_real_photos(hymenoptera: Path) -> 
     store = _epochs(paths, "device", 96, 0, None)
     assert max(int(batch.sizes.max()) for batch in store) > 110  # the longer sides are kept
     _assert_same(store, _epochs(paths, "workers", 96, 0, None), 96)
+
+
+def test_decode_on_device_streams_and_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
+    paths = _folder(tmp_path, [(32, 32)])
+    assert sources.augment_place("auto", 4.0, paths, 32, decode_on="device") == "workers"  # fits, but streams
+    assert sources.augment_place("auto", 4.0, paths, 32, decode_on="cpu") == "device"
+    sources.check_decode_on("device", "auto", torch.device("cuda"))  # nvJPEG there: accepted
+    with pytest.raises(UserError, match="--decode-on device decodes JPEGs with nvJPEG on a CUDA GPU"):
+        sources.check_decode_on("device", "workers", torch.device("cpu"))
+    with pytest.raises(UserError, match="--augment-on device decodes every image once into memory"):
+        sources.check_decode_on("device", "device", torch.device("cuda"))
+    with pytest.raises(UserError, match="--decode-on gpu: use one of auto, cpu, device"):
+        sources.check_decode_on("gpu", "auto", torch.device("cpu"))
+
+
+def test_device_decoded_batches_are_the_cpu_streams_batches(tmp_path: Path) -> None:
+    """`training_batches(decode_on="device")` on the CPU device: torchvision's decoder (nvJPEG's
+    call on a GPU) gives the streaming source's batches, within the two JPEG decoders' rounding."""
+    from labelfew.data.device_decode import DeviceDecodedBatches
+
+    rows, columns = np.mgrid[0:48, 0:72]
+    for index in range(6):
+        pixels = np.stack([rows * 5 + index * 9, columns * 3, (rows + columns) * 2], axis=-1) % 256
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / f"{index}.jpg", quality=90)
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "6.png")  # not a JPEG: decoded on the CPU
+    paths = find_images(tmp_path)
+    accelerator = engine.make_accelerator("no", seed=0)
+
+    def batches(decode_on: str) -> tuple[object, list[Batch]]:
+        order = EpochOrder(len(paths), batch_size=3, seed=5, drop_last=False)  # every file, the PNG too
+        source, undecodable = sources.training_batches(
+            paths, "workers", 32, order, accelerator, budget_gib=1.0, decode_on=decode_on
+        )
+        assert undecodable == []
+        return source, list(source)
+
+    device, on_device = batches("device")
+    assert isinstance(device, DeviceDecodedBatches)
+    _, on_cpu = batches("cpu")
+    assert len(on_device) == len(on_cpu) == 3
+    for expected, got in zip(on_cpu, on_device, strict=True):
+        assert torch.equal(expected.indices, got.indices) and torch.equal(expected.sizes, got.sizes)
+        assert expected.seed == got.seed
+        difference = (expected.images.int() - got.images.int()).abs().float()
+        assert difference.mean() < 1.0 and difference.max() <= 40
+    assert sources.decode_record(device) == {"device_decoded": 6, "cpu_fallbacks": 1}

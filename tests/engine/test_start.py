@@ -8,7 +8,8 @@ import pytest
 
 from labelfew.artifacts import load_artifact
 from labelfew.data.images import find_images
-from labelfew.engine.start import DEFAULT_ARCH, finetune_start, load_pretrained
+from labelfew.engine.init_weights import read_init
+from labelfew.engine.start import DEFAULT_ARCH, finetune_start, init_start, load_pretrained
 from labelfew.errors import UserError
 from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,3 +47,19 @@ def test_scratch_without_a_pretrain_starts_from_random_init_sized_by_the_images(
     # 32 px digits: the small-image stem, ImageNet normalisation, SimCLR's CIFAR backbone
     assert (start.artifact, start.arch, start.image_size, start.small_stem) == (None, DEFAULT_ARCH, 32, True)
     assert (start.mean, start.std) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_init_start_takes_an_init_already_read(tiny_pretrained: Path) -> None:
+    """`finetune` reads `--init` before any image is opened, then makes its start from that read."""
+    run = str(tiny_pretrained / "run")
+    read = read_init(run)
+    start = init_start(read, None, None, None, None, [])
+    again = init_start(run, None, None, None, None, [])
+    assert start.init is read
+    assert (start.arch, start.image_size, start.small_stem, start.mean, start.std) == (
+        again.arch,
+        again.image_size,
+        again.small_stem,
+        again.mean,
+        again.std,
+    )

@@ -172,3 +172,22 @@ def test_report_html_names_files_relative_to_the_run_folder(run: dict[str, Path]
     assert "Test set test: " in text
     assert "of pretrain/backbone.safetensors, coloured" in text  # the embedding map's model
     assert "model finetune-labels/model.safetensors." in text  # the mistakes' model
+
+
+def test_training_curves_follow_what_a_folder_holds_not_its_name(tmp_path: Path) -> None:
+    """`finetune --out runs/x/ft-auto` had no curve: the figure's rows matched folder-name prefixes."""
+    import labelfew.stages  # noqa: F401  (fills the stage registry)
+    from labelfew.artifacts import Artifact
+    from labelfew.report.plots import _logs, curves_figure
+
+    folders = {"ft-auto": "finetune", "pretrain": "pretrain"}
+    models = []
+    for name, stage in folders.items():
+        (tmp_path / name).mkdir()
+        records = [{"step": step, "loss": 1.0 / (step + 1), "lr": 0.1} for step in range(6)]
+        (tmp_path / name / "log.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+        models.append(Artifact(tmp_path / name / "model.safetensors", {}, {"stage": stage}))
+    figure = curves_figure(_logs(models))
+    titles = [axes.get_title() for axes in figure.axes]
+    assert titles == ["pretrain loss", "pretrain learning rate", "finetune loss", "finetune learning rate"]
+    assert "ft-auto" in [line.get_label() for line in figure.axes[2].get_lines()]

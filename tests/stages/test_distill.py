@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 from conftest import TinyRun, copy_tiny_run
+from safetensors.torch import save_file
 
 from labelfew import engine
 from labelfew.artifacts import find_models, load_artifact, model_label
 from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
+from labelfew.engine.checkpoint import check_fingerprint
 from labelfew.errors import UserError
+from labelfew.fileio import sha256_file
 from labelfew.losses import distillation_loss
 from labelfew.models import load_model
 from labelfew.optim import parameter_groups
@@ -220,3 +224,81 @@ def test_t_squared_keeps_the_unadapted_layers_gradients_at_their_t_1_size(tiny: 
     at_one = unadapted_gradient_norm(1.0)
     assert unadapted_gradient_norm(0.1, plain=True) > 5 * at_one  # why the factor is there
     assert unadapted_gradient_norm(0.1) < at_one
+
+
+# --- --init students, --restart's data, resume lists, teachers found by what folders hold ------
+
+
+def test_a_student_from_init_starts_from_exactly_its_tensors_and_records_them(
+    tiny: TinyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(9)
+    state = timm.create_model("test_resnet", num_classes=5).state_dict()
+    init = tiny["work"] / "student-init" / "w.safetensors"
+    init.parent.mkdir()
+    save_file(
+        {key: value.contiguous() for key, value in state.items()}, str(init), metadata={"arch": "test_resnet"}
+    )
+    seen: dict[str, torch.Tensor] = {}
+    original = distill.distillation_step
+
+    def spy(*args: Any) -> Any:
+        inner = original(*args)
+
+        def step(model: torch.nn.Module, batch: Batch) -> Any:
+            if not seen:
+                backbone = getattr(model, "module", model).backbone
+                seen.update({key: value.clone() for key, value in backbone.state_dict().items()})
+            return inner(model, batch)
+
+        return step
+
+    monkeypatch.setattr(distill, "distillation_step", spy)
+    out = distill.run(_config(tiny, init=str(init)))
+    assert seen and set(seen) == {key for key in state if not key.startswith("fc.")}
+    for key, value in seen.items():
+        assert torch.equal(value, state[key]), key
+    assert out.parent.name == "distill-labels-test_resnet-init-w.safetensors"  # not the self student's folder
+    artifact = load_artifact(out, "distill")
+    assert model_label(artifact) == "distilled (test_resnet, init w.safetensors)"
+    assert (artifact.spec.init, artifact.spec.init_sha256) == (str(init), sha256_file(init))
+    record = json.loads((out.parent / "run.json").read_text())
+    assert record["student"]["start"] == "init" and record["student"]["init"]["sha256"] == sha256_file(init)
+    with pytest.raises(UserError, match="not with --from-pretrain"):
+        _config(tiny, init=str(init), from_pretrain=tiny["run"])
+    with pytest.raises(UserError, match=r"weights of test_resnet, but --arch resnet10t"):
+        distill.student_start(
+            _config(tiny, init=str(init), arch="resnet10t"), distill.find_teacher(tiny["run"])
+        )
+
+
+def test_restart_deletes_only_a_run_of_the_same_unlabeled_folder(tiny: TinyRun, distilled: Path) -> None:
+    """Issue 22: distill's `--restart` was unchecked; the unlabeled folder is the run's data."""
+    with pytest.raises(UserError, match=r"holds a run made from .*unlabeled, not .*labels"):
+        distill.run(_config(tiny, unlabeled=tiny["labels"], out=distilled.parent, restart=True))
+    assert distilled.is_file()
+
+
+def test_a_refused_resume_names_the_images_that_changed(tiny: TinyRun, tmp_path: Path) -> None:
+    teacher = distill.find_teacher(tiny["run"])
+    config = _config(tiny)
+    student = distill.student_start(config, teacher)
+    paths = sorted(tiny["unlabeled"].rglob("*.png"))
+    saved = distill.fingerprint(config, teacher, student, paths, None, "device")
+    current = distill.fingerprint(config, teacher, student, paths[1:], None, "device")
+    gone = str(paths[0].relative_to(tiny["unlabeled"]))
+    with pytest.raises(UserError, match=rf"image_list_sha256 .*1 file\(s\) vanished: {gone}"):
+        check_fingerprint(tmp_path / "checkpoints" / "step-1", saved, current)
+
+
+def test_the_teacher_is_found_by_what_its_folder_holds(tiny: TinyRun, tmp_path: Path) -> None:
+    """`finetune --out runs/x/ft-auto` is the teacher even beside a newer `--scratch` baseline."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"] / "pretrain", run / "pretrain")
+    shutil.copytree(tiny["run"] / "finetune-labels", run / "ft-auto")
+    finetune.run(FinetuneConfig(labels=tiny["labels"], source=run, scratch=True, out=run / "finetune-scratch-labels",
+                                epochs=1, batch_size=15, lr=0.05, workers=0, quiet=True))  # fmt: skip
+    teacher = distill.find_teacher(run)
+    assert teacher.path == run / "ft-auto" / "model.safetensors"
+    student = distill.student_start(_config(tiny), teacher)
+    assert distill.default_out(teacher, student) == run / "distill-ft-auto"

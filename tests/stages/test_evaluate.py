@@ -14,14 +14,23 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from labelfew import probes
 from labelfew.artifacts import load_artifact, save_tensors, write_run_json
+from labelfew.cli import app
 from labelfew.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from labelfew.errors import UserError
+from labelfew.fileio import sha256_file
+from labelfew.models import build_backbone
+from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import tables as report
+from labelfew.report.html import render_html
 from labelfew.report.tables import metrics_row
+from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD
 from labelfew.stages import evaluate, finetune, pretrain
-from labelfew.stages.evaluate import knn_scores, linear_probe_scores
+from labelfew.use.inference import Outputs, run_model
 
 
 def knn_reference(bank, bank_labels, queries, num_classes, k, temperature):
@@ -95,7 +104,7 @@ def test_linear_probe_separates_separable_classes_and_chooses_c() -> None:
     test_y = np.repeat(np.arange(3), 10)
     test_x = centres[test_y] + rng.normal(size=(30, 3))
     scores, chosen = linear_probe_scores(train_x, train_y, test_x, num_classes=3)
-    assert chosen in evaluate.PROBE_C_GRID
+    assert chosen in probes.PROBE_C_GRID
     assert (scores.argmax(axis=1) == test_y).mean() > 0.9
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-6)
 
@@ -111,9 +120,9 @@ def test_linear_probe_chooses_the_c_that_sklearns_grid_search_picks_on_the_same_
     # The reference: the same features, stratified hold-out split and seed, through GridSearchCV.
     normalised = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
     fit, held = train_test_split(np.arange(60), test_size=0.2, stratify=train_y, random_state=0)
-    grid = GridSearchCV(LogisticRegression(max_iter=2000, random_state=0), {"C": list(evaluate.PROBE_C_GRID)},
+    grid = GridSearchCV(LogisticRegression(max_iter=2000, random_state=0), {"C": list(probes.PROBE_C_GRID)},
                         cv=[(fit, held)], scoring="accuracy").fit(normalised, train_y)  # fmt: skip
-    edges = (evaluate.PROBE_C_GRID[0], evaluate.PROBE_C_GRID[-1])
+    edges = (probes.PROBE_C_GRID[0], probes.PROBE_C_GRID[-1])
     assert grid.best_params_["C"] not in edges  # a real choice: neither the first nor the last of a tie
     assert chosen == grid.best_params_["C"]
 
@@ -194,9 +203,9 @@ def test_separate_sets_pass_and_k_is_capped_by_the_smallest_class_of_the_bank(
 
 def test_k_is_capped_by_the_smallest_class_against_a_plain_vote() -> None:
     bank_labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 4)
-    k, capped = evaluate._knn_k(20, bank_labels, ["a", "b", "c"])
+    k, capped = knn_k(20, bank_labels, ["a", "b", "c"])
     assert (k, capped["k_requested"]) == (2, 20) and "'b', has 2" in capped["k_cap"]
-    assert evaluate._knn_k(2, bank_labels, ["a", "b", "c"]) == (2, {})
+    assert knn_k(2, bank_labels, ["a", "b", "c"]) == (2, {})
     # a query on a class-1 image: with k = 12 (the bank) the 6 class-0 images outvote it; with k = 2 it wins
     bank = torch.cat([torch.tensor([[1.0, 0.0]]).repeat(6, 1), torch.tensor([[0.0, 1.0]]).repeat(2, 1),
                       torch.tensor([[-1.0, 0.0]]).repeat(4, 1)])  # fmt: skip
@@ -313,3 +322,123 @@ def test_test_images_among_a_models_fine_tuning_labels_are_refused(tiny_run: dic
     ):
         _evaluate(tiny_run, tiny_run["bank"])
     shutil.rmtree(out)
+
+
+# --- evaluate --init: the features of weights that already exist, named by their start -----------
+
+
+def _weights_file(folder: Path) -> Path:
+    """A bare test_resnet state dict (no architecture recorded), as another tool would save it."""
+    torch.manual_seed(3)
+    path = folder / "weights.safetensors"
+    save_file(build_backbone("test_resnet", small_stem=False).state_dict(), str(path))
+    return path
+
+
+def _reference_features(weights: Path, paths: list[Path]) -> torch.Tensor:
+    """The plain reference: build the backbone, load the file, the eval view by hand (32 px digits:
+    no resize, no crop; ImageNet's mean/std, as the file records none).
+
+    Shape: -> (len(paths), num_features)
+    """
+    backbone = build_backbone("test_resnet", small_stem=False)
+    backbone.load_state_dict(load_file(str(weights)))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        assert pixels.shape == (32, 32, 3)
+        images.append((torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255 - mean) / std)
+    with torch.no_grad():
+        return backbone.eval()(torch.stack(images))
+
+
+def test_init_alone_scores_its_own_features_as_a_plain_backbone_would(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))  # the reference's
+    weights = _weights_file(tmp_path)
+    ran: list[tuple[list[Path], Outputs]] = []
+
+    def recording(model: torch.nn.Module, paths: list[Path], spec: Any, *args: Any, **kwargs: Any) -> Outputs:
+        assert (spec.arch, spec.image_size, spec.init) == ("test_resnet", 32, str(weights))
+        outputs = run_model(model, paths, spec, *args, **kwargs)
+        ran.append((paths, outputs))
+        return outputs
+
+    monkeypatch.setattr(evaluate, "run_model", recording)
+    result = evaluate.run(EvaluateConfig(test=tiny_run["test"], init=str(weights), arch="test_resnet",
+                                         bank=tiny_run["bank"], out=tmp_path / "evaluate", workers=0, quiet=True))  # fmt: skip
+    names = ["kNN (init weights.safetensors)", "linear probe (init weights.safetensors)"]
+    assert [row["method"] for row in result["rows"]] == names
+    written = json.loads((tmp_path / "evaluate" / "report.json").read_text())
+    assert [row["method"] for row in written["rows"]] == names
+    assert written["models"]["init"]["sha256"] == sha256_file(weights)
+    assert written["models"]["init"]["image_size"] == 32 and written["models"]["pretrain"] is None
+    assert written["rows"][0]["details"]["init"]["source"] == str(weights)
+    (bank_paths, bank), (test_paths, test) = ran  # the bank, then the test images
+    features = [_reference_features(weights, paths) for paths in (bank_paths, test_paths)]
+    torch.testing.assert_close(bank.values, features[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(test.values, features[1], rtol=1e-4, atol=1e-4)
+    classes = result["class_names"]
+    bank_labels = torch.tensor([classes.index(path.parent.name) for path in bank_paths])
+    test_labels = np.array([classes.index(path.parent.name) for path in test_paths])
+    knn = knn_scores(features[0], bank_labels, features[1], len(classes), k=1, temperature=0.07)
+    assert (
+        result["rows"][0]["confusion_matrix"]
+        == metrics_row("", knn.numpy(), test_labels, classes, {})["confusion_matrix"]
+    )
+
+
+def test_every_row_names_its_start_in_the_table_the_json_and_the_page(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pretrain run that started from --init weights is `init + SSL`; --init beside it is `init NAME`."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run["run"] / "pretrain", run / "pretrain")
+    artifact = load_artifact(run / "pretrain" / "backbone.safetensors")
+    spec = dataclasses.replace(artifact.spec, init="timm:test_resnet.r160_in1k", init_sha256="ab" * 32)
+    metadata = {**artifact.metadata, **spec.to_metadata()}
+    digest = save_tensors(run / "pretrain" / "backbone.safetensors", artifact.tensors, metadata)
+    record = json.loads((run / "pretrain" / "run.json").read_text())
+    record["artifacts"]["backbone.safetensors"]["sha256"] = digest
+    (run / "pretrain" / "run.json").write_text(json.dumps(record))
+    weights = _weights_file(tmp_path)
+    result = evaluate.run(EvaluateConfig(test=tiny_run["test"], source=run, init=str(weights), arch="test_resnet",
+                                         bank=tiny_run["bank"], workers=0, quiet=True))  # fmt: skip
+    names = ["kNN (init + SSL)", "linear probe (init + SSL)", "kNN (init weights.safetensors)",
+             "linear probe (init weights.safetensors)"]  # fmt: skip
+    assert [row["method"] for row in result["rows"]] == names
+    assert [
+        row["method"] for row in json.loads((run / "evaluate" / "report.json").read_text())["rows"]
+    ] == names
+    monkeypatch.setattr(report, "console", Console(width=250))
+    with report.console.capture() as captured:
+        report.print_report(result)
+    table = captured.get()
+    assert "init + SSL" in table and "init weights.safetensors" in table
+    assert f"init sha256 {sha256_file(weights)[:12]}" in table
+    page = render_html(result, run / "evaluate", [], [])
+    assert all(name in page for name in names)
+
+
+def test_a_bad_init_exits_2_before_any_image_is_opened(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not weights at all")
+    monkeypatch.setattr(evaluate, "guard", lambda *args, **kwargs: pytest.fail("hashing started"))
+    monkeypatch.setattr(evaluate, "run_model", lambda *args, **kwargs: pytest.fail("a model ran"))
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("an image was opened"))
+    runner = CliRunner()
+    args = ["evaluate", "--test", str(tiny_run["test"]), "--bank", str(tiny_run["bank"]), "--init", str(bad)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--init" in result.output and "not a readable safetensors file" in result.output
+    assert "Traceback" not in result.output
+    bare = _weights_file(tmp_path)
+    result = runner.invoke(app, [*args[:-1], str(bare)])
+    assert result.exit_code == 2 and "pass --arch" in result.output
+    result = runner.invoke(app, ["evaluate", "--test", str(tiny_run["test"]), "--arch", "test_resnet"])
+    assert result.exit_code == 2 and "only with --init" in result.output

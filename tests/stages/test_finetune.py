@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
+from labelfew.artifacts import load_artifact, model_label
+from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig
-from labelfew.data.labels import LabeledImages
+from labelfew.data.labels import LabeledImages, read_label_files
 from labelfew.data.subsets import balanced_subset
-from labelfew.engine import lr_search
+from labelfew.engine import fine_tuning, lr_search
+from labelfew.engine.checkpoint import check_fingerprint
+from labelfew.engine.start import Start, finetune_start
 from labelfew.errors import Interrupted, UserError
+from labelfew.fileio import sha256_file
 from labelfew.models import build_classifier
 from labelfew.optim import (
     LARS,
@@ -250,3 +262,195 @@ def test_with_too_few_labels_to_hold_out_the_rule_is_used_and_said(tiny_pretrain
     record = _finetune({**tiny_pretrain, "labels": labels}, "two-each")
     assert record["lr_search"]["candidates"] == [] and record["lr"] == pytest.approx(0.05 * 6 / 256)
     assert "not searched" in record["lr_search"]["note"]
+
+
+# --- --init: fine-tuning weights that already exist (issue 24) ---------------------------------
+
+
+def _init_file(folder: Path, seed: int = 5) -> Path:
+    """A timm test_resnet's whole state dict (its classifier `fc.*` too), seeded, as a bare
+    safetensors file that names its architecture the way timm's exports do."""
+    torch.manual_seed(seed)
+    state = timm.create_model("test_resnet", num_classes=7).state_dict()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / "weights.safetensors"),
+              metadata={"architecture": "test_resnet"})  # fmt: skip
+    return folder / "weights.safetensors"
+
+
+def _export_folder(folder: Path) -> Path:
+    """The init file in a folder as `labelfew export` writes one, whose config gives a mean and std."""
+    _init_file(folder).rename(folder / "model.safetensors")
+    config = {
+        "architecture": "test_resnet",
+        "pretrained_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def init_run(
+    tiny_pretrain: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """`finetune --init EXPORT_FOLDER` with no pretrain run and no --out (run in a fresh folder), and
+    the backbone's tensors as the first step saw them."""
+    work = tmp_path_factory.mktemp("init-run")
+    init = _export_folder(work / "my-export")
+    seen: dict[str, torch.Tensor] = {}
+    original = fine_tuning.classification_step
+
+    def spy(*args: Any) -> Any:
+        inner = original(*args)
+
+        def step(model: torch.nn.Module, batch: Any) -> Any:
+            if not seen:  # before the first step changes anything
+                backbone = getattr(model, "module", model).backbone
+                seen.update({key: value.clone() for key, value in backbone.state_dict().items()})
+            return inner(model, batch)
+
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fine_tuning, "classification_step", spy)
+        patch.chdir(work)
+        finetune.run(FinetuneConfig(labels=tiny_pretrain["labels"], init=str(init), epochs=1, batch_size=8,
+                                    lr=0.01, workers=0, quiet=True))  # fmt: skip
+    (artifact,) = (work / "runs").glob("*/finetune-labels/model.safetensors")
+    return artifact, seen
+
+
+def test_init_fine_tunes_exactly_its_tensors_with_its_normalisation_and_records_them(
+    init_run: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    path, seen = init_run
+    init_file = path.parents[3] / "my-export" / "model.safetensors"
+    stored = load_file(str(init_file))
+    assert seen and set(seen) == {key for key in stored if not key.startswith("fc.")}
+    for key, value in seen.items():
+        assert torch.equal(value, stored[key]), key  # strict: every backbone tensor, bit for bit
+    assert path.parents[1].name.startswith("labels-init-my-export-")  # a run of its own, named after both
+    artifact = load_artifact(path, "finetune")
+    spec = artifact.spec
+    assert (spec.mean, spec.std, spec.small_stem) == (
+        (0.5, 0.4, 0.3),
+        (0.2, 0.25, 0.3),
+        False,
+    )  # 32 px, but its stem
+    digest = sha256_file(init_file)
+    assert (spec.init, spec.init_sha256, spec.scratch) == (str(path.parents[3] / "my-export"), digest, False)
+    record = json.loads((path.parent / "run.json").read_text())
+    assert record["init"]["sha256"] == digest and record["init"]["tensors_skipped"] == 2  # fc.weight, fc.bias
+    assert record["parent"] is None
+    assert model_label(artifact) == "fine-tuned (init my-export)"
+
+
+def test_the_model_names_say_where_fine_tuning_started(
+    init_run: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    artifact = load_artifact(init_run[0], "finetune")
+
+    def named(*drop: str, **metadata: str) -> str:
+        kept = {key: value for key, value in artifact.metadata.items() if key not in drop}
+        return model_label(dataclasses.replace(artifact, metadata={**kept, **metadata}))
+
+    assert named(method="fixmatch") == "fine-tuned (fixmatch, init my-export)"
+    assert named("start") == "fine-tuned (init + SSL)"  # from a pretrain that started from the init
+    assert named("start", method="fixmatch") == "fine-tuned (fixmatch, init + SSL)"
+    assert named("start", "init") == "fine-tuned"  # self-supervised from random init
+    assert named("start", "init", scratch="true") == "fine-tuned (scratch)"
+
+
+def test_a_pretrain_started_from_an_init_passes_its_lineage_on(
+    tiny_pretrain: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pretrain["run"] / "pretrain", run / "pretrain")
+    backbone = run / "pretrain" / "backbone.safetensors"
+    with safe_open(str(backbone), framework="pt") as reader:
+        metadata = {
+            **(reader.metadata() or {}),
+            "init": "timm:test_resnet.r160_in1k",
+            "init_sha256": "ab" * 32,
+        }
+    save_file(load_file(str(backbone)), str(backbone), metadata=metadata)
+    record = json.loads((run / "pretrain" / "run.json").read_text())
+    record.setdefault("artifacts", {})["backbone.safetensors"] = {"sha256": sha256_file(backbone)}
+    (run / "pretrain" / "run.json").write_text(json.dumps(record))
+    out = finetune.run(FinetuneConfig(labels=tiny_pretrain["labels"], source=run, epochs=1, batch_size=8, lr=0.01,
+                                      workers=0, quiet=True))  # fmt: skip
+    spec = load_artifact(out, "finetune").spec
+    assert (spec.init, spec.init_sha256) == ("timm:test_resnet.r160_in1k", "ab" * 32)
+    assert model_label(load_artifact(out, "finetune")) == "fine-tuned (init + SSL)"
+
+
+def _one_line(result: Any) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_bad_inits_exit_2_with_one_line_before_any_image_is_opened(
+    tiny_pretrain: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = _init_file(tmp_path)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    opened: list[object] = []
+    original = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
+    )
+    labels = ["finetune", "--labels", str(tiny_pretrain["labels"]), "--workers", "0", "--quiet"]
+    runner = CliRunner()
+    cases = {
+        ("--init", str(truncated)): "not a readable safetensors file",
+        ("--init", str(good), "--arch", "resnet18"): "weights of test_resnet, but --arch resnet18",
+        ("--init", str(good), "--from", str(tiny_pretrain["run"])): "not with --from",
+        ("--init", str(good), "--scratch"): "not with --scratch",
+        ("--init-prefix", "backbone."): "only with --init",
+    }
+    for flags, expected in cases.items():
+        line = _one_line(runner.invoke(app, [*labels, *flags, "--out", str(tmp_path / "out")]))
+        assert expected in line, line
+    assert opened == [], "an image was opened before the bad --init was refused"
+
+
+def test_restart_deletes_only_a_run_of_the_same_labels(tiny_pretrain: dict[str, Path]) -> None:
+    """Issue 22: finetune's `--restart` was unchecked; the label files are the run's data."""
+    out = tiny_pretrain["work"] / "restart"
+    first = FinetuneConfig(labels=tiny_pretrain["labels"], source=tiny_pretrain["run"], out=out, epochs=1,
+                           batch_size=8, lr=0.01, workers=0, quiet=True)  # fmt: skip
+    finetune.run(first)
+    other = tiny_pretrain["work"] / "other-labels"
+    shutil.copytree(tiny_pretrain["labels"], other)
+    with pytest.raises(UserError, match=r"holds a run made from .*labels, not .*other-labels"):
+        finetune.run(dataclasses.replace(first, labels=(other,), restart=True))
+    assert (out / "model.safetensors").is_file()  # left alone
+    finetune.run(dataclasses.replace(first, restart=True))  # the same labels: started over
+
+
+def test_a_refused_resume_names_the_labels_that_changed(
+    tiny_pretrain: dict[str, Path], tmp_path: Path
+) -> None:
+    labeled = read_label_files((tiny_pretrain["labels"],))
+    config = FinetuneConfig(labels=tiny_pretrain["labels"], source=tiny_pretrain["run"])
+    start = finetune_start(tiny_pretrain["run"], False, None, None, [])
+    saved = fine_tuning.fingerprint(config, start, labeled)
+    fewer = LabeledImages(labeled.paths[1:], labeled.labels[1:], labeled.root)
+    gone = f"{labeled.relative_key(labeled.paths[0])} ({labeled.labels[0]})"
+    assert gone in saved["_labels_sha256"]
+    with pytest.raises(UserError, match=rf"labels_sha256 .*1 file\(s\) vanished: {re.escape(gone)}"):
+        check_fingerprint(
+            tmp_path / "checkpoints" / "step-1", saved, fine_tuning.fingerprint(config, start, fewer)
+        )
+
+
+def test_scratch_without_a_pretrain_gets_a_run_of_its_own_per_label_file(tmp_path: Path) -> None:
+    """Two `labels.csv` in different folders no longer share `runs/labels/` (issue 22's review)."""
+    config = FinetuneConfig(labels=tmp_path / "a" / "labels.csv", scratch=True)
+    start = Start(None, "resnet18", 32, True, (0.5,) * 3, (0.5,) * 3)
+    first = finetune.default_out(config, start)
+    second = finetune.default_out(dataclasses.replace(config, labels=(tmp_path / "b" / "labels.csv",)), start)
+    assert first != second and first.name == second.name == "finetune-scratch-labels"
+    assert first.parent.name.startswith("labels-") and first.parent.parent == Path("runs")

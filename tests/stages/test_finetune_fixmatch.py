@@ -22,7 +22,7 @@ from labelfew.config import EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.data.labelled import held_out_split
 from labelfew.data.labels import read_label_files
-from labelfew.engine import checkpoint
+from labelfew.engine import checkpoint, fine_tuning
 from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, find_unlabeled, fixmatch_step
 from labelfew.engine.start import finetune_start
 from labelfew.errors import UserError
@@ -186,14 +186,16 @@ def test_the_artifact_is_the_moving_average_and_evaluate_shows_it_as_fixmatch(
     assert "fine-tuned (fixmatch)" in names and "fine-tuned" in names
 
 
-def _prepared(config: FinetuneConfig) -> finetune.Training:
+def _prepared(config: FinetuneConfig) -> fine_tuning.Training:
     """The model, optimizer and step `finetune.run` would train, without training."""
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     labeled = read_label_files(config.labels)
     start = finetune_start(config.source, config.scratch, config.arch, config.image_size, labeled.paths)
     train, _ = held_out_split(labeled, config.val_fraction, config.seed)
     unlabeled = None if config.unlabeled is None else find_unlabeled(config.unlabeled, labeled.class_names)
-    return finetune._prepare_training(config, start, labeled.class_names, train, 0.01, accelerator, unlabeled)
+    return fine_tuning.prepare_training(
+        config, start, labeled.class_names, train, 0.01, accelerator, unlabeled
+    )
 
 
 def _batchnorm_momenta(model: nn.Module) -> set[float | None]:

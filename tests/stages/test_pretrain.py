@@ -1,8 +1,10 @@
-"""Pretrain stage: where the views are made, the batched path's batches, --compile."""
+"""Pretrain stage: where the views are made, the batched path's batches, --compile, --init, --decode-on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from labelfew.config import PretrainConfig
 from labelfew.data.images import find_images
 from labelfew.data.store import MemoryBatches
 from labelfew.data.stream import StreamBatches
-from labelfew.engine import estimate
+from labelfew.engine import estimate, simclr
 from labelfew.errors import UserError
 from labelfew.models import build_backbone
 from labelfew.stages import pretrain
@@ -39,7 +41,7 @@ def test_device_batches_hold_every_image_and_give_each_process_its_share(tmp_pat
     folder = _folder(tmp_path / "images", count=20)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     paths = find_images(folder)
-    config = pretrain.resolve(PretrainConfig(data=folder, arch="test_resnet", batch_size=8), paths)
+    config = simclr.resolve(PretrainConfig(data=folder, arch="test_resnet", batch_size=8), paths)
     assert config.augment_on == "device" and config.image_size == 32
     accelerator = engine.make_accelerator("no", seed=0)
     batches, undecodable = pretrain.build_batches(config, paths, accelerator, per_process=8)
@@ -47,7 +49,7 @@ def test_device_batches_hold_every_image_and_give_each_process_its_share(tmp_pat
     assert undecodable == [str(folder / "broken.jpg")]
     batch = next(iter(batches))
     assert batch.images.shape == (8, 3, 32, 32) and batch.images.dtype == torch.uint8
-    first, second = SimCLRViews(pretrain.view_config(config))(batch.images, batch.sizes, batch.generator())
+    first, second = SimCLRViews(simclr.view_config(config))(batch.images, batch.sizes, batch.generator())
     assert first.shape == second.shape == (8, 3, 32, 32) and first.dtype == torch.float32
     assert not torch.equal(first, second)
 
@@ -55,7 +57,7 @@ def test_device_batches_hold_every_image_and_give_each_process_its_share(tmp_pat
 def test_workers_place_streams_uint8_batches(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "images", count=16)
     paths = find_images(folder)
-    config = pretrain.resolve(
+    config = simclr.resolve(
         PretrainConfig(data=folder, arch="test_resnet", batch_size=8, augment_on="workers", workers=0), paths
     )
     accelerator = engine.make_accelerator("no", seed=0)
@@ -89,15 +91,15 @@ def test_compiled_pretrain_writes_the_same_artifact_layout(tmp_path: Path) -> No
 def test_colour_strength_zero_means_no_colour_distortion(tmp_path: Path, strength: float, side: int) -> None:
     """`--color-strength 0` once became 1.0 (`x or 1.0`) while run.json recorded 0.0."""
     paths = find_images(_folder(tmp_path / "images", count=4, side=side))
-    config = pretrain.resolve(PretrainConfig(data=tmp_path / "images", color_strength=strength), paths)
+    config = simclr.resolve(PretrainConfig(data=tmp_path / "images", color_strength=strength), paths)
     assert config.color_strength == strength
-    assert pretrain.view_config(config).color_strength == strength
+    assert simclr.view_config(config).color_strength == strength
 
 
 def test_zero_sized_numeric_options_are_refused_not_replaced_by_defaults(tmp_path: Path) -> None:
     paths = find_images(_folder(tmp_path / "images", count=4))
     with pytest.raises(UserError, match="--image-size 0"):  # it became the images' 32 px
-        pretrain.resolve(PretrainConfig(data=tmp_path / "images", image_size=0), paths)
+        simclr.resolve(PretrainConfig(data=tmp_path / "images", image_size=0), paths)
     with pytest.raises(UserError, match="--projection-hidden 0"):  # it became the backbone's width
         PretrainConfig(data=tmp_path / "images", projection_hidden=0)
 
@@ -143,12 +145,12 @@ def test_without_a_batch_size_a_small_folder_trains_on_all_its_images(tmp_path: 
     # the README's first command failed on any folder under 256 images (issue 22, item 11)
     folder = _folder(tmp_path / "images", count=12)
     paths = find_images(folder)
-    assert pretrain.resolve(PretrainConfig(data=folder), paths).batch_size == 12
-    assert pretrain.resolve(PretrainConfig(data=folder), paths, processes=8).batch_size == 8  # splits evenly
-    assert pretrain.resolve(PretrainConfig(data=folder), paths * 30).batch_size == pretrain.DEFAULT_BATCH
-    assert pretrain.resolve(PretrainConfig(data=folder, batch_size=4), paths).batch_size == 4  # given: kept
+    assert simclr.resolve(PretrainConfig(data=folder), paths).batch_size == 12
+    assert simclr.resolve(PretrainConfig(data=folder), paths, processes=8).batch_size == 8  # splits evenly
+    assert simclr.resolve(PretrainConfig(data=folder), paths * 30).batch_size == simclr.DEFAULT_BATCH
+    assert simclr.resolve(PretrainConfig(data=folder, batch_size=4), paths).batch_size == 4  # given: kept
     with pytest.raises(UserError, match="1 image\\(s\\); contrastive pretraining needs at least 2"):
-        pretrain.resolve(PretrainConfig(data=folder), paths[:1])
+        simclr.resolve(PretrainConfig(data=folder), paths[:1])
     result = runner.invoke(app, [
         "pretrain", str(folder), "--arch", "test_resnet", "--no-small-stem", "--epochs", "1",
         "--out", str(tmp_path / "run"),
@@ -169,8 +171,189 @@ def test_a_refused_resume_names_the_images_that_appeared_or_vanished(tmp_path: P
 
     folder = _folder(tmp_path / "images", count=4)
     paths = find_images(folder)
-    config = pretrain.resolve(PretrainConfig(data=folder, batch_size=2), paths)
-    saved = pretrain.fingerprint(config, paths)
-    current = pretrain.fingerprint(config, [*paths[1:], folder / "new.png"])
+    config = simclr.resolve(PretrainConfig(data=folder, batch_size=2), paths)
+    saved = simclr.fingerprint(config, paths)
+    current = simclr.fingerprint(config, [*paths[1:], folder / "new.png"])
     with pytest.raises(UserError, match=r"1 file\(s\) appeared: new.png; 1 file\(s\) vanished: 0.png\)"):
         checkpoint.check_fingerprint(tmp_path / "step-00000001", saved, current)
+
+
+def _export_folder(folder: Path, arch: str = "test_resnet", seed: int = 3) -> dict[str, torch.Tensor]:
+    """A folder as `labelfew export` writes one (config.json + model.safetensors) with seeded weights
+    of a whole timm model (its classifier too) and its own mean/std; returns the tensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    state = {key: value.clone() for key, value in timm.create_model(arch, num_classes=5).state_dict().items()}
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"))
+    config = {"architecture": arch, "pretrained_cfg": {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return state
+
+
+def _spy_on_the_first_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """Wraps the contrastive step so that the backbone's state as the first step receives it (before
+    any forward pass or optimizer step) is copied into the returned dict."""
+    seen: dict[str, torch.Tensor] = {}
+    original = pretrain.contrastive_step
+
+    def spying(*args: object, **kwargs: object) -> engine.StepFunction:
+        step = original(*args, **kwargs)  # type: ignore[arg-type]
+
+        def first(model: torch.nn.Module, batch: object) -> tuple[torch.Tensor, int]:
+            if not seen:
+                backbone = getattr(model, "module", model).backbone
+                seen.update({key: value.detach().clone() for key, value in backbone.state_dict().items()})
+            return step(model, batch)  # type: ignore[arg-type]
+
+        return first
+
+    monkeypatch.setattr(pretrain, "contrastive_step", spying)
+    return seen
+
+
+def test_init_pretraining_starts_from_its_tensors_and_records_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from labelfew.fileio import sha256_file
+
+    folder = _folder(tmp_path / "images", count=8)
+    state = _export_folder(tmp_path / "init")
+    seen = _spy_on_the_first_step(monkeypatch)
+    result = runner.invoke(app, [
+        "pretrain", str(folder), "--init", str(tmp_path / "init"), "--epochs", "1", "--batch-size", "8",
+        "--workers", "0", "--out", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    backbone = build_backbone("test_resnet", small_stem=False).state_dict()
+    assert seen.keys() == backbone.keys()
+    for key in backbone:  # exactly the init's tensors, not a random init of the same shape
+        assert torch.equal(seen[key], state[key]), key
+    assert f"init {tmp_path / 'init'}: {len(backbone)} tensors loaded" in " ".join(result.output.split())
+    sha = sha256_file(tmp_path / "init" / "model.safetensors")
+    stage = tmp_path / "run" / "pretrain"
+    from safetensors import safe_open
+
+    with safe_open(str(stage / "backbone.safetensors"), framework="pt") as reader:
+        metadata = reader.metadata()
+    assert metadata["init"] == str(tmp_path / "init") and metadata["init_sha256"] == sha
+    assert json.loads(metadata["mean"]) == [0.5, 0.4, 0.3] and json.loads(metadata["std"]) == [0.2, 0.25, 0.3]
+    record = json.loads((stage / "run.json").read_text())
+    assert record["init"]["source"] == str(tmp_path / "init") and record["init"]["sha256"] == sha
+    assert set(record["init"]["skipped"]) == {"fc.weight", "fc.bias"} and record["init"]["random"] == []
+    # the init's arch; its ImageNet-style stem kept at 32 px (the small stem would start conv1 random)
+    assert record["config"]["arch"] == "test_resnet" and record["config"]["small_stem"] is False
+
+
+def test_init_views_are_normalised_with_the_inits_mean_and_std(tmp_path: Path) -> None:
+    from labelfew.engine.start import init_start
+
+    paths = find_images(_folder(tmp_path / "images", count=4))
+    _export_folder(tmp_path / "init")
+    config = PretrainConfig(data=tmp_path / "images", init=str(tmp_path / "init"), batch_size=2)
+    start = init_start(str(tmp_path / "init"), None, None, None, None, paths)
+    views = simclr.view_config(simclr.resolve(config, paths, init=start), start)
+    assert views.mean == (0.5, 0.4, 0.3) and views.std == (0.2, 0.25, 0.3)
+
+
+def test_a_small_stem_over_an_init_starts_its_first_conv_random_and_says_so(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    folder = _folder(tmp_path / "images", count=4)
+    weights = {key: value for key, value in timm.create_model("resnet18", num_classes=0).state_dict().items()}
+    save_file(weights, str(tmp_path / "r18.safetensors"), metadata={"architecture": "resnet18"})
+    result = runner.invoke(app, [
+        "pretrain", str(folder), "--init", str(tmp_path / "r18.safetensors"), "--small-stem", "--epochs", "1",
+        "--batch-size", "4", "--workers", "0", "--projection-dim", "8", "--out", str(tmp_path / "run"),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "--small-stem: conv1.weight start(s) random" in " ".join(result.output.split())
+    record = json.loads((tmp_path / "run" / "pretrain" / "run.json").read_text())
+    assert record["init"]["random"] == ["conv1.weight"] and record["config"]["small_stem"] is True
+
+
+def _spy_on_decoding(marker: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[int]]:
+    """Counts PIL's `Image.open`, which every header read and decode of these PNG files goes through."""
+    original = Image.open
+
+    def spy(*args: object, **kwargs: object) -> Image.Image:
+        with marker.open("a", encoding="utf-8") as handle:
+            handle.write("1\n")
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", spy)
+    return lambda: marker.read_text().split() if marker.is_file() else []
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--init", "{init}/cut.safetensors"], "cut.safetensors: not a readable safetensors file"),
+        (["--init", "{init}", "--arch", "resnet18"], "weights of test_resnet, but --arch resnet18 was asked"),
+        (["--init-prefix", "module."], "--init-prefix module.: only with --init"),
+    ],
+)
+def test_a_bad_init_exits_2_in_one_line_before_any_image_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], expected: str
+) -> None:
+    folder = _folder(tmp_path / "images", count=4)
+    _export_folder(tmp_path / "init")
+    data = (tmp_path / "init" / "model.safetensors").read_bytes()
+    (tmp_path / "init" / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    opened = _spy_on_decoding(tmp_path / "opened", monkeypatch)
+    args = [value.format(init=tmp_path / "init") for value in extra]
+    result = runner.invoke(app, ["pretrain", str(folder), "--out", str(tmp_path / "run"), *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert opened() == [], "an image was opened before the bad init was refused"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--decode-on device is valid where CUDA is")
+def test_decode_on_device_without_cuda_exits_2_before_any_image_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path / "images", count=4)
+    opened = _spy_on_decoding(tmp_path / "opened", monkeypatch)
+    result = runner.invoke(
+        app, ["pretrain", str(folder), "--decode-on", "device", "--out", str(tmp_path / "r")]
+    )
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "--decode-on device decodes JPEGs with nvJPEG on a CUDA GPU; this run is on cpu" in lines[0]
+    assert opened() == []
+
+
+def test_a_changed_init_refuses_to_resume_and_no_init_keeps_the_old_keys(tmp_path: Path) -> None:
+    from labelfew.engine import checkpoint
+    from labelfew.engine.start import init_start
+
+    folder = _folder(tmp_path / "images", count=4)
+    paths = find_images(folder)
+    _export_folder(tmp_path / "init")
+    start = init_start(str(tmp_path / "init"), None, None, None, None, paths)
+    config = simclr.resolve(
+        PretrainConfig(data=folder, init=str(tmp_path / "init"), batch_size=2), paths, init=start
+    )
+    saved = simclr.fingerprint(config, paths, start)
+    assert start.init is not None and saved["init_sha256"] == start.init.sha256
+    other = dataclasses.replace(start, init=dataclasses.replace(start.init, sha256="0" * 64))
+    with pytest.raises(UserError, match=r"init_sha256 '[0-9a-f]{64}' → '0{64}'"):
+        checkpoint.check_fingerprint(
+            tmp_path / "step-00000001", saved, simclr.fingerprint(config, paths, other)
+        )
+    # a run without --init fingerprints as before --init and --decode-on existed: its checkpoints resume
+    plain = simclr.fingerprint(simclr.resolve(PretrainConfig(data=folder, batch_size=2), paths), paths)
+    assert not {"init_sha256", "init", "decode_on"} & set(plain) and plain["init_prefix"] is None
+
+
+def test_run_json_counts_the_files_the_device_decoded() -> None:
+    facts = simclr.RunFacts(
+        8, [], 0.1, "cpu", 1, "BatchNorm", decoded={"device_decoded": 7, "cpu_fallbacks": 1}
+    )
+    result = engine.FitResult(epochs=1, steps=1, seconds=1.0, views_per_second=16.0, final_loss=2.0)
+    config = PretrainConfig(data=Path("d"), arch="test_resnet", batch_size=8, decode_on="device")
+    record = simclr.run_record(config, facts, result, {"backbone.safetensors": "a"})
+    assert record["data"]["device_decoded"] == 7 and record["data"]["cpu_fallbacks"] == 1
+    assert record["config"]["decode_on"] == "device" and "init" not in record

@@ -9,16 +9,24 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from browser import Chromium
 from conftest import CopyPerClass
+from reference.pil_views import eval_transform
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from labelfew import selection
 from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig, SelectConfig
+from labelfew.data.images import load_rgb, scan_images
 from labelfew.data.labels import read_labels, write_labels
 from labelfew.data.subsets import balanced_subset
 from labelfew.errors import UserError
+from labelfew.fileio import sha256_file
+from labelfew.models import build_backbone
 from labelfew.stages import finetune, pretrain
 from labelfew.stages import select as stage
 
@@ -141,6 +149,8 @@ def test_uncertain_needs_a_fine_tuned_model(work: dict[str, Path]) -> None:
         (["--budget", "5", "--labels", "OUTSIDE"], "not in the folder"),
         (["--budget", "5", "--from", "EMPTY"], "no completed"),
         (["--budget", "5", "--from", "SCRATCH"], "no pretrained backbone"),
+        (["--budget", "5", "--init", "MISSING"], "no such file or folder"),
+        (["--budget", "5", "--init-prefix", "backbone."], "only with --init"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -150,7 +160,8 @@ def test_bad_input_is_one_line_and_exit_2(
     outside.write_text(f"path,label\n{work['labels'].resolve()},x\n")  # a file, but not in the pool
     empty = tmp_path / "empty-run"
     empty.mkdir()
-    replaced = {"OUTSIDE": str(outside), "EMPTY": str(empty), "SCRATCH": str(_scratch_model(work))}
+    replaced = {"OUTSIDE": str(outside), "EMPTY": str(empty), "SCRATCH": str(_scratch_model(work)),
+                "MISSING": str(tmp_path / "missing.safetensors")}  # fmt: skip
     arguments = [replaced.get(argument, argument) for argument in arguments]
     result = runner.invoke(
         app,
@@ -299,3 +310,26 @@ def test_outlier_picks_only_when_the_larger_clusters_run_out_and_one_line_says_s
     outliers = page.count("(outlier)")
     assert outliers > 0 and page.count("(typical)") == 150 - outliers
     assert f"{outliers} pick(s) come from clusters of ≤ 5 images" in " ".join(printed.split())
+
+
+def test_init_clusters_the_weights_own_features_and_is_recorded(
+    work: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TypiClust on `--init`'s features: the picks of `choose` on the same backbone's features by hand."""
+    monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))
+    torch.manual_seed(7)
+    backbone = build_backbone("test_resnet", small_stem=False).eval()
+    weights = work["root"] / "another-tools.safetensors"
+    save_file(backbone.state_dict(), str(weights), metadata={"architecture": "test_resnet"})
+    rows = select(work, "init", source=None, init=str(weights))
+    record = json.loads((work["root"] / "init" / "to-label.json").read_text())
+    assert record["pretrain"] is None and record["finetune"] is None
+    assert (record["init"]["source"], record["init"]["sha256"]) == (str(weights), sha256_file(weights))
+    assert record["init"]["image_size"] == 32
+    paths = scan_images(work["pool"]).paths
+    transform = eval_transform(32)
+    with torch.no_grad():
+        features = backbone(torch.stack([transform(load_rgb(path)) for path in paths])).numpy()
+    picks, _ = stage.choose(selection.normalize(features), np.zeros(len(paths), bool), 10, "typical", 0)
+    chosen = {(work["root"] / "init" / row["path"]).resolve() for row in rows}
+    assert chosen == {paths[pick.row].resolve() for pick in picks}
