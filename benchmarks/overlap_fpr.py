@@ -15,31 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
+from label_efficiency import ARCHIVE, unpack  # benchmarks/: the one unpacking of the archive
 
 from labelfew.data.image_hashes import COPY_DISTANCE, HashCache, ImageHashes, copy_pairs
 from labelfew.data.images import find_images
 
 REPO = Path(__file__).resolve().parent.parent
-ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10_jpg" / "cifar10_jpg.tar.gz"
-
-
-def unpack(archive: Path, cache: Path) -> Path:
-    """Unpacks the CIFAR-10 JPEG archive into `cache` once; returns the `cifar10_jpg` folder."""
-    root, marker = cache / "cifar10_jpg", cache / ".cifar10_jpg.complete"
-    if marker.is_file():
-        return root
-    if not archive.is_file():
-        raise SystemExit(f"{archive}: not found; the CIFAR-10 JPEG archive lies in ../shared/datasets")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(cache, filter="data")
-    marker.write_text("ok\n")
-    return root
 
 
 def balanced(folder: Path, limit: int | None) -> list[Path]:
