@@ -18,6 +18,7 @@ from labelfew.config.shared import (
     WORKERS,
     Validated,
     as_paths,
+    require_init,
 )
 from labelfew.errors import UserError
 from labelfew.options import Option, option, validate
@@ -36,9 +37,7 @@ class WithInit(Validated):
     arch: str | None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--arch", self.arch), ("--init-prefix", self.init_prefix)):
-            if value is not None and self.init is None:
-                raise UserError(f"{flag} {value}: only with --init (it describes the --init weights)")
+        require_init(self.init, arch=self.arch, init_prefix=self.init_prefix)
         validate(self)
 
 

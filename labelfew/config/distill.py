@@ -19,6 +19,7 @@ from labelfew.config.shared import (
     SMALL_STEM,
     WORKERS,
     Validated,
+    require_init,
 )
 from labelfew.errors import UserError
 from labelfew.options import option, validate
@@ -118,7 +119,4 @@ class DistillConfig(Validated):
             raise UserError(
                 f"--init {self.init}: not with --from-pretrain (the student starts from one); drop one"
             )
-        if self.init_prefix is not None and self.init is None:
-            raise UserError(
-                f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
-            )
+        require_init(self.init, init_prefix=self.init_prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from labelfew.errors import UserError
 from labelfew.options import Option, validate
 
 
@@ -23,6 +24,14 @@ def as_paths(value: str | Path | Iterable[str | Path] | None) -> tuple[Path, ...
     if isinstance(value, str | Path):
         return (Path(value),)
     return tuple(Path(each) for each in value)
+
+
+def require_init(init: str | None, **flags: str | None) -> None:
+    """Refuses a flag that describes `--init`'s weights (`--init-prefix`, `--arch`) without `--init`."""
+    for name, value in flags.items():
+        if value is not None and init is None:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value}: only with --init (it describes the --init weights)")
 
 
 # Options that several commands share, declared once.

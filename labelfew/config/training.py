@@ -23,6 +23,7 @@ from labelfew.config.shared import (
     WORKERS,
     Validated,
     as_paths,
+    require_init,
 )
 from labelfew.errors import UserError
 from labelfew.options import option, validate
@@ -168,10 +169,7 @@ class PretrainConfig(Validated):
 
     def __post_init__(self) -> None:
         validate(self)
-        if self.init_prefix is not None and self.init is None:
-            raise UserError(
-                f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
-            )
+        require_init(self.init, init_prefix=self.init_prefix)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -36,6 +36,8 @@ from labelfew.models import build_backbone
 
 TIMM_PREFIX = "timm:"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+OPTIONAL = "num_batches_tracked"
+"""BatchNorm's step counter: not a weight, and absent from many checkpoints."""
 SHOWN = 3
 """Offending keys named in a message."""
 
@@ -80,16 +82,14 @@ class Init:
         if self.prefix:
             line += f" from under '{self.prefix}'"
         if self.skipped:
-            reasons = Counter(self.skipped.values())
-            line += "; skipped " + ", ".join(f"{count} ({why})" for why, count in reasons.most_common())
+            reasons = Counter(self.skipped.values()).most_common()
+            line += "; skipped " + ", ".join(f"{count} ({why})" for why, count in reasons)
         return line
 
     def record(self) -> dict[str, Any]:
         """What run.json and the artifact's metadata keep of the init (its lineage)."""
-        return {
-            "source": self.source, "sha256": self.sha256, "arch": self.arch, "prefix": self.prefix,
-            "tensors_loaded": len(self.tensors), "tensors_skipped": len(self.skipped),
-        }  # fmt: skip
+        return {"source": self.source, "sha256": self.sha256, "arch": self.arch, "prefix": self.prefix,
+                "tensors_loaded": len(self.tensors), "tensors_skipped": len(self.skipped)}  # fmt: skip
 
 
 def init_name(source: str) -> str:
@@ -194,8 +194,6 @@ def _read_source(source: str, timm_overlay: dict[str, Any] | None) -> _Read:
 
 def _read_safetensors(path: Path) -> _Read:
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = dict(reader.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -327,16 +325,11 @@ def _timm_sha256(config: dict[str, Any], tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _optional(key: str) -> bool:
-    """BatchNorm's step counter: not a weight, and absent from many checkpoints."""
-    return key.endswith("num_batches_tracked")
-
-
 def _choose_prefix(
     source: str, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], given: str | None
 ) -> str:
     """The prefix under which every required key of ``expected`` is found in ``tensors``."""
-    required = [key for key in expected if not _optional(key)]
+    required = [key for key in expected if not key.endswith(OPTIONAL)]
     counts: Counter[str] = Counter()
     for key in tensors:
         for wanted in required:
@@ -370,7 +363,7 @@ def _match(
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The backbone's tensors found under ``prefix``, and every other key with why it was skipped."""
     found = {key: tensors[prefix + key] for key in expected if prefix + key in tensors}
-    missing = [key for key in expected if key not in found and not _optional(key)]
+    missing = [key for key in expected if key not in found and not key.endswith(OPTIONAL)]
     if missing:
         raise UserError(
             f"--init {source}: {len(missing)} tensors of the backbone are missing under prefix '{prefix}' "
