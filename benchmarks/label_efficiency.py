@@ -21,6 +21,7 @@ semi (rows of SEMI, default all), and the `[benchmark.fixmatch]` table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -116,17 +117,20 @@ def pool_by_class(pool: Path, train: LabeledImages) -> Path:
 
 def apply_overrides(recipe: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
     """The recipe with ``SECTION.KEY=VALUE`` settings replaced (VALUE in TOML syntax), for sweeps."""
-    changed = {section: dict(values) for section, values in recipe.items()}
+    changed = copy.deepcopy(recipe)
     for item in overrides:
         name, _, text = item.partition("=")
-        section, _, key = name.partition(".")
-        if not (section and key and text):
+        *tables, key = name.split(".")
+        if not (tables and all(tables) and key and text):
             raise SystemExit(f"--override {item}: use SECTION.KEY=VALUE, e.g. pretrain.temperature=0.2")
         try:
             value = tomllib.loads(f"value = {text}")["value"]
         except tomllib.TOMLDecodeError:
             value = text  # a bare word such as workers: a string
-        changed.setdefault(section, {})[key] = value
+        table: dict[str, Any] = changed
+        for part in tables:  # benchmark.fixmatch.threshold: a nested table
+            table = table.setdefault(part, {})
+        table[key] = value
     return changed
 
 
