@@ -5,8 +5,8 @@ whose keys are the field names below. The resolved config is saved with every ar
 it is the recipe to rebuild the model.
 
 Every option of every command is declared once, as a field with its type, default, help,
-choices and range (`labelfew.options.option`): the training commands' in `training.py` and
-`distill.py`, the others' in `commands.py`, the options several commands share in `shared.py`. The CLI is built
+choices and range (`labelfew.options.option`): the training commands' in `training.py`,
+`finetune.py` and `distill.py`, the others' in `commands.py`, the options several commands share in `shared.py`. The CLI is built
 from these fields, and each config validates itself when it is made, so a bad value exits 2
 before any image is read. Every public name is importable from `labelfew.config`.
 """
@@ -28,6 +28,7 @@ from labelfew.config.commands import (
     SubsetConfig,
 )
 from labelfew.config.distill import DistillConfig
+from labelfew.config.finetune import FIXMATCH_OPTIONS, FinetuneConfig, FixMatchSettings
 from labelfew.config.shared import (
     CHECKPOINT_EVERY,
     FROM,
@@ -41,12 +42,7 @@ from labelfew.config.shared import (
     WORKERS,
     Validated,
 )
-from labelfew.config.training import (
-    FIXMATCH_OPTIONS,
-    FinetuneConfig,
-    FixMatchSettings,
-    PretrainConfig,
-)
+from labelfew.config.training import PretrainConfig
 from labelfew.options import markdown_table, merge, read_recipe
 
 __all__ = [
