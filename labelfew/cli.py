@@ -203,20 +203,18 @@ def _evaluate(config: EvaluateConfig) -> Any:
 
 def _subset(config: SubsetConfig) -> None:
     from labelfew.data.labels import read_labels, write_labels
-    from labelfew.data.subsets import balanced_subset
+    from labelfew.data.subsets import balanced_subset, cover_subset
 
     if config.out.is_dir():  # else an IsADirectoryError after the labels were read
         raise UserError(
             f"--out {config.out}: a folder; name the CSV to write, e.g. {config.out / 'subset.csv'}"
         )
-    full = read_labels(config.labels)
-    chosen = balanced_subset(
-        full,
-        fraction=config.fraction,
-        per_class=config.per_class,
-        seed=config.seed,
-        allow_empty=config.allow_empty,
-    )
+    full = read_labels(config.labels, config.label_delimiter)
+    if full.multi_label:  # a greedy cover keeps a positive of every class
+        chosen = cover_subset(full, fraction=config.fraction, per_class=config.per_class, seed=config.seed)
+    else:
+        chosen = balanced_subset(full, fraction=config.fraction, per_class=config.per_class, seed=config.seed,
+                                 allow_empty=config.allow_empty)  # fmt: skip
     write_labels(chosen, config.out)
     typer.echo(
         f"wrote {config.out}: {len(chosen)} of {len(full)} images, {len(chosen.class_names)} classes "

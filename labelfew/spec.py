@@ -67,6 +67,10 @@ class ModelSpec:
         init: the `--init` SOURCE the weights started from before any labelfew training
             (``timm:resnet50.a1_in1k``, a file, a run), or None for random init.
         init_sha256: the sha256 of those weights (`labelfew.engine.init_weights.Init.sha256`).
+        multi_label: a classifier with one sigmoid per class (several classes an image), not a softmax;
+            an artifact without the key is single-label.
+        threshold: a multi-label classifier's score threshold for "present", chosen on validation
+            (`labelfew.multilabel.choose_threshold`; 0.5 without validation images).
     """
 
     arch: str
@@ -81,6 +85,8 @@ class ModelSpec:
     scratch: bool = False
     init: str | None = None
     init_sha256: str | None = None
+    multi_label: bool = False
+    threshold: float | None = None
 
     @property
     def is_classifier(self) -> bool:
@@ -112,6 +118,9 @@ class ModelSpec:
             metadata["class_names"] = json.dumps(list(self.class_names))
             metadata["from_head_layer"] = str(self.from_head_layer)
             metadata["scratch"] = json.dumps(self.scratch)
+            if self.multi_label:  # absent: single-label, as every artifact before multi-label
+                metadata["multi_label"] = "true"
+                metadata["threshold"] = json.dumps(self.threshold)
         if self.init is not None:
             metadata["init"] = self.init
             metadata["init_sha256"] = self.init_sha256 or ""
@@ -150,6 +159,8 @@ class ModelSpec:
                 scratch=bool(json.loads(metadata.get("scratch", "false"))),
                 init=metadata.get("init"),
                 init_sha256=metadata.get("init_sha256") or None,
+                multi_label=bool(json.loads(metadata.get("multi_label", "false"))),
+                threshold=json.loads(metadata["threshold"]) if "threshold" in metadata else None,
             )
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "labelfew.optim": 2,
     "labelfew.selection": 2,
     "labelfew.probes": 2,
+    "labelfew.multilabel": 2,
     # 3-5: views, image sources, the training engine
     "labelfew.views": 3,
     "labelfew.data": 4,

@@ -12,6 +12,7 @@ from labelfew.config.shared import (
     INFERENCE_BATCH,
     INIT,
     INIT_PREFIX,
+    LABEL_DELIMITER,
     LOGGER,
     QUIET,
     SEED,
@@ -85,6 +86,7 @@ class EvaluateConfig(WithInit):
         help="kNN vote temperature: weight exp(similarity / T) (0.07: DINO's eval_knn; 0.1 with "
         "k = 200, Wu et al. 2018, arXiv 1805.01978).",
     )
+    label_delimiter: str = option("|", LABEL_DELIMITER)
     probe_holdout: float = option(
         0.2, above=0, below=1, help="Part of the bank held out to choose the linear probe's C."
     )
@@ -126,6 +128,7 @@ class SubsetConfig(Validated):
     )
     seed: int = option(0, SEED, help="Which images are chosen; the same seed gives the same subset.")
     allow_empty: bool = option(False, help="Allow a fraction that leaves a class with no images.")
+    label_delimiter: str = option("|", LABEL_DELIMITER)
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.per_class is None):

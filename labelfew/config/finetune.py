@@ -12,6 +12,7 @@ from labelfew.config.shared import (
     IMAGE_SIZE,
     INIT,
     INIT_PREFIX,
+    LABEL_DELIMITER,
     LOGGER,
     PRECISION,
     QUIET,
@@ -183,6 +184,7 @@ class FinetuneConfig(Validated):
     restart: bool = option(False, RESTART)
     follow_links: bool = option(False, FOLLOW_LINKS)
     skip_bad: bool = option(False, SKIP_BAD)
+    label_delimiter: str = option("|", LABEL_DELIMITER)
     quiet: bool = option(False, QUIET)
 
     def __post_init__(self) -> None:

@@ -45,6 +45,10 @@ SKIP_BAD = Option(
     toggle=False,
     help="Leave out labelled images that cannot be decoded (counted and named) instead of stopping.",
 )
+LABEL_DELIMITER = Option(
+    help="Separates the classes of a multi-label CSV's `path,labels` rows (``scratch|dent``); a `label` "
+    "value holding it makes the file multi-label too (README: Multi-label images).",
+)
 SEED = Option(
     minimum=0,
     below=2**32,

@@ -15,7 +15,7 @@ from labelfew.data.batches import EpochBatches, EpochOrder
 from labelfew.data.images import image_extent, printable
 from labelfew.data.labels import LabeledImages
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
-from labelfew.data.subsets import balanced_subset
+from labelfew.data.subsets import balanced_subset, multilabel_holdout
 from labelfew.errors import UserError
 
 
@@ -31,15 +31,18 @@ def held_out_split(
         return labeled, None
     if fraction >= 1:
         raise UserError(f"--val-fraction {fraction}: use a value in [0, 1)")
-    held = balanced_subset(labeled, fraction=fraction, seed=seed + 1, allow_empty=True)
+    if labeled.multi_label:  # every class keeps a positive to train on
+        held = multilabel_holdout(labeled, fraction, seed + 1)
+    else:
+        held = balanced_subset(labeled, fraction=fraction, seed=seed + 1, allow_empty=True)
     held_paths = set(held.paths)
     kept = [(p, label) for p, label in zip(labeled.paths, labeled.labels, strict=True) if p not in held_paths]
-    if len(held) == 0 or len({label for _, label in kept}) < len(labeled.class_names):
+    rest = LabeledImages(tuple(p for p, _ in kept), tuple(label for _, label in kept), labeled.root)
+    if len(held) == 0 or len(rest.class_names) < len(labeled.class_names):
         raise UserError(
             f"--val-fraction {fraction} leaves no validation images or empties a class; use 0 or more labels"
         )
-    train = LabeledImages(tuple(p for p, _ in kept), tuple(label for _, label in kept), labeled.root)
-    return train, held
+    return rest, held
 
 
 def readable_labels(labeled: LabeledImages, skip_bad: bool) -> tuple[LabeledImages, list[str]]:

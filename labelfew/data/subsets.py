@@ -11,6 +11,7 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+from labelfew.data import multilabel
 from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 
@@ -104,3 +105,65 @@ def subset_hash(labeled: LabeledImages) -> str:
     ):
         digest.update(f"{key}\0{label}\n".encode())
     return digest.hexdigest()
+
+
+def cover_subset(
+    labeled: LabeledImages, fraction: float | None = None, per_class: int | None = None, seed: int = 0
+) -> LabeledImages:
+    """A multi-label subset that keeps a positive of every class: a greedy cover, then a seeded fill.
+
+    Images are ranked as in `balanced_subset` (sha256 of seed and path). Classes are visited from
+    the rarest: each takes its lowest-ranked images until it has `per_class` positives in the
+    subset (1 with `fraction`), counting those that other classes already brought in. With
+    `fraction` the lowest-ranked remaining images then fill the subset up to round(fraction × N).
+    A greedy cover, not iterative stratification (Sechidis et al. 2011): simpler, and at a few
+    labels the cover is what matters.
+
+    Raises:
+        UserError: neither or both of fraction and per_class.
+    """
+    if (fraction is None) == (per_class is None):
+        raise UserError("give exactly one of --fraction or --per-class")
+    ranked = sorted(
+        range(len(labeled)), key=lambda index: _rank(seed, labeled.relative_key(labeled.paths[index]))
+    )
+    sets = [set(multilabel.decode(label)) for label in labeled.labels]
+    counts = labeled.counts()
+    chosen: dict[int, None] = {}
+    for name in sorted(counts, key=lambda name: (counts[name], name)):
+        need = (per_class or 1) - sum(name in sets[index] for index in chosen)
+        for index in (index for index in ranked if name in sets[index] and index not in chosen):
+            if need <= 0:
+                break
+            chosen[index] = None
+            need -= 1
+    if fraction is not None:
+        for index in ranked:
+            if len(chosen) >= round(fraction * len(labeled)):
+                break
+            chosen.setdefault(index)
+    return _pick(labeled, sorted(chosen, key=ranked.index))
+
+
+def multilabel_holdout(labeled: LabeledImages, fraction: float, seed: int) -> LabeledImages:
+    """The held-out part of a multi-label set: the round(fraction × N) lowest-ranked images, less
+    any whose absence would leave a class without a positive to train on (the training part keeps
+    every class, as `held_out_split` requires)."""
+    ranked = sorted(
+        range(len(labeled)), key=lambda index: _rank(seed, labeled.relative_key(labeled.paths[index]))
+    )
+    held = ranked[: round(fraction * len(labeled))]
+    left = labeled.counts()
+    kept = []
+    for index in held:
+        names = multilabel.decode(labeled.labels[index])
+        if all(left[name] > 1 for name in names):
+            kept.append(index)
+            for name in names:
+                left[name] -= 1
+    return _pick(labeled, kept)
+
+
+def _pick(labeled: LabeledImages, indices: list[int]) -> LabeledImages:
+    return LabeledImages(tuple(labeled.paths[i] for i in indices), tuple(labeled.labels[i] for i in indices),
+                         labeled.root)  # fmt: skip

@@ -28,6 +28,7 @@ from labelfew.engine.start import Start
 from labelfew.engine.trainer import StepFunction
 from labelfew.fileio import sha256_file
 from labelfew.models import Classifier, build_classifier
+from labelfew.multilabel import binary_cross_entropy
 from labelfew.optim import build_finetune_optimizer
 from labelfew.views.finetune import CropFlipViews
 
@@ -94,8 +95,11 @@ def data_source(paths: Sequence[Path]) -> Path:
     return Path(" + ".join(sorted(str(Path(path).resolve()) for path in paths)))
 
 
-def classification_step(label_smoothing: float, channels_last: bool, views: CropFlipViews) -> StepFunction:
-    """Cross-entropy on one labelled batch, its crop + flip views made on the device."""
+def classification_step(
+    label_smoothing: float, channels_last: bool, views: CropFlipViews, multi_label: bool = False
+) -> StepFunction:
+    """Cross-entropy on one labelled batch, its crop + flip views made on the device; with
+    `multi_label`, a sigmoid and binary cross-entropy per class (`labelfew.multilabel`)."""
 
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         assert batch.labels is not None
@@ -103,6 +107,8 @@ def classification_step(label_smoothing: float, channels_last: bool, views: Crop
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images).float()
+        if multi_label:
+            return binary_cross_entropy(logits, batch.labels), images.shape[0]
         return nn.functional.cross_entropy(
             logits, batch.labels, label_smoothing=label_smoothing
         ), images.shape[0]
@@ -142,7 +148,7 @@ def prepare_training(config: FinetuneConfig, start: Start, class_names: list[str
     views = CropFlipViews(start.image_size, start.mean, start.std)
     settings = config.fixmatch
     if settings is None or unlabeled is None:
-        step = classification_step(config.label_smoothing, channels_last, views)
+        step = classification_step(config.label_smoothing, channels_last, views, labeled.multi_label)
         return Training(model, optimizer, loader, undecodable, step)
     workers = default_workers(config.workers)
     parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
@@ -158,7 +164,7 @@ def fingerprint(
     """What a resumed fine-tuning must share with the run that wrote the checkpoint (a supervised
     run's as before the FixMatch options, so that its older checkpoints still resume)."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
-               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix"}  # fmt: skip
+               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix", "label_delimiter"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
     values = {

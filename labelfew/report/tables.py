@@ -111,6 +111,8 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     it. With `--allow-overlap` and test images that a model saw, a column says how many each row saw.
     """
     test = result["test"]
+    if result.get("multi_label"):
+        return print_multi_label_report(result, path)
     table = Table(
         title=f"labelfew evaluation — {test['images']} test images, {len(result['class_names'])} classes"
     )
@@ -146,6 +148,34 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
             per_class.add_column(row["method"], justify="right")
         for name in names:
             per_class.add_row(name, *(_percent(row["per_class_accuracy"][name]) for row in result["rows"]))
+        console.print(per_class)
+    if path is not None:
+        console.print(f"report: {path}")
+
+
+def print_multi_label_report(result: dict[str, Any], path: Path | None = None) -> None:
+    """A multi-label evaluation: mAP, macro/micro-F1 at each row's threshold, then per-class AP."""
+    test = result["test"]
+    table = Table(title=f"labelfew evaluation (multi-label) — {test['images']} test images, "
+                        f"{len(result['class_names'])} classes")  # fmt: skip
+    for column in ("method", "mAP", "macro-F1", "micro-F1", "threshold", "notes"):
+        table.add_column(column, justify="left" if column in ("method", "notes") else "right")
+    shared = _shared_methods(result["rows"])
+    for row in result["rows"]:
+        table.add_row(row["method"], _percent(row["mAP"]), _percent(row["macro_f1"]), _percent(row["micro_f1"]),
+                      f"{row['threshold']:g}", _note(row, shared))  # fmt: skip
+    console.print(table)
+    console.print(
+        "thresholds: a fine-tuned model's was chosen on its validation images; kNN and the probe use 0.5"
+    )
+    names = result["class_names"]
+    if len(names) <= 20 and result["rows"]:
+        per_class = Table(title="per-class AP")
+        per_class.add_column("class")
+        for row in result["rows"]:
+            per_class.add_column(row["method"], justify="right")
+        for name in names:
+            per_class.add_row(name, *(_percent(row["per_class_ap"][name]) for row in result["rows"]))
         console.print(per_class)
     if path is not None:
         console.print(f"report: {path}")

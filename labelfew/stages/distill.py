@@ -240,6 +240,11 @@ def run(config: DistillConfig) -> Path:
     accelerator = engine.make_accelerator(config.precision, seed=config.seed)
     set_seed(config.seed)
     teacher_artifact = find_teacher(config.source)
+    if teacher_artifact.spec.multi_label:
+        raise UserError(
+            f"{teacher_artifact.path}: a multi-label teacher; distill trains towards a softmax and does not "
+            "support multi-label models"
+        )
     student = student_start(config, teacher_artifact)
     temperature = distill_temperature(config, teacher_artifact, student)
     spec = teacher_artifact.spec

@@ -30,6 +30,8 @@ from labelfew.engine.start import FrozenBackbone, frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
 from labelfew.models import build_model, load_model
+from labelfew.multilabel import DEFAULT_THRESHOLD, knn_vote_shares, metrics, multi_hot
+from labelfew.multilabel import linear_probe_scores as multi_label_probe
 from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import plots
 from labelfew.report import tables as report
@@ -193,8 +195,9 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         engine.console.print(init.summary())
     class_names = _class_names(models)
     scores_features = models.pretrain is not None or init is not None
-    bank = read_labels(_bank_source(config, models)) if scores_features else None
-    test = read_labels(config.test)
+    bank = read_labels(_bank_source(config, models), config.label_delimiter) if scores_features else None
+    test = read_labels(config.test, config.label_delimiter)
+    _require_kind(test, bank, models, config)
     class_names = class_names or (bank.class_names if bank is not None else None)
     if class_names is None:
         raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
@@ -214,6 +217,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "overlap": [item.to_json() for item in leaks.overlaps],
         "left_out": models.unusable,
         "class_names": class_names,
+        "multi_label": test.multi_label,
         "rows": rows,
         "config": to_json(config),
         "models": {
@@ -226,6 +230,42 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     }  # fmt: skip
     _write(config, out, result, models, test)
     return result
+
+
+def _require_kind(
+    test: LabeledImages, bank: LabeledImages | None, models: Models, config: EvaluateConfig
+) -> None:
+    """Refuses a multi-label model, bank or test beside a single-label one, and --plots for multi-label."""
+    kinds = {str(config.test): test.multi_label, **({"the bank": bank.multi_label} if bank is not None else {}),
+             **{str(artifact.path): artifact.spec.multi_label for artifact in models.finetunes}}  # fmt: skip
+    if len(set(kinds.values())) > 1:
+        multi = ", ".join(name for name, kind in kinds.items() if kind)
+        single = ", ".join(name for name, kind in kinds.items() if not kind)
+        raise UserError(f"{multi}: multi-label, but {single}: single-label; evaluate like with like")
+    if test.multi_label and config.plots:
+        raise UserError(
+            "--plots: the figures are single-label (accuracy, confusion); drop it for multi-label"
+        )
+
+
+def multi_label_rows(start: str, bank_x: torch.Tensor, bank_y: torch.Tensor, test_x: torch.Tensor,
+                     test_y: torch.Tensor, class_names: list[str], config: EvaluateConfig, details: dict[str, Any],
+                     probe: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """kNN (per-class vote share) and the one-vs-rest linear probe rows of one backbone, at the
+    default threshold (no validation images choose one for them)."""
+    count = len(class_names)
+    bank_targets, targets = multi_hot(bank_y, count), multi_hot(test_y, count).numpy()
+    k = min(config.knn_k, len(bank_x))
+    shares = knn_vote_shares(bank_x, bank_targets, test_x, k=k, temperature=config.knn_temperature)
+    rows = [{"method": f"kNN{start}", **metrics(shares.numpy(), targets, DEFAULT_THRESHOLD, class_names),
+             "details": {"k": k, "temperature": config.knn_temperature, **details}}]  # fmt: skip
+    if probe:
+        scores, c = multi_label_probe(bank_x.numpy(), bank_targets.numpy(), test_x.numpy(),
+                                      holdout=config.probe_holdout, seed=config.seed)  # fmt: skip
+        chosen = c if c is not None else "1.0 (too few labels to choose)"
+        rows.append({"method": f"linear probe{start}", **metrics(scores, targets, DEFAULT_THRESHOLD, class_names),
+                     "details": {"C": chosen, **details}})  # fmt: skip
+    return rows
 
 
 def _image_size(models: Models) -> int | None:
@@ -263,7 +303,7 @@ def _log_metrics(config: EvaluateConfig, out: Path, result: dict[str, Any]) -> N
         name = re.sub(r"[^\w\-. /]", "", row["method"]).strip()  # MLflow's allowed characters
         while f"{name}/top1" in scalars:  # two models with one label: keep both
             name += " 2"
-        for key in ("top1", "top5", "balanced_accuracy"):
+        for key in ("top1", "top5", "balanced_accuracy", "mAP", "macro_f1", "micro_f1"):
             if isinstance(row.get(key), int | float):
                 scalars[f"{name}/{key}"] = float(row[key])
     loggers = open_loggers(config.logger, out, to_json(config))
@@ -343,6 +383,10 @@ def _frozen_rows(
     test_x, test_y = _outputs(
         backbone, frozen.spec, test, class_names, config.batch_size, config.workers, skipped
     )
+    if test.multi_label:
+        return multi_label_rows(frozen.start, bank_x, bank_y, test_x, test_y, class_names, config,
+                                {"bank_images": len(bank_x), "seen_test_images": leaks.seen[frozen.seen],
+                                 **frozen.details}, probe=frozen.probe)  # fmt: skip
     k, capped = knn_k(config.knn_k, bank_y, class_names)
     knn = knn_scores(bank_x, bank_y, test_x, len(class_names), k=k, temperature=config.knn_temperature)
     seen = leaks.seen[frozen.seen]
@@ -382,6 +426,10 @@ def _finetune_row(
     info = artifact.run_info().get("labels", {})
     details = {"labels": info.get("path"), "labelled_images": info.get("images"), "artifact": str(artifact.path),
                "seen_test_images": leaks.seen[str(artifact.path)]}  # fmt: skip
+    if artifact.spec.multi_label:
+        threshold = artifact.spec.threshold if artifact.spec.threshold is not None else DEFAULT_THRESHOLD
+        return {"method": name, **metrics(torch.sigmoid(logits).numpy(), multi_hot(labels, len(class_names)).numpy(),
+                                          threshold, class_names), "details": details}  # fmt: skip
     return report.metrics_row(
         name, torch.softmax(logits, dim=1).numpy(), labels.numpy(), class_names, details
     )

@@ -54,10 +54,17 @@ from labelfew.engine.start import Start, finetune_start, init_start
 from labelfew.errors import Interrupted, UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, head_spec
+from labelfew.multilabel import DEFAULT_THRESHOLD, MAX_CLASSES, choose_threshold, macro_f1
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import ModelSpec
-from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
+from labelfew.use.inference import (
+    EvalImages,
+    accuracy,
+    held_out_images,
+    held_out_multi_label,
+    held_out_scores,
+)
 
 
 def _label(artifact: Artifact) -> str:
@@ -120,6 +127,10 @@ def _learning_rate(
     if given is not None:
         return given, None
     batch = min(config.batch_size, len(train))
+    if train.multi_label:
+        rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
+        return rule, {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [], "chosen": rule,
+                      "note": "not searched for multi-label labels: the rule's lr"}  # fmt: skip
     if config.fixmatch is not None:
         rule = fixmatch_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
         return rule, {"rule": rule, "optimizer": config.optimizer, "batch": batch, "candidates": [], "chosen": rule,
@@ -199,7 +210,9 @@ def run(config: FinetuneConfig) -> Path:
     engine.per_process_batch(config.batch_size, accelerator)
     start = _start(config, init, labeled.paths)
     class_names = labeled.class_names
-    if len(class_names) < 2:
+    if labeled.multi_label:
+        refuse_multi_label(config, class_names)
+    elif len(class_names) < 2:
         shown = ", ".join(str(path) for path in config.labels)
         raise UserError(f"{shown}: only one class ({class_names[0]}); a classifier needs at least 2")
     train, held = held_out_split(labeled, config.val_fraction, config.seed)
@@ -223,7 +236,10 @@ def run(config: FinetuneConfig) -> Path:
     bad = skipped + training.undecodable + [printable(trained[index]) for index in result.bad_indices]
     # FixMatch's model is the moving average of the weights (DESIGN.md trap 10), not the weights.
     model = training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model)
-    record = {"lr": lr, "lr_search": None if search is None else
+    threshold = (
+        _threshold(model, held, class_names, start, config, accelerator) if labeled.multi_label else None
+    )
+    record = {"lr": lr, "threshold": threshold, "lr_search": None if search is None else
               {key: value for key, value in search.items() if key not in ("fingerprint", "reused")}}  # fmt: skip
     engine.on_main_process(
         accelerator,
@@ -232,6 +248,43 @@ def run(config: FinetuneConfig) -> Path:
         ),
     )
     return artifact
+
+
+def refuse_multi_label(config: FinetuneConfig, class_names: list[str]) -> None:
+    """What multi-label labels cannot train with, refused before any image is decoded.
+
+    Raises:
+        UserError: FixMatch (its pseudo-label is a softmax's argmax), `--balanced` (an image holds
+            several classes), label smoothing, or more than `MAX_CLASSES` classes.
+    """
+    shown = ", ".join(str(path) for path in config.labels)
+    refused = ("--method fixmatch" if config.fixmatch is not None else "--balanced" if config.balanced
+               else "--label-smoothing" if config.label_smoothing > 0 else None)  # fmt: skip
+    if refused is not None:
+        raise UserError(f"{shown}: multi-label labels; {refused} does not support them, drop it")
+    if len(class_names) > MAX_CLASSES:
+        raise UserError(
+            f"{shown}: {len(class_names)} classes; a multi-label model takes at most {MAX_CLASSES}"
+        )
+
+
+def validation_metrics(model: nn.Module, images: EvalImages, accelerator: Any) -> dict[str, float]:
+    """A multi-label epoch's held-out numbers: mAP-free and cheap, macro-F1 at `DEFAULT_THRESHOLD`,
+    which is also its `val_score` (the best-checkpoint metric)."""
+    scores, targets = held_out_multi_label(model, images, accelerator)
+    score = macro_f1(scores, targets, DEFAULT_THRESHOLD)
+    return {"val_macro_f1": score, "val_score": score}
+
+
+def _threshold(model: nn.Module, held: LabeledImages | None, class_names: list[str], start: Start,
+               config: FinetuneConfig, accelerator: Any) -> float:  # fmt: skip
+    """The saved multi-label model's global threshold: the best macro-F1 on the held-out images, or
+    `DEFAULT_THRESHOLD` without any (`--val-fraction 0`)."""
+    if held is None:
+        return DEFAULT_THRESHOLD
+    scores, targets = held_out_multi_label(model, _val_loader(held, class_names, start, config, accelerator),
+                                           accelerator)  # fmt: skip
+    return choose_threshold(scores, targets)
 
 
 def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
@@ -273,7 +326,9 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
 
     def on_epoch_end(epoch: int, loss: float) -> dict[str, float]:
         metrics = pseudo_labels.epoch_metrics(accelerator) if pseudo_labels is not None else {}
-        if val_loader is not None:
+        if val_loader is not None and train.multi_label:
+            metrics |= validation_metrics(validated, val_loader, accelerator)
+        elif val_loader is not None:
             metrics["val_top1"] = accuracy(validated, val_loader, accelerator)
         return metrics
 
@@ -316,6 +371,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     spec = ModelSpec(
         start.arch, start.image_size, start.small_stem, width, start.mean, start.std, head,
         config.from_head_layer, tuple(class_names), config.scratch, init, init_sha256,
+        multi_label=learning_rate["threshold"] is not None, threshold=learning_rate["threshold"],
     )  # fmt: skip
     method = {"method": config.method} if config.fixmatch is not None else {}
     origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
@@ -327,7 +383,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
         else {"path": str(start.artifact.path.resolve()), "sha256": sha256_file(start.artifact.path)}
     )
     metrics: dict[str, Any] = {"final_loss": result.final_loss, "epoch_losses": result.epoch_losses}
-    for key in ("val_top1", *PSEUDO_LABEL_METRICS):
+    for key in ("val_top1", "val_macro_f1", *PSEUDO_LABEL_METRICS):
         if any(key in epoch for epoch in result.epoch_metrics) or key == "val_top1":
             metrics[key] = [epoch[key] for epoch in result.epoch_metrics if key in epoch]
     data: dict[str, Any] = {"skipped": len(bad), "skipped_files": bad}

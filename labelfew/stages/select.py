@@ -166,8 +166,14 @@ def download_name(config: SelectConfig) -> str:
 
 
 def _strategy(config: SelectConfig, model: Artifact | None) -> str:
+    multi_label = model is not None and model.spec.multi_label
     if config.strategy is None:
-        return "mixed" if model is not None and config.labels else "typical"
+        return "mixed" if model is not None and config.labels and not multi_label else "typical"
+    if config.strategy in ("uncertain", "mixed") and multi_label:
+        raise UserError(
+            f"--strategy {config.strategy}: the top-1 − top-2 margin is not defined for the multi-label model "
+            f"{model.path if model else ''}; use --strategy typical"
+        )
     if config.strategy in ("uncertain", "mixed") and model is None:
         raise UserError(
             f"--strategy {config.strategy} needs a fine-tuned model: pass --from a finetune artifact or a "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -26,6 +27,7 @@ from labelfew.data.batches import Batch
 from labelfew.data.labels import LabeledImages
 from labelfew.data.stream import DecodedFiles, FileBatch, FilesInOrder, collate, collate_in_order
 from labelfew.errors import UserError
+from labelfew.multilabel import multi_hot
 from labelfew.spec import ModelSpec, eval_resize_side
 from labelfew.views.evaluate import EvalView
 
@@ -212,3 +214,19 @@ def held_out_scores(model: nn.Module, images: EvalImages, accelerator: Any) -> t
         total = total + labels.numel()
     count = total.clamp(min=1)
     return float(correct / count), float(loss / count)
+
+
+def held_out_multi_label(
+    model: nn.Module, images: EvalImages, accelerator: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-label model's sigmoid scores and the 0/1 targets over `held_out_images`, all processes.
+
+    Shape: -> scores (N, C), targets (N, C)
+    """
+    scores, targets = [], []
+    for batch, logits in model_outputs(model, images):
+        assert batch.labels is not None
+        probabilities, masks = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), batch.labels))
+        scores.append(probabilities.cpu())
+        targets.append(multi_hot(masks.cpu(), logits.shape[1]))
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()

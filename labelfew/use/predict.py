@@ -41,6 +41,8 @@ def predict(config: PredictConfig) -> Path:
     )
     if not outputs.kept:
         raise UserError(f"{config.images}: none of the {len(paths)} image files could be decoded")
+    if spec.multi_label:
+        return _predict_multi_label(config, artifact, paths, outputs, found.skipped)
     k = min(config.top_k, len(class_names))
     top_probability, top_index = torch.softmax(outputs.values, dim=1).topk(k, dim=1)
     header = ["path", "label", "confidence"]
@@ -63,6 +65,41 @@ def predict(config: PredictConfig) -> Path:
         _print_predictions(config, artifact, class_names, top_index[:, 0], top_probability[:, 0], outputs)
         report_bad(paths, outputs.errors, "listed in the CSV with their error")
         report_skipped(found.skipped)
+    return config.out
+
+
+def _predict_multi_label(config: PredictConfig, artifact: Artifact, paths: list[Path], outputs: Outputs,
+                         skipped: Any) -> Path:  # fmt: skip
+    """A multi-label model's CSV: `path`, `labels` (every class whose sigmoid score is over the
+    model's threshold, joined by ``|``, highest first; empty for none), `scores` (theirs, alike),
+    `error`. The `path,labels` columns read back as a multi-label label CSV."""
+    spec = artifact.spec
+    class_names = list(spec.class_names or ())
+    threshold = spec.threshold if spec.threshold is not None else 0.5
+    scores = torch.sigmoid(outputs.values)
+    row_of = {file_index: row for row, file_index in enumerate(outputs.kept)}
+    folder = config.out.absolute().parent
+    rows: list[list[Any]] = []
+    for file_index, path in enumerate(paths):
+        if file_index in outputs.errors:
+            rows.append([relative_path(path, folder), "", "", outputs.errors[file_index]])
+            continue
+        values = scores[row_of[file_index]]
+        over = [int(index) for index in values.argsort(descending=True) if values[index] > threshold]
+        rows.append([relative_path(path, folder), "|".join(class_names[index] for index in over),
+                     "|".join(f"{float(values[index]):.4f}" for index in over), ""])  # fmt: skip
+    write_csv(config.out, ["path", "labels", "scores", "error"], rows)
+    if not config.quiet:
+        present = (scores > threshold).sum(dim=0)
+        table = Table(title=f"predictions — {len(outputs.kept)} images, multi-label, threshold {threshold:g}")
+        table.add_column("class")
+        table.add_column("images over the threshold", justify="right")
+        for index, name in enumerate(class_names):
+            table.add_row(name, str(int(present[index])))
+        console.print(table)
+        console.print(f"model {shown(artifact.path)}; wrote {shown(config.out)}")
+        report_bad(paths, outputs.errors, "listed in the CSV with their error")
+        report_skipped(skipped)
     return config.out
 
 
