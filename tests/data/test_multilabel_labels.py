@@ -60,7 +60,10 @@ def test_a_single_label_round_merged_into_a_multi_label_one_becomes_sets_of_one(
     first = _write(folder, "1.csv", "path,labels\na.png,dent|scratch\n")
     second = _write(folder, "2.csv", "path,label\nb.png,dent\n")
     merged = read_label_files([first, second])
-    assert merged.multi_label and [decode(label) for label in merged.labels] == [["dent", "scratch"], ["dent"]]
+    assert merged.multi_label and [decode(label) for label in merged.labels] == [
+        ["dent", "scratch"],
+        ["dent"],
+    ]
 
 
 @pytest.mark.parametrize(
