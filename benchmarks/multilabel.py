@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_efficiency import ARCHIVE, unpack  # noqa: E402
+from label_efficiency import ARCHIVE, unpack
 
-from labelfew.config import EvaluateConfig, FinetuneConfig  # noqa: E402
-from labelfew.data.labels import read_labels  # noqa: E402
-from labelfew.stages import evaluate, finetune  # noqa: E402
+from labelfew.config import EvaluateConfig, FinetuneConfig
+from labelfew.data.labels import read_labels
+from labelfew.stages import evaluate, finetune
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -42,7 +42,9 @@ def write_mosaics(source: Path, out: Path, count: int, seed: int, side: int = 32
         picks = rng.choice(len(labeled), size=4, replace=False)
         mosaic = Image.new("RGB", (side, side))
         for cell, pick in enumerate(picks):
-            tile = Image.open(labeled.paths[pick]).convert("RGB").resize((half, half), Image.Resampling.BICUBIC)
+            tile = (
+                Image.open(labeled.paths[pick]).convert("RGB").resize((half, half), Image.Resampling.BICUBIC)
+            )
             mosaic.paste(tile, (half * (cell % 2), half * (cell // 2)))
         name = f"mosaic-{index:05d}.png"
         mosaic.save(out / name)
@@ -54,7 +56,9 @@ def write_mosaics(source: Path, out: Path, count: int, seed: int, side: int = 32
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", type=Path, required=True, help="pretrain run (CPU recipe)")
-    parser.add_argument("--images", type=Path, default=None, help="class trees train/ and test/ (default CIFAR-10)")
+    parser.add_argument(
+        "--images", type=Path, default=None, help="class trees train/ and test/ (default CIFAR-10)"
+    )
     parser.add_argument("--train", type=int, default=500, help="train mosaics (the labels)")
     parser.add_argument("--test", type=int, default=2000, help="test mosaics")
     parser.add_argument("--epochs", type=int, default=30)
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out = work / "finetune"
     finetune.run(FinetuneConfig(labels=(train,), source=args.source, epochs=args.epochs, seed=args.seed,
                                 out=out, restart=True, quiet=True))  # fmt: skip
-    report = evaluate.run(EvaluateConfig(test=test, source=out, out=work / "evaluate", seed=args.seed, quiet=True))
+    report = evaluate.run(
+        EvaluateConfig(test=test, source=out, out=work / "evaluate", seed=args.seed, quiet=True)
+    )
     result = {row["method"]: row["mAP"] for row in report["rows"]}
     line = {"train_mosaics": args.train, "test_mosaics": args.test, "seed": args.seed, "mAP": result,
             "macro_f1": {row["method"]: row["macro_f1"] for row in report["rows"]}}  # fmt: skip
