@@ -27,9 +27,9 @@ The choices, and why:
 - **Processes.** The keys of every process are gathered, view by view in rank order, before they
   are queued: after a step the queue is the same on every process, and the same as one process's
   on the global batch. K counts keys of the global batch, 2 per image (both views).
-- **Any K.** Keys are written at ``pointer + i mod K``, so K need not be a multiple of the 2B keys
-  of a step (MoCo asserts ``K % B == 0`` to write whole batches); a step with more keys than K keeps
-  its last K. Until K keys have been made, only the filled rows are negatives (warm-up).
+- **Any K.** The i-th key ever queued is written to row ``i mod K``, so K need not be a multiple
+  of the 2B keys of a step (MoCo asserts ``K % B == 0`` to write whole batches); a step with more
+  keys than K keeps its last K. Until K keys have been made, only the filled rows are negatives (warm-up).
 - **Checkpoint.** The copy, the queue and its pointer are saved as the trainer's moving average
   (``ema.safetensors``: the copy's tensors plus ``_queue.keys``, ``_queue.pointer``,
   ``_queue.filled``), so a killed run resumes bit for bit. The artifact is the online encoder.
@@ -118,15 +118,18 @@ class KeyQueue(ModelEMA):
         return torch.cat([gather_with_grad(first), gather_with_grad(second)])
 
     def enqueue(self, keys: Tensor) -> None:
-        """Writes ``keys`` (Shape: (count, dim)) after the newest ones, over the oldest.
+        """Writes ``keys`` (Shape: (count, dim)) after the newest ones, over the oldest: the i-th key
+        ever queued lands in row ``i mod K``, so a step of more than K keys leaves its last K.
 
         Out of place: the loss of this step may still hold the previous queue for its backward pass.
         """
-        keys = keys[-self.keys.shape[0] :].to(self.keys.dtype)
-        rows = (self.pointer + torch.arange(keys.shape[0], device=self.keys.device)) % self.keys.shape[0]
-        self.keys = self.keys.index_copy(0, rows, keys)
-        self.pointer = (self.pointer + keys.shape[0]) % self.keys.shape[0]
-        self.filled = min(self.filled + keys.shape[0], self.keys.shape[0])
+        size, count = self.keys.shape[0], keys.shape[0]
+        kept = keys[-size:].to(self.keys.dtype)
+        first = self.pointer + count - kept.shape[0]  # the rows of the keys dropped are skipped
+        rows = (first + torch.arange(kept.shape[0], device=self.keys.device)) % size
+        self.keys = self.keys.index_copy(0, rows, kept)
+        self.pointer = (self.pointer + count) % size
+        self.filled = min(self.filled + count, size)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The momentum encoder's tensors and the queue's (`KEYS`, `POINTER`, `FILLED`)."""

@@ -150,7 +150,9 @@ def run(config: PretrainConfig) -> Path:
         run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
         write_views_figure(loader, views, config.out / "pretrain" / "views.png", run_loggers)
     fingerprint = simclr.fingerprint(config, paths, start)
-    result = _trainer(config, model, optimizer, loader, views, keys, accelerator, fingerprint, run_loggers).fit()
+    result = _trainer(
+        config, model, optimizer, loader, views, keys, accelerator, fingerprint, run_loggers
+    ).fit()
     bad = undecodable + [printable(paths[index]) for index in result.bad_indices]
     simclr.check_bad(config, bad, len(paths))
     artifact = config.out / "pretrain" / "backbone.safetensors"
