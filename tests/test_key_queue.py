@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from labelfew.config import PretrainConfig
-from labelfew.engine import simclr
+from labelfew.engine import checkpoint, simclr
 from labelfew.engine.key_queue import FILLED, KEYS, POINTER, KeyQueue
 from labelfew.errors import UserError
 from labelfew.losses import nt_xent_loss
@@ -143,6 +143,15 @@ def test_state_dict_round_trip_restores_encoder_queue_and_pointer() -> None:
     assert torch.equal(restored.module.layer.weight, queue.module.layer.weight)
     with pytest.raises(ValueError, match="queue of shape"):
         KeyQueue(_Linear(), size=6, dim=DIM, momentum=0.9).load_state_dict(state, updates=1)
+
+
+def test_the_checkpoint_estimate_counts_the_momentum_encoder_and_the_queue() -> None:
+    online = _Linear()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    alone = checkpoint.estimated_bytes(online, optimizer)
+    queue = KeyQueue(online, size=1000, dim=DIM, momentum=0.9)
+    weights = (DIM * DIM + DIM) * 4
+    assert checkpoint.estimated_bytes(online, optimizer, queue) == alone + weights + 1000 * DIM * 4 + 2 * 8
 
 
 def test_a_queue_longer_than_an_epoch_is_refused_and_off_leaves_the_fingerprint_alone(tmp_path: Path) -> None:

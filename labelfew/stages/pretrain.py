@@ -185,6 +185,8 @@ def _prepare_model(
                         config.key_momentum, ramp_steps=ramp, autocast=accelerator.autocast)  # fmt: skip
     if config.compile:
         model.compile()  # in place: the state_dict keys (checkpoints, artifacts) stay the same
+        if keys is not None:
+            keys.module.compile()
     return model, optimizer, random_keys, keys
 
 
