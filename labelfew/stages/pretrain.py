@@ -168,7 +168,7 @@ def _prepare_model(
     """The encoder + projection head (the backbone from `start`'s weights when it has any, sync-BN
     across processes, channels-last on a GPU, compiled on request) and its optimizer at the resolved
     lr, both prepared by Accelerate; the backbone's tensors `start` left random; and with `--queue`,
-    the momentum encoder (a copy of the prepared, uncompiled model) and its key queue."""
+    the momentum encoder (a copy of the prepared model, compiled with it on request) and its key queue."""
     model = build_model(config)
     random_keys = start.load_into(model.backbone)  # strict: every other tensor is the init's
     if sync_bn:
@@ -317,6 +317,6 @@ def _save(
     if not config.quiet:
         engine.console.print(
             f"[green]pretrain done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f} "
-            f"(chance {math.log(2 * config.batch_size - 1):.2f}), {result.views_per_second:.0f} "
+            f"(chance {math.log(2 * config.batch_size - 1 + config.queue):.2f}), {result.views_per_second:.0f} "
             f"views/s{skipped_note(facts.skipped)}\n  artifact: {artifact}"
         )

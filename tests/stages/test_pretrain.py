@@ -374,6 +374,7 @@ def test_queue_run_saves_the_trained_encoder_and_a_too_long_queue_fails_in_one_l
     result = runner.invoke(app, [*common, "--queue", "12", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "queue of 12 keys (momentum 0.999)" in " ".join(result.output.split())
+    assert "(chance 2.94)" in result.output  # log(2 × 4 − 1 + 12): the queue's keys are candidates too
     stage = tmp_path / "run" / "pretrain"
     backbone = build_backbone("test_resnet", small_stem=True).state_dict()
     saved = load_file(str(stage / "backbone.safetensors"))
