@@ -18,6 +18,15 @@ backward, LARS update), all in one process, on the same model, batch and device:
       each batch are decoded by `torchvision.io.decode_jpeg` on the training device (batched
       nvJPEG on CUDA; `labelfew.data.device_decode`, `pretrain --decode-on device`).
 
+Any row may be measured again with the step changed, as one more row: `NAME+VARIANT[+VARIANT]`
+with the variants `channels_last` (model and views in channels-last memory format, what pretrain
+does on GPUs), `bf16` (bf16 autocast; on a CPU only where it has native bf16 instructions, checked
+by a try-run, else the row says why not) and `compile` (`torch.compile` of the model), e.g. for the
+faster CPU step of issue 27:
+
+    python benchmarks/throughput.py --arch resnet18 --device cpu --rows \
+        labelfew,lightly,labelfew+channels_last,labelfew+bf16,labelfew+compile --skip-data-only
+
 Both labelfew rows and the bare step use the same autocast precision and memory format as
 `pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
 their data path, loss, optimizer and lightly's one forward pass per view. Rows are timed in
@@ -79,6 +88,16 @@ from reference.pil_views import TwoViews
 console = Console(width=None if sys.stdout.isatty() else 150)
 TEMPERATURE = 0.5
 RESULTS = Path(__file__).resolve().parent / "results"
+ROW_LABELS = {
+    "labelfew": "(a) labelfew batched",
+    "lightly": "(b) lightly 1.6.0",
+    "bare": "(c) bare step",
+    "cpu-path": "(d) PIL per image (reference)",
+    "stream": "(e) labelfew stream",
+    "stream-device": "(f) stream, decode on device",
+}
+VARIANTS = ("channels_last", "bf16", "compile")
+"""What `--rows NAME+VARIANT` changes in a row's step (module docstring)."""
 
 
 def main() -> None:
@@ -131,7 +150,8 @@ def parse_arguments() -> argparse.Namespace:
         "--rows",
         default="labelfew,lightly,bare,cpu-path,stream",
         type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
-        help="comma-separated subset of labelfew, lightly, bare, cpu-path, stream, stream-device",
+        help="comma-separated subset of labelfew, lightly, bare, cpu-path, stream, stream-device; each may "
+        f"take variants as NAME+VARIANT (variants: {', '.join(VARIANTS)})",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile every row's model (pretrain --compile)"
@@ -140,7 +160,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--stream-images", type=int, default=128, help="files the streaming rows decode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    unknown = set(args.rows) - {"labelfew", "lightly", "bare", "cpu-path", "stream", "stream-device"}
+    unknown = {row for row in args.rows if row.split("+")[0] not in ROW_LABELS}
+    unknown |= {row for row in args.rows if not set(row.split("+")[1:]) <= set(VARIANTS)}
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}")
     return args
@@ -218,21 +239,58 @@ class Bench:
             model.compile()
         return model
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def autocast(self, precision: str | None = None) -> contextlib.AbstractContextManager[Any]:
+        enabled = (precision or self.precision) == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def prepare_row(self, name: str) -> Runner | dict[str, Any]:
         """The row's batches, training step and notes; a status dict when it cannot run."""
         console.print(f"[bold]{name}[/] ...")
+        base, *variants = name.split("+")
+        refused = self.bf16_refusal() if "bf16" in variants else None
+        if refused:
+            return {"status": refused}
         try:
-            runner: Runner = getattr(self, f"row_{name.replace('-', '_')}")()
+            with self.variant(variants):
+                runner: Runner = getattr(self, f"row_{base.replace('-', '_')}")()
         except ModuleNotFoundError as error:
-            if name != "lightly":
+            if base != "lightly":
                 raise
             return {"status": f"lightly not installed (pip install .[bench]): no module {error.name}"}
+        if variants:
+            runner.notes["variant"] = "+".join(variants)
         for _ in range(self.args.warmup):
             runner.train(next(runner.batches))
         return runner
+
+    @contextlib.contextmanager
+    def variant(self, variants: list[str]) -> Iterator[None]:
+        """The row built inside takes channels-last, bf16 autocast and `torch.compile` from `variants`
+        (on top of the run's settings); each row's step keeps what it was built with."""
+        saved = self.channels_last, self.precision, self.args.compile
+        self.channels_last = self.channels_last or "channels_last" in variants
+        self.precision = "bf16" if "bf16" in variants else self.precision
+        self.args.compile = self.args.compile or "compile" in variants
+        try:
+            yield
+        finally:
+            self.channels_last, self.precision, self.args.compile = saved
+
+    def bf16_refusal(self) -> str | None:
+        """Why bf16 autocast is not measured here (None: it is): on a CPU, without native bf16
+        instructions (oneDNN's check, AVX512-BF16 or AMX) it would be emulated and slow, and a
+        bf16 convolution must run (try-run)."""
+        if self.device.type != "cpu":
+            return None
+        capability = torch.backends.cpu.get_cpu_capability()
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return f"no native bf16 on this CPU ({capability}): not measured"
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                nn.Conv2d(3, 8, 3)(torch.rand(2, 3, 8, 8)).sum().item()
+        except RuntimeError as error:
+            return f"bf16 autocast failed on this CPU ({capability}): {str(error).splitlines()[0]}"
+        return None
 
     def measure(self, runners: dict[str, Runner | dict[str, Any]]) -> list[dict[str, Any]]:
         """Times every row for `--steps` steps, `--repeats` times round-robin, so that a change of
@@ -268,9 +326,10 @@ class Bench:
         lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
         optimizer = build_optimizer("lars", parameter_groups(model, 1e-6), lr=lr)
         step = contrastive_step(TEMPERATURE, self.channels_last, views or premade_views)
+        precision = self.precision  # the row's (`variant`)
 
         def train(batch: Batch) -> torch.Tensor:
-            with self.autocast():
+            with self.autocast(precision):
                 loss, _ = step(model, batch)
             loss.backward()
             optimizer.step()
@@ -362,13 +421,14 @@ class Bench:
         criterion = NTXentLoss(temperature=TEMPERATURE)
         lr = scaled_learning_rate(None, self.args.batch_size, "sqrt")
         optimizer = LARS(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
+        channels_last, precision = self.channels_last, self.precision  # the row's (`variant`)
 
         def train(batch: Any) -> torch.Tensor:
             first, second = (view.to(self.device, non_blocking=True) for view in batch[0])
-            if self.channels_last:
+            if channels_last:
                 first = first.contiguous(memory_format=torch.channels_last)
                 second = second.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
+            with self.autocast(precision):
                 loss = criterion(model(first).float(), model(second).float())
             loss.backward()
             optimizer.step()
@@ -556,21 +616,14 @@ def report(
     table = Table(title=title)
     for column in ("row", "views/s", "vs lightly (b)", "vs bare step (c)", "peak memory GiB", "notes"):
         table.add_column(column, justify="left" if column in ("row", "notes") else "right")
-    labels = {
-        "labelfew": "(a) labelfew batched",
-        "lightly": "(b) lightly 1.6.0",
-        "bare": "(c) bare step",
-        "cpu-path": "(d) PIL per image (reference)",
-        "stream": "(e) labelfew stream",
-        "stream-device": "(f) stream, decode on device",
-    }
     for row in rows:
         rate = row.get("views_per_second")
         notes = row.get("status") or ", ".join(
             f"{k} {v}" for k, v in row.items() if k in ("workers", "store_device", "decode")
         )
+        base, *variants = row["row"].split("+")
         table.add_row(
-            labels[row["row"]],
+            " + ".join([ROW_LABELS[base], *variants]),
             f"{rate:,.0f}" if rate else "-",
             ratio(rate, rates.get("lightly")),
             ratio(rate, rates.get("bare")),
@@ -604,6 +657,7 @@ def report(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_average": os.getloadavg(),
         "rows": rows,
         "data_only": data_rows,

@@ -14,6 +14,12 @@ processes (with gradient, see `gather_with_grad`) so that each anchor sees the 2
 negatives of the global batch, and computes the mean over its own 2N anchors. The mean of
 these per-process losses is the single-process loss on the global batch, and the gradients
 that DDP averages are exactly the single-process gradients of that loss.
+
+With a key queue (`pretrain --queue`, SimCLRv2 section 2: MoCo's memory "whose output will be
+buffered as negative examples", arXiv 2006.10029), the queued keys only add negatives: every
+denominator above also sums exp(sim(z_i, k) / t) over the K queued keys k (momentum-encoder
+projections of earlier steps, `labelfew.engine.key_queue`). Anchors, positives and in-batch
+negatives stay SimCLR's online projections; see `nt_xent_loss`.
 """
 
 from __future__ import annotations
@@ -97,8 +103,19 @@ def _check_inputs(z1: Tensor, z2: Tensor, temperature: float) -> None:
         )
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """Per-process NT-Xent loss (SimCLR eq. 1) against the negatives of the global batch.
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None) -> Tensor:
+    """Per-process NT-Xent loss (SimCLR eq. 1) against the negatives of the global batch (and a queue).
+
+    How queued keys enter: the queries are the online projections of both views (with gradient);
+    each query's positive is its partner view's online projection (as without a queue, not a
+    momentum key: MoCo's positive is a key, SimCLRv2 keeps SimCLR's pairs and uses the memory "as
+    negative examples"); its negatives are the other 2N - 2 online views of the global batch plus
+    every row of ``queue``, without gradient:
+
+        loss(i, j) = -log( exp(s_ij / t) / (sum_{k != i} exp(s_ik / t) + sum_q exp(sim(z_i, q) / t)) )
+
+    at the same temperature ``t``. An empty or absent queue gives plain NT-Xent, computed exactly
+    as before the queue existed.
 
     Computed in float32 even under autocast (float64 inputs stay float64): the logits are
     divided by a small temperature and exponentiated, which half precision does badly.
@@ -110,15 +127,20 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
             Shape: (local_batch_size, dim).
         temperature: divides the cosine similarities; SimCLR uses 0.1 for large batches
             with LARS and 0.5 for CIFAR-10 (paper, appendix B.9).
+        queue: extra negatives, the same on every process (keys of earlier steps, gathered over
+            processes before they were queued); normalised here, never differentiated.
+            Shape: (queued_keys, dim); None or 0 rows: no queue.
 
     Returns:
         Scalar mean over this process's 2 * local_batch_size anchors. Its mean over processes
         is the loss of the global batch.
 
     Raises:
-        ValueError: non-positive temperature, or projections of different or wrong shapes.
+        ValueError: non-positive temperature, or projections (or queue) of different or wrong shapes.
     """
     _check_inputs(z1, z2, temperature)
+    if queue is not None and (queue.ndim != 2 or queue.shape[1] != z1.shape[1]):
+        raise ValueError(f"NT-Xent's queue must have shape (keys, {z1.shape[1]}), got {tuple(queue.shape)}.")
     with torch.autocast(device_type=z1.device.type, enabled=False):
         if torch.finfo(z1.dtype).bits < 32:
             z1, z2 = z1.float(), z2.float()
@@ -127,6 +149,9 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
         all_z1 = gather_with_grad(anchors[:local_size])
         all_z2 = gather_with_grad(anchors[local_size:])
         candidates = torch.cat([all_z1, all_z2], dim=0)
+        if queue is not None and queue.shape[0] > 0:  # after the batch: the columns below stay
+            keys = functional.normalize(queue.detach().to(anchors.dtype), dim=1)
+            candidates = torch.cat([candidates, keys], dim=0)
         global_size = all_z1.shape[0]
         logits = anchors @ candidates.T / temperature
 

@@ -39,6 +39,7 @@ from labelfew.config import PretrainConfig
 from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import find_images
 from labelfew.data.stream import DecodedFiles, StreamBatches
+from labelfew.engine.key_queue import KeyQueue
 from labelfew.errors import UserError
 from labelfew.optim import build_optimizer, parameter_groups, scaled_learning_rate, warmup_cosine
 from labelfew.stages import pretrain
@@ -102,8 +103,9 @@ def _parity_model(dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _parity_run(accelerator: Any, dtype: torch.dtype, image_folder: Path) -> dict[str, Any]:
-    """STEPS steps of the real loop; returns losses, gradients, weights and the data order seen."""
+def _parity_run(accelerator: Any, dtype: torch.dtype, image_folder: Path, queue: int = 0) -> dict[str, Any]:
+    """STEPS steps of the real loop (with a key queue of `queue` keys, momentum 0.9, when not 0);
+    returns losses, gradients, weights, the data order seen and the queue."""
     global_batch = PER_PROCESS_BATCH * 2
     model = _parity_model(dtype)
     named = list(model.named_parameters())
@@ -123,7 +125,10 @@ def _parity_run(accelerator: Any, dtype: torch.dtype, image_folder: Path) -> dic
                        rank=accelerator.process_index, world_size=accelerator.num_processes)  # fmt: skip
     loader = StreamBatches(DecodedFiles(paths, side=32), order, accelerator.device, workers=0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    contrastive = pretrain.contrastive_step(TEMPERATURE, channels_last=False, views=TwoFixedViews(dtype))
+    keys = KeyQueue(accelerator.unwrap_model(model), queue, 32, momentum=0.9) if queue else None
+    contrastive = pretrain.contrastive_step(
+        TEMPERATURE, channels_last=False, views=TwoFixedViews(dtype), keys=keys
+    )
     losses: list[Tensor] = []
     indices: list[list[int]] = []
 
@@ -143,6 +148,7 @@ def _parity_run(accelerator: Any, dtype: torch.dtype, image_folder: Path) -> dic
         epochs=1,
         description="parity",
         quiet=True,
+        ema=keys,
     )
     result = trainer.fit()
     epochs = []
@@ -157,11 +163,15 @@ def _parity_run(accelerator: Any, dtype: torch.dtype, image_folder: Path) -> dic
         "final": {name: param.detach().clone() for name, param in named},
         "indices": indices,
         "epochs": epochs,
+        **({"queue": keys.keys.clone(), "pointer": keys.pointer, "filled": keys.filled} if keys else {}),
     }
 
 
-def _parity_worker(rank: int, world_size: int, init_file: str, image_folder: str, out_dir: str) -> None:
-    """One process of a parity run, in float64 and then in float32; saves what it measured."""
+def _parity_worker(
+    rank: int, world_size: int, init_file: str, image_folder: str, out_dir: str, queue: int = 0
+) -> None:
+    """One process of a parity run, in float64 and then in float32 (with a key queue: float64
+    only); saves what it measured."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     if world_size > 1:
@@ -182,8 +192,9 @@ def _parity_worker(rank: int, world_size: int, init_file: str, image_folder: str
         )
     accelerator = engine.make_accelerator("no", seed=0)
     assert accelerator.num_processes == world_size
+    dtypes = DTYPES[:1] if queue else DTYPES
     runs: dict[str, Any] = {
-        str(dtype): _parity_run(accelerator, dtype, Path(image_folder)) for dtype in DTYPES
+        str(dtype): _parity_run(accelerator, dtype, Path(image_folder), queue) for dtype in dtypes
     }
     # A write that fails on the main process fails on every process, instead of leaving them waiting.
     runs["shared_result"] = str(engine.on_main_process(accelerator, lambda: Path(out_dir) / "made-by-main"))
@@ -305,6 +316,32 @@ def test_two_processes_train_exactly_as_one_with_the_global_batch(
     assert rounded["epoch_loss"] < TOLERANCE, summary
     assert rounded["gradient"] < FLOAT32_GRADIENT_TOLERANCE, summary
     assert rounded["weights"] < FLOAT32_GRADIENT_TOLERANCE, summary
+
+
+def test_two_processes_queue_the_same_keys_and_train_as_one_with_the_global_batch(
+    parity_images: Path, tmp_path: Path
+) -> None:
+    """`--queue` (issue 27): the keys are gathered before they are queued, so the queue after every
+    step, and the losses and gradients that use it, are those of one process with the global batch.
+    40 keys: 16 a step, so the third step's keys wrap around; float64, so that only the objective
+    is compared."""
+    for world_size in (1, 2):
+        torch_multiprocessing.spawn(
+            _parity_worker,
+            args=(world_size, str(tmp_path / f"init{world_size}"), str(parity_images), str(tmp_path), 40),
+            nprocs=world_size,
+            join=True,
+        )
+    dtype = str(torch.float64)
+    single = torch.load(tmp_path / "world1-rank0.pt")[dtype]
+    ranks = [torch.load(tmp_path / f"world2-rank{rank}.pt")[dtype] for rank in (0, 1)]
+    assert (single["pointer"], single["filled"]) == (3 * 16 % 40, 40)
+    for rank in ranks:
+        assert (rank["pointer"], rank["filled"]) == (single["pointer"], single["filled"])
+        torch.testing.assert_close(rank["queue"], single["queue"], rtol=0, atol=1e-12)
+    measured = _differences(single, ranks)
+    for key in ("loss", "epoch_loss", "gradient", "weights"):
+        assert measured[key] < TOLERANCE, (key, measured)
 
 
 # --- Real launches: torchrun, as a user runs it -----------------------------------------------

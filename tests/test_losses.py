@@ -88,6 +88,49 @@ def test_float32_under_autocast_and_for_half_inputs() -> None:
     torch.testing.assert_close(half_loss, expected, rtol=0, atol=0.05)
 
 
+@pytest.mark.parametrize("queued", [1, 5, 40])
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_queue_matches_reference_loop(batch_size: int, queued: int) -> None:
+    """Queued keys are extra negatives in every denominator; no gradient reaches them."""
+    generator = torch.Generator().manual_seed(batch_size * 100 + queued)
+    z1, z2 = (torch.randn(batch_size, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    queue = torch.randn(queued, 16, generator=generator, dtype=torch.float64).requires_grad_()
+
+    def with_queue(function):
+        return lambda first, second, temperature: function(first, second, temperature, queue=queue)
+
+    loss, grad_z1, grad_z2 = _loss_and_grads(with_queue(nt_xent_loss), z1, z2, 0.2)
+    expected_loss, expected_z1, expected_z2 = _loss_and_grads(with_queue(reference_nt_xent), z1, z2, 0.2)
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-9)
+    torch.testing.assert_close(grad_z1, expected_z1, rtol=0, atol=1e-9)
+    torch.testing.assert_close(grad_z2, expected_z2, rtol=0, atol=1e-9)
+    assert loss > nt_xent_loss(z1, z2, 0.2)  # more negatives, a larger loss
+    nt_xent_loss(z1.requires_grad_(), z2, 0.2, queue=queue).backward()
+    assert queue.grad is None  # the keys are constants of the step (MoCo's stop-gradient)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_identical_embeddings_and_keys_give_log_of_all_candidates(batch_size: int) -> None:
+    # Every similarity is 1: each anchor's softmax is uniform over 2N - 1 views and the K keys.
+    z = torch.ones(batch_size, 8, dtype=torch.float64)
+    loss = nt_xent_loss(z, 2 * z, temperature=0.5, queue=torch.full((7, 8), 0.3, dtype=torch.float64))
+    assert loss.item() == pytest.approx(math.log(2 * batch_size - 1 + 7), abs=1e-9)
+
+
+def test_empty_queue_is_plain_nt_xent_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(5, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    plain = nt_xent_loss(z1, z2, 0.5)
+    assert torch.equal(nt_xent_loss(z1, z2, 0.5, queue=torch.empty(0, 8)), plain)
+    assert torch.equal(nt_xent_loss(z1, z2, 0.5, queue=None), plain)
+
+
+def test_rejects_a_queue_of_another_width() -> None:
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="queue must have shape"):
+        nt_xent_loss(z, z, 0.5, queue=torch.randn(3, 5))
+
+
 def test_single_process_gather_is_the_identity() -> None:
     tensor = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(tensor) is tensor

@@ -129,6 +129,43 @@ def test_pretrain_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path,
     assert len(list((tmp_path / "run" / "pretrain" / "checkpoints").iterdir())) == 2  # the last two are kept
 
 
+def _every_other_digit(small_digits: Path, folder: Path) -> Path:
+    """208 digits: 13 steps of 16 per epoch, so the kill still lands inside epoch 2, at half the cost."""
+    for path in sorted(small_digits.rglob("*.png"))[::2]:
+        (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / path.parent.name / path.name)
+    return folder
+
+
+def test_pretrain_with_a_key_queue_killed_mid_epoch_resumes_to_the_same_model_and_queue(
+    small_digits: Path, tmp_path: Path
+) -> None:
+    """`--queue` (issue 27): the momentum encoder, the queue and its pointer come back from the
+    checkpoint. 100 keys: not a multiple of the 32 keys a step makes, so the pointer wraps mid-step."""
+    half = _every_other_digit(small_digits, tmp_path / "digits")
+
+    def command(out: Path) -> list[str]:
+        return _command("pretrain", half, out, "--batch-size", "16", "--queue", "100", "--key-momentum", "0.9",
+                        "--checkpoint-every", EVERY_LOG_POINT)  # fmt: skip
+
+    _run(command(tmp_path / "whole"), tmp_path)
+    checkpoints = tmp_path / "killed" / "pretrain" / "checkpoints"
+    _kill_after_checkpoint(command(tmp_path / "killed"), checkpoints, 20, tmp_path, signal.SIGKILL)
+    resumed = _run(command(tmp_path / "killed"), tmp_path)
+    assert "resuming pretrain" in resumed.stderr and "epoch 2" in resumed.stderr
+    whole, killed = tmp_path / "whole" / "pretrain", tmp_path / "killed" / "pretrain"
+    for name in ("backbone.safetensors", "head.safetensors", "checkpoints/step-00000026/ema.safetensors"):
+        _assert_same_tensors(whole / name, killed / name)
+    assert (killed / "log.jsonl").read_text() == (whole / "log.jsonl").read_text()
+    queue = load_file(str(killed / "checkpoints" / "step-00000026" / "ema.safetensors"))
+    assert int(queue["_queue.pointer"]) == 26 * 32 % 100 and int(queue["_queue.filled"]) == 100
+    saved = json.loads((checkpoints / "step-00000026" / "fingerprint.json").read_text())
+    assert (saved["queue"], saved["key_momentum"], saved["key_momentum_ramp"]) == (100, 0.9, False)
+    changed = subprocess.run([*command(tmp_path / "killed"), "--queue", "64"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300, check=False)  # fmt: skip
+    assert changed.returncode == 2 and "queue 100 → 64" in changed.stderr
+
+
 def test_pretrain_from_an_init_killed_mid_epoch_resumes_to_the_same_model(small_digits: Path, tmp_path: Path) -> None:  # fmt: skip
     """`--init` (issue 24): the resumed run takes the checkpoint's weights, not the init's again."""
     import timm
@@ -137,11 +174,7 @@ def test_pretrain_from_an_init_killed_mid_epoch_resumes_to_the_same_model(small_
     torch.manual_seed(7)  # weights that no run's own seed would draw
     save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(tmp_path / "init.safetensors"),
               metadata={"architecture": "test_resnet"})  # fmt: skip
-    # 208 digits, 13 steps of 16 per epoch: the kill still lands inside epoch 2, at half the cost
-    half = tmp_path / "digits"
-    for path in sorted(small_digits.rglob("*.png"))[::2]:
-        (half / path.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, half / path.parent.name / path.name)
+    half = _every_other_digit(small_digits, tmp_path / "digits")
 
     def command(out: Path) -> list[str]:
         return _command("pretrain", half, out, "--batch-size", "16", "--init", str(tmp_path / "init.safetensors"),

@@ -100,6 +100,26 @@ class PretrainConfig(Validated):
     projection_hidden: int | None = option(
         None, minimum=1, help="Hidden width of the projection head.", shown="the backbone's num_features"
     )
+    queue: int = option(
+        0,
+        minimum=0,
+        help="Keep the last K key projections of a momentum copy of the encoder as extra NT-Xent "
+        "negatives (SimCLRv2's use of MoCo's memory); 0: plain SimCLR. Costs K × --projection-dim floats "
+        "and one more forward pass of both views per step (no backward); meant for small batches, where "
+        "the batch alone gives few negatives. At most 2 × the folder's images.",
+    )
+    key_momentum: float = option(
+        0.999,
+        minimum=0,
+        below=1,
+        help="With --queue: the momentum encoder follows the trained weights as m·key + (1 − m)·online "
+        "after every step (0.999 as MoCo v1/v2).",
+    )
+    key_momentum_ramp: bool = option(
+        False,
+        help="With --queue: raise --key-momentum to 1 along a half cosine over the run (BYOL, MoCo v3) "
+        "instead of keeping it constant (MoCo v2).",
+    )
     color_strength: float | None = option(
         None,
         minimum=0,

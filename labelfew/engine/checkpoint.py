@@ -219,15 +219,17 @@ def _tensor_bytes(value: Any) -> int:
 def estimated_bytes(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA | None = None
 ) -> int:
-    """The size of a checkpoint of this training before its first step: the weights (twice with a
-    moving average), the optimizer's per-parameter buffers (two with Adam's betas, one with
-    momentum) and 1 MB for the rest; the optimizer creates its buffers only at its first step."""
+    """The size of a checkpoint of this training before its first step: the weights, the moving
+    average's tensors (with `pretrain --queue`, the momentum encoder and its queue), the optimizer's
+    per-parameter buffers (two with Adam's betas, one with momentum) and 1 MB for the rest; the
+    optimizer creates its buffers only at its first step."""
     weights = _tensor_bytes(model.state_dict())
     trainable = sum(_tensor_bytes(group["params"]) for group in optimizer.param_groups)
     defaults = optimizer.defaults
     buffers = 2 if "betas" in defaults else 1 if defaults.get("momentum") else 0
     return (
-        weights * (2 if ema is not None else 1)
+        weights
+        + (_tensor_bytes(ema.state_dict()) if ema is not None else 0)
         + max(trainable * buffers, _tensor_bytes(optimizer.state))
         + (1 << 20)
     )

@@ -144,7 +144,8 @@ def check(config: PretrainConfig, image_count: int) -> None:
     """What depends on the data or on two settings; the config checked each value when it was made.
 
     Raises:
-        UserError: a warmup as long as the run, an unknown arch, or a batch larger than the folder.
+        UserError: a warmup as long as the run, an unknown arch, a batch larger than the folder, or a
+            queue longer than an epoch's keys.
     """
     if config.warmup_epochs is not None and config.warmup_epochs >= config.epochs:
         raise UserError(
@@ -158,6 +159,11 @@ def check(config: PretrainConfig, image_count: int) -> None:
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {image_count} images in {config.data}; "
             f"use at most {image_count}"
+        )
+    if config.queue > 2 * image_count:
+        raise UserError(
+            f"--queue {config.queue} holds more keys than an epoch makes (2 per image, {2 * image_count} for "
+            f"{config.data}), so every image would be its own negative; use at most {2 * image_count}"
         )
 
 
@@ -203,10 +209,13 @@ def fingerprint(config: PretrainConfig, paths: list[Path], start: Start | None =
     data's file list, the init's sha256) — but not where output goes, how often it checkpoints, how
     it prints, where the JPEGs are decoded (the same pixels within the decoders' rounding) or the
     init's path (its sha256 says whether the weights are the same). A run without `--init` has the
-    keys of a run before `--init` existed, so that its checkpoints still resume.
+    keys of a run before `--init` existed, and one without `--queue` those of a run before the
+    queue existed, so that their checkpoints still resume; with `--queue`, its settings are compared.
     """
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data", "logger",
                "memory_budget", "compile", "follow_links", "decode_on", "init"}  # fmt: skip
+    if not config.queue:
+        ignored |= {"queue", "key_momentum", "key_momentum_ramp"}
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
     names = [str(path.relative_to(config.data)) for path in paths]
     listing = hashlib.sha256(os.fsencode("\n".join(names)))

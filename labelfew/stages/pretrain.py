@@ -29,6 +29,7 @@ from labelfew.data.batches import Batch, EpochBatches, EpochOrder
 from labelfew.data.images import printable, require_images, skipped_note
 from labelfew.engine import estimate, simclr
 from labelfew.engine.batchnorm import batchnorm_description, use_sync_batchnorm
+from labelfew.engine.key_queue import KeyQueue
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.engine.start import DEFAULT_ARCH, Start
 from labelfew.errors import UserError
@@ -65,10 +66,16 @@ def build_model(config: PretrainConfig) -> SimCLRModel:
     return SimCLRModel(backbone, head)
 
 
-def contrastive_step(temperature: float, channels_last: bool, views: PairViews) -> engine.StepFunction:
+def contrastive_step(
+    temperature: float, channels_last: bool, views: PairViews, keys: KeyQueue | None = None
+) -> engine.StepFunction:
     """One SimCLR step: two views of every image made on the device (``views``, usually
     `labelfew.views.simclr.SimCLRViews`, drawing from the batch's seeded generator), both in one
     forward pass (so BN sees all 2N views), then NT-Xent.
+
+    With ``keys`` (`--queue`), the queued keys are extra negatives of this step's loss, then the
+    momentum encoder's keys of the same views (one more forward pass, no gradient) are queued; the
+    trainer updates the momentum encoder after the optimizer step (`labelfew.engine.key_queue`).
 
     NT-Xent runs in float32 under mixed precision (`nt_xent_loss` upcasts half-precision
     projections) and in float64 for a float64 model, which the multi-process parity test uses.
@@ -81,7 +88,11 @@ def contrastive_step(temperature: float, channels_last: bool, views: PairViews) 
             images = images.contiguous(memory_format=torch.channels_last)
         projections = model(images)
         z1, z2 = projections.chunk(2)
-        return nt_xent_loss(z1, z2, temperature), images.shape[0]
+        if keys is None:
+            return nt_xent_loss(z1, z2, temperature), images.shape[0]
+        loss = nt_xent_loss(z1, z2, temperature, queue=keys.negatives())
+        keys.enqueue(keys.encode(images))
+        return loss, images.shape[0]
 
     return step
 
@@ -125,7 +136,7 @@ def run(config: PretrainConfig) -> Path:
         config, paths, accelerator, engine.per_process_batch(config.batch_size, accelerator)
     )
     simclr.check_bad(config, undecodable, len(paths))  # known before training on the device path
-    model, optimizer, random_keys = _prepare_model(config, start, sync_bn, accelerator)
+    model, optimizer, random_keys, keys = _prepare_model(config, start, sync_bn, accelerator, len(loader))
     engine.seed_augmentations(accelerator, config.seed)
     lr = simclr.learning_rate(config)
     views = SimCLRViews(simclr.view_config(config, start))
@@ -139,7 +150,9 @@ def run(config: PretrainConfig) -> Path:
         run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
         write_views_figure(loader, views, config.out / "pretrain" / "views.png", run_loggers)
     fingerprint = simclr.fingerprint(config, paths, start)
-    result = _trainer(config, model, optimizer, loader, views, accelerator, fingerprint, run_loggers).fit()
+    result = _trainer(
+        config, model, optimizer, loader, views, keys, accelerator, fingerprint, run_loggers
+    ).fit()
     bad = undecodable + [printable(paths[index]) for index in result.bad_indices]
     simclr.check_bad(config, bad, len(paths))
     artifact = config.out / "pretrain" / "backbone.safetensors"
@@ -150,11 +163,12 @@ def run(config: PretrainConfig) -> Path:
 
 
 def _prepare_model(
-    config: PretrainConfig, start: Start, sync_bn: bool, accelerator: Any
-) -> tuple[nn.Module, Any, list[str]]:
+    config: PretrainConfig, start: Start, sync_bn: bool, accelerator: Any, steps_per_epoch: int
+) -> tuple[nn.Module, Any, list[str], KeyQueue | None]:
     """The encoder + projection head (the backbone from `start`'s weights when it has any, sync-BN
     across processes, channels-last on a GPU, compiled on request) and its optimizer at the resolved
-    lr, both prepared by Accelerate; and the backbone's tensors `start` left random."""
+    lr, both prepared by Accelerate; the backbone's tensors `start` left random; and with `--queue`,
+    the momentum encoder (a copy of the prepared model, compiled with it on request) and its key queue."""
     model = build_model(config)
     random_keys = start.load_into(model.backbone)  # strict: every other tensor is the init's
     if sync_bn:
@@ -164,17 +178,25 @@ def _prepare_model(
     groups = parameter_groups(model, config.weight_decay)
     optimizer = build_optimizer(config.optimizer, groups, lr=simclr.learning_rate(config))  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
+    keys = None
+    if config.queue:
+        ramp = steps_per_epoch * config.epochs if config.key_momentum_ramp else None
+        keys = KeyQueue(accelerator.unwrap_model(model), config.queue, config.projection_dim,
+                        config.key_momentum, ramp_steps=ramp, autocast=accelerator.autocast)  # fmt: skip
     if config.compile:
         model.compile()  # in place: the state_dict keys (checkpoints, artifacts) stay the same
-    return model, optimizer, random_keys
+        if keys is not None:
+            keys.module.compile()
+    return model, optimizer, random_keys, keys
 
 
 def _trainer(
     config: PretrainConfig, model: nn.Module, optimizer: Any, loader: EpochBatches, views: SimCLRViews,
-    accelerator: Any, fingerprint: dict[str, Any], loggers: Any,
+    keys: KeyQueue | None, accelerator: Any, fingerprint: dict[str, Any], loggers: Any,
 ) -> engine.Trainer:  # fmt: skip
     """The one training loop over ``loader`` with the contrastive step, warmup + cosine per step,
-    checkpoints in `<out>/pretrain/checkpoints` and the time estimate after the first steps."""
+    checkpoints in `<out>/pretrain/checkpoints` (with the momentum encoder and the key queue, which
+    the trainer updates and keeps as its moving average) and the time estimate after the first steps."""
     assert config.out is not None
     steps_per_epoch = len(loader)
     scheduler = warmup_cosine(
@@ -188,7 +210,8 @@ def _trainer(
         optimizer=optimizer,
         scheduler=scheduler,
         loader=loader,
-        step=contrastive_step(config.temperature, accelerator.device.type == "cuda", views),
+        step=contrastive_step(config.temperature, accelerator.device.type == "cuda", views, keys),
+        ema=keys,
         epochs=config.epochs,
         description="pretrain",
         quiet=config.quiet,
@@ -249,8 +272,16 @@ def _announce(config: PretrainConfig, facts: simclr.RunFacts) -> None:
         f"{config.arch}{' (small-image stem)' if config.small_stem else ''}, batch {config.batch_size}{split}, "
         f"{config.epochs} epochs, {config.optimizer} lr {facts.lr:.3g}, T {config.temperature}, "
         f"views on the training device from {source}, on {facts.device}, {facts.batchnorm}"
-        f"{', compiled' if config.compile else ''}"
+        f"{', compiled' if config.compile else ''}{_queue_note(config)}"
     )
+
+
+def _queue_note(config: PretrainConfig) -> str:
+    """`, queue of 4096 keys (momentum 0.999)` for the summary line; "" without `--queue`."""
+    if not config.queue:
+        return ""
+    ramp = " rising to 1" if config.key_momentum_ramp else ""
+    return f", queue of {config.queue} keys (momentum {config.key_momentum:g}{ramp})"
 
 
 def _random_note(keys: list[str]) -> str | None:
@@ -286,6 +317,6 @@ def _save(
     if not config.quiet:
         engine.console.print(
             f"[green]pretrain done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f} "
-            f"(chance {math.log(2 * config.batch_size - 1):.2f}), {result.views_per_second:.0f} "
+            f"(chance {math.log(2 * config.batch_size - 1 + config.queue):.2f}), {result.views_per_second:.0f} "
             f"views/s{skipped_note(facts.skipped)}\n  artifact: {artifact}"
         )

@@ -38,9 +38,11 @@ def global_mean(value: Tensor) -> Tensor:
     return total / torch_distributed.get_world_size()
 
 
-def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time."""
+def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None) -> Tensor:
+    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time; with
+    ``queue``, each of its rows is one more negative in every anchor's denominator (SimCLRv2's memory)."""
     views = [z / torch.linalg.vector_norm(z) for z in list(z1) + list(z2)]
+    keys = [key.detach() / torch.linalg.vector_norm(key) for key in (queue if queue is not None else [])]
     batch_size = z1.shape[0]
     total = torch.zeros((), dtype=z1.dtype)
     for anchor in range(2 * batch_size):
@@ -51,6 +53,8 @@ def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
                 denominator = denominator + torch.exp(
                     torch.dot(views[anchor], views[candidate]) / temperature
                 )
+        for key in keys:
+            denominator = denominator + torch.exp(torch.dot(views[anchor], key) / temperature)
         numerator = torch.exp(torch.dot(views[anchor], views[positive]) / temperature)
         total = total - torch.log(numerator / denominator)
     return total / (2 * batch_size)

@@ -357,3 +357,29 @@ def test_run_json_counts_the_files_the_device_decoded() -> None:
     record = simclr.run_record(config, facts, result, {"backbone.safetensors": "a"})
     assert record["data"]["device_decoded"] == 7 and record["data"]["cpu_fallbacks"] == 1
     assert record["config"]["decode_on"] == "device" and "init" not in record
+
+
+def test_queue_run_saves_the_trained_encoder_and_a_too_long_queue_fails_in_one_line(tmp_path: Path) -> None:
+    """`--queue` (issue 27): the artifact holds the online encoder's tensors only (its keys and
+    shapes as without a queue), the summary names the queue, and run.json records it."""
+    folder = _folder(tmp_path / "images", count=8)
+    common = ["pretrain", str(folder), "--arch", "test_resnet", "--epochs", "2", "--batch-size", "4",
+              "--workers", "0"]  # fmt: skip
+    refused = runner.invoke(app, [*common, "--queue", "17", "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2
+    assert "--queue 17 holds more keys than an epoch makes (2 per image, 16" in " ".join(
+        refused.output.split()
+    )
+    assert not (tmp_path / "refused" / "pretrain" / "checkpoints").exists()  # before any training
+    result = runner.invoke(app, [*common, "--queue", "12", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "queue of 12 keys (momentum 0.999)" in " ".join(result.output.split())
+    assert "(chance 2.94)" in result.output  # log(2 × 4 − 1 + 12): the queue's keys are candidates too
+    stage = tmp_path / "run" / "pretrain"
+    backbone = build_backbone("test_resnet", small_stem=True).state_dict()
+    saved = load_file(str(stage / "backbone.safetensors"))
+    assert saved.keys() == backbone.keys() and all(saved[k].shape == backbone[k].shape for k in backbone)
+    assert json.loads((stage / "run.json").read_text())["config"]["queue"] == 12
+    last = sorted((stage / "checkpoints").iterdir())[-1]
+    queue = load_file(str(last / "ema.safetensors"))
+    assert queue["_queue.keys"].shape == (12, 128) and int(queue["_queue.filled"]) == 12
