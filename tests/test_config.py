@@ -156,6 +156,8 @@ def test_every_field_of_every_command_is_declared_with_help() -> None:
         (PretrainConfig, {"batch_size": 1}, "--batch-size 1: a contrastive batch needs at least 2"),
         (PretrainConfig, {"min_scale": 1.5}, r"--min-scale 1.5: use a value in \(0, 1\]"),
         (PretrainConfig, {"projection_depth": 4}, r"--projection-depth 4: use 2 \(SimCLR v1\) or 3"),
+        (PretrainConfig, {"key_momentum": 0.99}, "--key-momentum: only with --queue K"),
+        (PretrainConfig, {"key_momentum_ramp": True}, "--key-momentum-ramp: only with --queue K"),
         (FinetuneConfig, {"optimizer": "adam"}, "--optimizer adam: use one of sgd, lars, adamw"),
         (FinetuneConfig, {"val_fraction": 1.0}, r"--val-fraction 1.0: use a value in \[0, 1\)"),
         (FinetuneConfig, {"precision": "half"}, "--precision half: use one of"),

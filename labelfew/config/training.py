@@ -22,9 +22,12 @@ from labelfew.config.shared import (
     Validated,
     require_init,
 )
+from labelfew.errors import UserError
 from labelfew.options import option, validate
 
 DECODE_PLACES = ("auto", "cpu", "device")
+KEY_MOMENTUM = 0.999
+"""`--key-momentum`'s default: MoCo v1/v2's."""
 """``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
 
 
@@ -109,7 +112,7 @@ class PretrainConfig(Validated):
         "the batch alone gives few negatives. At most 2 × the folder's images.",
     )
     key_momentum: float = option(
-        0.999,
+        KEY_MOMENTUM,
         minimum=0,
         below=1,
         help="With --queue: the momentum encoder follows the trained weights as m·key + (1 − m)·online "
@@ -186,3 +189,8 @@ class PretrainConfig(Validated):
     def __post_init__(self) -> None:
         validate(self)
         require_init(self.init, init_prefix=self.init_prefix)
+        if self.queue == 0 and (self.key_momentum != KEY_MOMENTUM or self.key_momentum_ramp):
+            shown = "--key-momentum" if self.key_momentum != KEY_MOMENTUM else "--key-momentum-ramp"
+            raise UserError(
+                f"{shown}: only with --queue K (the momentum encoder feeds the queue); add --queue or drop it"
+            )
