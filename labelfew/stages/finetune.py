@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,7 +39,7 @@ from labelfew.data.labelled import held_out_split, readable_labels
 from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
-from labelfew.engine import lr_search
+from labelfew.engine import linear_head, lr_search
 from labelfew.engine.fine_tuning import (
     Training,
     data_source,
@@ -46,6 +47,7 @@ from labelfew.engine.fine_tuning import (
     labels_run_folder,
     method_defaults,
     prepare_training,
+    start_classifier,
 )
 from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
 from labelfew.engine.init_weights import Init, init_name, read_init
@@ -57,17 +59,19 @@ from labelfew.models import Classifier, head_spec
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import ModelSpec
-from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
+from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores, run_model
 
 
 def _label(artifact: Artifact) -> str:
     """evaluate's name of a model by its start: "fine-tuned" (from a self-supervised pretrain),
     "fine-tuned (scratch)", "fine-tuned (init NAME)" (`--init`: no self-supervised step),
     "fine-tuned (init + SSL)" (from a pretrain that started from an init), with a method first
-    ("fine-tuned (fixmatch, init NAME)")."""
+    ("fine-tuned (fixmatch, init NAME)"); `--method linear`'s "linear (frozen)"."""
     method, spec = artifact.metadata.get("method", "supervised"), artifact.spec
     start = ["scratch"] if spec.scratch else [] if spec.init is None else [
         f"init {init_name(spec.init)}" if artifact.metadata.get("start") == "init" else "init + SSL"]  # fmt: skip
+    if method == "linear":  # the backbone was not fine-tuned: "linear (frozen[, init NAME])"
+        return f"linear ({', '.join(['frozen', *start])})"
     parts = [method] * (method != "supervised") + start
     return f"fine-tuned ({', '.join(parts)})" if parts else "fine-tuned"
 
@@ -78,10 +82,11 @@ STAGE = register_stage(
 
 
 def default_out(config: FinetuneConfig, start: Start) -> Path:
-    """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`)
+    """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`,
+    `finetune-linear-<stem>`)
     beside the pretrain stage; without one, in a run of its own named after the labels (and the
     init): `runs/<stem>[-init-<name>]-<hash>` (`labelfew.engine.fine_tuning.labels_run_folder`)."""
-    method = "fixmatch-" if config.method == "fixmatch" else ""
+    method = "" if config.method == "supervised" else f"{config.method}-"
     stem = config.labels[-1].stem  # the latest round's file names the stage
     name = f"finetune-{method}{'scratch-' if config.scratch else ''}{stem}"
     if start.artifact is not None:
@@ -213,6 +218,8 @@ def run(config: FinetuneConfig) -> Path:
         config.out or default_out(config, start), config.restart, source=data_source(config.labels)))  # fmt: skip
     if len(config.labels) > 1:
         engine.on_main_process(accelerator, lambda: write_labels(labeled, label_file(config, out)))
+    if config.method == "linear":
+        return _linear(config, start, class_names, train, held, unreadable, out, accelerator)
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
@@ -231,6 +238,51 @@ def run(config: FinetuneConfig) -> Path:
             config, start, model, artifact, class_names, train, unlabeled, result, bad, accelerator, record
         ),
     )
+    return artifact
+
+
+def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
+            held: LabeledImages | None, unreadable: list[str], out: Path, accelerator: Any) -> Path:  # fmt: skip
+    """`--method linear`: the frozen backbone's features of the labels (the evaluation view, once:
+    `labelfew.use.inference.run_model`), the heads trained on them (`labelfew.engine.linear_head`),
+    and the backbone + the chosen head saved as a classifier. No checkpoints: a rerun recomputes it
+    (seconds), bit for bit."""
+    started = time.perf_counter()
+    model = start_classifier(start, len(class_names), config.from_head_layer)
+    model.requires_grad_(False)
+    frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
+    spec = ModelSpec(start.arch, start.image_size, start.small_stem, 0, start.mean, start.std)
+    outputs = run_model(frozen, list(train.paths), spec, config.batch_size, config.workers,
+                        description="features (frozen backbone)", quiet=config.quiet or not accelerator.is_main_process)  # fmt: skip
+    bad = [printable(train.paths[index]) for index in sorted(outputs.errors)]
+    if bad and not config.skip_bad:
+        raise UserError(
+            f"{bad[0]}: cannot be decoded ({len(bad)} labelled image(s)); fix it or pass --skip-bad"
+        )
+    kept = LabeledImages(tuple(train.paths[i] for i in outputs.kept), tuple(train.labels[i] for i in outputs.kept),
+                         train.root)  # fmt: skip
+    settings = linear_head.HeadSettings(config.epochs, config.batch_size, config.decay, config.warmup,
+                                        config.label_smoothing, config.balanced, config.seed)  # fmt: skip
+    fit = linear_head.fit_linear(
+        outputs.values, kept, class_names, lr_search.explicit_lr(config.lr), settings
+    )
+    model.classifier = fit.layer
+    model.to(accelerator.device)
+    metrics: list[dict[str, float]] = []
+    if held is not None and len(held):
+        metrics.append({"val_top1": accuracy(model, _val_loader(held, class_names, start, config, accelerator),
+                                             accelerator)})  # fmt: skip
+    if accelerator.is_main_process and not config.quiet:
+        if fit.search is not None:
+            print_lr_search(fit.search, reused=False)
+        engine.console.print(f"[bold]finetune (linear)[/] {len(kept)} labelled images, {len(class_names)} classes, "
+                             f"frozen backbone, lr {fit.lr:.4g}")  # fmt: skip
+    result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
+                              fit.epoch_losses, metrics)  # fmt: skip
+    artifact = out / "model.safetensors"
+    record = {"lr": fit.lr, "lr_search": fit.search}
+    engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
+                                                      result, unreadable + bad, accelerator, record))  # fmt: skip
     return artifact
 
 
@@ -317,7 +369,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
         start.arch, start.image_size, start.small_stem, width, start.mean, start.std, head,
         config.from_head_layer, tuple(class_names), config.scratch, init, init_sha256,
     )  # fmt: skip
-    method = {"method": config.method} if config.fixmatch is not None else {}
+    method = {"method": config.method} if config.method != "supervised" else {}
     origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
     metadata = {"stage": "finetune", **spec.to_metadata(), **method, **origin, "config": json.dumps(resolved)}
     digest = save_tensors(artifact, model.state_dict(), metadata)
