@@ -1,0 +1,91 @@
+"""`finetune --method linear` as a user runs it: the frozen backbone, the saved classifier that
+predict and evaluate use, a rerun, and the combinations it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyRun, copy_tiny_run
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from labelfew.artifacts import load_artifact, model_label
+from labelfew.cli import app
+from labelfew.config import EvaluateConfig, FinetuneConfig, PredictConfig
+from labelfew.data.labels import read_labels
+from labelfew.engine import linear_head
+from labelfew.stages import evaluate, finetune
+from labelfew.use.predict import predict
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    return copy_tiny_run(tiny_pretrained, tmp_path_factory.mktemp("linear"))
+
+
+def _linear(tiny: TinyRun, **options: object) -> Path:
+    config = FinetuneConfig(labels=(tiny["labels"],), source=tiny["run"], method="linear", epochs=5, batch_size=8,
+                            workers=0, quiet=True, **options)  # type: ignore[arg-type]  # fmt: skip
+    return finetune.run(config)
+
+
+def test_the_backbone_stays_the_pretrains_and_predict_and_evaluate_use_the_head(
+    tiny: TinyRun, tmp_path: Path
+) -> None:
+    model = _linear(tiny)
+    assert model == tiny["run"] / "finetune-linear-labels" / "model.safetensors"
+    tensors = load_file(model)
+    pretrained = load_file(tiny["run"] / "pretrain" / "backbone.safetensors")
+    for name, tensor in pretrained.items():
+        assert torch.equal(tensors[f"backbone.{name}"], tensor), name  # bit for bit
+    record = json.loads((model.parent / "run.json").read_text())
+    assert record["method"] == "linear" and record["config"]["method"] == "linear"
+    search = record["lr_search"]
+    assert [item["factor"] for item in search["candidates"]] == list(linear_head.LR_FACTORS)
+    assert record["lr"] == search["chosen"] and search["folds"] >= 1
+    artifact = load_artifact(model)
+    assert artifact.metadata["method"] == "linear" and model_label(artifact) == "linear (frozen)"
+
+    out = tmp_path / "predictions.csv"
+    predict(PredictConfig(images=tiny["test"], out=out, source=model.parent, top_k=1, workers=0, quiet=True))
+    assert len(read_labels(out)) == 15
+    result = evaluate.run(EvaluateConfig(test=tiny["test"], source=tiny["run"], out=tmp_path / "evaluate",
+                                         workers=0, quiet=True))  # fmt: skip
+    assert "linear (frozen)" in [row["method"] for row in result["rows"]]
+
+
+def test_a_rerun_recomputes_the_same_head_and_an_explicit_lr_trains_that_one(tiny: TinyRun) -> None:
+    """No checkpoints: the features and heads take seconds, a rerun (or a run stopped and rerun)
+    recomputes them, bit for bit."""
+    first = load_file(_linear(tiny, out=tiny["work"] / "linear-a"))
+    (tiny["work"] / "linear-a" / "model.safetensors").unlink()  # as if stopped before saving
+    again = load_file(_linear(tiny, out=tiny["work"] / "linear-a"))
+    other = load_file(_linear(tiny, out=tiny["work"] / "linear-b", restart=True))
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[key], again[key]) and torch.equal(first[key], other[key]) for key in first)
+    assert not (tiny["work"] / "linear-a" / "checkpoints").exists()
+    explicit = _linear(tiny, out=tiny["work"] / "linear-explicit", lr=0.05)
+    record = json.loads((explicit.parent / "run.json").read_text())
+    assert record["lr"] == 0.05 and record["lr_search"] is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--scratch"], "a frozen random backbone learns nothing"),
+        (["--optimizer", "lars"], "--method linear trains its heads with SGD"),
+        (["--unlabeled", "."], "only for --method fixmatch"),
+    ],
+)
+def test_what_a_linear_head_cannot_use_exits_2_with_one_line(
+    tiny: TinyRun, tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    arguments = ["finetune", "--labels", str(tiny["labels"]), "--method", "linear", "--out", str(tmp_path / "out"),
+                 "--workers", "0", "--quiet", *flags]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
+    assert not (tmp_path / "out").exists()
