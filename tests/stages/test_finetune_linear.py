@@ -14,10 +14,18 @@ from typer.testing import CliRunner
 
 from labelfew.artifacts import load_artifact, model_label
 from labelfew.cli import app
-from labelfew.config import EvaluateConfig, FinetuneConfig, PredictConfig
+from labelfew.config import (
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FinetuneConfig,
+    PredictConfig,
+    SelectConfig,
+)
 from labelfew.data.labels import read_labels
 from labelfew.engine import linear_head
-from labelfew.stages import evaluate, finetune
+from labelfew.stages import distill, evaluate, finetune, select
+from labelfew.use import export
 from labelfew.use.predict import predict
 
 
@@ -89,3 +97,19 @@ def test_what_a_linear_head_cannot_use_exits_2_with_one_line(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and expected in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_select_export_and_distill_take_the_linear_model(tiny: TinyRun, tmp_path: Path) -> None:
+    model = _linear(tiny, out=tiny["work"] / "finetune-linear-select")
+    to_label = tmp_path / "to-label.csv"
+    select.run(SelectConfig(folder=tiny["unlabeled"], budget=4, out=to_label, source=model.parent,
+                            strategy="uncertain", workers=0, quiet=True))  # fmt: skip
+    assert len(to_label.read_text().splitlines()) == 5
+    exported = export.run(
+        ExportConfig(source=model.parent, out=tmp_path / "export", format="safetensors", quiet=True)
+    )
+    assert (exported / "model.safetensors").is_file()
+    student = distill.run(DistillConfig(unlabeled=tiny["unlabeled"], source=model.parent, out=tmp_path / "distill",
+                                        epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
+    teacher = json.loads((student.parent / "run.json").read_text())["parent"]
+    assert Path(teacher["path"]).resolve() == model.resolve()
