@@ -22,8 +22,9 @@ from labelfew.config import (
     PredictConfig,
     SelectConfig,
 )
-from labelfew.data.labels import read_labels
-from labelfew.engine import linear_head
+from labelfew.data.labels import read_label_files, read_labels
+from labelfew.engine import linear_head, lr_search
+from labelfew.models import load_model
 from labelfew.stages import distill, evaluate, finetune, select
 from labelfew.use import export
 from labelfew.use.predict import predict
@@ -54,6 +55,8 @@ def test_the_backbone_stays_the_pretrains_and_predict_and_evaluate_use_the_head(
     search = record["lr_search"]
     assert [item["factor"] for item in search["candidates"]] == list(linear_head.LR_FACTORS)
     assert record["lr"] == search["chosen"] and search["folds"] >= 1
+    folds = lr_search.search_folds(read_label_files((tiny["labels"],)), seed=0)  # --lr auto's folds
+    assert (search["folds"], search["held_out_images"]) == (len(folds), sum(len(check) for _, check in folds))
     artifact = load_artifact(model)
     assert artifact.metadata["method"] == "linear" and model_label(artifact) == "linear (frozen)"
 
@@ -113,3 +116,28 @@ def test_select_export_and_distill_take_the_linear_model(tiny: TinyRun, tmp_path
                                         epochs=1, batch_size=30, workers=0, quiet=True))  # fmt: skip
     teacher = json.loads((student.parent / "run.json").read_text())["parent"]
     assert Path(teacher["path"]).resolve() == model.resolve()
+
+
+def test_a_head_on_the_frozen_first_projection_layer_and_the_validation_fraction(tiny: TinyRun) -> None:
+    model = _linear(tiny, out=tiny["work"] / "linear-head-layer", from_head_layer=1, val_fraction=0.2)
+    artifact = load_artifact(model)
+    assert artifact.spec.from_head_layer == 1
+    head = load_file(tiny["run"] / "pretrain" / "head.safetensors")
+    tensors = load_file(model)
+    for name, tensor in tensors.items():
+        if name.startswith("head."):
+            assert torch.equal(tensor, head["layers." + name.removeprefix("head.")]), name
+    assert load_model(artifact).classifier.in_features == tensors["head.0.0.weight"].shape[0]
+    record = json.loads((model.parent / "run.json").read_text())
+    assert len(record["metrics"]["val_top1"]) == 1 and 0 <= record["metrics"]["val_top1"][0] <= 1
+    assert record["labels"]["images"] == 12  # 15 labels, a fifth of each class held out
+
+
+def test_balanced_draws_every_class_equally_often() -> None:
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([linear_head.epoch_order(labels, 2, True, generator) for _ in range(50)])
+    share = (labels[drawn] == 1).float().mean()
+    assert abs(float(share) - 0.5) < 0.03
+    plain = linear_head.epoch_order(labels, 2, False, generator)
+    assert sorted(plain.tolist()) == list(range(100))
