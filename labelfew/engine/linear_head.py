@@ -124,16 +124,14 @@ def train_heads(
     """
     mean, std = standardization(features)
     inputs = (features - mean) / std
-    count, heads = len(labels), len(lrs)
-    weight = torch.zeros(heads, num_classes, inputs.shape[1], requires_grad=True)
-    bias = torch.zeros(heads, num_classes, requires_grad=True)
+    count, heads, width = len(labels), len(lrs), inputs.shape[1]
+    weight, bias = torch.zeros(heads, num_classes, width), torch.zeros(heads, num_classes)
     rates = torch.tensor(list(lrs), dtype=torch.float32)
     batch = min(settings.batch_size, count)
-    steps_per_epoch = math.ceil(count / batch)
     # the one warmup + cosine rule, read from a placeholder optimizer at lr 1
     placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     schedule = warmup_cosine_fraction(
-        placeholder, steps_per_epoch * settings.epochs, settings.warmup_fraction
+        placeholder, math.ceil(count / batch) * settings.epochs, settings.warmup_fraction
     )
     buffers: list[Tensor | None] = [None, None]
     generator = torch.Generator().manual_seed(settings.seed)
@@ -144,39 +142,55 @@ def train_heads(
         total = torch.zeros(heads)
         for start in range(0, count, batch):
             index = order[start : start + batch]
-            with torch.enable_grad():
-                logits = torch.einsum("nd,hcd->hnc", inputs[index], weight) + bias[:, None, :]
-                losses = nn.functional.cross_entropy(
-                    logits.reshape(-1, num_classes), labels[index].repeat(heads),
-                    reduction="none", label_smoothing=settings.label_smoothing,
-                ).view(heads, -1).mean(dim=1)  # fmt: skip
-                weight.grad, bias.grad = torch.autograd.grad(losses.sum(), (weight, bias))
+            losses, weight_gradient, bias_gradient = _loss_and_gradients(
+                inputs[index], labels[index], weight, bias, settings.label_smoothing
+            )
             factor = placeholder.param_groups[0]["lr"]
-            _nesterov_step(weight, bias, buffers, rates * factor, settings.weight_decay)
+            _nesterov_step((weight, bias), (weight_gradient, bias_gradient), buffers, rates * factor,
+                           settings.weight_decay)  # fmt: skip
             placeholder.step()  # no gradient: moves nothing, keeps the scheduler in order
             schedule.step()
-            total += losses.detach() * len(index)
+            total += losses * len(index)
         final = total / count
         epoch_losses.append(float(final[0]))
-    with torch.no_grad():  # fold the standardisation into the layer: W (x − μ)/σ + b
-        folded = weight.detach() / std
-        return Heads(folded, bias.detach() - folded @ mean, final, epoch_losses)
+    folded = weight / std  # the standardisation folded into the layer: W (x − μ)/σ + b
+    return Heads(folded, bias - folded @ mean, final, epoch_losses)
 
 
-@torch.no_grad()
+def _loss_and_gradients(
+    inputs: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, smoothing: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every head's mean cross-entropy on a batch and its gradients, in closed form: one matrix
+    product forward, one back (d loss / d logits = (softmax − target) / n).
+
+    Shape: inputs (n, dim), labels (n,), weight (heads, classes, dim), bias (heads, classes) ->
+    losses (heads,), weight gradient (heads, classes, dim), bias gradient (heads, classes)
+    """
+    heads, classes, width = weight.shape
+    logits = (inputs @ weight.reshape(heads * classes, width).T).view(-1, heads, classes) + bias
+    log_probabilities = logits.log_softmax(dim=2)
+    target = torch.full_like(log_probabilities, smoothing / classes)
+    target.scatter_add_(2, labels.view(-1, 1, 1).expand(-1, heads, 1),
+                        torch.full((len(labels), heads, 1), 1.0 - smoothing))  # fmt: skip
+    losses = -(target * log_probabilities).sum(dim=2).mean(dim=0)
+    residual = (log_probabilities.exp() - target) / len(labels)  # (n, heads, classes)
+    weight_gradient = (residual.reshape(len(labels), heads * classes).T @ inputs).view(heads, classes, width)
+    return losses, weight_gradient, residual.sum(dim=0)
+
+
 def _nesterov_step(
-    weight: Tensor, bias: Tensor, buffers: list[Tensor | None], rates: Tensor, decay: float
-) -> None:
-    """`torch.optim.SGD`'s Nesterov step with a per-head lr (`rates`, shape (heads,))."""
-    for slot, (parameter, parameter_decay) in enumerate(((weight, decay), (bias, 0.0))):
-        assert parameter.grad is not None
-        gradient = parameter.grad + parameter_decay * parameter if parameter_decay else parameter.grad
+    parameters: tuple[Tensor, Tensor], gradients: tuple[Tensor, Tensor], buffers: list[Tensor | None],
+    rates: Tensor, decay: float,
+) -> None:  # fmt: skip
+    """`torch.optim.SGD`'s Nesterov step (momentum 0.9, dampening 0) with a per-head lr (`rates`,
+    shape (heads,)), on (weight, bias); `decay` on the weight only."""
+    for slot, (parameter, gradient) in enumerate(zip(parameters, gradients, strict=True)):
+        if slot == 0 and decay:
+            gradient = gradient + decay * parameter
         buffer = buffers[slot]
         buffer = gradient.clone() if buffer is None else buffer.mul_(MOMENTUM).add_(gradient)
         buffers[slot] = buffer
-        step = gradient + MOMENTUM * buffer
-        parameter -= rates.view(-1, *[1] * (parameter.dim() - 1)) * step
-        parameter.grad = None
+        parameter -= rates.view(-1, *[1] * (parameter.dim() - 1)) * (gradient + MOMENTUM * buffer)
 
 
 @dataclass(frozen=True)
