@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 
 from labelfew import engine
 from labelfew.artifacts import (
@@ -243,15 +243,40 @@ def run(config: FinetuneConfig) -> Path:
 
 def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
             held: LabeledImages | None, unreadable: list[str], out: Path, accelerator: Any) -> Path:  # fmt: skip
-    """`--method linear`: the frozen backbone's features of the labels (the evaluation view, once:
-    `labelfew.use.inference.run_model`), the heads trained on them (`labelfew.engine.linear_head`),
-    and the backbone + the chosen head saved as a classifier. No checkpoints: a rerun recomputes it
-    (seconds), bit for bit."""
+    """`--method linear`: the frozen backbone's features of the labels, the heads trained on them
+    (`labelfew.engine.linear_head`), and the backbone + the chosen head saved as a classifier. No
+    checkpoints: a rerun recomputes it (seconds), bit for bit."""
     started = time.perf_counter()
-    model = start_classifier(start, len(class_names), config.from_head_layer)
-    model.requires_grad_(False)
+    model = start_classifier(start, len(class_names), config.from_head_layer).requires_grad_(False)
+    features, kept, bad = _frozen_features(config, start, model, train, accelerator)
+    settings = linear_head.HeadSettings(config.epochs, config.batch_size, config.decay, config.warmup,
+                                        config.label_smoothing, config.balanced, config.seed)  # fmt: skip
+    fit = linear_head.fit_linear(features, kept, class_names, lr_search.explicit_lr(config.lr), settings)
+    model.classifier = fit.layer
+    model.to(accelerator.device)
+    metrics = [] if held is None or not len(held) else [
+        {"val_top1": accuracy(model, _val_loader(held, class_names, start, config, accelerator), accelerator)}]  # fmt: skip
+    if accelerator.is_main_process and not config.quiet:
+        if fit.search is not None:
+            print_lr_search(fit.search, reused=False)
+        engine.console.print(f"[bold]finetune (linear)[/] {len(kept)} labelled images, {len(class_names)} classes, "
+                             f"frozen backbone, lr {fit.lr:.4g}")  # fmt: skip
+    result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
+                              fit.epoch_losses, metrics)  # fmt: skip
+    artifact, record = out / "model.safetensors", {"lr": fit.lr, "lr_search": fit.search}
+    engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
+                                                      result, unreadable + bad, accelerator, record))  # fmt: skip
+    return artifact
+
+
+def _frozen_features(config: FinetuneConfig, start: Start, model: Classifier, train: LabeledImages,
+                     accelerator: Any) -> tuple[Tensor, LabeledImages, list[str]]:  # fmt: skip
+    """The frozen classifier's features (backbone, and head layers) of the labelled images, once,
+    in the evaluation view (`labelfew.use.inference.run_model`), the images they are of, and the
+    undecodable ones (refused unless `--skip-bad`). Shape: (decoded images, width)."""
     frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
-    spec = ModelSpec(start.arch, start.image_size, start.small_stem, 0, start.mean, start.std)
+    width = int(model.backbone.num_features)  # type: ignore[arg-type]
+    spec = ModelSpec(start.arch, start.image_size, start.small_stem, width, start.mean, start.std)
     outputs = run_model(frozen, list(train.paths), spec, config.batch_size, config.workers,
                         description="features (frozen backbone)", quiet=config.quiet or not accelerator.is_main_process)  # fmt: skip
     bad = [printable(train.paths[index]) for index in sorted(outputs.errors)]
@@ -261,29 +286,7 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
         )
     kept = LabeledImages(tuple(train.paths[i] for i in outputs.kept), tuple(train.labels[i] for i in outputs.kept),
                          train.root)  # fmt: skip
-    settings = linear_head.HeadSettings(config.epochs, config.batch_size, config.decay, config.warmup,
-                                        config.label_smoothing, config.balanced, config.seed)  # fmt: skip
-    fit = linear_head.fit_linear(
-        outputs.values, kept, class_names, lr_search.explicit_lr(config.lr), settings
-    )
-    model.classifier = fit.layer
-    model.to(accelerator.device)
-    metrics: list[dict[str, float]] = []
-    if held is not None and len(held):
-        metrics.append({"val_top1": accuracy(model, _val_loader(held, class_names, start, config, accelerator),
-                                             accelerator)})  # fmt: skip
-    if accelerator.is_main_process and not config.quiet:
-        if fit.search is not None:
-            print_lr_search(fit.search, reused=False)
-        engine.console.print(f"[bold]finetune (linear)[/] {len(kept)} labelled images, {len(class_names)} classes, "
-                             f"frozen backbone, lr {fit.lr:.4g}")  # fmt: skip
-    result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
-                              fit.epoch_losses, metrics)  # fmt: skip
-    artifact = out / "model.safetensors"
-    record = {"lr": fit.lr, "lr_search": fit.search}
-    engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
-                                                      result, unreadable + bad, accelerator, record))  # fmt: skip
-    return artifact
+    return outputs.values, kept, bad
 
 
 def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
