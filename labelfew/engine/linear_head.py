@@ -2,7 +2,10 @@
 
 The backbone never trains, so its features are computed once (the evaluation view, by the stage
 through `labelfew.use.inference`) and everything here works on that (N, D) tensor: seconds on a
-CPU for a few thousand labels.
+CPU for a few thousand labels. Random crop + flip views, one per epoch, were measured and not
+kept: on CIFAR-10 (a 50-epoch test_resnet pretrain, 2,000 test images, the grid's best lr) they
+scored 45.6% against the evaluation view's 45.8% at 1% of the labels (20 views) and 53.5% against
+54.3% at 10% (10 views), for 10× the feature time.
 
 The protocol is SimCLR's linear evaluation (arXiv 2002.05709, appendix B.6; google-research/simclr
 `--train_mode=finetune --fine_tune_after_block=4 --zero_init_logits_layer=True`): a zero-initialised

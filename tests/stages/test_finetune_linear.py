@@ -24,6 +24,7 @@ from labelfew.config import (
 )
 from labelfew.data.labels import read_label_files, read_labels
 from labelfew.engine import linear_head, lr_search
+from labelfew.errors import UserError
 from labelfew.models import load_model
 from labelfew.stages import distill, evaluate, finetune, select
 from labelfew.use import export
@@ -141,3 +142,18 @@ def test_balanced_draws_every_class_equally_often() -> None:
     assert abs(float(share) - 0.5) < 0.03
     plain = linear_head.epoch_order(labels, 2, False, generator)
     assert sorted(plain.tolist()) == list(range(100))
+
+
+def test_a_labelled_image_whose_pixels_cannot_be_decoded_stops_it_unless_skip_bad(tiny: TinyRun) -> None:
+    first = sorted((tiny["labels"] / "0").iterdir())[0]
+    truncated = tiny["labels"] / "0" / "zz-truncated.png"
+    truncated.write_bytes(first.read_bytes()[:60])  # the header reads, the pixels do not
+    try:
+        with pytest.raises(UserError, match=r"zz-truncated.png: cannot be decoded \(1 labelled image"):
+            _linear(tiny, out=tiny["work"] / "linear-refused")
+        model = _linear(tiny, out=tiny["work"] / "linear-skipped", skip_bad=True)
+    finally:
+        truncated.unlink()
+    record = json.loads((model.parent / "run.json").read_text())
+    assert record["data"]["skipped"] == 1 and str(truncated) in record["data"]["skipped_files"][0]
+    assert record["labels"]["images"] == 15
