@@ -10,10 +10,13 @@ scored 45.6% against the evaluation view's 45.8% at 1% of the labels (20 views) 
 The protocol is SimCLR's linear evaluation (arXiv 2002.05709, appendix B.6; google-research/simclr
 `--train_mode=finetune --fine_tune_after_block=4 --zero_init_logits_layer=True`): a zero-initialised
 linear layer, SGD with Nesterov momentum 0.9, lr 0.1 × B/256, no weight decay, no warmup, cosine
-decay, the batches drawn anew each epoch. solo-learn's `linear.py` and MAE's linear probing (arXiv
-2111.06377, appendix A.2) normalise the features first (BatchNorm without affine); here each feature
-is standardised with the fitted labels' mean and standard deviation, which is folded back into the
-saved layer (W/σ, b − Wμ/σ), so the artifact is a plain `labelfew.models.Classifier`.
+decay, the batches drawn anew each epoch. solo-learn's SimCLR linear evaluation
+(`scripts/linear/imagenet-100/simclr.yaml`) agrees on SGD, no weight decay and 100 epochs but uses
+lr 1.0 at batch 256, ten times SimCLR's: the lr is the one setting the protocols disagree on, so it
+is searched. MAE's linear probing (arXiv 2111.06377, appendix A.2) normalises the features first
+(BatchNorm without affine); here each feature is standardised with the fitted labels' mean and
+standard deviation, which is folded back into the saved layer (W/σ, b − Wμ/σ), so the artifact is
+a plain `labelfew.models.Classifier`.
 
 With few labels no fixed lr is right (`labelfew.engine.lr_search`), and a linear head is cheap, so
 one head per lr of `LR_FACTORS` × the rule is trained in the same pass — one [heads, classes, dim]
