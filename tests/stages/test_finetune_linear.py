@@ -3,6 +3,7 @@ predict and evaluate use, a rerun, and the combinations it refuses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def test_the_backbone_stays_the_pretrains_and_predict_and_evaluate_use_the_head(
     assert (search["folds"], search["held_out_images"]) == (len(folds), sum(len(check) for _, check in folds))
     artifact = load_artifact(model)
     assert artifact.metadata["method"] == "linear" and model_label(artifact) == "linear (frozen)"
+    from_init = {**artifact.metadata, "init": "timm:resnet18.a1_in1k", "start": "init"}  # `--init`'s name
+    assert model_label(dataclasses.replace(artifact, metadata=from_init)).startswith(
+        "linear (frozen, init resnet18"
+    )
 
     out = tmp_path / "predictions.csv"
     predict(PredictConfig(images=tiny["test"], out=out, source=model.parent, top_k=1, workers=0, quiet=True))
