@@ -2,7 +2,7 @@
 
 The 1,797 digits images (8×8, 10 classes; real scans that ship inside scikit-learn, so nothing
 is downloaded) are written as 32 px PNG files, a quarter of them held out as the test set. Then
-subset → pretrain → finetune (SSL and scratch) → distill (the fine-tuned SSL model into the same
+subset → pretrain → finetune (SSL and scratch, and a linear head on the frozen backbone) → distill (the fine-tuned SSL model into the same
 arch on the unlabeled pool, for half the pretraining epochs as SimCLRv2) → the transfer baseline
 (`finetune --init`, here with the weights of the demo's own pretraining exported by `labelfew
 export` and read back, not a download, at the SSL model's lr, so its row is close to
@@ -82,6 +82,7 @@ def run(out: Path, epochs: int = 30, quiet: bool = False) -> dict[str, Any]:
                 labels=(labels,), source=out, scratch=scratch, epochs=50, batch_size=50, quiet=quiet
             )
         )
+    finetune.run(FinetuneConfig(labels=(labels,), source=out, method="linear", batch_size=50, quiet=quiet))
     teacher = out / f"finetune-{labels.stem}"
     _transfer_baseline(out, labels, teacher, quiet)
     distill.run(

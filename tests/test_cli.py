@@ -129,7 +129,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "demo" / "evaluate" / "report.json").read_text())
     methods = {row["method"] for row in report["rows"]}
     # the transfer baseline: the demo's own pretrained backbone, exported and read back by finetune --init
-    assert {"fine-tuned", "fine-tuned (scratch)", "distilled", "fine-tuned (init pretrain-export)"} <= methods
+    assert {
+        "fine-tuned",
+        "fine-tuned (scratch)",
+        "distilled",
+        "fine-tuned (init pretrain-export)",
+        "linear (frozen)",
+    } <= methods
     assert (tmp_path / "demo" / "pretrain" / "pretrain-export" / "config.json").is_file()
 
 

@@ -107,7 +107,7 @@ class FinetuneConfig(Validated):
         below=1,
         help="Linear lr warmup over this part of the steps, then cosine decay (a high first step "
         "wrecks the pretrained features).",
-        shown=f"{SUPERVISED_WARMUP:g}; {FIXMATCH_WARMUP:g} for fixmatch (FixMatch's)",
+        shown=f"{SUPERVISED_WARMUP:g}; {FIXMATCH_WARMUP:g} for fixmatch (FixMatch's) and linear (SimCLR's)",
     )
     weight_decay: float | None = option(
         None,
@@ -139,10 +139,12 @@ class FinetuneConfig(Validated):
     )
     method: str = option(
         "supervised",
-        choices=("supervised", "fixmatch"),
+        choices=("supervised", "fixmatch", "linear"),
         help="supervised: cross-entropy on the labels; fixmatch: plus each `--unlabeled` image's strong "
         "view (RandAugment + Cutout) trained towards the weak view's confident prediction "
-        "(arXiv 2001.07685), and the weights' moving average saved.",
+        "(arXiv 2001.07685), and the weights' moving average saved; linear: the backbone frozen, "
+        "a linear head on its features (SimCLR's linear evaluation; `--lr auto` trains a grid of lrs "
+        "in one pass and keeps the best on held-out labels).",
     )
     unlabeled: Path | None = option(
         None,
@@ -208,6 +210,8 @@ class FinetuneConfig(Validated):
             raise UserError(
                 f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
             )
+        if self.method == "linear":
+            _check_linear(self)
         given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
         if self.method == "fixmatch" and self.unlabeled is None:
             raise UserError(
@@ -229,7 +233,7 @@ class FinetuneConfig(Validated):
         """`--warmup-fraction`, or the method's default (`SUPERVISED_WARMUP`, FixMatch's none)."""
         if self.warmup_fraction is not None:
             return self.warmup_fraction
-        return FIXMATCH_WARMUP if self.method == "fixmatch" else SUPERVISED_WARMUP
+        return FIXMATCH_WARMUP if self.method in ("fixmatch", "linear") else SUPERVISED_WARMUP
 
     @property
     def fixmatch(self) -> FixMatchSettings | None:
@@ -240,3 +244,17 @@ class FinetuneConfig(Validated):
             name: getattr(self, name) for name in FIXMATCH_OPTIONS[1:] if getattr(self, name) is not None
         }
         return FixMatchSettings(**given)
+
+
+def _check_linear(config: FinetuneConfig) -> None:
+    """`--method linear`'s refusals: a frozen random backbone, another optimizer than its SGD."""
+    if config.scratch:
+        raise UserError(
+            "--scratch with --method linear: a frozen random backbone learns nothing; drop --scratch "
+            "(or use --method supervised for the baseline)"
+        )
+    if config.optimizer != "sgd":
+        raise UserError(
+            f"--optimizer {config.optimizer}: --method linear trains its heads with SGD (Nesterov, "
+            "SimCLR's linear evaluation); drop --optimizer"
+        )

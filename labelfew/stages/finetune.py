@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any, cast
 
 from accelerate.utils import set_seed
-from torch import nn
+from torch import Tensor, nn
 
 from labelfew import engine
 from labelfew.artifacts import (
@@ -38,7 +39,7 @@ from labelfew.data.labelled import held_out_split, readable_labels
 from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
-from labelfew.engine import lr_search
+from labelfew.engine import linear_head, lr_search
 from labelfew.engine.fine_tuning import (
     Training,
     data_source,
@@ -46,6 +47,7 @@ from labelfew.engine.fine_tuning import (
     labels_run_folder,
     method_defaults,
     prepare_training,
+    start_classifier,
 )
 from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
 from labelfew.engine.init_weights import Init, init_name, read_init
@@ -64,6 +66,7 @@ from labelfew.use.inference import (
     held_out_images,
     held_out_multi_label,
     held_out_scores,
+    run_model,
 )
 
 
@@ -71,10 +74,12 @@ def _label(artifact: Artifact) -> str:
     """evaluate's name of a model by its start: "fine-tuned" (from a self-supervised pretrain),
     "fine-tuned (scratch)", "fine-tuned (init NAME)" (`--init`: no self-supervised step),
     "fine-tuned (init + SSL)" (from a pretrain that started from an init), with a method first
-    ("fine-tuned (fixmatch, init NAME)")."""
+    ("fine-tuned (fixmatch, init NAME)"); `--method linear`'s "linear (frozen)"."""
     method, spec = artifact.metadata.get("method", "supervised"), artifact.spec
     start = ["scratch"] if spec.scratch else [] if spec.init is None else [
         f"init {init_name(spec.init)}" if artifact.metadata.get("start") == "init" else "init + SSL"]  # fmt: skip
+    if method == "linear":  # the backbone was not fine-tuned: "linear (frozen[, init NAME])"
+        return f"linear ({', '.join(['frozen', *start])})"
     parts = [method] * (method != "supervised") + start
     return f"fine-tuned ({', '.join(parts)})" if parts else "fine-tuned"
 
@@ -85,10 +90,11 @@ STAGE = register_stage(
 
 
 def default_out(config: FinetuneConfig, start: Start) -> Path:
-    """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`)
+    """`<run>/finetune-<labels stem>` (`finetune-scratch-<stem>`, `finetune-fixmatch-[scratch-]<stem>`,
+    `finetune-linear-<stem>`)
     beside the pretrain stage; without one, in a run of its own named after the labels (and the
     init): `runs/<stem>[-init-<name>]-<hash>` (`labelfew.engine.fine_tuning.labels_run_folder`)."""
-    method = "fixmatch-" if config.method == "fixmatch" else ""
+    method = "" if config.method == "supervised" else f"{config.method}-"
     stem = config.labels[-1].stem  # the latest round's file names the stage
     name = f"finetune-{method}{'scratch-' if config.scratch else ''}{stem}"
     if start.artifact is not None:
@@ -226,6 +232,8 @@ def run(config: FinetuneConfig) -> Path:
         config.out or default_out(config, start), config.restart, source=data_source(config.labels)))  # fmt: skip
     if len(config.labels) > 1:
         engine.on_main_process(accelerator, lambda: write_labels(labeled, label_file(config, out)))
+    if config.method == "linear":
+        return _linear(config, start, class_names, train, held, unreadable, out, accelerator)
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
@@ -254,11 +262,13 @@ def refuse_multi_label(config: FinetuneConfig, class_names: list[str]) -> None:
     """What multi-label labels cannot train with, refused before any image is decoded.
 
     Raises:
-        UserError: FixMatch (its pseudo-label is a softmax's argmax), `--balanced` (an image holds
+        UserError: FixMatch (its pseudo-label is a softmax's argmax), the linear head (trained with
+            a softmax's cross-entropy), `--balanced` (an image holds
             several classes), label smoothing, or more than `MAX_CLASSES` classes.
     """
     shown = ", ".join(str(path) for path in config.labels)
-    refused = ("--method fixmatch" if config.fixmatch is not None else "--balanced" if config.balanced
+    refused = ("--method fixmatch" if config.fixmatch is not None else "--method linear" if config.method == "linear"
+               else "--balanced" if config.balanced
                else "--label-smoothing" if config.label_smoothing > 0 else None)  # fmt: skip
     if refused is not None:
         raise UserError(f"{shown}: multi-label labels; {refused} does not support them, drop it")
@@ -285,6 +295,54 @@ def _threshold(model: nn.Module, held: LabeledImages | None, class_names: list[s
     scores, targets = held_out_multi_label(model, _val_loader(held, class_names, start, config, accelerator),
                                            accelerator)  # fmt: skip
     return choose_threshold(scores, targets)
+
+
+def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
+            held: LabeledImages | None, unreadable: list[str], out: Path, accelerator: Any) -> Path:  # fmt: skip
+    """`--method linear`: the frozen backbone's features of the labels, the heads trained on them
+    (`labelfew.engine.linear_head`), and the backbone + the chosen head saved as a classifier. No
+    checkpoints: a rerun recomputes it (seconds), bit for bit."""
+    started = time.perf_counter()
+    model = start_classifier(start, len(class_names), config.from_head_layer).requires_grad_(False)
+    features, kept, bad = _frozen_features(config, start, model, train, accelerator)
+    settings = linear_head.HeadSettings(config.epochs, config.batch_size, config.decay, config.warmup,
+                                        config.label_smoothing, config.balanced, config.seed)  # fmt: skip
+    fit = linear_head.fit_linear(features, kept, class_names, lr_search.explicit_lr(config.lr), settings)
+    model.classifier = fit.layer
+    model.to(accelerator.device)
+    metrics = [] if held is None or not len(held) else [
+        {"val_top1": accuracy(model, _val_loader(held, class_names, start, config, accelerator), accelerator)}]  # fmt: skip
+    if accelerator.is_main_process and not config.quiet:
+        if fit.search is not None:
+            print_lr_search(fit.search, reused=False)
+        engine.console.print(f"[bold]finetune (linear)[/] {len(kept)} labelled images, {len(class_names)} classes, "
+                             f"frozen backbone, lr {fit.lr:.4g}")  # fmt: skip
+    result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
+                              fit.epoch_losses, metrics)  # fmt: skip
+    artifact, record = out / "model.safetensors", {"lr": fit.lr, "lr_search": fit.search}
+    engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
+                                                      result, unreadable + bad, accelerator, record))  # fmt: skip
+    return artifact
+
+
+def _frozen_features(config: FinetuneConfig, start: Start, model: Classifier, train: LabeledImages,
+                     accelerator: Any) -> tuple[Tensor, LabeledImages, list[str]]:  # fmt: skip
+    """The frozen classifier's features (backbone, and head layers) of the labelled images, once,
+    in the evaluation view (`labelfew.use.inference.run_model`), the images they are of, and the
+    undecodable ones (refused unless `--skip-bad`). Shape: (decoded images, width)."""
+    frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
+    width = int(model.backbone.num_features)  # type: ignore[arg-type]
+    spec = ModelSpec(start.arch, start.image_size, start.small_stem, width, start.mean, start.std)
+    outputs = run_model(frozen, list(train.paths), spec, config.batch_size, config.workers,
+                        description="features (frozen backbone)", quiet=config.quiet or not accelerator.is_main_process)  # fmt: skip
+    bad = [printable(train.paths[index]) for index in sorted(outputs.errors)]
+    if bad and not config.skip_bad:
+        raise UserError(
+            f"{bad[0]}: cannot be decoded ({len(bad)} labelled image(s)); fix it or pass --skip-bad"
+        )
+    kept = LabeledImages(tuple(train.paths[i] for i in outputs.kept), tuple(train.labels[i] for i in outputs.kept),
+                         train.root)  # fmt: skip
+    return outputs.values, kept, bad
 
 
 def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
@@ -373,7 +431,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
         config.from_head_layer, tuple(class_names), config.scratch, init, init_sha256,
         multi_label=learning_rate["threshold"] is not None, threshold=learning_rate["threshold"],
     )  # fmt: skip
-    method = {"method": config.method} if config.fixmatch is not None else {}
+    method = {"method": config.method} if config.method != "supervised" else {}
     origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
     metadata = {"stage": "finetune", **spec.to_metadata(), **method, **origin, "config": json.dumps(resolved)}
     digest = save_tensors(artifact, model.state_dict(), metadata)

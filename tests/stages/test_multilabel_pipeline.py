@@ -115,6 +115,15 @@ def test_multi_label_refuses_what_it_cannot_train_with(mosaics: tuple[Path, Path
     assert expected in " ".join(result.output.split())
 
 
+def test_a_linear_head_refuses_multi_label_labels(mosaics: tuple[Path, Path], tiny_pretrained: Path,
+                                                  tmp_path: Path) -> None:  # fmt: skip
+    result = runner.invoke(app, ["finetune", "--labels", str(mosaics[0]), "--from", str(tiny_pretrained / "run"),
+                                 "--method", "linear", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--method linear does not support them" in " ".join(result.output.split())
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_older_specs_without_the_key_are_single_label() -> None:
     spec = ModelSpec("test_resnet", 32, True, 8, class_names=("a", "b"))
     metadata = spec.to_metadata()
