@@ -127,7 +127,22 @@ class FinetuneConfig(Validated):
         0.0,
         minimum=0,
         below=1,
-        help="Hold out this fraction of each class to report validation accuracy per epoch.",
+        help="Hold out this fraction of each class, validated after every epoch: the epoch with the best "
+        "balanced accuracy is saved as model.safetensors, the last one as model-last.safetensors. "
+        "Without it (0) the last epoch is the model.",
+    )
+    early_stop: int | None = option(
+        None,
+        minimum=1,
+        help="Stop after this many validations in a row without a better balanced accuracy (needs "
+        "--val-fraction); the best epoch is the model.",
+        shown="off",
+    )
+    class_weights: str = option(
+        "none",
+        help="Weights of the classes in the cross-entropy (every method, FixMatch's labelled part): none; "
+        "auto: N / (C · n_c), inverse class frequency with a mean weight of 1 per image (sklearn's "
+        "'balanced'); or a CSV file class,weight with a positive weight for every class.",
     )
     image_size: int | None = option(None, IMAGE_SIZE, shown="the pretrain artifact's")
     arch: str | None = option(
@@ -205,6 +220,14 @@ class FinetuneConfig(Validated):
         elif self.init_prefix is not None:
             raise UserError(
                 f"--init-prefix {self.init_prefix}: only with --init (it describes the --init weights)"
+            )
+        if self.early_stop is not None and self.val_fraction <= 0:
+            raise UserError(
+                f"--early-stop {self.early_stop}: needs --val-fraction (the held-out labels it validates on)"
+            )
+        if self.class_weights not in ("none", "auto") and not Path(self.class_weights).is_file():
+            raise UserError(
+                f"--class-weights {self.class_weights}: use none, auto or a CSV file class,weight (no such file)"
             )
         given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
         if self.method == "fixmatch" and self.unlabeled is None:

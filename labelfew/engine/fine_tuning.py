@@ -18,6 +18,7 @@ from torch import nn
 
 from labelfew.config import FIXMATCH_OPTIONS, FinetuneConfig, to_json
 from labelfew.data.batches import Batch, EpochBatches
+from labelfew.data.class_weights import class_weights
 from labelfew.data.labelled import labelled_batches
 from labelfew.data.labels import LabeledImages
 from labelfew.data.subsets import subset_hash
@@ -27,6 +28,7 @@ from labelfew.engine.fixmatch import FIXMATCH_VERSION, PseudoLabels, UnlabeledIm
 from labelfew.engine.start import Start
 from labelfew.engine.trainer import StepFunction
 from labelfew.fileio import sha256_file
+from labelfew.losses import classification_loss
 from labelfew.models import Classifier, build_classifier
 from labelfew.optim import build_finetune_optimizer
 from labelfew.views.finetune import CropFlipViews
@@ -94,18 +96,29 @@ def data_source(paths: Sequence[Path]) -> Path:
     return Path(" + ".join(sorted(str(Path(path).resolve()) for path in paths)))
 
 
-def classification_step(label_smoothing: float, channels_last: bool, views: CropFlipViews) -> StepFunction:
-    """Cross-entropy on one labelled batch, its crop + flip views made on the device."""
+def run_class_weights(
+    config: FinetuneConfig, class_names: list[str], labeled: LabeledImages
+) -> list[float] | None:
+    """`--class-weights` for a run that trains on `labeled` (`auto`: its class frequencies), in
+    `class_names` order; None for `none`."""
+    return class_weights(config.class_weights, class_names, labeled.counts())
+
+
+def classification_step(
+    label_smoothing: float, channels_last: bool, views: CropFlipViews, weights: list[float] | None = None
+) -> StepFunction:
+    """Cross-entropy on one labelled batch (weighted per class by `weights`), its crop + flip views
+    made on the device."""
+    weight_tensor = None if weights is None else torch.tensor(weights)
 
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         assert batch.labels is not None
         images = views(batch.images, batch.sizes, batch.generator())
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
-        return nn.functional.cross_entropy(
-            logits, batch.labels, label_smoothing=label_smoothing
-        ), images.shape[0]
+        return classification_loss(model(images), batch.labels, label_smoothing, weight_tensor), images.shape[
+            0
+        ]
 
     return step
 
@@ -141,12 +154,13 @@ def prepare_training(config: FinetuneConfig, start: Start, class_names: list[str
     seed_augmentations(accelerator, config.seed)
     views = CropFlipViews(start.image_size, start.mean, start.std)
     settings = config.fixmatch
+    weights = run_class_weights(config, class_names, labeled)
     if settings is None or unlabeled is None:
-        step = classification_step(config.label_smoothing, channels_last, views)
+        step = classification_step(config.label_smoothing, channels_last, views, weights)
         return Training(model, optimizer, loader, undecodable, step)
     workers = default_workers(config.workers)
     parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
-                              labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
+                              class_weights=weights, labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
                               workers=workers, show=not config.quiet, accelerator=accelerator)  # fmt: skip
     undecodable += parts.skipped
     return Training(model, optimizer, parts.loader, undecodable, parts.step, parts.ema, parts.pseudo_labels)
@@ -156,9 +170,10 @@ def fingerprint(
     config: FinetuneConfig, start: Start, train: LabeledImages, unlabeled: UnlabeledImages | None = None
 ) -> dict[str, Any]:
     """What a resumed fine-tuning must share with the run that wrote the checkpoint (a supervised
-    run's as before the FixMatch options, so that its older checkpoints still resume)."""
+    run's as before the FixMatch options, so that its older checkpoints still resume; the class
+    weights as the values trained with, and early stopping, only when they are used)."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
-               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix"}  # fmt: skip
+               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix", "class_weights", "early_stop"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
     values = {
@@ -172,6 +187,11 @@ def fingerprint(
                  f"{train.relative_key(path)} ({label})" for path, label in zip(train.paths, train.labels, strict=True))}  # fmt: skip
     if start.init is not None:
         found |= {"init_sha256": start.init.sha256, "init_prefix": start.init.prefix}
+    weights = run_class_weights(config, train.class_names, train)
+    if weights is not None:
+        found["class_weights"] = weights
+    if config.early_stop is not None:
+        found["early_stop"] = config.early_stop
     if config.fixmatch is not None and unlabeled is not None:
         found |= {"fixmatch": dataclasses.asdict(config.fixmatch), "fixmatch_version": FIXMATCH_VERSION,
                   "unlabeled_images": len(unlabeled.paths), "unlabeled_list_sha256": unlabeled.listing_sha256(),

@@ -29,16 +29,17 @@ from labelfew.artifacts import (
     StageInfo,
     load_artifact,
     register_stage,
-    save_tensors,
     write_run_json,
 )
 from labelfew.config import FinetuneConfig, to_json
+from labelfew.data.class_weights import imbalance_warning
 from labelfew.data.images import printable, skipped_note
 from labelfew.data.labelled import held_out_split, readable_labels
 from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine import lr_search
+from labelfew.engine.best import BestEpoch, kept_note, save_models
 from labelfew.engine.fine_tuning import (
     Training,
     data_source,
@@ -46,6 +47,7 @@ from labelfew.engine.fine_tuning import (
     labels_run_folder,
     method_defaults,
     prepare_training,
+    run_class_weights,
 )
 from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
 from labelfew.engine.init_weights import Init, init_name, read_init
@@ -57,7 +59,7 @@ from labelfew.models import Classifier, head_spec
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import ModelSpec
-from labelfew.use.inference import EvalImages, accuracy, held_out_images, held_out_scores
+from labelfew.use.inference import EvalImages, held_out_images, held_out_scores, top1_and_balanced
 
 
 def _label(artifact: Artifact) -> str:
@@ -68,7 +70,11 @@ def _label(artifact: Artifact) -> str:
     method, spec = artifact.metadata.get("method", "supervised"), artifact.spec
     start = ["scratch"] if spec.scratch else [] if spec.init is None else [
         f"init {init_name(spec.init)}" if artifact.metadata.get("start") == "init" else "init + SSL"]  # fmt: skip
-    parts = [method] * (method != "supervised") + start
+    parts = (
+        [method] * (method != "supervised")
+        + start
+        + ["last epoch"] * (artifact.metadata.get("checkpoint") == "last")
+    )
     return f"fine-tuned ({', '.join(parts)})" if parts else "fine-tuned"
 
 
@@ -203,6 +209,8 @@ def run(config: FinetuneConfig) -> Path:
         shown = ", ".join(str(path) for path in config.labels)
         raise UserError(f"{shown}: only one class ({class_names[0]}); a classifier needs at least 2")
     train, held = held_out_split(labeled, config.val_fraction, config.seed)
+    weights = run_class_weights(config, class_names, train)  # a bad --class-weights file: exit 2 now
+    _warn_if_imbalanced(config, labeled, accelerator)
     unlabeled = (
         None
         if config.unlabeled is None
@@ -216,7 +224,9 @@ def run(config: FinetuneConfig) -> Path:
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
-    result = _fit(config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator)
+    result, best = _fit(
+        config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator
+    )
     artifact = out / "model.safetensors"
     trained = unlabeled.paths if unlabeled is not None else train.paths  # what the batches index
     skipped = unreadable + (unlabeled.skipped if unlabeled is not None else [])
@@ -224,11 +234,24 @@ def run(config: FinetuneConfig) -> Path:
     # FixMatch's model is the moving average of the weights (DESIGN.md trap 10), not the weights.
     model = training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model)
     record = {"lr": lr, "lr_search": None if search is None else
-              {key: value for key, value in search.items() if key not in ("fingerprint", "reused")}}  # fmt: skip
+              {key: value for key, value in search.items() if key not in ("fingerprint", "reused")},
+              "class_weights": None if weights is None else dict(zip(class_names, weights, strict=True)),
+              "best": None if best is None else best.record(config.epochs, len(result.epoch_losses))}  # fmt: skip
     engine.on_main_process(
         accelerator,
         lambda: _save(
-            config, start, model, artifact, class_names, train, unlabeled, result, bad, accelerator, record
+            config,
+            start,
+            model,
+            artifact,
+            class_names,
+            train,
+            unlabeled,
+            result,
+            bad,
+            accelerator,
+            record,
+            best,
         ),
     )
     return artifact
@@ -240,6 +263,17 @@ def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -
     if init is None:
         return finetune_start(config.source, config.scratch, config.arch, config.image_size, paths)
     return init_start(init, config.arch, config.init_prefix, config.image_size, None, paths)
+
+
+def _warn_if_imbalanced(config: FinetuneConfig, labeled: LabeledImages, accelerator: Any) -> None:
+    """One line when the largest class has ≥ 10× the smallest's labels and neither
+    `--class-weights` nor `--balanced` evens them (`labelfew.data.class_weights.imbalance_warning`)."""
+    if config.class_weights != "none" or config.balanced or not accelerator.is_main_process:
+        return
+    where = ", ".join(str(path) for path in config.labels)
+    line = imbalance_warning(labeled.counts(), where, "consider --class-weights auto or --balanced")
+    if line is not None:
+        engine.console.print(f"[yellow]warning[/]: {line}", highlight=False)
 
 
 def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classes: int,
@@ -265,16 +299,22 @@ def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classe
 
 def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
          held: LabeledImages | None, unlabeled: UnlabeledImages | None, training: Training, out: Path, lr: float,
-         search: dict[str, Any] | None, accelerator: Any) -> engine.FitResult:  # fmt: skip
-    """Trains the prepared run (validating the moving average with FixMatch) and returns its result."""
+         search: dict[str, Any] | None, accelerator: Any) -> tuple[engine.FitResult, BestEpoch | None]:  # fmt: skip
+    """Trains the prepared run (validating the moving average with FixMatch) and returns its result,
+    and with held-out labels its best epoch by `val_score` (balanced accuracy), weights kept."""
     val_loader = _val_loader(held, class_names, start, config, accelerator) if held else None
     validated = training.ema.module if training.ema is not None else training.model
     pseudo_labels = training.pseudo_labels
+    best = None if val_loader is None else BestEpoch(
+        training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model),
+        key="val_score", patience=config.early_stop)  # fmt: skip
 
     def on_epoch_end(epoch: int, loss: float) -> dict[str, float]:
         metrics = pseudo_labels.epoch_metrics(accelerator) if pseudo_labels is not None else {}
-        if val_loader is not None:
-            metrics["val_top1"] = accuracy(validated, val_loader, accelerator)
+        if val_loader is not None:  # val_score: what the best epoch is chosen on
+            metrics["val_top1"], metrics["val_score"] = top1_and_balanced(
+                validated, val_loader, accelerator, len(class_names)
+            )
         return metrics
 
     run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
@@ -288,9 +328,9 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
         description="finetune" + (f" ({config.method})" if settings else "") + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet, log_file=out / "log.jsonl", on_epoch_end=on_epoch_end, checkpoint_dir=out / "checkpoints",
         checkpoint_minutes=config.checkpoint_every, restart=config.restart, loggers=run_loggers, ema=training.ema,
-        fingerprint={**fingerprint(config, start, train, unlabeled), "learning_rate": lr},
+        fingerprint={**fingerprint(config, start, train, unlabeled), "learning_rate": lr}, best=best,
     )  # fmt: skip
-    return trainer.fit()
+    return trainer.fit(), best
 
 
 def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]:
@@ -303,7 +343,9 @@ def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]
 
 def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path, class_names: list[str],
           train: LabeledImages, unlabeled: UnlabeledImages | None, result: engine.FitResult, bad: list[str],
-          accelerator: Any, learning_rate: dict[str, Any]) -> None:  # fmt: skip
+          accelerator: Any, learning_rate: dict[str, Any], best: BestEpoch | None) -> None:  # fmt: skip
+    """model.safetensors (the best epoch's weights with held-out labels, else the last epoch's),
+    model-last.safetensors beside it when they differ in kind, and run.json."""
     resolved = _resolved(config, start, learning_rate["lr"])
     head = None
     if config.from_head_layer > 0 and start.artifact is not None:
@@ -320,14 +362,14 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     method = {"method": config.method} if config.fixmatch is not None else {}
     origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
     metadata = {"stage": "finetune", **spec.to_metadata(), **method, **origin, "config": json.dumps(resolved)}
-    digest = save_tensors(artifact, model.state_dict(), metadata)
+    files = save_models(artifact, model.state_dict(), metadata, best, len(result.epoch_losses))
     parent = (
         None
         if start.artifact is None or config.scratch
         else {"path": str(start.artifact.path.resolve()), "sha256": sha256_file(start.artifact.path)}
     )
     metrics: dict[str, Any] = {"final_loss": result.final_loss, "epoch_losses": result.epoch_losses}
-    for key in ("val_top1", *PSEUDO_LABEL_METRICS):
+    for key in ("val_top1", "val_score", *PSEUDO_LABEL_METRICS):
         if any(key in epoch for epoch in result.epoch_metrics) or key == "val_top1":
             metrics[key] = [epoch[key] for epoch in result.epoch_metrics if key in epoch]
     data: dict[str, Any] = {"skipped": len(bad), "skipped_files": bad}
@@ -336,7 +378,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     write_run_json(artifact.parent, {
         "stage": "finetune", **method, "config": resolved, "parent": parent,
         "init": start.init.record() if start.init is not None else None,
-        "artifacts": {"model.safetensors": {"sha256": digest}},
+        "artifacts": files,
         "labels": {"path": str(label_file(config, artifact.parent).resolve()),
                    "files": [str(path.resolve()) for path in config.labels],
                    "images": len(train), "subset_sha256": subset_hash(train),
@@ -348,5 +390,5 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     if not config.quiet:
         engine.console.print(
             f"[green]finetune done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}{skipped_note(bad)}"
-            f"\n  artifact: {artifact}"
+            f"\n  artifact: {artifact}{kept_note(best, len(result.epoch_losses))}"
         )
