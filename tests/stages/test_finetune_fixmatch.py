@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 import torch
 from conftest import TinyRun, copy_tiny_run
+from reference.losses_reference import weighted_smoothed_cross_entropy
 from safetensors.torch import load_file
 from torch import nn
 
@@ -81,7 +82,11 @@ def test_without_randaugment_the_strong_view_is_the_weak_view_pixel_for_pixel() 
     assert torch.equal(weak, _normalise(_unit_views(images, sizes, torch.Generator().manual_seed(3))))
 
 
-def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax() -> None:
+@pytest.mark.parametrize(("class_weights", "smoothing"), [(None, 0.0), ([0.5, 1.0, 3.0], 0.1)])
+def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax(
+    class_weights: list[float] | None, smoothing: float
+) -> None:
+    """`--class-weights` weigh the labelled part only (USB's FixMatch weighs neither part)."""
     torch.manual_seed(0)
     model = build_classifier("test_resnet", small_stem=True, image_size=32, num_classes=3).train()
     nn.init.normal_(model.classifier.weight, std=3.0)  # confident on some images, not on others
@@ -102,12 +107,15 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
     mask = (confidence >= threshold).float()
     assert 0 < mask.mean() < 1
     per_image = nn.functional.cross_entropy(strong_logits, guess, reduction="none")
-    expected = nn.functional.cross_entropy(logits[:4], labelled.labels) + 2.0 * (mask * per_image).mean()
+    supervised = weighted_smoothed_cross_entropy(
+        logits[:4], labelled.labels, class_weights, smoothing
+    ).float()
+    expected = supervised + 2.0 * (mask * per_image).mean()
 
     pseudo_labels = PseudoLabels(torch.device("cpu"), has_labels=False)
     step = fixmatch_step(ShiftFlipViews(32, MEAN, STD), WeakStrongViews(32, MEAN, STD), threshold,
-                         unlabeled_weight=2.0, label_smoothing=0.0, channels_last=False,
-                         pseudo_labels=pseudo_labels)  # fmt: skip
+                         unlabeled_weight=2.0, label_smoothing=smoothing, channels_last=False,
+                         pseudo_labels=pseudo_labels, class_weights=class_weights)  # fmt: skip
     loss, count = step(model, batch)
     assert count == 4 + 2 * 8
     torch.testing.assert_close(loss, expected)
