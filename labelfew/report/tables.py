@@ -104,9 +104,9 @@ def _note(row: dict[str, Any], shared: set[str]) -> str:
     return note
 
 
-def _imbalanced_title(skew: dict[str, Any]) -> str:
-    """The title's second line for an imbalanced test set (`labelfew.data.class_weights.imbalance`)."""
-    return (f"\nimbalanced: {skew['largest']} {skew['largest_images']} images, {skew['smallest']} "
+def _imbalanced_line(skew: dict[str, Any]) -> str:
+    """The line above the table of an imbalanced test set (`labelfew.data.class_weights.imbalance`)."""
+    return (f"imbalanced test set: {skew['largest']} {skew['largest_images']} images, {skew['smallest']} "
             f"{skew['smallest_images']} ({skew['ratio']:.1f}×): balanced accuracy (mean per-class recall) first")  # fmt: skip
 
 
@@ -121,7 +121,6 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     balanced_first = skew.get("headline") == "balanced_accuracy"
     table = Table(
         title=f"labelfew evaluation — {test['images']} test images, {len(result['class_names'])} classes"
-        + (_imbalanced_title(skew) if balanced_first else "")
     )
     overlap = bool(result.get("overlap"))
     metrics = ("balanced acc.", "top-1", "top-5") if balanced_first else ("top-1", "top-5", "balanced acc.")
@@ -139,6 +138,8 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
         console.print(
             f"[yellow]{test['skipped']} of {test['listed']} test images skipped[/] (cannot be decoded): {named}"
         )
+    if balanced_first:
+        console.print(_imbalanced_line(skew), highlight=False)
     console.print(table)
     capped = next((row["details"] for row in result["rows"] if "k_cap" in row["details"]), None)
     if capped is not None:
