@@ -139,7 +139,7 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
             f"[yellow]{test['skipped']} of {test['listed']} test images skipped[/] (cannot be decoded): {named}"
         )
     if balanced_first:
-        console.print(_imbalanced_line(skew), highlight=False)
+        console.print(_imbalanced_line(skew), highlight=False, soft_wrap=True)
     console.print(table)
     capped = next((row["details"] for row in result["rows"] if "k_cap" in row["details"]), None)
     if capped is not None:

@@ -273,7 +273,7 @@ def _warn_if_imbalanced(config: FinetuneConfig, labeled: LabeledImages, accelera
     where = ", ".join(str(path) for path in config.labels)
     line = imbalance_warning(labeled.counts(), where, "consider --class-weights auto or --balanced")
     if line is not None:
-        engine.console.print(f"[yellow]warning[/]: {line}", highlight=False)
+        engine.console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
 
 
 def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classes: int,

@@ -577,3 +577,26 @@ def test_class_weights_reach_the_loss_and_are_recorded_and_fingerprinted(
     )
     assert saved["class_weights"] == pytest.approx(expected.tolist())
     assert record["config"]["class_weights"] == "auto"
+
+
+def test_a_class_10_times_larger_than_another_is_warned_about_once(tiny_pretrain: dict[str, Path]) -> None:
+    from labelfew import engine
+
+    labels = tiny_pretrain["work"] / "ten-to-one"  # 10, 10 and 1 labels
+    for folder, count in zip(sorted(tiny_pretrain["labels"].iterdir()), (10, 10, 1), strict=True):
+        (labels / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:count]:
+            shutil.copy(path, labels / folder.name / path.name)
+    names = sorted(path.name for path in labels.iterdir())
+    shown = {}
+    for name, options in (
+        ("plain", {}),
+        ("weighted", {"class_weights": "auto"}),
+        ("balanced", {"balanced": True}),
+    ):
+        with engine.console.capture() as captured:
+            _finetune({**tiny_pretrain, "labels": labels}, f"ten-to-one-{name}", epochs=1, lr=0.01, **options)
+        shown[name] = [line for line in captured.get().splitlines() if "imbalanced" in line]
+    assert shown["plain"] == [f"warning: {labels}: imbalanced classes: '{names[0]}' has 10 images, '{names[2]}' 1 "
+                              "(10×); consider --class-weights auto or --balanced"]  # fmt: skip
+    assert shown["weighted"] == shown["balanced"] == []  # already evened
