@@ -243,6 +243,30 @@ def test_from_scratch_it_is_plain_fixmatch(tiny: TinyRun) -> None:
     assert json.loads((path.parent / "run.json").read_text())["parent"] is None
 
 
+def test_the_best_epoch_kept_is_the_moving_average_validated_then(
+    tiny: TinyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With held-out labels FixMatch keeps its best epoch too: the average's weights at that epoch."""
+    seen: list[dict[str, torch.Tensor]] = []
+    scores = [0.4, 0.9, 0.6]
+
+    def validate(model: nn.Module, *args: Any) -> tuple[float, float]:
+        seen.append({key: value.clone() for key, value in model.state_dict().items()})
+        return 0.5, scores[len(seen) - 1]
+
+    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    path = finetune.run(_config(tiny, epochs=3, val_fraction=0.2, out=tiny["work"] / "fixmatch-best"))
+    record = json.loads((path.parent / "run.json").read_text())
+    assert record["best"]["epoch"] == 2 and record["metrics"]["val_score"] == scores
+    for name, expected in (("model.safetensors", seen[1]), ("model-last.safetensors", seen[2])):
+        saved = load_file(str(path.parent / name))
+        assert all(torch.equal(saved[key], expected[key]) for key in expected), name
+    assert (
+        model_label(load_artifact(path.parent / "model-last.safetensors"))
+        == "fine-tuned (fixmatch, last epoch)"
+    )
+
+
 def _bad(tiny: TinyRun, *arguments: str) -> str:
     result = subprocess.run([LABELFEW, "finetune", "--labels", str(tiny["labels"]), "--from", str(tiny["run"]),
                              "--workers", "0", "--quiet", *arguments], cwd=tiny["work"],
