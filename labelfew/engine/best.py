@@ -111,5 +111,5 @@ def kept_note(best: BestEpoch | None, epochs: int) -> str:
     if best is None or best.epoch is None:
         return f" (the last epoch, {epochs}: no --val-fraction to choose one)"
     stop = f", stopped early after epoch {best.stopped_at}" if best.stopped else ""
-    return (f" (best epoch {best.epoch}/{epochs} by held-out balanced accuracy {100 * best.score:.1f}%{stop};"
+    return (f" (best epoch {best.epoch} of the {epochs} trained, by held-out balanced accuracy {100 * best.score:.1f}%{stop};"
             f" the last epoch's: model-last.safetensors)")  # fmt: skip
