@@ -15,6 +15,8 @@ naming the stage), not by their names, so `--out runs/x/anything` is still found
     pretrain/backbone.safetensors   backbone state dict, timm key layout (no prefixes)
     pretrain/head.safetensors       projection head state dict (`layers.*`), metadata part=head
     finetune*/model.safetensors     `backbone.*`, optional `head.*`, `classifier.*`
+    finetune*/model-last.safetensors  the last epoch beside the best one (`--val-fraction`); recorded in
+                                    run.json, not a stage's file: evaluate scores it only when named
 """
 
 from __future__ import annotations

@@ -172,6 +172,23 @@ def _float_logits(logits: Tensor) -> Tensor:
     return logits.float() if torch.finfo(logits.dtype).bits < 32 else logits
 
 
+def classification_loss(
+    logits: Tensor, labels: Tensor, label_smoothing: float = 0.0, class_weights: Tensor | None = None
+) -> Tensor:
+    """Fine-tuning's cross-entropy, with label smoothing and `--class-weights` (every method's
+    labelled part: supervised, the `--lr auto` candidates, FixMatch's labelled batch).
+
+    PyTorch's ``cross_entropy(weight=w, label_smoothing=ε)``: with ``l = log_softmax(logits)`` and C
+    classes, image i contributes ``(1 - ε) · w[y_i] · (-l[i, y_i]) + ε / C · Σ_c w[c] · (-l[i, c])``
+    and the sum over the batch is divided by ``Σ_i w[y_i]`` (the weighted mean; plain mean without
+    weights).
+
+    Shape: logits (batch_size, num_classes), labels (batch_size,), class_weights (num_classes,).
+    """
+    weight = None if class_weights is None else class_weights.to(device=logits.device, dtype=torch.float32)
+    return functional.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=label_smoothing)
+
+
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Cross-entropy from the teacher's to the student's softmax, both at ``temperature``.
 

@@ -369,6 +369,40 @@ ROWS: list[Row] = [
         ],
         "embeddings written by `labelfew embed`, not a model; pass --from the model they came from",
     ),
+    *[
+        (  # issue 25: each exits 2 with one line naming the file and the class
+            f"finetune --class-weights {case}",
+            lambda t, p, text=text: [
+                "finetune",
+                "--labels",
+                str(p / "images"),
+                "--from",
+                str(p / "run"),
+                "--class-weights",
+                str(_csv(t / "weights.csv", text)),
+            ],
+            expected,
+        )
+        for case, text, expected in [
+            (
+                "unknown class",
+                "class,weight\ncat,1\ndog,1\nbird,2\n",
+                "weights.csv:4: class 'bird' is not a class",
+            ),
+            ("missing class", "class,weight\ncat,1\n", "weights.csv: no weight for class 'dog'"),
+            ("zero weight", "class,weight\ncat,0\ndog,1\n", "weights.csv:2: class 'cat' has weight '0'"),
+            (
+                "infinite weight",
+                "class,weight\ncat,1\ndog,inf\n",
+                "weights.csv:3: class 'dog' has weight 'inf'",
+            ),
+        ]
+    ],
+    (
+        "finetune --class-weights no such file",
+        lambda t, p: ["finetune", "--labels", str(p / "images"), "--class-weights", str(t / "nope.csv")],
+        "nope.csv: use none, auto or a CSV file class,weight (no such file)",
+    ),
     (
         "embeddings passed to select as the model",
         lambda t, p: ["select", str(p / "images"), "--budget", "2", "--from", str(_embeddings(p))],

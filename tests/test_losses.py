@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as torch_distributed
 import torch.multiprocessing as torch_multiprocessing
-from reference.losses_reference import global_mean, reference_nt_xent
+from reference.losses_reference import global_mean, reference_nt_xent, weighted_smoothed_cross_entropy
 from torch import Tensor
 
-from labelfew.losses import gather_with_grad, nt_xent_loss
+from labelfew.losses import classification_loss, gather_with_grad, nt_xent_loss
 
 
 def _loss_and_grads(loss_function, z1: Tensor, z2: Tensor, temperature: float):
@@ -224,3 +224,20 @@ def test_two_processes_match_single_process_on_the_global_batch(tmp_path: Path) 
         assert abs(result["loss"].item() - local_only.item()) > 1e-3
     average = sum(result["loss"] for result in results) / WORLD_SIZE
     torch.testing.assert_close(average, full_loss, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("weights", [None, [1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 1.0, 4.0]])
+def test_the_class_weighted_smoothed_cross_entropy_matches_the_formula(
+    weights: list[float] | None, smoothing: float
+) -> None:
+    """`--class-weights` with `--label-smoothing`: PyTorch's semantics against a loop over images and classes."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(9, 4) * 3, torch.tensor([0, 1, 1, 2, 3, 3, 3, 0, 2])
+    tensor = None if weights is None else torch.tensor(weights)
+    loss = classification_loss(logits, labels, smoothing, tensor)
+    expected = weighted_smoothed_cross_entropy(logits, labels, weights, smoothing)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    if weights is not None and len(set(weights)) > 1:  # the weights change it
+        unweighted = weighted_smoothed_cross_entropy(logits, labels, None, smoothing)
+        assert abs(float(unweighted) - float(expected)) > 1e-3

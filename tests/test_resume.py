@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 LABELFEW = str(Path(sys.executable).parent / "labelfew")
 IMAGES, BATCH = 416, 32  # 13 steps per epoch: checkpoints at steps 10 and 20 fall inside epochs 1 and 2
 EVERY_LOG_POINT = "1e-6"  # minutes between checkpoints: one at every log point (every 10 steps)
+LR = "2"  # a fine-tuning lr too high to improve on its first epoch (val 0.1, 0.1, 0.1, 0.04): the best-epoch test
 
 
 def _command(stage: str, data: Path, out: Path, *extra: str) -> list[str]:
@@ -314,3 +315,35 @@ def test_finetune_from_init_killed_mid_epoch_resumes_to_the_same_model(
     saved = json.loads(next((tmp_path / "killed" / "checkpoints").glob("*/fingerprint.json")).read_text())
     record = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert saved["init_sha256"] == record["init"]["sha256"]
+
+
+def test_finetune_keeps_the_best_epoch_and_the_early_stop_count_across_a_kill(
+    small_digits: Path, reference: Path, tmp_path: Path
+) -> None:
+    """The best epoch's weights and the validations since it live in the checkpoint: killed in
+    epoch 3 (step 20, 9 steps an epoch) with epoch 1 the best and 1 validation without improvement, the
+    resumed run stops after epoch 3 as the whole one did, with the same best and last models."""
+
+    half = tmp_path / "digits"  # 208 digits, 156 to train on: 9 steps of 16 an epoch, at half the cost
+    for path in sorted(small_digits.rglob("*.png"))[::2]:
+        (half / path.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, half / path.parent.name / path.name)
+
+    def command(out: Path) -> list[str]:
+        return _command("finetune", half, out, "--from", str(reference / "run"), "--epochs", "6",
+                        "--batch-size", "16", "--val-fraction", "0.25", "--early-stop", "2", "--lr", LR,
+                        "--checkpoint-every", EVERY_LOG_POINT)  # fmt: skip
+
+    resumed = _whole_then_killed_and_resumed(command, tmp_path)
+    assert "resuming finetune" in resumed.stderr and "epoch 3" in resumed.stderr
+    whole, killed = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("whole", "killed"))
+    assert (
+        whole["best"]["epoch"] == 1
+        and whole["best"]["stopped_early"]
+        and whole["best"]["epochs_trained"] == 3
+    )
+    assert killed["best"] == whole["best"] and killed["metrics"]["val_score"] == whole["metrics"]["val_score"]
+    _assert_same_tensors(
+        tmp_path / "whole" / "model-last.safetensors", tmp_path / "killed" / "model-last.safetensors"
+    )
+    assert "early stop after epoch 3/6" in resumed.stderr

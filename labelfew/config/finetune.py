@@ -128,7 +128,22 @@ class FinetuneConfig(Validated):
         0.0,
         minimum=0,
         below=1,
-        help="Hold out this fraction of each class to report validation accuracy per epoch.",
+        help="Hold out this fraction of each class, validated after every epoch: the epoch with the best "
+        "balanced accuracy is saved as model.safetensors, the last one as model-last.safetensors. "
+        "Without it (0) the last epoch is the model.",
+    )
+    early_stop: int | None = option(
+        None,
+        minimum=1,
+        help="Stop after this many validations in a row without a better balanced accuracy (needs "
+        "--val-fraction); the best epoch is the model.",
+        shown="off",
+    )
+    class_weights: str = option(
+        "none",
+        help="Weights of the classes in the cross-entropy (every method, FixMatch's labelled part): none; "
+        "auto: N / (C · n_c), inverse class frequency with a mean weight of 1 per image (sklearn's "
+        "'balanced'); or a CSV file class,weight with a positive weight for every class.",
     )
     image_size: int | None = option(None, IMAGE_SIZE, shown="the pretrain artifact's")
     arch: str | None = option(
@@ -212,6 +227,14 @@ class FinetuneConfig(Validated):
             )
         if self.method == "linear":
             _check_linear(self)
+        if self.early_stop is not None and self.val_fraction <= 0:
+            raise UserError(
+                f"--early-stop {self.early_stop}: needs --val-fraction (the held-out labels it validates on)"
+            )
+        if self.class_weights not in ("none", "auto") and not Path(self.class_weights).is_file():
+            raise UserError(
+                f"--class-weights {self.class_weights}: use none, auto or a CSV file class,weight (no such file)"
+            )
         given = [name for name in FIXMATCH_OPTIONS if getattr(self, name) is not None]
         if self.method == "fixmatch" and self.unlabeled is None:
             raise UserError(
@@ -247,7 +270,8 @@ class FinetuneConfig(Validated):
 
 
 def _check_linear(config: FinetuneConfig) -> None:
-    """`--method linear`'s refusals: a frozen random backbone, another optimizer than its SGD."""
+    """`--method linear`'s refusals: a frozen random backbone, another optimizer than its SGD, early
+    stopping (its lr is chosen on held-out folds, not per epoch)."""
     if config.scratch:
         raise UserError(
             "--scratch with --method linear: a frozen random backbone learns nothing; drop --scratch "
@@ -257,4 +281,9 @@ def _check_linear(config: FinetuneConfig) -> None:
         raise UserError(
             f"--optimizer {config.optimizer}: --method linear trains its heads with SGD (Nesterov, "
             "SimCLR's linear evaluation); drop --optimizer"
+        )
+    if config.early_stop is not None:
+        raise UserError(
+            f"--early-stop {config.early_stop} with --method linear: the heads are chosen on --lr auto's "
+            "held-out folds, not per epoch; drop --early-stop"
         )

@@ -20,8 +20,13 @@ the two apart, and every subset or split of a `LabeledImages` keeps its kind for
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from labelfew.errors import UserError
+from labelfew.multilabel import MAX_CLASSES
+
+if TYPE_CHECKING:
+    from labelfew.config import FinetuneConfig
 
 SEPARATOR = "\x1f"
 """Ends every class name of an encoded label set (see the module docstring)."""
@@ -111,3 +116,25 @@ def require_positives(labels: Sequence[str], columns: Sequence[str], kind: str, 
             )
     if not present:
         raise UserError(f"{source}: no image has any class; a multi-label CSV needs positives")
+
+
+def refuse_options(config: FinetuneConfig, class_names: list[str]) -> None:
+    """What multi-label labels cannot train with, refused before any image is decoded.
+
+    Raises:
+        UserError: FixMatch (its pseudo-label is a softmax's argmax), the linear head (trained with a
+            softmax's cross-entropy), `--balanced` (an image holds several classes), label
+            smoothing, class weights (per class of a softmax), or more than `MAX_CLASSES` classes
+            (the batches carry each image's classes as one int64 bit mask).
+    """
+    shown = ", ".join(str(path) for path in config.labels)
+    refused = next((flag for flag, used in (
+        ("--method fixmatch", config.method == "fixmatch"), ("--method linear", config.method == "linear"),
+        ("--balanced", config.balanced), ("--label-smoothing", config.label_smoothing > 0),
+        ("--class-weights", config.class_weights != "none")) if used), None)  # fmt: skip
+    if refused is not None:
+        raise UserError(f"{shown}: multi-label labels; {refused} does not support them, drop it")
+    if len(class_names) > MAX_CLASSES:
+        raise UserError(
+            f"{shown}: {len(class_names)} classes; a multi-label model takes at most {MAX_CLASSES}"
+        )

@@ -4,6 +4,7 @@ A checkpoint is a folder `checkpoints/step-00001234/` holding
 
     model.safetensors   the unwrapped model's state dict (safetensors: loading runs no code)
     ema.safetensors     the moving average of the weights, when the run keeps one (`engine.ema`)
+    best.safetensors    the best validated epoch's weights, when the run keeps one (`engine.best`)
     state.pt            optimizer, LR scheduler, grad scaler, RNG states of every process
                         (python, numpy, torch CPU, CUDA), epoch, position inside the epoch and
                         progress totals — read back with `torch.load(weights_only=True)`, which
@@ -33,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from labelfew.engine.accelerator import on_main_process
+from labelfew.engine.best import BestEpoch
 from labelfew.engine.ema import ModelEMA
 from labelfew.errors import UserError
 from labelfew.fileio import disk_full_error, is_disk_full, require_free_space
@@ -217,18 +219,20 @@ def _tensor_bytes(value: Any) -> int:
 
 
 def estimated_bytes(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA | None = None
-) -> int:
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: ModelEMA | None = None,
+    best: BestEpoch | None = None,
+) -> int:  # fmt: skip
     """The size of a checkpoint of this training before its first step: the weights, the moving
-    average's tensors (with `pretrain --queue`, the momentum encoder and its queue), the optimizer's
-    per-parameter buffers (two with Adam's betas, one with momentum) and 1 MB for the rest; the
-    optimizer creates its buffers only at its first step."""
+    average's tensors (with `pretrain --queue`, the momentum encoder and its queue), the weights
+    once more with a best epoch kept, the optimizer's per-parameter buffers (two with Adam's betas,
+    one with momentum) and 1 MB for the rest; the optimizer creates its buffers only at its first
+    step."""
     weights = _tensor_bytes(model.state_dict())
     trainable = sum(_tensor_bytes(group["params"]) for group in optimizer.param_groups)
     defaults = optimizer.defaults
     buffers = 2 if "betas" in defaults else 1 if defaults.get("momentum") else 0
     return (
-        weights
+        weights * (1 + (best is not None))
         + (_tensor_bytes(ema.state_dict()) if ema is not None else 0)
         + max(trainable * buffers, _tensor_bytes(optimizer.state))
         + (1 << 20)
@@ -237,7 +241,7 @@ def estimated_bytes(
 
 def require_space(
     accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    ema: ModelEMA | None = None,
+    ema: ModelEMA | None = None, best: BestEpoch | None = None,
 ) -> None:  # fmt: skip
     """Refuses, before training starts, a run whose next checkpoint would not fit on the disk of
     `folder` (the last ones are pruned only after it is written); every process must call this.
@@ -245,17 +249,17 @@ def require_space(
     Raises:
         UserError: on every process, naming the folder, the free space and the size needed.
     """
-    needed = estimated_bytes(accelerator.unwrap_model(model), optimizer, ema)
+    needed = estimated_bytes(accelerator.unwrap_model(model), optimizer, ema, best)
     on_main_process(accelerator, lambda: require_free_space(folder, needed, "a checkpoint of this run"))
 
 
 def save_training(
     accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: Any, position: Position, fingerprint: dict[str, Any], metrics: list[dict[str, float]],
-    ema: ModelEMA | None = None,
+    ema: ModelEMA | None = None, best: BestEpoch | None = None,
 ) -> None:  # fmt: skip
     """Gathers every process's RNG state and has the main process write one checkpoint (with the
-    weights' moving average when there is one).
+    weights' moving average and the best epoch's weights when the run keeps them).
 
     Every process must call this at the same step.
 
@@ -278,8 +282,11 @@ def save_training(
             "position": position_state(position),
             "metrics": metrics,
             "ema": ema.extra_state() if ema is not None else None,
+            "best": best.extra_state() if best is not None else None,
         }
-        extra = {"ema": ema.state_dict()} if ema is not None else None
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
+        if best is not None and best.weights:
+            extra["best"] = best.weights
         save(folder, accelerator.unwrap_model(model).state_dict(), state, fingerprint, extra_tensors=extra)
 
     on_main_process(accelerator, write)  # a full disk stops every process with its one line
@@ -287,9 +294,9 @@ def save_training(
 
 def restore_training(
     accelerator: Any, folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: Any, fingerprint: dict[str, Any], ema: ModelEMA | None = None,
+    scheduler: Any, fingerprint: dict[str, Any], ema: ModelEMA | None = None, best: BestEpoch | None = None,
 ) -> tuple[Path, Position, list[dict[str, float]]] | None:  # fmt: skip
-    """Loads the newest checkpoint into the model, optimizer, scheduler, scaler, RNGs (and `ema`).
+    """Loads the newest checkpoint into the model, optimizer, scheduler, scaler, RNGs (and `ema`, `best`).
 
     Returns (checkpoint folder, position, per-epoch metrics), or None when there is none.
 
@@ -304,6 +311,8 @@ def restore_training(
     accelerator.unwrap_model(model).load_state_dict(model_state)
     if ema is not None:
         _restore_ema(found, ema, state.get("ema"))
+    if best is not None:
+        _restore_best(found, best, state.get("best"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler = getattr(accelerator, "scaler", None)
@@ -312,6 +321,23 @@ def restore_training(
     rng_states = state["rng"]
     set_rng_state(rng_states[accelerator.process_index % len(rng_states)])
     return found, position_from(state), list(state.get("metrics", []))
+
+
+def _restore_best(checkpoint: Path, best: BestEpoch, record: dict[str, Any] | None) -> None:
+    """Loads `best.safetensors` and the best epoch's record into `best`; a checkpoint written before
+    any validation (or before the best epoch was kept) has none, and the best starts from there.
+
+    Raises:
+        UserError: a record whose weights file is missing or damaged.
+    """
+    if record is None or record.get("epoch") is None:
+        return
+    try:
+        best.load(load_file(str(checkpoint / "best.safetensors")), record)
+    except Exception as error:  # a missing or damaged file
+        raise UserError(
+            f"{checkpoint}: no usable best epoch's weights ({type(error).__name__}); delete it or pass --restart"
+        ) from None
 
 
 def _restore_ema(checkpoint: Path, ema: ModelEMA, record: dict[str, Any] | None) -> None:

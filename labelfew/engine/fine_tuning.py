@@ -2,34 +2,40 @@
 the device (`distill`'s student too), its optimizer, batches and step (supervised, or FixMatch's
 from `labelfew.engine.fixmatch`), what a resumed run must share (its fingerprint, with the file
 lists that name what changed), and the run folder of a fine-tuning with no pretrain run to live
-in. `labelfew.stages.finetune` puts them together, searches `--lr auto` and writes the stage."""
+in, and `--lr auto`'s candidates (`search_lr`). `labelfew.stages.finetune` puts them together and
+writes the stage."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from torch import nn
 
 from labelfew.config import FIXMATCH_OPTIONS, FinetuneConfig, to_json
 from labelfew.data.batches import Batch, EpochBatches
+from labelfew.data.class_weights import class_weights
 from labelfew.data.labelled import labelled_batches
 from labelfew.data.labels import LabeledImages
 from labelfew.data.subsets import subset_hash
+from labelfew.engine import lr_search
 from labelfew.engine.accelerator import default_workers, seed_augmentations
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.fixmatch import FIXMATCH_VERSION, PseudoLabels, UnlabeledImages, fixmatch_training
 from labelfew.engine.start import Start
-from labelfew.engine.trainer import StepFunction
+from labelfew.engine.trainer import StepFunction, Trainer
+from labelfew.errors import Interrupted
 from labelfew.fileio import sha256_file
+from labelfew.losses import classification_loss
 from labelfew.models import Classifier, build_classifier
 from labelfew.multilabel import binary_cross_entropy
-from labelfew.optim import build_finetune_optimizer
+from labelfew.optim import build_finetune_optimizer, finetune_learning_rate, finetune_schedule
 from labelfew.views.finetune import CropFlipViews
 
 LISTED_FILES = 100_000
@@ -95,23 +101,35 @@ def data_source(paths: Sequence[Path]) -> Path:
     return Path(" + ".join(sorted(str(Path(path).resolve()) for path in paths)))
 
 
+def run_class_weights(
+    config: FinetuneConfig, class_names: list[str], labeled: LabeledImages
+) -> list[float] | None:
+    """`--class-weights` for a run that trains on `labeled` (`auto`: its class frequencies), in
+    `class_names` order; None for `none`."""
+    return class_weights(config.class_weights, class_names, labeled.counts())
+
+
 def classification_step(
-    label_smoothing: float, channels_last: bool, views: CropFlipViews, multi_label: bool = False
+    label_smoothing: float,
+    channels_last: bool,
+    views: CropFlipViews,
+    weights: list[float] | None = None,
+    multi_label: bool = False,
 ) -> StepFunction:
-    """Cross-entropy on one labelled batch, its crop + flip views made on the device; with
-    `multi_label`, a sigmoid and binary cross-entropy per class (`labelfew.multilabel`)."""
+    """Cross-entropy on one labelled batch (weighted per class by `weights`), its crop + flip views
+    made on the device; with `multi_label`, a sigmoid and binary cross-entropy per class
+    (`labelfew.multilabel`)."""
+    weight_tensor = None if weights is None else torch.tensor(weights)
 
     def step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
         assert batch.labels is not None
         images = views(batch.images, batch.sizes, batch.generator())
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images).float()
+        logits = model(images)
         if multi_label:
-            return binary_cross_entropy(logits, batch.labels), images.shape[0]
-        return nn.functional.cross_entropy(
-            logits, batch.labels, label_smoothing=label_smoothing
-        ), images.shape[0]
+            return binary_cross_entropy(logits.float(), batch.labels), images.shape[0]
+        return classification_loss(logits, batch.labels, label_smoothing, weight_tensor), images.shape[0]
 
     return step
 
@@ -147,12 +165,13 @@ def prepare_training(config: FinetuneConfig, start: Start, class_names: list[str
     seed_augmentations(accelerator, config.seed)
     views = CropFlipViews(start.image_size, start.mean, start.std)
     settings = config.fixmatch
+    weights = run_class_weights(config, class_names, labeled)
     if settings is None or unlabeled is None:
-        step = classification_step(config.label_smoothing, channels_last, views, labeled.multi_label)
+        step = classification_step(config.label_smoothing, channels_last, views, weights, labeled.multi_label)
         return Training(model, optimizer, loader, undecodable, step)
     workers = default_workers(config.workers)
     parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
-                              labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
+                              class_weights=weights, labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
                               workers=workers, show=not config.quiet, accelerator=accelerator)  # fmt: skip
     undecodable += parts.skipped
     return Training(model, optimizer, parts.loader, undecodable, parts.step, parts.ema, parts.pseudo_labels)
@@ -162,9 +181,11 @@ def fingerprint(
     config: FinetuneConfig, start: Start, train: LabeledImages, unlabeled: UnlabeledImages | None = None
 ) -> dict[str, Any]:
     """What a resumed fine-tuning must share with the run that wrote the checkpoint (a supervised
-    run's as before the FixMatch options, so that its older checkpoints still resume)."""
+    run's as before the FixMatch options, so that its older checkpoints still resume; the class
+    weights as the values trained with, and early stopping, only when they are used)."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
-               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix", "label_delimiter"}  # fmt: skip
+               "unlabeled", "follow_links", "skip_bad", "init", "init_prefix", "label_delimiter", "class_weights",
+               "early_stop"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
     values = {
@@ -178,6 +199,11 @@ def fingerprint(
                  f"{train.relative_key(path)} ({label})" for path, label in zip(train.paths, train.labels, strict=True))}  # fmt: skip
     if start.init is not None:
         found |= {"init_sha256": start.init.sha256, "init_prefix": start.init.prefix}
+    weights = run_class_weights(config, train.class_names, train)
+    if weights is not None:
+        found["class_weights"] = weights
+    if config.early_stop is not None:
+        found["early_stop"] = config.early_stop
     if config.fixmatch is not None and unlabeled is not None:
         found |= {"fixmatch": dataclasses.asdict(config.fixmatch), "fixmatch_version": FIXMATCH_VERSION,
                   "unlabeled_images": len(unlabeled.paths), "unlabeled_list_sha256": unlabeled.listing_sha256(),
@@ -188,3 +214,51 @@ def fingerprint(
 def method_defaults(config: FinetuneConfig) -> dict[str, float]:
     """The weight decay and warmup the method trains with, given or its default."""
     return {"weight_decay": config.decay, "warmup_fraction": config.warmup}
+
+
+def search_lr(
+    config: FinetuneConfig,
+    start: Start,
+    class_names: list[str],
+    train: LabeledImages,
+    batch: int,
+    accelerator: Any,
+    score: Callable[[nn.Module, LabeledImages], tuple[float, float]],
+    progress: lr_search.Progress | None = None,
+) -> dict[str, Any]:
+    """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth
+    (on further fifths, for the candidates still in the race, while the search's budget of
+    `lr_search.SEARCH_BUDGET` × this fine-tuning's steps lasts: `lr_search.search`); `score` gives a
+    trained candidate's (top-1, mean cross-entropy) on held-out labels (the stage's inference loop)."""
+    rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
+    folds = lr_search.search_folds(train, config.seed)
+
+    def steps(count: int) -> int:  # an epoch's steps: `labelled_batches` drops the last incomplete batch
+        return max(1, count // min(config.batch_size, count))
+
+    plan = lr_search.search_plan(config.epochs, steps_per_epoch=steps(len(train)),
+                                 fit_steps_per_epoch=steps(len(folds[0][0])), folds=len(folds))  # fmt: skip
+
+    def candidate(lr: float, fold: int, epochs: int) -> lr_search.Candidate:
+        set_seed(config.seed)  # every candidate from the same initialisation and batches
+        training = prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
+        where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
+        trainer = Trainer(
+            accelerator=accelerator, model=training.model, optimizer=training.optimizer,
+            scheduler=finetune_schedule(training.optimizer, len(training.loader) * epochs, config.warmup),
+            loader=training.loader, step=training.step, epochs=epochs,
+            description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
+        )  # fmt: skip
+        steps = epochs * len(training.loader)
+        assert len(folds[fold][1]) > 0  # `search` trains no candidate without held-out labels
+        try:
+            loss = trainer.fit().final_loss
+            top1, held_loss = score(training.model, folds[fold][1])
+        except FloatingPointError:  # diverged: this lr is out
+            return lr_search.Candidate(lr, epochs, steps)
+        except Interrupted as error:  # the trainer says "checkpoints are off": not the whole truth
+            kept = f"the lr search's finished candidates are in {lr_search.SEARCH_FILE}: rerun to continue it"
+            raise Interrupted(f"{error}; {kept}", error.exit_code) from None
+        return lr_search.Candidate(lr, epochs, steps, val_top1=top1, val_loss=held_loss, final_loss=loss)
+
+    return lr_search.search(rule, config.optimizer, batch, class_names, folds, candidate, plan, progress)

@@ -44,7 +44,7 @@ from labelfew.engine.accelerator import console
 from labelfew.engine.counts import EpochCounts
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.trainer import StepFunction
-from labelfew.losses import fixmatch_unlabeled_loss
+from labelfew.losses import classification_loss, fixmatch_unlabeled_loss
 from labelfew.views.finetune import CropFlipViews, ShiftFlipViews
 from labelfew.views.ops import normalization, normalize
 from labelfew.views.randaugment import RandAugmentViews
@@ -180,10 +180,18 @@ def fixmatch_step(
     label_smoothing: float,
     channels_last: bool,
     pseudo_labels: PseudoLabels,
+    class_weights: Sequence[float] | None = None,
 ) -> StepFunction:
     """The step over a `LabelledPairBatch` (the unlabeled images, their labelled batch attached by
-    `labelfew.data.batches.WithLabelled`): cross-entropy on the labelled images' weak views plus
-    ``unlabeled_weight`` × FixMatch's unlabeled loss; the number of views is B + 2μB."""
+    `labelfew.data.batches.WithLabelled`): cross-entropy on the labelled images' weak views
+    (weighted by `class_weights`) plus ``unlabeled_weight`` × FixMatch's unlabeled loss; the number
+    of views is B + 2μB.
+
+    The unlabeled loss is never class-weighted: neither FixMatch's paper nor USB
+    (microsoft/Semi-supervised-learning, ``semilearn/algorithms/fixmatch/fixmatch.py``: ``ce_loss``
+    of the labelled logits, ``consistency_loss(..., 'ce', mask=mask)`` of the pseudo-labels) weighs
+    either part; weighing the pseudo-labels by the labels' frequencies would weigh guesses."""
+    weights = None if class_weights is None else torch.tensor(list(class_weights))
 
     def step(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
         labelled = cast(LabelledPairBatch, batch).labelled
@@ -196,9 +204,7 @@ def fixmatch_step(
         logits = model(images).float()
         count, unlabeled = supervised_views.shape[0], weak.shape[0]
         weak_logits, strong_logits = logits[count : count + unlabeled], logits[count + unlabeled :]
-        supervised = nn.functional.cross_entropy(
-            logits[:count], labelled.labels, label_smoothing=label_smoothing
-        )
+        supervised = classification_loss(logits[:count], labelled.labels, label_smoothing, weights)
         consistency, _ = fixmatch_unlabeled_loss(weak_logits, strong_logits, threshold)
         pseudo_labels.add(weak_logits.detach(), batch.labels, threshold)
         return supervised + unlabeled_weight * consistency, images.shape[0]
@@ -220,7 +226,7 @@ class FixMatchTraining:
 
 def fixmatch_training(model: nn.Module, labelled: EpochBatches, unlabeled: UnlabeledImages, settings: FixMatchSettings,
                       views: CropFlipViews, label_smoothing: float, *, labelled_batch: int, seed: int, workers: int, show: bool,
-                      accelerator: Any) -> FixMatchTraining:  # fmt: skip
+                      accelerator: Any, class_weights: Sequence[float] | None = None) -> FixMatchTraining:  # fmt: skip
     """FixMatch's parts around the unwrapped `model` and the labelled batches: μ × the labelled
     batch (global) of unlabeled images a step (their own order, `seed`), weak and strong views on the
     device (`views` gives their side and normalisation: the labelled images get the weak view, not
@@ -232,6 +238,7 @@ def fixmatch_training(model: nn.Module, labelled: EpochBatches, unlabeled: Unlab
     pseudo_labels = PseudoLabels(accelerator.device, has_labels=unlabeled.labels is not None)
     weak = ShiftFlipViews(views.image_size, views.mean, views.std)
     step = fixmatch_step(weak, WeakStrongViews(views.image_size, views.mean, views.std), settings.threshold,
-                         settings.unlabeled_weight, label_smoothing, accelerator.device.type == "cuda", pseudo_labels)  # fmt: skip
+                         settings.unlabeled_weight, label_smoothing, accelerator.device.type == "cuda", pseudo_labels,
+                         class_weights)  # fmt: skip
     ema = ModelEMA(model, settings.ema, batchnorm=True)
     return FixMatchTraining(paired, skipped, step, ema, pseudo_labels)

@@ -60,7 +60,8 @@ class HeadSettings:
     """How the heads train (the stage's `--epochs`, `--batch-size`, `--weight-decay`, …).
 
     `weight_decay` applies to the weights, never the biases; `balanced` draws every class equally
-    often (with replacement) as `--balanced` does for the image batches.
+    often (with replacement) as `--balanced` does for the image batches; `class_weights` (one per
+    class, `--class-weights`) weigh the cross-entropy as `labelfew.losses.classification_loss` does.
     """
 
     epochs: int
@@ -70,6 +71,7 @@ class HeadSettings:
     label_smoothing: float = 0.0
     balanced: bool = False
     seed: int = 0
+    class_weights: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ def train_heads(
     )
     buffers: list[Tensor | None] = [None, None]
     generator = torch.Generator().manual_seed(settings.seed)
+    class_weights = None if settings.class_weights is None else torch.tensor(settings.class_weights)
     epoch_losses: list[float] = []
     final = torch.zeros(heads)
     for _ in range(settings.epochs):
@@ -149,7 +152,7 @@ def train_heads(
         for start in range(0, count, batch):
             index = order[start : start + batch]
             losses, weight_gradient, bias_gradient = _loss_and_gradients(
-                inputs[index], labels[index], weight, bias, settings.label_smoothing
+                inputs[index], labels[index], weight, bias, settings.label_smoothing, class_weights
             )
             factor = placeholder.param_groups[0]["lr"]
             _nesterov_step((weight, bias), (weight_gradient, bias_gradient), buffers, rates * factor,
@@ -164,23 +167,34 @@ def train_heads(
 
 
 def _loss_and_gradients(
-    inputs: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, smoothing: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Every head's mean cross-entropy on a batch and its gradients, in closed form: one matrix
-    product forward, one back (d loss / d logits = (softmax − target) / n).
+    inputs: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, smoothing: float,
+    class_weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Every head's cross-entropy on a batch and its gradients, in closed form: one matrix product
+    forward, one back.
 
-    Shape: inputs (n, dim), labels (n,), weight (heads, classes, dim), bias (heads, classes) ->
-    losses (heads,), weight gradient (heads, classes, dim), bias gradient (heads, classes)
+    With targets t (label smoothing ε, class weights w: t[i, c] = (1 − ε)·w[y_i]·[c = y_i] + ε·w[c]/C,
+    PyTorch's ``cross_entropy(weight=w, label_smoothing=ε)``) the loss is −Σ t·log p / Σ_i w[y_i], and
+    d loss / d logits = (p·Σ_c t[i, c] − t) / Σ_i w[y_i] (without weights: (p − t) / n).
+
+    Shape: inputs (n, dim), labels (n,), weight (heads, classes, dim), bias (heads, classes),
+    class_weights (classes,) -> losses (heads,), weight gradient (heads, classes, dim), bias gradient
+    (heads, classes)
     """
     heads, classes, width = weight.shape
+    count = len(labels)
     logits = (inputs @ weight.reshape(heads * classes, width).T).view(-1, heads, classes) + bias
     log_probabilities = logits.log_softmax(dim=2)
-    target = torch.full_like(log_probabilities, smoothing / classes)
+    per_class = torch.ones(classes) if class_weights is None else class_weights.float()
+    target = (smoothing / classes * per_class).expand(count, heads, classes).clone()
     target.scatter_add_(2, labels.view(-1, 1, 1).expand(-1, heads, 1),
-                        torch.full((len(labels), heads, 1), 1.0 - smoothing))  # fmt: skip
-    losses = -(target * log_probabilities).sum(dim=2).mean(dim=0)
-    residual = (log_probabilities.exp() - target) / len(labels)  # (n, heads, classes)
-    weight_gradient = (residual.reshape(len(labels), heads * classes).T @ inputs).view(heads, classes, width)
+                        ((1.0 - smoothing) * per_class[labels]).view(-1, 1, 1).expand(-1, heads, 1).clone())  # fmt: skip
+    total = float(count) if class_weights is None else per_class[labels].sum()
+    losses = -(target * log_probabilities).sum(dim=2).sum(dim=0) / total
+    residual = (
+        log_probabilities.exp() * target.sum(dim=2, keepdim=True) - target
+    ) / total  # (n, heads, classes)
+    weight_gradient = (residual.reshape(count, heads * classes).T @ inputs).view(heads, classes, width)
     return losses, weight_gradient, residual.sum(dim=0)
 
 

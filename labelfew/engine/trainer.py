@@ -24,6 +24,7 @@ from labelfew.data.batches import Batch, EpochBatches
 from labelfew.engine import checkpoint
 from labelfew.engine import signals as signals_module
 from labelfew.engine.accelerator import console
+from labelfew.engine.best import BestEpoch
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.loggers import RunLogger
 
@@ -83,6 +84,9 @@ class Trainer:
     ema: ModelEMA | None = None
     """A moving average of the weights (`labelfew.engine.ema`), updated after every optimizer step
     and kept in the checkpoints."""
+    best: BestEpoch | None = None
+    """The best epoch by a per-epoch metric (`labelfew.engine.best`): told each epoch's metrics,
+    kept in the checkpoints, and its early stopping ends the loop."""
     checkpoint_dir: Path | None = None
     checkpoint_minutes: float = 10.0
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -108,7 +112,7 @@ class Trainer:
             with progress, signals_module.StopSignals() as signals:
                 task = progress.add_task(self.description, total=len(self.loader) * self.epochs,
                                          completed=position.global_step, loss=float("nan"), lr=0.0, rate=0.0)  # fmt: skip
-                while position.epoch < self.epochs:
+                while position.epoch < self.epochs and not (self.best is not None and self.best.stopped):
                     self._epoch(position, log, progress, task, start, signals)
         finally:
             if log is not None:
@@ -154,12 +158,18 @@ class Trainer:
         position.epoch_losses.append(epoch_loss)
         extra = self.on_epoch_end(epoch, epoch_loss) if self.on_epoch_end else {}
         self._metrics.append(extra)
+        if self.best is not None:
+            self.best.observe(epoch, extra)
         position.epoch, position.step_in_epoch, position.running_loss = epoch + 1, 0, 0.0
         if self.accelerator.is_main_process and (self.quiet or extra):
             shown = " ".join(f"{key} {value:.4f}" for key, value in extra.items())
             console.print(
                 f"{self.description} epoch {epoch + 1}/{self.epochs} loss {epoch_loss:.4f} {shown}".rstrip()
             )
+        if self.best is not None and self.best.stopped and self.accelerator.is_main_process:
+            console.print(f"{self.description}: early stop after epoch {epoch + 1}/{self.epochs}: "
+                          f"{self.best.since} validations without a better {self.best.key} than epoch "
+                          f"{self.best.epoch}'s {self.best.score:.4f}")  # fmt: skip
         self._save(start)
         signals.raise_if_received(self._checkpoint_hint())
 
@@ -255,7 +265,8 @@ class Trainer:
         self._position.seconds = time.perf_counter() - start
         self._position.bad_indices = sorted(self._bad)
         checkpoint.save_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
-                                 self.scheduler, self._position, self.fingerprint, self._metrics, self.ema)  # fmt: skip
+                                 self.scheduler, self._position, self.fingerprint, self._metrics, self.ema,
+                                 self.best)  # fmt: skip
         self._last_checkpoint = time.perf_counter()
 
     def _resume(self) -> str | None:
@@ -266,11 +277,13 @@ class Trainer:
                 checkpoint.remove_all(self.checkpoint_dir)
             self.accelerator.wait_for_everyone()
         # A full disk fails now, not at the first checkpoint minutes or hours later.
-        checkpoint.require_space(self.accelerator, self.checkpoint_dir, self.model, self.optimizer, self.ema)
+        checkpoint.require_space(self.accelerator, self.checkpoint_dir, self.model, self.optimizer, self.ema,
+                                 self.best)  # fmt: skip
         if self.restart:
             return None
         restored = checkpoint.restore_training(self.accelerator, self.checkpoint_dir, self.model, self.optimizer,
-                                               self.scheduler, self.fingerprint, self.ema)  # fmt: skip
+                                               self.scheduler, self.fingerprint, self.ema,
+                                               self.best)  # fmt: skip
         if restored is None:
             return None
         folder, self._position, self._metrics = restored

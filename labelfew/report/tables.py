@@ -104,6 +104,12 @@ def _note(row: dict[str, Any], shared: set[str]) -> str:
     return note
 
 
+def _imbalanced_line(skew: dict[str, Any]) -> str:
+    """The line above the table of an imbalanced test set (`labelfew.data.class_weights.imbalance`)."""
+    return (f"imbalanced test set: {skew['largest']} {skew['largest_images']} images, {skew['smallest']} "
+            f"{skew['smallest_images']} ({skew['ratio']:.1f}×): balanced accuracy (mean per-class recall) first")  # fmt: skip
+
+
 def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     """One row per model/method, then the per-class accuracy of every row.
 
@@ -113,27 +119,29 @@ def print_report(result: dict[str, Any], path: Path | None = None) -> None:
     test = result["test"]
     if result.get("multi_label"):
         return print_multi_label_report(result, path)
+    skew = test.get("imbalance") or {}
+    balanced_first = skew.get("headline") == "balanced_accuracy"
     table = Table(
         title=f"labelfew evaluation — {test['images']} test images, {len(result['class_names'])} classes"
     )
     overlap = bool(result.get("overlap"))
-    columns = (
-        ("method", "top-1", "top-5", "balanced acc.")
-        + (("test images seen",) if overlap else ())
-        + ("notes",)
-    )
+    metrics = ("balanced acc.", "top-1", "top-5") if balanced_first else ("top-1", "top-5", "balanced acc.")
+    columns = ("method", *metrics) + (("test images seen",) if overlap else ()) + ("notes",)
     for column in columns:
         table.add_column(column, justify="left" if column in ("method", "notes") else "right")
     shared = _shared_methods(result["rows"])
     for row in result["rows"]:
         seen = (str(row["details"].get("seen_test_images", "—")),) if overlap else ()
-        scores = (_percent(row["top1"]), _percent(row["top5"]), _percent(row["balanced_accuracy"]))
+        values = {"top-1": row["top1"], "top-5": row["top5"], "balanced acc.": row["balanced_accuracy"]}
+        scores = tuple(_percent(values[name]) for name in metrics)
         table.add_row(row["method"], *scores, *seen, _note(row, shared))
     if test.get("skipped"):
         named = "; ".join(test["skipped_files"][:3]) + ("; …" if test["skipped"] > 3 else "")
         console.print(
             f"[yellow]{test['skipped']} of {test['listed']} test images skipped[/] (cannot be decoded): {named}"
         )
+    if balanced_first:
+        console.print(_imbalanced_line(skew), highlight=False, soft_wrap=True)
     console.print(table)
     capped = next((row["details"] for row in result["rows"] if "k_cap" in row["details"]), None)
     if capped is not None:

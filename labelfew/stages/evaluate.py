@@ -22,6 +22,7 @@ from torch import nn
 from labelfew import artifacts, engine
 from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
+from labelfew.data.class_weights import imbalance
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import BANK, HASH_CACHE, Leaks, guard
 from labelfew.engine.init_weights import Init, read_init
@@ -213,7 +214,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         rows.append(_finetune_row(artifact, test, class_names, config, skipped, leaks))
     result = {
         "test": {"path": str(config.test.resolve()), "images": len(test) - len(skipped), "listed": len(test),
-                 "skipped": len(skipped), "skipped_files": [f"{path}: {why}" for path, why in skipped.items()]},
+                 "skipped": len(skipped), "skipped_files": [f"{path}: {why}" for path, why in skipped.items()],
+                 "class_counts": test.counts(), "imbalance": imbalance(test.counts())},
         "overlap": [item.to_json() for item in leaks.overlaps],
         "left_out": models.unusable,
         "class_names": class_names,

@@ -15,6 +15,7 @@ with no self-supervised step: the transfer baseline, one command (`labelfew.engi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from accelerate.utils import set_seed
-from torch import Tensor, nn
+from torch import nn
 
 from labelfew import engine
 from labelfew.artifacts import (
@@ -30,16 +31,18 @@ from labelfew.artifacts import (
     StageInfo,
     load_artifact,
     register_stage,
-    save_tensors,
     write_run_json,
 )
 from labelfew.config import FinetuneConfig, to_json
+from labelfew.data import multilabel
+from labelfew.data.class_weights import imbalance_warning
 from labelfew.data.images import printable, skipped_note
 from labelfew.data.labelled import held_out_split, readable_labels
 from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine import linear_head, lr_search
+from labelfew.engine.best import BestEpoch, kept_note, save_models
 from labelfew.engine.fine_tuning import (
     Training,
     data_source,
@@ -47,26 +50,26 @@ from labelfew.engine.fine_tuning import (
     labels_run_folder,
     method_defaults,
     prepare_training,
+    run_class_weights,
+    search_lr,
     start_classifier,
 )
 from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
 from labelfew.engine.init_weights import Init, init_name, read_init
 from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.engine.start import Start, finetune_start, init_start
-from labelfew.errors import Interrupted, UserError
+from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, head_spec
-from labelfew.multilabel import DEFAULT_THRESHOLD, MAX_CLASSES, choose_threshold, macro_f1
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
 from labelfew.spec import ModelSpec
+from labelfew.use.held_out import epoch_scores, frozen_features, multi_label_threshold
 from labelfew.use.inference import (
     EvalImages,
     accuracy,
     held_out_images,
-    held_out_multi_label,
     held_out_scores,
-    run_model,
 )
 
 
@@ -80,7 +83,11 @@ def _label(artifact: Artifact) -> str:
         f"init {init_name(spec.init)}" if artifact.metadata.get("start") == "init" else "init + SSL"]  # fmt: skip
     if method == "linear":  # the backbone was not fine-tuned: "linear (frozen[, init NAME])"
         return f"linear ({', '.join(['frozen', *start])})"
-    parts = [method] * (method != "supervised") + start
+    parts = (
+        [method] * (method != "supervised")
+        + start
+        + ["last epoch"] * (artifact.metadata.get("checkpoint") == "last")
+    )
     return f"fine-tuned ({', '.join(parts)})" if parts else "fine-tuned"
 
 
@@ -147,60 +154,17 @@ def _learning_rate(
     record = lr_search.reuse(out, key, config.restart)
     if record is None:
         progress = lr_search.Progress.load(out, key, accelerator, config.restart)
-        record = _search(config, start, class_names, train, batch, accelerator, progress)
+
+        def score(model: nn.Module, check: LabeledImages) -> tuple[float, float]:
+            return held_out_scores(
+                model, _val_loader(check, class_names, start, config, accelerator), accelerator
+            )
+
+        record = search_lr(config, start, class_names, train, batch, accelerator, score, progress)
         lr_search.save(out, key, record, accelerator)
     if accelerator.is_main_process and not config.quiet:
         print_lr_search(record, reused=record.get("reused", False))
     return float(record["chosen"]), record
-
-
-def _search(
-    config: FinetuneConfig,
-    start: Start,
-    class_names: list[str],
-    train: LabeledImages,
-    batch: int,
-    accelerator: Any,
-    progress: lr_search.Progress | None = None,
-) -> dict[str, Any]:
-    """Fine-tunes briefly at each candidate lr on 4/5 of the labels and scores it on the other fifth
-    (on further fifths, for the candidates still in the race, while the search's budget of
-    `lr_search.SEARCH_BUDGET` × this fine-tuning's steps lasts: `lr_search.search`)."""
-    rule = finetune_learning_rate(config.optimizer, batch)  # type: ignore[arg-type]
-    folds = lr_search.search_folds(train, config.seed)
-    checks = [_val_loader(check, class_names, start, config, accelerator) if len(check) else None
-              for _, check in folds]  # fmt: skip
-
-    def steps(count: int) -> int:  # an epoch's steps: `labelled_batches` drops the last incomplete batch
-        return max(1, count // min(config.batch_size, count))
-
-    plan = lr_search.search_plan(config.epochs, steps_per_epoch=steps(len(train)),
-                                 fit_steps_per_epoch=steps(len(folds[0][0])), folds=len(folds))  # fmt: skip
-
-    def candidate(lr: float, fold: int, epochs: int) -> lr_search.Candidate:
-        set_seed(config.seed)  # every candidate from the same initialisation and batches
-        training = prepare_training(config, start, class_names, folds[fold][0], lr, accelerator)
-        where = f" fold {fold + 1}/{len(folds)}" if len(folds) > 1 else ""
-        trainer = engine.Trainer(
-            accelerator=accelerator, model=training.model, optimizer=training.optimizer,
-            scheduler=finetune_schedule(training.optimizer, len(training.loader) * epochs, config.warmup),
-            loader=training.loader, step=training.step, epochs=epochs,
-            description=f"lr search {lr:.3g}{where}", quiet=config.quiet,
-        )  # fmt: skip
-        steps = epochs * len(training.loader)
-        check_loader = checks[fold]
-        assert check_loader is not None  # `search` trains no candidate without held-out labels
-        try:
-            loss = trainer.fit().final_loss
-            top1, held_loss = held_out_scores(training.model, check_loader, accelerator)
-        except FloatingPointError:  # diverged: this lr is out
-            return lr_search.Candidate(lr, epochs, steps)
-        except Interrupted as error:  # the trainer says "checkpoints are off": not the whole truth
-            kept = f"the lr search's finished candidates are in {lr_search.SEARCH_FILE}: rerun to continue it"
-            raise Interrupted(f"{error}; {kept}", error.exit_code) from None
-        return lr_search.Candidate(lr, epochs, steps, val_top1=top1, val_loss=held_loss, final_loss=loss)
-
-    return lr_search.search(rule, config.optimizer, batch, class_names, folds, candidate, plan, progress)
 
 
 def run(config: FinetuneConfig) -> Path:
@@ -217,11 +181,13 @@ def run(config: FinetuneConfig) -> Path:
     start = _start(config, init, labeled.paths)
     class_names = labeled.class_names
     if labeled.multi_label:
-        refuse_multi_label(config, class_names)
+        multilabel.refuse_options(config, class_names)
     elif len(class_names) < 2:
         shown = ", ".join(str(path) for path in config.labels)
         raise UserError(f"{shown}: only one class ({class_names[0]}); a classifier needs at least 2")
     train, held = held_out_split(labeled, config.val_fraction, config.seed)
+    weights = run_class_weights(config, class_names, train)  # a bad --class-weights file: exit 2 now
+    _warn_if_imbalanced(config, labeled, accelerator)
     unlabeled = (
         None
         if config.unlabeled is None
@@ -237,64 +203,25 @@ def run(config: FinetuneConfig) -> Path:
     lr, search = _learning_rate(config, start, class_names, train, out, accelerator)
     set_seed(config.seed)  # the same start whether the search ran or a resume read its choice
     training = prepare_training(config, start, class_names, train, lr, accelerator, unlabeled)
-    result = _fit(config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator)
+    result, best = _fit(
+        config, start, class_names, train, held, unlabeled, training, out, lr, search, accelerator
+    )
     artifact = out / "model.safetensors"
     trained = unlabeled.paths if unlabeled is not None else train.paths  # what the batches index
     skipped = unreadable + (unlabeled.skipped if unlabeled is not None else [])
     bad = skipped + training.undecodable + [printable(trained[index]) for index in result.bad_indices]
     # FixMatch's model is the moving average of the weights (DESIGN.md trap 10), not the weights.
     model = training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model)
-    threshold = (
-        _threshold(model, held, class_names, start, config, accelerator) if labeled.multi_label else None
-    )
+    threshold = None if not labeled.multi_label else multi_label_threshold(
+        _kept_model(model, best), _val_loader(held, class_names, start, config, accelerator) if held else None,
+        accelerator)  # fmt: skip
     record = {"lr": lr, "threshold": threshold, "lr_search": None if search is None else
-              {key: value for key, value in search.items() if key not in ("fingerprint", "reused")}}  # fmt: skip
-    engine.on_main_process(
-        accelerator,
-        lambda: _save(
-            config, start, model, artifact, class_names, train, unlabeled, result, bad, accelerator, record
-        ),
-    )
+              {key: value for key, value in search.items() if key not in ("fingerprint", "reused")},
+              "class_weights": None if weights is None else dict(zip(class_names, weights, strict=True)),
+              "best": None if best is None else best.record(config.epochs, len(result.epoch_losses))}  # fmt: skip
+    engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, train, unlabeled,
+                                                      result, bad, accelerator, record, best))  # fmt: skip
     return artifact
-
-
-def refuse_multi_label(config: FinetuneConfig, class_names: list[str]) -> None:
-    """What multi-label labels cannot train with, refused before any image is decoded.
-
-    Raises:
-        UserError: FixMatch (its pseudo-label is a softmax's argmax), the linear head (trained with
-            a softmax's cross-entropy), `--balanced` (an image holds
-            several classes), label smoothing, or more than `MAX_CLASSES` classes.
-    """
-    shown = ", ".join(str(path) for path in config.labels)
-    refused = ("--method fixmatch" if config.fixmatch is not None else "--method linear" if config.method == "linear"
-               else "--balanced" if config.balanced
-               else "--label-smoothing" if config.label_smoothing > 0 else None)  # fmt: skip
-    if refused is not None:
-        raise UserError(f"{shown}: multi-label labels; {refused} does not support them, drop it")
-    if len(class_names) > MAX_CLASSES:
-        raise UserError(
-            f"{shown}: {len(class_names)} classes; a multi-label model takes at most {MAX_CLASSES}"
-        )
-
-
-def validation_metrics(model: nn.Module, images: EvalImages, accelerator: Any) -> dict[str, float]:
-    """A multi-label epoch's held-out numbers: mAP-free and cheap, macro-F1 at `DEFAULT_THRESHOLD`,
-    which is also its `val_score` (the best-checkpoint metric)."""
-    scores, targets = held_out_multi_label(model, images, accelerator)
-    score = macro_f1(scores, targets, DEFAULT_THRESHOLD)
-    return {"val_macro_f1": score, "val_score": score}
-
-
-def _threshold(model: nn.Module, held: LabeledImages | None, class_names: list[str], start: Start,
-               config: FinetuneConfig, accelerator: Any) -> float:  # fmt: skip
-    """The saved multi-label model's global threshold: the best macro-F1 on the held-out images, or
-    `DEFAULT_THRESHOLD` without any (`--val-fraction 0`)."""
-    if held is None:
-        return DEFAULT_THRESHOLD
-    scores, targets = held_out_multi_label(model, _val_loader(held, class_names, start, config, accelerator),
-                                           accelerator)  # fmt: skip
-    return choose_threshold(scores, targets)
 
 
 def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
@@ -304,9 +231,18 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
     checkpoints: a rerun recomputes it (seconds), bit for bit."""
     started = time.perf_counter()
     model = start_classifier(start, len(class_names), config.from_head_layer).requires_grad_(False)
-    features, kept, bad = _frozen_features(config, start, model, train, accelerator)
+    frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
+    spec = ModelSpec(start.arch, start.image_size, start.small_stem, int(model.backbone.num_features),  # type: ignore[arg-type]
+                     start.mean, start.std)  # fmt: skip
+    features, indices, bad = frozen_features(frozen, list(train.paths), spec, config.batch_size, config.workers,
+                                             config.skip_bad, config.quiet or not accelerator.is_main_process)  # fmt: skip
+    kept = LabeledImages(
+        tuple(train.paths[i] for i in indices), tuple(train.labels[i] for i in indices), train.root
+    )
+    weights = run_class_weights(config, class_names, kept)
     settings = linear_head.HeadSettings(config.epochs, config.batch_size, config.decay, config.warmup,
-                                        config.label_smoothing, config.balanced, config.seed)  # fmt: skip
+                                        config.label_smoothing, config.balanced, config.seed,
+                                        None if weights is None else tuple(weights))  # fmt: skip
     fit = linear_head.fit_linear(features, kept, class_names, lr_search.explicit_lr(config.lr), settings)
     model.classifier = fit.layer
     model.to(accelerator.device)
@@ -319,30 +255,21 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
                              f"frozen backbone, lr {fit.lr:.4g}")  # fmt: skip
     result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
                               fit.epoch_losses, metrics)  # fmt: skip
-    artifact, record = out / "model.safetensors", {"lr": fit.lr, "lr_search": fit.search}
+    artifact = out / "model.safetensors"
+    record = {"lr": fit.lr, "lr_search": fit.search,
+              "class_weights": None if weights is None else dict(zip(class_names, weights, strict=True))}  # fmt: skip
     engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
-                                                      result, unreadable + bad, accelerator, record))  # fmt: skip
+                                                      result, unreadable + bad, accelerator, record, None))  # fmt: skip
     return artifact
 
 
-def _frozen_features(config: FinetuneConfig, start: Start, model: Classifier, train: LabeledImages,
-                     accelerator: Any) -> tuple[Tensor, LabeledImages, list[str]]:  # fmt: skip
-    """The frozen classifier's features (backbone, and head layers) of the labelled images, once,
-    in the evaluation view (`labelfew.use.inference.run_model`), the images they are of, and the
-    undecodable ones (refused unless `--skip-bad`). Shape: (decoded images, width)."""
-    frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
-    width = int(model.backbone.num_features)  # type: ignore[arg-type]
-    spec = ModelSpec(start.arch, start.image_size, start.small_stem, width, start.mean, start.std)
-    outputs = run_model(frozen, list(train.paths), spec, config.batch_size, config.workers,
-                        description="features (frozen backbone)", quiet=config.quiet or not accelerator.is_main_process)  # fmt: skip
-    bad = [printable(train.paths[index]) for index in sorted(outputs.errors)]
-    if bad and not config.skip_bad:
-        raise UserError(
-            f"{bad[0]}: cannot be decoded ({len(bad)} labelled image(s)); fix it or pass --skip-bad"
-        )
-    kept = LabeledImages(tuple(train.paths[i] for i in outputs.kept), tuple(train.labels[i] for i in outputs.kept),
-                         train.root)  # fmt: skip
-    return outputs.values, kept, bad
+def _kept_model(model: nn.Module, best: BestEpoch | None) -> nn.Module:
+    """The model that is saved: `model`, or a copy holding the best epoch's weights."""
+    if best is None or not best.weights:
+        return model
+    kept = copy.deepcopy(model)
+    kept.load_state_dict(best.weights)
+    return kept
 
 
 def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
@@ -351,6 +278,17 @@ def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -
     if init is None:
         return finetune_start(config.source, config.scratch, config.arch, config.image_size, paths)
     return init_start(init, config.arch, config.init_prefix, config.image_size, None, paths)
+
+
+def _warn_if_imbalanced(config: FinetuneConfig, labeled: LabeledImages, accelerator: Any) -> None:
+    """One line when the largest class has ≥ 10× the smallest's labels and neither
+    `--class-weights` nor `--balanced` evens them (`labelfew.data.class_weights.imbalance_warning`)."""
+    if config.class_weights != "none" or config.balanced or not accelerator.is_main_process:
+        return
+    where = ", ".join(str(path) for path in config.labels)
+    line = imbalance_warning(labeled.counts(), where, "consider --class-weights auto or --balanced")
+    if line is not None:
+        engine.console.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
 
 
 def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classes: int,
@@ -376,18 +314,20 @@ def _announce(config: FinetuneConfig, start: Start, train: LabeledImages, classe
 
 def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: LabeledImages,
          held: LabeledImages | None, unlabeled: UnlabeledImages | None, training: Training, out: Path, lr: float,
-         search: dict[str, Any] | None, accelerator: Any) -> engine.FitResult:  # fmt: skip
-    """Trains the prepared run (validating the moving average with FixMatch) and returns its result."""
+         search: dict[str, Any] | None, accelerator: Any) -> tuple[engine.FitResult, BestEpoch | None]:  # fmt: skip
+    """Trains the prepared run (validating the moving average with FixMatch) and returns its result,
+    and with held-out labels its best epoch by `val_score` (balanced accuracy), weights kept."""
     val_loader = _val_loader(held, class_names, start, config, accelerator) if held else None
     validated = training.ema.module if training.ema is not None else training.model
     pseudo_labels = training.pseudo_labels
+    best = None if val_loader is None else BestEpoch(
+        training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model),
+        key="val_score", patience=config.early_stop)  # fmt: skip
 
     def on_epoch_end(epoch: int, loss: float) -> dict[str, float]:
         metrics = pseudo_labels.epoch_metrics(accelerator) if pseudo_labels is not None else {}
-        if val_loader is not None and train.multi_label:
-            metrics |= validation_metrics(validated, val_loader, accelerator)
-        elif val_loader is not None:
-            metrics["val_top1"] = accuracy(validated, val_loader, accelerator)
+        if val_loader is not None:  # val_score: what the best epoch is chosen on
+            metrics |= epoch_scores(validated, val_loader, accelerator, len(class_names), train.multi_label)
         return metrics
 
     run_loggers = open_loggers(config.logger, out, to_json(config)) if accelerator.is_main_process else None
@@ -401,9 +341,9 @@ def _fit(config: FinetuneConfig, start: Start, class_names: list[str], train: La
         description="finetune" + (f" ({config.method})" if settings else "") + (" (scratch)" if config.scratch else ""),
         quiet=config.quiet, log_file=out / "log.jsonl", on_epoch_end=on_epoch_end, checkpoint_dir=out / "checkpoints",
         checkpoint_minutes=config.checkpoint_every, restart=config.restart, loggers=run_loggers, ema=training.ema,
-        fingerprint={**fingerprint(config, start, train, unlabeled), "learning_rate": lr},
+        fingerprint={**fingerprint(config, start, train, unlabeled), "learning_rate": lr}, best=best,
     )  # fmt: skip
-    return trainer.fit()
+    return trainer.fit(), best
 
 
 def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]:
@@ -416,7 +356,9 @@ def _resolved(config: FinetuneConfig, start: Start, lr: float) -> dict[str, Any]
 
 def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path, class_names: list[str],
           train: LabeledImages, unlabeled: UnlabeledImages | None, result: engine.FitResult, bad: list[str],
-          accelerator: Any, learning_rate: dict[str, Any]) -> None:  # fmt: skip
+          accelerator: Any, learning_rate: dict[str, Any], best: BestEpoch | None) -> None:  # fmt: skip
+    """model.safetensors (the best epoch's weights with held-out labels, else the last epoch's),
+    model-last.safetensors beside it when they differ in kind, and run.json."""
     resolved = _resolved(config, start, learning_rate["lr"])
     head = None
     if config.from_head_layer > 0 and start.artifact is not None:
@@ -434,14 +376,14 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     method = {"method": config.method} if config.method != "supervised" else {}
     origin = {"start": "init"} if start.init is not None else {}  # evaluate's "fine-tuned (init NAME)"
     metadata = {"stage": "finetune", **spec.to_metadata(), **method, **origin, "config": json.dumps(resolved)}
-    digest = save_tensors(artifact, model.state_dict(), metadata)
+    files = save_models(artifact, model.state_dict(), metadata, best, len(result.epoch_losses))
     parent = (
         None
         if start.artifact is None or config.scratch
         else {"path": str(start.artifact.path.resolve()), "sha256": sha256_file(start.artifact.path)}
     )
     metrics: dict[str, Any] = {"final_loss": result.final_loss, "epoch_losses": result.epoch_losses}
-    for key in ("val_top1", "val_macro_f1", *PSEUDO_LABEL_METRICS):
+    for key in ("val_top1", "val_macro_f1", "val_score", *PSEUDO_LABEL_METRICS):
         if any(key in epoch for epoch in result.epoch_metrics) or key == "val_top1":
             metrics[key] = [epoch[key] for epoch in result.epoch_metrics if key in epoch]
     data: dict[str, Any] = {"skipped": len(bad), "skipped_files": bad}
@@ -450,7 +392,7 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     write_run_json(artifact.parent, {
         "stage": "finetune", **method, "config": resolved, "parent": parent,
         "init": start.init.record() if start.init is not None else None,
-        "artifacts": {"model.safetensors": {"sha256": digest}},
+        "artifacts": files,
         "labels": {"path": str(label_file(config, artifact.parent).resolve()),
                    "files": [str(path.resolve()) for path in config.labels],
                    "images": len(train), "subset_sha256": subset_hash(train),
@@ -462,5 +404,5 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     if not config.quiet:
         engine.console.print(
             f"[green]finetune done[/] in {result.seconds:.0f} s, final loss {result.final_loss:.4f}{skipped_note(bad)}"
-            f"\n  artifact: {artifact}"
+            f"\n  artifact: {artifact}{kept_note(best, len(result.epoch_losses))}"
         )

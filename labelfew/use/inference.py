@@ -196,6 +196,27 @@ def accuracy(model: nn.Module, images: EvalImages, accelerator: Any) -> float:
     return held_out_scores(model, images, accelerator)[0]
 
 
+def top1_and_balanced(
+    model: nn.Module, images: EvalImages, accelerator: Any, num_classes: int
+) -> tuple[float, float]:
+    """(top-1, balanced accuracy) over `held_out_images`, all processes: fine-tuning's per-epoch
+    `val_top1` and `val_score`.
+
+    Balanced accuracy is the mean over the classes present of each class's recall, as
+    ``sklearn.metrics.balanced_accuracy_score``.
+    """
+    correct = torch.zeros(num_classes, device=accelerator.device)
+    total = torch.zeros(num_classes, device=accelerator.device)
+    for batch, logits in model_outputs(model, images):
+        assert batch.labels is not None
+        predictions, labels = accelerator.gather_for_metrics((logits.argmax(dim=1), batch.labels))
+        total += torch.bincount(labels, minlength=num_classes).float()
+        correct += torch.bincount(labels[predictions == labels], minlength=num_classes).float()
+    present = total > 0
+    top1 = float(correct.sum() / total.sum().clamp(min=1))
+    return top1, float((correct[present] / total[present]).mean()) if bool(present.any()) else 0.0
+
+
 def held_out_scores(model: nn.Module, images: EvalImages, accelerator: Any) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) over `held_out_images`, all processes.
 

@@ -47,7 +47,8 @@ def _reference_head(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            loss = nn.functional.cross_entropy(layer(inputs[index]), labels[index],
+            weight = None if settings.class_weights is None else torch.tensor(settings.class_weights)
+            loss = nn.functional.cross_entropy(layer(inputs[index]), labels[index], weight=weight,
                                                label_smoothing=settings.label_smoothing)  # fmt: skip
             optimizer.zero_grad()
             loss.backward()
@@ -67,6 +68,7 @@ def _reference_head(
         HeadSettings(
             epochs=4, batch_size=7, weight_decay=1e-2, warmup_fraction=0.3, label_smoothing=0.1, seed=5
         ),
+        HeadSettings(epochs=3, batch_size=9, label_smoothing=0.2, class_weights=(0.5, 2.0, 1.25)),
     ],
 )
 def test_every_head_of_the_grid_is_the_head_trained_alone(settings: HeadSettings) -> None:

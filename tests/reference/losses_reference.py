@@ -58,3 +58,21 @@ def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor 
         numerator = torch.exp(torch.dot(views[anchor], views[positive]) / temperature)
         total = total - torch.log(numerator / denominator)
     return total / (2 * batch_size)
+
+
+def weighted_smoothed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights: list[float] | None, smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy with class weights and label smoothing, one image and one class at a time:
+    image i adds ``(1 - ε) · w[y_i] · -log p[i, y_i] + ε / C · Σ_c w[c] · -log p[i, c]``, and the
+    sum is divided by ``Σ_i w[y_i]`` (PyTorch's weighted mean)."""
+    classes = logits.shape[1]
+    w = weights if weights is not None else [1.0] * classes
+    total, norm = torch.zeros((), dtype=torch.float64), 0.0
+    for row, label in zip(logits.double(), labels.tolist(), strict=True):
+        log_p = row - torch.logsumexp(row, dim=0)
+        term = (1 - smoothing) * w[label] * -log_p[label]
+        for c in range(classes):
+            term = term + smoothing / classes * w[c] * -log_p[c]
+        total, norm = total + term, norm + w[label]
+    return total / norm

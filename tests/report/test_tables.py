@@ -25,3 +25,28 @@ def test_models_of_one_kind_are_told_apart_by_their_folder(monkeypatch: pytest.M
     text = console.export_text()
     assert "245 labelled, finetune-ssl-auto" in text and "245 labelled, finetune-ssl-rule" in text
     assert "finetune-scratch" not in text  # the only one of its kind: no folder needed
+
+
+@pytest.mark.parametrize("headline", ["balanced_accuracy", "top1"])
+def test_an_imbalanced_test_set_leads_with_balanced_accuracy(
+    monkeypatch: pytest.MonkeyPatch, headline: str
+) -> None:
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(tables, "console", console)
+    row = {**_row("kNN", "", 0.9), "balanced_accuracy": 0.55, "details": {"k": 20, "bank_images": 30}}
+    skew = {"largest": "ok", "largest_images": 140, "smallest": "dent", "smallest_images": 13, "ratio": 140 / 13,
+            "headline": headline}  # fmt: skip
+    tables.print_report({"test": {"images": 153, "imbalance": skew}, "class_names": ["a"], "rows": [row]})
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "top-1" in line)
+    values = next(line for line in text.splitlines() if line.lstrip("│ ").startswith("kNN"))
+    if headline == "balanced_accuracy":
+        assert header.index("balanced acc.") < header.index("top-1") and values.index("55.0%") < values.index(
+            "90.0%"
+        )
+        assert (
+            "imbalanced test set: ok 140 images, dent 13 (10.8×): balanced accuracy (mean per-class recall) first"
+            in text
+        )
+    else:
+        assert header.index("top-1") < header.index("balanced acc.") and "imbalanced" not in text

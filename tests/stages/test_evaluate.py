@@ -442,3 +442,41 @@ def test_a_bad_init_exits_2_before_any_image_is_opened(
     assert result.exit_code == 2 and "pass --arch" in result.output
     result = runner.invoke(app, ["evaluate", "--test", str(tiny_run["test"]), "--arch", "test_resnet"])
     assert result.exit_code == 2 and "only with --init" in result.output
+
+
+def test_balanced_accuracy_is_sklearns_on_an_imbalanced_set() -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    generator = np.random.default_rng(0)
+    labels = np.array([0] * 40 + [1] * 7 + [2] * 3)
+    scores = generator.random((len(labels), 3))
+    scores[np.arange(len(labels)), labels] += generator.random(len(labels)) * 0.8
+    row = metrics_row("x", scores, labels, ["a", "b", "c"], {})
+    assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, scores.argmax(axis=1)))
+    assert abs(row["balanced_accuracy"] - row["top1"]) > 0.01
+
+
+def test_an_imbalanced_test_set_is_recorded_and_every_row_has_sklearns_balanced_accuracy(
+    tiny_run: dict[str, Path],
+) -> None:
+    from sklearn.metrics import balanced_accuracy_score
+
+    test = tiny_run["work"] / "test-skewed"  # class 0: 2 images, the others 1 (2×: from 1.5× on)
+    for index, folder in enumerate(sorted(tiny_run["test"].iterdir())):
+        (test / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[: 2 if index == 0 else 1]:
+            shutil.copy(path, test / folder.name / path.name)
+    result = _evaluate({**tiny_run, "test": test}, tiny_run["bank"])
+    skew = result["test"]["imbalance"]
+    assert (skew["largest"], skew["smallest_images"], skew["ratio"], skew["headline"]) == (
+        "0",
+        1,
+        2.0,
+        "balanced_accuracy",
+    )
+    assert result["test"]["class_counts"]["0"] == 2
+    for row in result["rows"]:  # kNN and the linear probe here; a fine-tuned model's row is made the same way
+        matrix = np.array(row["confusion_matrix"])
+        truth = np.repeat(np.arange(len(matrix)), matrix.sum(axis=1))
+        predicted = np.concatenate([np.repeat(np.arange(len(matrix)), line) for line in matrix])
+        assert row["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, predicted))

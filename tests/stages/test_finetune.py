@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -193,8 +194,9 @@ def tiny_pretrain(
 
 
 def _finetune(tiny: dict[str, Path], out: str, **options: Any) -> dict[str, Any]:
-    config = FinetuneConfig(labels=tiny["labels"], source=tiny["run"], out=tiny["work"] / out, epochs=2,
-                            batch_size=8, workers=0, quiet=True, **options)  # fmt: skip
+    options = {"epochs": 2, **options}
+    config = FinetuneConfig(labels=tiny["labels"], source=tiny["run"], out=tiny["work"] / out, batch_size=8,
+                            workers=0, quiet=True, **options)  # fmt: skip
     finetune.run(config)
     return json.loads((tiny["work"] / out / "run.json").read_text())
 
@@ -454,3 +456,147 @@ def test_scratch_without_a_pretrain_gets_a_run_of_its_own_per_label_file(tmp_pat
     second = finetune.default_out(dataclasses.replace(config, labels=(tmp_path / "b" / "labels.csv",)), start)
     assert first != second and first.name == second.name == "finetune-scratch-labels"
     assert first.parent.name.startswith("labels-") and first.parent.parent == Path("runs")
+
+
+# --- the best epoch, --early-stop, --class-weights (issue 25) ------------------------------------
+
+
+def _scripted_validation(
+    monkeypatch: pytest.MonkeyPatch, scores: list[float]
+) -> list[tuple[float, dict[str, torch.Tensor]]]:
+    """Replaces the per-epoch validation by `scores` (balanced accuracy, one per epoch), recording
+    each with the validated model's weights at that epoch's end."""
+    seen: list[tuple[float, dict[str, torch.Tensor]]] = []
+
+    def validate(model: torch.nn.Module, *args: Any) -> tuple[float, float]:
+        score = scores[len(seen)]
+        seen.append(
+            (
+                score,
+                {key: value.clone() for key, value in getattr(model, "module", model).state_dict().items()},
+            )
+        )
+        return 0.5, score
+
+    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    return seen
+
+
+def _same(saved: Path, expected: dict[str, torch.Tensor]) -> bool:
+    tensors = load_file(str(saved))
+    return tensors.keys() == expected.keys() and all(
+        torch.equal(tensors[key], expected[key]) for key in tensors
+    )
+
+
+def test_the_best_epoch_by_the_real_val_curve_is_the_model_and_the_last_is_beside_it(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A high lr on 24 labels (6 held out): the recorded held-out balanced accuracy peaks before
+    the end (0.33, 0.33, 0.5, 0.33, 0.5, 0.33 on the CPU), its first argmax found by hand."""
+    from labelfew.use import inference
+
+    seen: list[tuple[float, dict[str, torch.Tensor]]] = []
+
+    def validate(model: torch.nn.Module, *args: Any) -> tuple[float, float]:
+        top1, score = inference.top1_and_balanced(model, *args)
+        seen.append((score, {key: value.clone() for key, value in model.state_dict().items()}))
+        return top1, score
+
+    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    record = _finetune(tiny_pretrain, "best-real", epochs=6, lr=0.2, val_fraction=0.2)
+    curve = [score for score, _ in seen]
+    best = max(range(len(curve)), key=lambda index: (curve[index], -index))  # the first of equal scores
+    assert best < len(curve) - 1 and curve[best] > curve[-1]  # else the test would not tell best from last
+    assert record["metrics"]["val_score"] == pytest.approx(curve)
+    assert record["best"]["epoch"] == best + 1 and record["best"]["score"] == pytest.approx(curve[best])
+    folder = tiny_pretrain["work"] / "best-real"
+    assert _same(folder / "model.safetensors", seen[best][1])
+    assert _same(folder / "model-last.safetensors", seen[-1][1])
+    assert set(record["artifacts"]) == {"model.safetensors", "model-last.safetensors"}
+    last = load_artifact(folder / "model-last.safetensors", "finetune")  # its sha256 is checked
+    assert model_label(last) == "fine-tuned (last epoch)" and last.metadata["epoch"] == "6"
+
+
+def test_early_stop_ends_after_n_validations_without_improvement(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the peak at epoch 2, then 2 validations without a better score: stops after epoch 4 of 8
+    seen = _scripted_validation(monkeypatch, [0.5, 0.8, 0.8, 0.7, 0.9, 0.9, 0.9, 0.9])
+    record = _finetune(tiny_pretrain, "early", epochs=8, lr=0.01, val_fraction=0.2, early_stop=2)
+    assert (
+        len(seen) == 4
+        and len(record["epoch_losses"] if "epoch_losses" in record else record["metrics"]["epoch_losses"])
+        == 4
+    )
+    assert record["best"] == {"metric": "val_score", "epoch": 2, "score": 0.8, "epochs_trained": 4, "epochs": 8,
+                              "early_stop": 2, "stopped_early": True}  # fmt: skip
+    folder = tiny_pretrain["work"] / "early"
+    assert _same(folder / "model.safetensors", seen[1][1]) and _same(
+        folder / "model-last.safetensors", seen[3][1]
+    )
+
+
+def test_without_a_held_out_split_the_last_epoch_is_the_model(tiny_pretrain: dict[str, Path]) -> None:
+    record = _finetune(tiny_pretrain, "no-val", lr=0.01)
+    assert record["best"] is None and set(record["artifacts"]) == {"model.safetensors"}
+    with pytest.raises(UserError, match="--early-stop 3: needs --val-fraction"):
+        FinetuneConfig(labels=tiny_pretrain["labels"], early_stop=3)
+
+
+def test_class_weights_reach_the_loss_and_are_recorded_and_fingerprinted(
+    tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = tiny_pretrain["work"] / "skewed"  # 10, 5 and 2 labels
+    for folder, count in zip(sorted(tiny_pretrain["labels"].iterdir()), (10, 5, 2), strict=True):
+        (labels / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:count]:
+            shutil.copy(path, labels / folder.name / path.name)
+    used: list[torch.Tensor | None] = []
+    original = fine_tuning.classification_loss
+
+    def spy(
+        logits: torch.Tensor, targets: torch.Tensor, smoothing: float, weights: torch.Tensor | None
+    ) -> Any:
+        used.append(weights)
+        return original(logits, targets, smoothing, weights)
+
+    monkeypatch.setattr(fine_tuning, "classification_loss", spy)
+    record = _finetune({**tiny_pretrain, "labels": labels}, "weighted", lr=0.01, class_weights="auto")
+    names = sorted(path.name for path in labels.iterdir())
+    expected = compute_class_weight("balanced", classes=np.array(names),
+                                    y=np.array([name for name, count in zip(names, (10, 5, 2), strict=True) for _ in range(count)]))  # fmt: skip
+    assert list(record["class_weights"].values()) == pytest.approx(expected.tolist())
+    assert used and all(
+        weights is not None and torch.allclose(weights.double(), torch.tensor(expected)) for weights in used
+    )
+    saved = json.loads(
+        next((tiny_pretrain["work"] / "weighted" / "checkpoints").glob("*/fingerprint.json")).read_text()
+    )
+    assert saved["class_weights"] == pytest.approx(expected.tolist())
+    assert record["config"]["class_weights"] == "auto"
+
+
+def test_a_class_10_times_larger_than_another_is_warned_about_once(tiny_pretrain: dict[str, Path]) -> None:
+    from labelfew import engine
+
+    labels = tiny_pretrain["work"] / "ten-to-one"  # 10, 10 and 1 labels
+    for folder, count in zip(sorted(tiny_pretrain["labels"].iterdir()), (10, 10, 1), strict=True):
+        (labels / folder.name).mkdir(parents=True)
+        for path in sorted(folder.iterdir())[:count]:
+            shutil.copy(path, labels / folder.name / path.name)
+    names = sorted(path.name for path in labels.iterdir())
+    shown = {}
+    for name, options in (
+        ("plain", {}),
+        ("weighted", {"class_weights": "auto"}),
+        ("balanced", {"balanced": True}),
+    ):
+        with engine.console.capture() as captured:
+            _finetune({**tiny_pretrain, "labels": labels}, f"ten-to-one-{name}", epochs=1, lr=0.01, **options)
+        shown[name] = [line for line in captured.get().splitlines() if "imbalanced" in line]
+    assert shown["plain"] == [f"warning: {labels}: imbalanced classes: '{names[0]}' has 10 images, '{names[2]}' 1 "
+                              "(10×); consider --class-weights auto or --balanced"]  # fmt: skip
+    assert shown["weighted"] == shown["balanced"] == []  # already evened

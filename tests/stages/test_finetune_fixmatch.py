@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 import torch
 from conftest import TinyRun, copy_tiny_run
+from reference.losses_reference import weighted_smoothed_cross_entropy
 from safetensors.torch import load_file
 from torch import nn
 
@@ -81,7 +82,11 @@ def test_without_randaugment_the_strong_view_is_the_weak_view_pixel_for_pixel() 
     assert torch.equal(weak, _normalise(_unit_views(images, sizes, torch.Generator().manual_seed(3))))
 
 
-def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax() -> None:
+@pytest.mark.parametrize(("class_weights", "smoothing"), [(None, 0.0), ([0.5, 1.0, 3.0], 0.1)])
+def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_the_weak_argmax(
+    class_weights: list[float] | None, smoothing: float
+) -> None:
+    """`--class-weights` weigh the labelled part only (USB's FixMatch weighs neither part)."""
     torch.manual_seed(0)
     model = build_classifier("test_resnet", small_stem=True, image_size=32, num_classes=3).train()
     nn.init.normal_(model.classifier.weight, std=3.0)  # confident on some images, not on others
@@ -102,12 +107,15 @@ def test_the_step_is_supervised_ce_plus_the_masked_ce_of_strong_views_against_th
     mask = (confidence >= threshold).float()
     assert 0 < mask.mean() < 1
     per_image = nn.functional.cross_entropy(strong_logits, guess, reduction="none")
-    expected = nn.functional.cross_entropy(logits[:4], labelled.labels) + 2.0 * (mask * per_image).mean()
+    supervised = weighted_smoothed_cross_entropy(
+        logits[:4], labelled.labels, class_weights, smoothing
+    ).float()
+    expected = supervised + 2.0 * (mask * per_image).mean()
 
     pseudo_labels = PseudoLabels(torch.device("cpu"), has_labels=False)
     step = fixmatch_step(ShiftFlipViews(32, MEAN, STD), WeakStrongViews(32, MEAN, STD), threshold,
-                         unlabeled_weight=2.0, label_smoothing=0.0, channels_last=False,
-                         pseudo_labels=pseudo_labels)  # fmt: skip
+                         unlabeled_weight=2.0, label_smoothing=smoothing, channels_last=False,
+                         pseudo_labels=pseudo_labels, class_weights=class_weights)  # fmt: skip
     loss, count = step(model, batch)
     assert count == 4 + 2 * 8
     torch.testing.assert_close(loss, expected)
@@ -233,6 +241,30 @@ def test_from_scratch_it_is_plain_fixmatch(tiny: TinyRun) -> None:
     artifact = load_artifact(path, "finetune")
     assert model_label(artifact) == "fine-tuned (fixmatch, scratch)"
     assert json.loads((path.parent / "run.json").read_text())["parent"] is None
+
+
+def test_the_best_epoch_kept_is_the_moving_average_validated_then(
+    tiny: TinyRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With held-out labels FixMatch keeps its best epoch too: the average's weights at that epoch."""
+    seen: list[dict[str, torch.Tensor]] = []
+    scores = [0.4, 0.9, 0.6]
+
+    def validate(model: nn.Module, *args: Any) -> tuple[float, float]:
+        seen.append({key: value.clone() for key, value in model.state_dict().items()})
+        return 0.5, scores[len(seen) - 1]
+
+    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    path = finetune.run(_config(tiny, epochs=3, val_fraction=0.2, out=tiny["work"] / "fixmatch-best"))
+    record = json.loads((path.parent / "run.json").read_text())
+    assert record["best"]["epoch"] == 2 and record["metrics"]["val_score"] == scores
+    for name, expected in (("model.safetensors", seen[1]), ("model-last.safetensors", seen[2])):
+        saved = load_file(str(path.parent / name))
+        assert all(torch.equal(saved[key], expected[key]) for key in expected), name
+    assert (
+        model_label(load_artifact(path.parent / "model-last.safetensors"))
+        == "fine-tuned (fixmatch, last epoch)"
+    )
 
 
 def _bad(tiny: TinyRun, *arguments: str) -> str:

@@ -95,6 +95,7 @@ def test_a_rerun_recomputes_the_same_head_and_an_explicit_lr_trains_that_one(tin
         (["--scratch"], "a frozen random backbone learns nothing"),
         (["--optimizer", "lars"], "--method linear trains its heads with SGD"),
         (["--unlabeled", "."], "only for --method fixmatch"),
+        (["--early-stop", "3", "--val-fraction", "0.2"], "the heads are chosen on --lr auto's"),
     ],
 )
 def test_what_a_linear_head_cannot_use_exits_2_with_one_line(

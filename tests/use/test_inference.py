@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.resources
 import shutil
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,3 +89,31 @@ def test_run_model_sees_a_sideways_photo_upright(tmp_path: Path) -> None:
     with Image.open(tmp_path / "sideways.jpg") as stored:
         expected = transform(ImageOps.exif_transpose(stored).convert("RGB")).flatten()
     torch.testing.assert_close(outputs.values[0], expected, atol=2e-6, rtol=0)
+
+
+def test_top1_and_balanced_accuracy_match_sklearn_over_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fine-tuning's `val_top1` and `val_score`: counts over every batch, then sklearn's formulas."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    from labelfew.use import inference
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 12 + [1] * 3 + [3] * 5)  # class 2 absent: left out of the mean, as sklearn
+    logits = torch.randn(len(labels), 4, generator=generator)
+    logits[torch.arange(len(labels)), labels] += torch.rand(len(labels), generator=generator) * 2
+    batches = [
+        (types.SimpleNamespace(labels=labels[i : i + 6]), logits[i : i + 6]) for i in range(0, len(labels), 6)
+    ]
+
+    class Accelerator:
+        device = torch.device("cpu")
+
+        def gather_for_metrics(self, values: Any) -> Any:
+            return values
+
+    monkeypatch.setattr(inference, "model_outputs", lambda model, images: iter(batches))
+    top1, balanced = inference.top1_and_balanced(nn.Identity(), None, Accelerator(), 4)  # type: ignore[arg-type]
+    predictions = logits.argmax(dim=1).numpy()
+    assert top1 == pytest.approx(accuracy_score(labels.numpy(), predictions))
+    assert balanced == pytest.approx(balanced_accuracy_score(labels.numpy(), predictions))
+    assert abs(top1 - balanced) > 0.01  # the imbalance shows
