@@ -60,7 +60,12 @@ METHODS = (
     "fine-tuned (SSL)",
     "fine-tuned (scratch)",
 )
-SEMI = {"distill": "distilled (SSL)", "fixmatch": "FixMatch (SSL)", "fixmatch-scratch": "FixMatch (scratch)"}
+SEMI = {
+    "distill": "distilled (SSL)",
+    "fixmatch": "FixMatch (SSL)",
+    "fixmatch-scratch": "FixMatch (scratch)",
+    "linear": "linear (frozen)",
+}
 """The `--semi` rows: the unlabeled pool used a second time, after the same pretraining and labels."""
 
 
@@ -279,8 +284,14 @@ def train_model(name: str, recipe: dict[str, dict[str, Any]], labels_csv: Path, 
                 fraction: float, seed: int, epochs: dict[str, int], quiet: bool) -> Path:  # fmt: skip
     """Trains one model of a cell and returns its artifact: supervised fine-tuning from the SSL
     backbone or from scratch (`[finetune]`, the fraction's epochs), the SSL model distilled on the
-    pool (`[distill]`), or FixMatch on the labels + pool (`[benchmark.fixmatch]` as `[finetune]`)."""
+    pool (`[distill]`), FixMatch on the labels + pool (`[benchmark.fixmatch]` as `[finetune]`), or a
+    linear head on the frozen SSL backbone (`finetune --method linear`'s own defaults)."""
     teacher = run_folder / f"finetune-{fraction}-seed{seed}"
+    if (
+        name == "linear"
+    ):  # `finetune --method linear` with its own defaults (lr grid, 60 epochs), not [finetune]'s
+        return finetune.run(build_config(FinetuneConfig, {}, labels=labels_csv, source=run_folder, method="linear",
+                                         seed=seed, quiet=quiet, out=run_folder / f"linear-{fraction}-seed{seed}"))  # fmt: skip
     if name == "distill":
         return distill.run(build_config(DistillConfig, recipe, unlabeled=pool, source=teacher, seed=seed, follow_links=True,
                                         out=run_folder / f"distill-{fraction}-seed{seed}", quiet=quiet))  # fmt: skip
@@ -381,8 +392,8 @@ def main() -> None:
         "--semi",
         nargs="*",
         choices=list(SEMI),
-        help="the rows that use the unlabeled pool again (default: the recipe's [benchmark] semi, else all); "
-        "--semi alone: none",
+        help="the rows that use the unlabeled pool again, and linear: `finetune --method linear` on the SSL "
+        "backbone (default: the recipe's [benchmark] semi, else all); --semi alone: none",
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from label_efficiency import ARCHIVE, unpack
+from label_efficiency import ARCHIVE, commit, device_name, unpack
 
 from labelfew.config import EvaluateConfig, FinetuneConfig
 from labelfew.data.labels import read_labels
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=CACHE / "multilabel")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    started, code = time.perf_counter(), commit()
     images = args.images or unpack(ARCHIVE, CACHE)
     work = args.work / f"seed{args.seed}-{args.train}"
     train = write_mosaics(images / "train", work / "train", args.train, seed=args.seed)
@@ -77,8 +80,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     result = {row["method"]: row["mAP"] for row in report["rows"]}
     line = {"train_mosaics": args.train, "test_mosaics": args.test, "seed": args.seed, "mAP": result,
-            "macro_f1": {row["method"]: row["macro_f1"] for row in report["rows"]}}  # fmt: skip
+            "macro_f1": {row["method"]: row["macro_f1"] for row in report["rows"]},
+            "command": "python benchmarks/multilabel.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": device_name(), "date": time.strftime("%Y-%m-%d"), "commit": code,
+            "finetune_seconds": json.loads((out / "run.json").read_text())["wall_seconds"],
+            "wall_seconds": time.perf_counter() - started}  # fmt: skip
     print(json.dumps(line))
+    if args.images is None:  # a CIFAR-10 run: its record
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = f"multilabel-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
+        (args.out / name).write_text(json.dumps(line, indent=2) + "\n")
     return result
 
 

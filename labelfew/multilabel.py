@@ -10,6 +10,7 @@ c present), so the image sources, which carry one integer label per image, need 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,3 +184,27 @@ def _one_vs_rest(x: np.ndarray, targets: np.ndarray, test: np.ndarray, c: float,
         model = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x, column)
         columns.append(model.predict_proba(test)[:, 1])
     return np.stack(columns, axis=1)
+
+
+def frozen_rows(start: str, bank_x: torch.Tensor, bank_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                class_names: list[str], settings: dict[str, Any], details: dict[str, Any],
+                probe: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """evaluate's kNN (per-class vote share) and one-vs-rest linear probe rows of one backbone's
+    features, at `DEFAULT_THRESHOLD` (no validation images choose one for them); `settings`: the
+    config's knn_k, knn_temperature, probe_holdout and seed.
+
+    Shape: bank_x (B, D), bank_y (B,) bit masks, test_x (N, D), test_y (N,) bit masks
+    """
+    count = len(class_names)
+    bank_targets, targets = multi_hot(bank_y, count), multi_hot(test_y, count).numpy()
+    k, temperature = min(settings["knn_k"], len(bank_x)), settings["knn_temperature"]
+    shares = knn_vote_shares(bank_x, bank_targets, test_x, k=k, temperature=temperature)
+    rows = [{"method": f"kNN{start}", **metrics(shares.numpy(), targets, DEFAULT_THRESHOLD, class_names),
+             "details": {"k": k, "temperature": temperature, **details}}]  # fmt: skip
+    if probe:
+        scores, c = linear_probe_scores(bank_x.numpy(), bank_targets.numpy(), test_x.numpy(),
+                                        holdout=settings["probe_holdout"], seed=settings["seed"])  # fmt: skip
+        chosen = c if c is not None else "1.0 (too few labels to choose)"
+        rows.append({"method": f"linear probe{start}", **metrics(scores, targets, DEFAULT_THRESHOLD, class_names),
+                     "details": {"C": chosen, **details}})  # fmt: skip
+    return rows

@@ -138,3 +138,21 @@ def refuse_options(config: FinetuneConfig, class_names: list[str]) -> None:
         raise UserError(
             f"{shown}: {len(class_names)} classes; a multi-label model takes at most {MAX_CLASSES}"
         )
+
+
+def require_one_kind(kinds: Mapping[str, bool], plots: bool) -> None:
+    """evaluate's check that the test labels, the bank and every model are all multi-label or all
+    single-label (`kinds`: a name for each, whether it is multi-label), and no `--plots` for
+    multi-label (the figures are accuracy and confusion).
+
+    Raises:
+        UserError: one line naming both kinds, or `--plots`.
+    """
+    if len(set(kinds.values())) > 1:
+        multi = ", ".join(name for name, kind in kinds.items() if kind)
+        single = ", ".join(name for name, kind in kinds.items() if not kind)
+        raise UserError(f"{multi}: multi-label, but {single}: single-label; evaluate like with like")
+    if plots and any(kinds.values()):
+        raise UserError(
+            "--plots: the figures are single-label (accuracy, confusion); drop it for multi-label"
+        )

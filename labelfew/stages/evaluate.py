@@ -22,6 +22,7 @@ from torch import nn
 from labelfew import artifacts, engine
 from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
 from labelfew.config import EvaluateConfig, to_json
+from labelfew.data import multilabel as multilabel_data
 from labelfew.data.class_weights import imbalance
 from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import BANK, HASH_CACHE, Leaks, guard
@@ -31,8 +32,7 @@ from labelfew.engine.start import FrozenBackbone, frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
 from labelfew.models import build_model, load_model
-from labelfew.multilabel import DEFAULT_THRESHOLD, knn_vote_shares, metrics, multi_hot
-from labelfew.multilabel import linear_probe_scores as multi_label_probe
+from labelfew.multilabel import DEFAULT_THRESHOLD, frozen_rows, metrics, multi_hot
 from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import plots
 from labelfew.report import tables as report
@@ -198,7 +198,9 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     scores_features = models.pretrain is not None or init is not None
     bank = read_labels(_bank_source(config, models), config.label_delimiter) if scores_features else None
     test = read_labels(config.test, config.label_delimiter)
-    _require_kind(test, bank, models, config)
+    kinds = {str(config.test): test.multi_label, **({"the bank": bank.multi_label} if bank is not None else {}),
+             **{str(artifact.path): artifact.spec.multi_label for artifact in models.finetunes}}  # fmt: skip
+    multilabel_data.require_one_kind(kinds, config.plots)
     class_names = class_names or (bank.class_names if bank is not None else None)
     if class_names is None:
         raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
@@ -232,42 +234,6 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     }  # fmt: skip
     _write(config, out, result, models, test)
     return result
-
-
-def _require_kind(
-    test: LabeledImages, bank: LabeledImages | None, models: Models, config: EvaluateConfig
-) -> None:
-    """Refuses a multi-label model, bank or test beside a single-label one, and --plots for multi-label."""
-    kinds = {str(config.test): test.multi_label, **({"the bank": bank.multi_label} if bank is not None else {}),
-             **{str(artifact.path): artifact.spec.multi_label for artifact in models.finetunes}}  # fmt: skip
-    if len(set(kinds.values())) > 1:
-        multi = ", ".join(name for name, kind in kinds.items() if kind)
-        single = ", ".join(name for name, kind in kinds.items() if not kind)
-        raise UserError(f"{multi}: multi-label, but {single}: single-label; evaluate like with like")
-    if test.multi_label and config.plots:
-        raise UserError(
-            "--plots: the figures are single-label (accuracy, confusion); drop it for multi-label"
-        )
-
-
-def multi_label_rows(start: str, bank_x: torch.Tensor, bank_y: torch.Tensor, test_x: torch.Tensor,
-                     test_y: torch.Tensor, class_names: list[str], config: EvaluateConfig, details: dict[str, Any],
-                     probe: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """kNN (per-class vote share) and the one-vs-rest linear probe rows of one backbone, at the
-    default threshold (no validation images choose one for them)."""
-    count = len(class_names)
-    bank_targets, targets = multi_hot(bank_y, count), multi_hot(test_y, count).numpy()
-    k = min(config.knn_k, len(bank_x))
-    shares = knn_vote_shares(bank_x, bank_targets, test_x, k=k, temperature=config.knn_temperature)
-    rows = [{"method": f"kNN{start}", **metrics(shares.numpy(), targets, DEFAULT_THRESHOLD, class_names),
-             "details": {"k": k, "temperature": config.knn_temperature, **details}}]  # fmt: skip
-    if probe:
-        scores, c = multi_label_probe(bank_x.numpy(), bank_targets.numpy(), test_x.numpy(),
-                                      holdout=config.probe_holdout, seed=config.seed)  # fmt: skip
-        chosen = c if c is not None else "1.0 (too few labels to choose)"
-        rows.append({"method": f"linear probe{start}", **metrics(scores, targets, DEFAULT_THRESHOLD, class_names),
-                     "details": {"C": chosen, **details}})  # fmt: skip
-    return rows
 
 
 def _image_size(models: Models) -> int | None:
@@ -386,7 +352,9 @@ def _frozen_rows(
         backbone, frozen.spec, test, class_names, config.batch_size, config.workers, skipped
     )
     if test.multi_label:
-        return multi_label_rows(frozen.start, bank_x, bank_y, test_x, test_y, class_names, config,
+        return frozen_rows(frozen.start, bank_x, bank_y, test_x, test_y, class_names,
+                           dict(knn_k=config.knn_k, knn_temperature=config.knn_temperature,
+                                probe_holdout=config.probe_holdout, seed=config.seed),
                                 {"bank_images": len(bank_x), "seen_test_images": leaks.seen[frozen.seen],
                                  **frozen.details}, probe=frozen.probe)  # fmt: skip
     k, capped = knn_k(config.knn_k, bank_y, class_names)

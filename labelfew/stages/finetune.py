@@ -256,7 +256,7 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
     result = engine.FitResult(config.epochs, fit.steps, time.perf_counter() - started, 0.0, fit.final_loss,
                               fit.epoch_losses, metrics)  # fmt: skip
     artifact = out / "model.safetensors"
-    record = {"lr": fit.lr, "lr_search": fit.search,
+    record = {"lr": fit.lr, "lr_search": fit.search, "threshold": None,
               "class_weights": None if weights is None else dict(zip(class_names, weights, strict=True))}  # fmt: skip
     engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
                                                       result, unreadable + bad, accelerator, record, None))  # fmt: skip

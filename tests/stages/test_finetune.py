@@ -39,6 +39,7 @@ from labelfew.optim import (
     warmup_cosine_fraction,
 )
 from labelfew.stages import finetune, pretrain
+from labelfew.use import held_out
 
 
 def test_the_new_classifier_starts_at_zero() -> None:
@@ -218,7 +219,7 @@ def test_auto_picks_the_best_held_out_lr_and_a_rerun_reuses_the_choice(
     assert record["lr"] == search["chosen"] == pytest.approx(8 * rule) == record["config"]["lr"]
     assert record["labels"]["images"] == 30  # then trained on all the labels
     # A rerun (after a kill, or to rebuild) reads lr_search.json instead of searching again.
-    monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched again"))
+    monkeypatch.setattr(finetune, "search_lr", lambda *args: pytest.fail("searched again"))
     (tiny_pretrain["work"] / "auto" / "model.safetensors").unlink()
     shutil.rmtree(tiny_pretrain["work"] / "auto" / "checkpoints")  # tests/test_resume.py covers resuming
     assert _finetune(tiny_pretrain, "auto")["lr"] == pytest.approx(8 * rule)
@@ -249,7 +250,7 @@ def test_a_search_stopped_by_ctrl_c_continues_where_it_stopped(
 def test_an_explicit_lr_skips_the_search(
     tiny_pretrain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(finetune, "_search", lambda *args: pytest.fail("searched"))
+    monkeypatch.setattr(finetune, "search_lr", lambda *args: pytest.fail("searched"))
     record = _finetune(tiny_pretrain, "explicit", lr=0.03)
     assert record["lr"] == 0.03 and record["lr_search"] is None
     assert not (tiny_pretrain["work"] / "explicit" / "lr_search.json").exists()
@@ -478,7 +479,7 @@ def _scripted_validation(
         )
         return 0.5, score
 
-    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    monkeypatch.setattr(held_out, "top1_and_balanced", validate)
     return seen
 
 
@@ -503,7 +504,7 @@ def test_the_best_epoch_by_the_real_val_curve_is_the_model_and_the_last_is_besid
         seen.append((score, {key: value.clone() for key, value in model.state_dict().items()}))
         return top1, score
 
-    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    monkeypatch.setattr(held_out, "top1_and_balanced", validate)
     record = _finetune(tiny_pretrain, "best-real", epochs=6, lr=0.2, val_fraction=0.2)
     curve = [score for score, _ in seen]
     best = max(range(len(curve)), key=lambda index: (curve[index], -index))  # the first of equal scores

@@ -29,6 +29,7 @@ from labelfew.engine.start import finetune_start
 from labelfew.errors import UserError
 from labelfew.models import Classifier, build_classifier, load_model
 from labelfew.stages import evaluate, finetune
+from labelfew.use import held_out
 from labelfew.views.finetune import ShiftFlipViews
 from labelfew.views.randaugment import RandAugmentViews, apply_randaugment, sample_randaugment
 
@@ -254,7 +255,7 @@ def test_the_best_epoch_kept_is_the_moving_average_validated_then(
         seen.append({key: value.clone() for key, value in model.state_dict().items()})
         return 0.5, scores[len(seen) - 1]
 
-    monkeypatch.setattr(finetune, "top1_and_balanced", validate)
+    monkeypatch.setattr(held_out, "top1_and_balanced", validate)
     path = finetune.run(_config(tiny, epochs=3, val_fraction=0.2, out=tiny["work"] / "fixmatch-best"))
     record = json.loads((path.parent / "run.json").read_text())
     assert record["best"]["epoch"] == 2 and record["metrics"]["val_score"] == scores
