@@ -26,6 +26,9 @@ from labelfew.errors import UserError
 from labelfew.options import option, validate
 
 DECODE_PLACES = ("auto", "cpu", "device")
+DEFAULT_EPOCHS, INIT_EPOCHS = 100, 5
+"""`--epochs`: from random init; continuing from `--init`'s weights (the best of 5, 15 and 30 on
+hymenoptera and on digits, benchmarks/init_ladder.sh and init_defaults.sh)."""
 KEY_MOMENTUM = 0.999
 """`--key-momentum`'s default: MoCo v1/v2's."""
 """``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
@@ -54,7 +57,13 @@ class PretrainConfig(Validated):
     init_prefix: str | None = option(None, INIT_PREFIX)
     small_stem: bool | None = option(None, SMALL_STEM, shown="on at ≤ 64 px; off with `--init`")
     image_size: int | None = option(None, IMAGE_SIZE, shown="median side of the images, ≤ 224")
-    epochs: int = option(100, minimum=1, help="Training epochs.")
+    epochs: int | None = option(
+        None,
+        minimum=1,
+        help="Training epochs. With --init, continued pretraining's default (fewer: most of HPT's gain "
+        "comes early; benchmarks/RESULTS.md, 'Starting from pretrained weights').",
+        shown=f"{DEFAULT_EPOCHS}; {INIT_EPOCHS} with `--init`",
+    )
     batch_size: int | None = option(
         None,
         minimum=2,

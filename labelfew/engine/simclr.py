@@ -19,6 +19,7 @@ import timm
 import torch
 
 from labelfew.config import PretrainConfig, to_json
+from labelfew.config.training import DEFAULT_EPOCHS, INIT_EPOCHS
 from labelfew.data import sources
 from labelfew.data.device_decode import decode_place
 from labelfew.data.images import typical_image_side
@@ -70,8 +71,8 @@ def resolve(
     device: torch.device | None = None,
     init: Start | None = None,
 ) -> PretrainConfig:
-    """Fills the automatic values (arch, batch, image size, stem, colour strength, blur, warmup,
-    image source, decode place, output).
+    """Fills the automatic values (arch, epochs, batch, image size, stem, colour strength, blur,
+    warmup, image source, decode place, output).
 
     With `init` (`read_init`), its arch, image size and stem; without, `DEFAULT_ARCH` and the small
     stem at `SMALL_IMAGE_SIDE` px or less. The colour strength and blur follow the image size.
@@ -88,7 +89,8 @@ def resolve(
         stem = uses_small_stem(image_size) if config.small_stem is None else config.small_stem
     small = uses_small_stem(image_size)
     batch = config.batch_size or automatic_batch(config, len(paths), processes)  # given: at least 2
-    warmup = min(10.0, config.epochs / 10) if config.warmup_epochs is None else config.warmup_epochs
+    epochs = config.epochs or (INIT_EPOCHS if init is not None else DEFAULT_EPOCHS)
+    warmup = min(10.0, epochs / 10) if config.warmup_epochs is None else config.warmup_epochs
     augment_on = sources.augment_place(
         config.augment_on, config.memory_budget, paths, image_size, decode_on=config.decode_on
     )
@@ -101,6 +103,7 @@ def resolve(
         small_stem=stem,
         color_strength=(0.5 if small else 1.0) if config.color_strength is None else config.color_strength,
         blur=image_size > 32 if config.blur is None else config.blur,
+        epochs=epochs,
         warmup_epochs=warmup,
         out=run_folder(config),
         batch_size=batch,
@@ -147,6 +150,7 @@ def check(config: PretrainConfig, image_count: int) -> None:
         UserError: a warmup as long as the run, an unknown arch, a batch larger than the folder, or a
             queue longer than an epoch's keys.
     """
+    assert config.epochs is not None  # resolved
     if config.warmup_epochs is not None and config.warmup_epochs >= config.epochs:
         raise UserError(
             f"--warmup-epochs {config.warmup_epochs:g} is not shorter than --epochs {config.epochs} (a recipe "

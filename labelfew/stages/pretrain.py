@@ -179,6 +179,7 @@ def _prepare_model(
     optimizer = build_optimizer(config.optimizer, groups, lr=simclr.learning_rate(config))  # type: ignore[arg-type]
     model, optimizer = accelerator.prepare(model, optimizer)
     keys = None
+    assert config.epochs is not None  # resolved
     if config.queue:
         ramp = steps_per_epoch * config.epochs if config.key_momentum_ramp else None
         keys = KeyQueue(accelerator.unwrap_model(model), config.queue, config.projection_dim,
@@ -197,7 +198,7 @@ def _trainer(
     """The one training loop over ``loader`` with the contrastive step, warmup + cosine per step,
     checkpoints in `<out>/pretrain/checkpoints` (with the momentum encoder and the key queue, which
     the trainer updates and keeps as its moving average) and the time estimate after the first steps."""
-    assert config.out is not None
+    assert config.out is not None and config.epochs is not None
     steps_per_epoch = len(loader)
     scheduler = warmup_cosine(
         optimizer,
@@ -229,7 +230,7 @@ def _estimate_printer(
     config: PretrainConfig, steps_per_epoch: int, accelerator: Any
 ) -> Callable[[float, int], None]:
     """Prints the time left after the first steps; on a CPU, over an hour, what would fit one."""
-    assert config.image_size is not None
+    assert config.image_size is not None and config.epochs is not None
     return estimate.first_steps_printer(
         config.arch or DEFAULT_ARCH, config.image_size, bool(config.small_stem), config.epochs,
         steps_per_epoch, on_cpu=accelerator.device.type == "cpu", small_side=SMALL_IMAGE_SIDE,

@@ -383,3 +383,22 @@ def test_queue_run_saves_the_trained_encoder_and_a_too_long_queue_fails_in_one_l
     last = sorted((stage / "checkpoints").iterdir())[-1]
     queue = load_file(str(last / "ema.safetensors"))
     assert queue["_queue.keys"].shape == (12, 128) and int(queue["_queue.filled"]) == 12
+
+
+def test_continued_pretraining_has_its_own_epochs_and_warmup_defaults(tmp_path: Path) -> None:
+    from labelfew.config.training import DEFAULT_EPOCHS, INIT_EPOCHS
+    from labelfew.engine.start import init_start
+
+    folder = _folder(tmp_path / "images", count=4)
+    paths = find_images(folder)
+    _export_folder(tmp_path / "init")
+    start = init_start(str(tmp_path / "init"), None, None, None, None, paths)
+    continued = simclr.resolve(
+        PretrainConfig(data=folder, init=str(tmp_path / "init"), batch_size=2), paths, init=start
+    )
+    assert (continued.epochs, continued.warmup_epochs) == (INIT_EPOCHS, INIT_EPOCHS / 10)
+    plain = simclr.resolve(PretrainConfig(data=folder, batch_size=2), paths)
+    assert (plain.epochs, plain.warmup_epochs) == (DEFAULT_EPOCHS, 10.0) == (100, 10.0)
+    given = simclr.resolve(PretrainConfig(data=folder, init=str(tmp_path / "init"), batch_size=2, epochs=30), paths,
+                           init=start)  # fmt: skip
+    assert (given.epochs, given.warmup_epochs) == (30, 3.0)  # a given --epochs wins, warmup 10% of it
