@@ -11,7 +11,7 @@ L=${1:-/tmp/ladder}
 H=$REPO/../shared/datasets/hymenoptera_data
 D=$L/digits
 [ -f "$L/cifar-export/model.safetensors" ] || { echo "$L/cifar-export: run benchmarks/init_ladder.sh $L first" >&2; exit 2; }
-lf() { python -m labelfew "$@"; }
+
 t() { echo "== $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg): $*"; /usr/bin/time -f "wall %e s, user %U s, sys %S s" "$@"; }
 # variant: NAME EPOCHS EXTRA-PRETRAIN-FLAGS (base lr: the sqrt rule's 0.075, a quarter of it 0.01875)
 VARIANTS=("e5 5" "e5-lr0.25 5 --base-lr 0.01875" "e5-warmup0 5 --warmup-epochs 0" "e15-lr0.25 15 --base-lr 0.01875")
@@ -21,9 +21,9 @@ run() {  # run DOMAIN TRAIN LABELS TEST SIZE SEED
     set -- $variant
     local name=$1 epochs=$2; shift 2
     local R=$L/defaults/$domain/$name-seed$seed
-    t lf pretrain "$train" --init "$L/cifar-export" --image-size "$size" --epochs "$epochs" --batch-size 64 --seed "$seed" "$@" --out "$R" --quiet
-    t lf finetune --labels "$labels" --from "$R" --seed "$seed" --workers 0 --out "$R/finetune" --quiet
-    t lf evaluate --test "$test" --from "$R" --bank "$labels" --workers 0 --quiet
+    t python -m labelfew pretrain "$train" --init "$L/cifar-export" --image-size "$size" --epochs "$epochs" --batch-size 64 --seed "$seed" "$@" --out "$R" --quiet
+    t python -m labelfew finetune --labels "$labels" --from "$R" --seed "$seed" --workers 0 --out "$R/finetune" --quiet
+    t python -m labelfew evaluate --test "$test" --from "$R" --bank "$labels" --workers 0 --quiet
   done
 }
 if [ ! -d "$D/train" ]; then
@@ -35,7 +35,7 @@ write_digits(Path(sys.argv[1]))
 PY
 fi
 for seed in 0 1 2; do
-  t lf subset "$D/train" --per-class 10 --seed "$seed" --out "$D/labels-10-seed$seed.csv"
+  t python -m labelfew subset "$D/train" --per-class 10 --seed "$seed" --out "$D/labels-10-seed$seed.csv"
   run digits "$D/train" "$D/labels-10-seed$seed.csv" "$D/test" 32 "$seed"
   run hymenoptera "$H/train" "$H/train" "$H/val" 64 "$seed"
 done
