@@ -547,3 +547,41 @@ def test_launched_processes(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert engine.launched_processes() == expected
+
+
+@pytest.mark.slow  # 2 torchrun launches, ~1 minute on 2 cores
+def test_torchrun_linear_head_equals_one_process_and_a_weighted_best_epoch_run_finishes(
+    digits_folder: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    train = _linked_subset(digits_folder[0], tmp_path / "train", per_class=12)
+    run = tmp_path / "run"
+    pretrained = CliRunner().invoke(app, ["pretrain", str(train), "--arch", "test_resnet", "--batch-size", "30",
+                                          "--epochs", "1", "--out", str(run), "--workers", "0", "--quiet"])  # fmt: skip
+    assert pretrained.exit_code == 0, pretrained.output
+    linear = ["finetune", "--labels", str(train), "--from", str(run), "--method", "linear", "--epochs", "5",
+              "--batch-size", "16", "--quiet"]  # fmt: skip
+    alone = CliRunner().invoke(app, [*linear, "--workers", "0", "--out", str(tmp_path / "one")])
+    assert alone.exit_code == 0, alone.output
+    two = _torchrun([*linear, "--out", str(tmp_path / "two")], cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one_model, two_model = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert one_model.keys() == two_model.keys()
+    for name, tensor in one_model.items():  # the same features, folds and grid on every process
+        torch.testing.assert_close(two_model[name], tensor, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["lr"] == json.loads(
+        (tmp_path / "one" / "run.json").read_text())["lr"]  # fmt: skip
+
+    weighted = _torchrun(
+        ["finetune", "--labels", str(train), "--from", str(run), "--class-weights", "auto", "--val-fraction", "0.25",
+         "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--quiet", "--out", str(tmp_path / "weighted")],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert weighted.returncode == 0, weighted.stdout + weighted.stderr
+    record = json.loads((tmp_path / "weighted" / "run.json").read_text())
+    assert record["device"].startswith("cpu × 2 processes") and record["class_weights"] is not None
+    assert record["best"]["epoch"] in (1, 2) and (tmp_path / "weighted" / "model-last.safetensors").is_file()
