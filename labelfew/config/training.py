@@ -28,7 +28,8 @@ from labelfew.options import option, validate
 DECODE_PLACES = ("auto", "cpu", "device")
 DEFAULT_EPOCHS, INIT_EPOCHS = 100, 5
 """`--epochs`: from random init; continuing from `--init`'s weights (the best of 5, 15 and 30 on
-hymenoptera and on digits, benchmarks/init_ladder.sh and init_defaults.sh)."""
+hymenoptera and on digits, with the random-init lr rule and warmup, which a quarter of the lr or no
+warmup did not beat: benchmarks/init_ladder.sh and init_defaults.sh, RESULTS.md)."""
 KEY_MOMENTUM = 0.999
 """`--key-momentum`'s default: MoCo v1/v2's."""
 """``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
