@@ -5,12 +5,10 @@ Loading never unpickles, so a crafted artifact cannot run code; `run.json` recor
 artifact's sha256 and a mismatch is reported as a corrupt file. The metadata holds the stage
 name, the resolved config and the model's `labelfew.spec.ModelSpec`.
 
-Each stage module registers what it writes (`register_stage`): its model file, the folder it
-writes in a run, whether the model is a backbone or a classifier, and how evaluate names it.
-`resolve_artifact`, `find_models` and `resolve_model` find models through that registry, so a
-new stage is found by every `--from` once its module is imported (`labelfew.stages` imports
-them all). A run's stage folders are recognised by what they hold (the stage's file and a run.json
-naming the stage), not by their names, so `--out runs/x/anything` is still found. Files written today:
+Each stage module registers what it writes (`register_stage`: its model file and folder, backbone
+or classifier, evaluate's name for it); `resolve_artifact`, `find_models` and `resolve_model` find
+models through that registry (`labelfew.stages` imports every stage), and a stage folder by what it
+holds (its file and a run.json naming the stage), not its name. Files written today:
 
     pretrain/backbone.safetensors   backbone state dict, timm key layout (no prefixes)
     pretrain/head.safetensors       projection head state dict (`layers.*`), metadata part=head

@@ -14,6 +14,7 @@ The kept weights and the counters are part of every checkpoint (`labelfew.engine
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,3 +114,13 @@ def kept_note(best: BestEpoch | None, epochs: int) -> str:
     stop = f", stopped early after epoch {best.stopped_at}" if best.stopped else ""
     return (f" (best epoch {best.epoch} of the {epochs} trained, by held-out balanced accuracy {100 * best.score:.1f}%{stop};"
             f" the last epoch's: model-last.safetensors)")  # fmt: skip
+
+
+def kept_model(model: nn.Module, best: BestEpoch | None) -> nn.Module:
+    """The model that `save_models` writes as the model: `model`, or a copy holding the best epoch's
+    weights."""
+    if best is None or not best.weights:
+        return model
+    kept = copy.deepcopy(model)
+    kept.load_state_dict(best.weights)
+    return kept

@@ -15,7 +15,6 @@ with no self-supervised step: the transfer baseline, one command (`labelfew.engi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -42,7 +41,7 @@ from labelfew.data.labels import LabeledImages, read_label_files, write_labels
 from labelfew.data.overlap import content_hashes
 from labelfew.data.subsets import subset_hash
 from labelfew.engine import linear_head, lr_search
-from labelfew.engine.best import BestEpoch, kept_note, save_models
+from labelfew.engine.best import BestEpoch, kept_model, kept_note, save_models
 from labelfew.engine.fine_tuning import (
     Training,
     data_source,
@@ -213,7 +212,7 @@ def run(config: FinetuneConfig) -> Path:
     # FixMatch's model is the moving average of the weights (DESIGN.md trap 10), not the weights.
     model = training.ema.module if training.ema is not None else accelerator.unwrap_model(training.model)
     threshold = None if not labeled.multi_label else multi_label_threshold(
-        _kept_model(model, best), _val_loader(held, class_names, start, config, accelerator) if held else None,
+        kept_model(model, best), _val_loader(held, class_names, start, config, accelerator) if held else None,
         accelerator)  # fmt: skip
     record = {"lr": lr, "threshold": threshold, "lr_search": None if search is None else
               {key: value for key, value in search.items() if key not in ("fingerprint", "reused")},
@@ -261,15 +260,6 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
     engine.on_main_process(accelerator, lambda: _save(config, start, model, artifact, class_names, kept, None,
                                                       result, unreadable + bad, accelerator, record, None))  # fmt: skip
     return artifact
-
-
-def _kept_model(model: nn.Module, best: BestEpoch | None) -> nn.Module:
-    """The model that is saved: `model`, or a copy holding the best epoch's weights."""
-    if best is None or not best.weights:
-        return model
-    kept = copy.deepcopy(model)
-    kept.load_state_dict(best.weights)
-    return kept
 
 
 def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -> Start:
