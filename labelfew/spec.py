@@ -42,6 +42,24 @@ def eval_resize_side(image_size: int) -> int:
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How a file becomes the model's 8-bit pixels: how many channels, and the window of deep images.
+
+    Attributes:
+        channels: The decoded array's channel count: 1 (grayscale), 3 (RGB) or N (multi-channel
+            TIFF); every decoder returns ``(height, width, channels)`` uint8.
+        window: ``(low, high)``: values of images deeper than 8 bits (16-bit, 32-bit, float, DICOM)
+            map linearly from ``low`` to 0 and ``high`` to 255, clipped. None: no dataset window.
+        file_windows: A DICOM file's own WindowCenter/WindowWidth win over ``window`` where present
+            (False when the window was set by hand).
+    """
+
+    channels: int = 3
+    window: tuple[float, float] | None = None
+    file_windows: bool = True
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     """The SimCLR projection head: `depth` linear layers, `hidden` wide, `dim` outputs."""
 
@@ -71,6 +89,10 @@ class ModelSpec:
             an artifact without the key is single-label.
         threshold: a multi-label classifier's score threshold for "present", chosen on validation
             (`labelfew.multilabel.choose_threshold`; 0.5 without validation images).
+        channels: the input channels (1, 3 or N); `mean` and `std` have one entry each.
+        window: the ``(low, high)`` window that maps deep images to 8 bits (`Decoding.window`), or
+            None for 8-bit data.
+        file_windows: DICOM files' own windows were used where present (`Decoding.file_windows`).
     """
 
     arch: str
@@ -87,6 +109,9 @@ class ModelSpec:
     init_sha256: str | None = None
     multi_label: bool = False
     threshold: float | None = None
+    channels: int = 3
+    window: tuple[float, float] | None = None
+    file_windows: bool = True
 
     @property
     def is_classifier(self) -> bool:
@@ -97,11 +122,17 @@ class ModelSpec:
         """See `eval_resize_side`."""
         return eval_resize_side(self.image_size)
 
+    @property
+    def decoding(self) -> Decoding:
+        """How this model's images are decoded (channels and window)."""
+        return Decoding(self.channels, self.window, self.file_windows)
+
     def backbone(self) -> ModelSpec:
         """The spec of this model's backbone alone (no head, no classes)."""
         return ModelSpec(
             self.arch, self.image_size, self.small_stem, self.num_features, self.mean, self.std,
             init=self.init, init_sha256=self.init_sha256,
+            channels=self.channels, window=self.window, file_windows=self.file_windows,
         )  # fmt: skip
 
     def to_metadata(self) -> dict[str, str]:
@@ -121,6 +152,11 @@ class ModelSpec:
             if self.multi_label:  # absent: single-label, as every artifact before multi-label
                 metadata["multi_label"] = "true"
                 metadata["threshold"] = json.dumps(self.threshold)
+        if self.channels != 3:  # absent: RGB, as every artifact before
+            metadata["channels"] = str(self.channels)
+        if self.window is not None:  # absent: 8-bit data
+            metadata["window"] = json.dumps(list(self.window))
+            metadata["file_windows"] = json.dumps(self.file_windows)
         if self.init is not None:
             metadata["init"] = self.init
             metadata["init_sha256"] = self.init_sha256 or ""
@@ -161,6 +197,9 @@ class ModelSpec:
                 init_sha256=metadata.get("init_sha256") or None,
                 multi_label=bool(json.loads(metadata.get("multi_label", "false"))),
                 threshold=json.loads(metadata["threshold"]) if "threshold" in metadata else None,
+                channels=int(metadata.get("channels", "3")),
+                window=_window(metadata["window"]) if "window" in metadata else None,
+                file_windows=bool(json.loads(metadata.get("file_windows", "true"))),
             )
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(
@@ -171,3 +210,8 @@ class ModelSpec:
 
 def _triple(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(value) for value in values)
+
+
+def _window(text: str) -> tuple[float, float]:
+    low, high = (float(value) for value in json.loads(text))
+    return low, high
