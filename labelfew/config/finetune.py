@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labelfew.config.shared import (
+    CHANNELS,
     CHECKPOINT_EVERY,
     FOLLOW_LINKS,
     FROM,
@@ -19,9 +20,12 @@ from labelfew.config.shared import (
     RESTART,
     SEED,
     SKIP_BAD,
+    WINDOW,
     WORKERS,
     Validated,
     as_paths,
+    parse_channels,
+    parse_window,
 )
 from labelfew.errors import UserError
 from labelfew.options import option, validate
@@ -73,6 +77,17 @@ class FinetuneConfig(Validated):
         "folder or a labelfew run; their mean/std and stem come with them. Not with --from or --scratch.",
     )
     init_prefix: str | None = option(None, INIT_PREFIX)
+    channels: str = option(
+        "auto",
+        CHANNELS,
+        help=CHANNELS.help + " Only for a start without a pretrain run (`--init`, or `--scratch` "
+        "with no backbone); a pretrained backbone brings its own.",
+    )
+    window: str | None = option(
+        None,
+        WINDOW,
+        help=WINDOW.help + " Only for a start without a pretrain run; a pretrained backbone brings its own.",
+    )
     scratch: bool = option(
         False,
         toggle=False,
@@ -211,6 +226,8 @@ class FinetuneConfig(Validated):
                 "--labels: pass a label CSV or class-per-folder tree (repeat it to merge several)"
             )
         validate(self)
+        parse_channels(self.channels)
+        parse_window(self.window)
         if self.init is not None:
             other = "--from" if self.source is not None else "--scratch" if self.scratch else None
             if other is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +33,48 @@ def require_init(init: str | None, **flags: str | None) -> None:
         if value is not None and init is None:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} {value}: only with --init (it describes the --init weights)")
+
+
+MAX_CHANNELS = 64
+"""The most input channels `--channels` takes (a multi-channel microscope TIFF has a handful; more is
+a hyperspectral cube, which a 2-D conv backbone is not the model for)."""
+
+
+def parse_channels(value: str) -> int | None:
+    """`--channels`: None for ``auto``, else the count.
+
+    Raises:
+        UserError: not ``auto`` nor a count from 1 to `MAX_CHANNELS`.
+    """
+    if value == "auto":
+        return None
+    count = int(value) if value.isdigit() else 0
+    if not 1 <= count <= MAX_CHANNELS:
+        raise UserError(
+            f"--channels {value}: use auto, 1 (grayscale), 3 (RGB) or a channel count up to {MAX_CHANNELS}"
+        )
+    return count
+
+
+def parse_window(value: str | None) -> tuple[float, float] | None:
+    """`--window LOW,HIGH` as two finite floats with LOW < HIGH (None when not given: auto).
+
+    Raises:
+        UserError: not two finite numbers in increasing order.
+    """
+    if value is None:
+        return None
+    parts = value.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise UserError(
+            f"--window {value}: give LOW,HIGH, two numbers with LOW < HIGH in the images' own units "
+            "(e.g. --window 0,4095 for 12-bit images)"
+        )
+    return low, high
 
 
 # Options that several commands share, declared once.
@@ -106,4 +149,17 @@ LOGGER = Option(
     help="Where the loss, lr and speed go while training runs, besides log.jsonl (always written): "
     "tensorboard (RUN/<stage>/tensorboard/, needs labelfew[tensorboard]) or mlflow (MLFLOW_TRACKING_URI "
     "or ./mlruns, needs labelfew[mlflow]); repeat the flag for both.",
+)
+CHANNELS = Option(
+    help="Input channels: auto (1 when every sampled image is single-channel, else 3), 1 (grayscale: "
+    "colour images become their luma; the views jitter brightness and contrast only, no hue or "
+    "saturation), 3 (RGB) or N (multi-channel TIFFs of N channels: per-channel brightness and "
+    "contrast). Recorded in the model; every later stage, predict and export follow it.",
+)
+WINDOW = Option(
+    help="LOW,HIGH: the values of 12/16-bit and float images that become black and white (8 bits "
+    "between). auto: the 0.5 and 99.5 percentiles of a seeded sample of the images, where a DICOM "
+    "file's own window (WindowCenter/Width) wins; a window given here applies to every file. Recorded "
+    "in the model; predict uses the same. 8-bit images are never windowed.",
+    shown="auto",
 )

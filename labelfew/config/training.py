@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labelfew.config.shared import (
+    CHANNELS,
     CHECKPOINT_EVERY,
     FOLLOW_LINKS,
     IMAGE_SIZE,
@@ -18,21 +19,24 @@ from labelfew.config.shared import (
     RESTART,
     SEED,
     SMALL_STEM,
+    WINDOW,
     WORKERS,
     Validated,
+    parse_channels,
+    parse_window,
     require_init,
 )
 from labelfew.errors import UserError
 from labelfew.options import option, validate
 
 DECODE_PLACES = ("auto", "cpu", "device")
+"""``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
 DEFAULT_EPOCHS, INIT_EPOCHS = 100, 5
 """`--epochs`: from random init; continuing from `--init`'s weights (the best of 5, 15 and 30 on
 hymenoptera and on digits, with the random-init lr rule and warmup, which a quarter of the lr or no
 warmup did not beat: benchmarks/init_ladder.sh and init_defaults.sh, RESULTS.md)."""
 KEY_MOMENTUM = 0.999
 """`--key-momentum`'s default: MoCo v1/v2's."""
-"""``--decode-on`` values (`labelfew.data.device_decode.decode_place` resolves ``auto``)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class PretrainConfig(Validated):
     init_prefix: str | None = option(None, INIT_PREFIX)
     small_stem: bool | None = option(None, SMALL_STEM, shown="on at ≤ 64 px; off with `--init`")
     image_size: int | None = option(None, IMAGE_SIZE, shown="median side of the images, ≤ 224")
+    channels: str = option("auto", CHANNELS)
+    window: str | None = option(None, WINDOW)
     epochs: int | None = option(
         None,
         minimum=1,
@@ -198,6 +204,8 @@ class PretrainConfig(Validated):
 
     def __post_init__(self) -> None:
         validate(self)
+        parse_channels(self.channels)
+        parse_window(self.window)
         require_init(self.init, init_prefix=self.init_prefix)
         if self.queue == 0 and (self.key_momentum != KEY_MOMENTUM or self.key_momentum_ramp):
             shown = "--key-momentum" if self.key_momentum != KEY_MOMENTUM else "--key-momentum-ramp"
