@@ -26,6 +26,7 @@ from timm.models._manipulate import adapt_input_conv
 from torch import Tensor
 
 from labelfew.errors import UserError
+from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from labelfew.engine.init_weights import Init
@@ -59,6 +60,12 @@ def channel_statistics(values: tuple[float, ...], channels: int) -> tuple[float,
     if channels == 1:
         return (sum(values) / len(values),)
     return tuple(values[channel % len(values)] for channel in range(channels))
+
+
+def imagenet_statistics(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean and std for a model of ``channels`` channels (`channel_statistics`): what
+    weights that record none, and a random init without data statistics, are normalised with."""
+    return channel_statistics(IMAGENET_MEAN, channels), channel_statistics(IMAGENET_STD, channels)
 
 
 def adapt_init(init: Init, channels: int) -> Init:

@@ -16,11 +16,11 @@ from torch import nn
 
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.data.images import typical_image_side
-from labelfew.engine.init_channels import adapt_init, channel_statistics
+from labelfew.engine.init_channels import adapt_init, imagenet_statistics
 from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
 from labelfew.models import build_backbone
-from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
+from labelfew.spec import ModelSpec, uses_small_stem
 
 DEFAULT_ARCH = "resnet18"
 """The architecture of a `--scratch` fine-tuning without `--arch`: SimCLR's CIFAR-10 backbone."""
@@ -75,13 +75,8 @@ def init_start(
         )
     size = image_size or init.image_size or typical_image_side(list(paths))
     stem = init.small_stem if init.image_size is not None else bool(small_stem)
-    mean, std = (init.mean, init.std) if init.mean and init.std else _imagenet(init.channels)
+    mean, std = (init.mean, init.std) if init.mean and init.std else imagenet_statistics(init.channels)
     return Start(None, init.arch, size, stem, mean, std, init, init.channels)
-
-
-def _imagenet(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet's mean and std for weights that record none, adapted to ``channels``."""
-    return channel_statistics(IMAGENET_MEAN, channels), channel_statistics(IMAGENET_STD, channels)
 
 
 def load_pretrained(source: Path | None, arch: str | None, flag: str = "--from") -> Artifact:
@@ -129,7 +124,12 @@ def finetune_start(
         return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std, channels=spec.channels)
     size = typical_image_side(list(paths)) if image_size is None else image_size
     return Start(
-        None, arch or DEFAULT_ARCH, size, uses_small_stem(size), *_imagenet(channels), channels=channels
+        None,
+        arch or DEFAULT_ARCH,
+        size,
+        uses_small_stem(size),
+        *imagenet_statistics(channels),
+        channels=channels,
     )
 
 
