@@ -193,3 +193,21 @@ def test_finetune_weak_and_eval_views_of_c_channels_are_the_rgb_views_of_each_ch
     torch.testing.assert_close(
         normalised, (EvalView(32, **plain)(images, sizes) - 0.5) / 0.25, atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels", [1, 4])
+def test_c_channel_views_on_a_gpu_equal_the_cpus(channels: int) -> None:
+    """The device path (dense resample, channel jitter, blur, RandAugment) against the CPU's."""
+    from labelfew.views.randaugment import apply_randaugment, sample_randaugment
+
+    config = _config(channels, 48)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, channels, 128, 112), dtype=torch.uint8, generator=generator)
+    parameters = sample_view_parameters(16, (128, 112), config, generator)
+    on_cpu = make_views(images, parameters, config)
+    torch.testing.assert_close(make_views(images.cuda(), parameters, config).cpu(), on_cpu, atol=1e-4, rtol=0)
+    strong = sample_randaugment(16, 48, 48, torch.Generator().manual_seed(1))
+    views = torch.rand(16, channels, 48, 48, generator=generator)
+    difference = (apply_randaugment(views.cuda(), strong).cpu() - apply_randaugment(views, strong)).abs()
+    assert float((difference > 1e-5).float().mean()) < 0.01  # nearest sampling may flip at exact half pixels
