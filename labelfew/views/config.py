@@ -40,6 +40,12 @@ MIN_IMAGE_SIZE = 8
 MAX_COLOR_STRENGTH = 2.5
 """Hue jitter is ``0.2 * strength`` and torchvision allows at most 0.5."""
 
+CHANNEL_VIEWS = (
+    "For 1 channel the views are crop, flip, brightness and contrast jitter and blur: no hue or "
+    "saturation. For N > 3 channels: crop, flip, brightness and contrast drawn per channel, blur."
+)
+"""The sentence `--help` quotes for the views of images that are not RGB (module docstring)."""
+
 ChannelStatistics = tuple[float, ...]
 """One value per input channel: 3 for RGB, 1 for grayscale, N for multi-channel images."""
 
