@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
+from labelfew.artifacts import save_tensors
 from labelfew.engine.init_channels import adapt_init, channel_statistics, first_conv_key
-from labelfew.engine.init_weights import Init
+from labelfew.engine.init_weights import Init, read_init
 from labelfew.engine.start import frozen_backbone, init_start
 from labelfew.errors import UserError
-from labelfew.models import build_backbone
+from labelfew.models import build_backbone, build_model
+from labelfew.spec import ModelSpec
 
 ARCH = "test_resnet"
 FIRST_CONV = "conv1.0.weight"  # test_resnet's deep stem: timm's pretrained_cfg names conv1.0
@@ -98,3 +101,19 @@ def test_a_frozen_backbone_of_a_one_channel_init_takes_one_channel() -> None:
     assert frozen.spec.mean == (0.5,)
     with torch.no_grad():
         assert frozen.model.eval()(torch.rand(2, 1, 32, 32)).isfinite().all()
+
+
+def test_a_one_channel_labelfew_run_is_read_as_one_channel_and_adapts_to_rgb(tmp_path: Path) -> None:
+    import labelfew.stages  # noqa: F401  (registers pretrain)
+
+    spec = ModelSpec("test_resnet", 32, True, 96, (0.4,), (0.2,), channels=1)
+    torch.manual_seed(3)
+    backbone = build_model(spec)
+    path = tmp_path / "backbone.safetensors"
+    save_tensors(path, backbone.state_dict(), {"stage": "pretrain", **spec.to_metadata()})
+    init = read_init(str(path))
+    assert init.channels == 1 and init.mean == (0.4,)
+    start = init_start(init, arch=None, prefix=None, image_size=None, small_stem=None, paths=[], channels=3)
+    assert start.channels == 3 and start.mean == (0.4, 0.4, 0.4)
+    weight = backbone.state_dict()[FIRST_CONV]
+    torch.testing.assert_close(start.init.tensors[FIRST_CONV], weight.repeat(1, 3, 1, 1) / 3)  # type: ignore[union-attr]
