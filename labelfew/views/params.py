@@ -47,7 +47,7 @@ class ViewParameters:
             Shape: (views,), bool.
         blur_sigma: Standard deviation of the blur in output pixels. Shape: (views,).
         channel_brightness: For images of C != 3 channels, the brightness factor of each channel
-            (`labelfew.views.ops.channel_jitter`): 1 channel uses ``brightness``; N channels draw
+            (`labelfew.views.channels.channel_jitter`): 1 channel uses ``brightness``; N channels draw
             one factor per channel per view from the same range. None for RGB. Shape: (views, C).
         channel_contrast: The contrast factors, as ``channel_brightness``. Shape: (views, C).
 

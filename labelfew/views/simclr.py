@@ -28,7 +28,7 @@ Channels: RGB (C = 3) gets the paper's views. For 1 channel: crop, flip, brightn
 jitter, blur; no hue or saturation (and no grayscale, the identity on gray): the brightness and
 contrast factors and their order are the RGB ColorJitter's, drawn the same way, restricted to
 those two. For N > 3 channels (and 2): the same geometric views and blur, and brightness and
-contrast per channel, one factor per channel per view (`labelfew.views.ops.channel_jitter`).
+contrast per channel, one factor per channel per view (`labelfew.views.channels.channel_jitter`).
 """
 
 from __future__ import annotations
