@@ -127,7 +127,8 @@ class WeakStrongViews:
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.shift_flip = ShiftFlipViews(image_size, UNIT_MEAN, UNIT_STD)
+        channels = len(mean)  # the weak view stays in [0, 1] for RandAugment, for any channel count
+        self.shift_flip = ShiftFlipViews(image_size, UNIT_MEAN[:1] * channels, UNIT_STD[:1] * channels)
         self.randaugment = RandAugmentViews()
         self.mean, self.std = tuple(mean), tuple(std)
 

@@ -211,3 +211,19 @@ def test_c_channel_views_on_a_gpu_equal_the_cpus(channels: int) -> None:
     views = torch.rand(16, channels, 48, 48, generator=generator)
     difference = (apply_randaugment(views.cuda(), strong).cpu() - apply_randaugment(views, strong)).abs()
     assert float((difference > 1e-5).float().mean()) < 0.01  # nearest sampling may flip at exact half pixels
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_fixmatchs_weak_and_strong_views_take_c_channels(channels: int) -> None:
+    from labelfew.engine.fixmatch import WeakStrongViews
+
+    images = torch.randint(0, 256, (6, channels, 40, 40), dtype=torch.uint8)
+    sizes = torch.tensor([[40, 40]] * 6)
+    weak, strong = WeakStrongViews(32, (0.5,) * channels, (0.25,) * channels)(
+        images, sizes, torch.Generator().manual_seed(0)
+    )
+    assert weak.shape == strong.shape == (6, channels, 32, 32)
+    assert (
+        float(weak.min()) >= -2.0 - 1e-6 and float(weak.max()) <= 2.0 + 1e-6
+    )  # (x - 0.5) / 0.25, x in [0, 1]
+    assert not torch.equal(weak, strong)
