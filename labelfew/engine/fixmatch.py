@@ -133,7 +133,7 @@ class WeakStrongViews:
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> two (batch, 3, S, S) float32."""
+        """Shape: (batch, C, H, W) uint8 with valid sizes (batch, 2) -> two (batch, C, S, S) float32."""
         weak = self.shift_flip(images, sizes, generator)
         strong = self.randaugment(weak, generator)  # a new tensor: the weak view is kept
         mean, std = normalization(self.mean, self.std, images.device)
