@@ -14,7 +14,9 @@ from labelfew.errors import UserError
 from labelfew.spec import HeadSpec, ModelSpec
 
 
-def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -> nn.Module:
+def build_backbone(
+    arch: str, small_stem: bool, image_size: int | None = None, channels: int = 3
+) -> nn.Module:
     """A timm model with no classifier, returning pooled features of size `num_features`.
 
     Args:
@@ -23,15 +25,20 @@ def build_backbone(arch: str, small_stem: bool, image_size: int | None = None) -
             conv and no pool, as the SimCLR paper does for CIFAR-10 (appendix B.9). Without it a
             32 px image is 8 px after the stem and most of the network sees almost nothing.
         image_size: passed to models whose size is fixed at build time (vision transformers).
+        channels: input channels (timm's ``in_chans``): 1 for grayscale, 3 for RGB, N for
+            multi-channel images; the small stem takes as many.
 
     Raises:
-        UserError: unknown arch, or `small_stem` for a model without a ResNet-style stem.
+        UserError: unknown arch, `small_stem` for a model without a ResNet-style stem, or
+            channels < 1.
     """
+    if channels < 1:
+        raise UserError(f"--channels {channels}: a model needs at least one input channel")
     if not timm.is_model(arch):
         close = _similar_models(arch)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
         raise UserError(f"--arch {arch}: not a timm model{hint}")
-    model = _create(arch, image_size)
+    model = _create(arch, image_size, channels)
     if not hasattr(model, "num_features"):
         raise UserError(
             f"--arch {arch}: the timm model has no num_features; choose a classification backbone"
@@ -51,14 +58,16 @@ def _similar_models(arch: str, limit: int = 5) -> list[str]:
     return containing[:limit] or difflib.get_close_matches(arch.lower(), names, n=limit, cutoff=0.6)
 
 
-def _create(arch: str, image_size: int | None) -> nn.Module:
+def _create(arch: str, image_size: int | None, channels: int) -> nn.Module:
     """Models built for a fixed input size (ViTs) take `img_size`; the others refuse it."""
     if image_size is not None:
         try:
-            return timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
+            return timm.create_model(
+                arch, pretrained=False, num_classes=0, img_size=image_size, in_chans=channels
+            )
         except TypeError:
             pass
-    return timm.create_model(arch, pretrained=False, num_classes=0)
+    return timm.create_model(arch, pretrained=False, num_classes=0, in_chans=channels)
 
 
 def _use_small_stem(model: nn.Module, arch: str) -> None:
@@ -128,7 +137,7 @@ class SimCLRModel(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Shape: (batch_size, 3, H, W) -> (batch_size, output_dim)"""
+        """Shape: (batch_size, channels, H, W) -> (batch_size, output_dim)"""
         return self.head(self.backbone(images))
 
 
@@ -147,12 +156,12 @@ class Classifier(nn.Module):
         self.classifier = nn.Linear(width, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Shape: (batch_size, 3, H, W) -> (batch_size, width)"""
+        """Shape: (batch_size, channels, H, W) -> (batch_size, width)"""
         features = self.backbone(images)
         return self.head(features) if self.head is not None else features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Shape: (batch_size, 3, H, W) -> (batch_size, num_classes) logits"""
+        """Shape: (batch_size, channels, H, W) -> (batch_size, num_classes) logits"""
         return self.classifier(self.features(images))
 
 
@@ -196,6 +205,7 @@ def build_classifier(
     pretrain: Artifact | None = None,
     from_head_layer: int = 0,
     load_weights: bool = True,
+    channels: int | None = None,
 ) -> Classifier:
     """The backbone (+ head layers) with `pretrain`'s weights when `load_weights`, and a new linear layer.
 
@@ -213,11 +223,14 @@ def build_classifier(
         from_head_layer: 0: the classifier on the backbone; k: on the first k projection layers
             (SimCLRv2), whose shape comes from `pretrain` even when its weights are not loaded.
         load_weights: False keeps the random init (the `--scratch` baseline of a pretrained arch).
+        channels: input channels; None: `pretrain`'s (`ModelSpec.channels`), 3 without one.
 
     Raises:
         UserError: `from_head_layer` without a pretrain artifact, or a head layer it does not have.
     """
-    backbone = build_backbone(arch, small_stem=small_stem, image_size=image_size)
+    if channels is None:
+        channels = 3 if pretrain is None else pretrain.spec.channels
+    backbone = build_backbone(arch, small_stem=small_stem, image_size=image_size, channels=channels)
     head: nn.Module | None = None
     if pretrain is not None and load_weights:
         backbone.load_state_dict(pretrain.tensors)
@@ -236,12 +249,15 @@ def build_classifier(
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
-    """An untrained model of `spec`: the backbone, or a `Classifier` (with its head blocks).
+    """An untrained model of `spec`: the backbone, or a `Classifier` (with its head blocks),
+    taking `spec.channels` input channels.
 
     Raises:
         UserError: unknown arch, or a head layer without a recorded head.
     """
-    backbone = build_backbone(spec.arch, small_stem=spec.small_stem, image_size=spec.image_size)
+    backbone = build_backbone(
+        spec.arch, small_stem=spec.small_stem, image_size=spec.image_size, channels=spec.channels
+    )
     if spec.class_names is None:
         return backbone
     head = None

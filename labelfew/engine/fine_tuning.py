@@ -50,7 +50,7 @@ def start_classifier(
 
     `load_weights` False keeps the random init (`--scratch`)."""
     model = build_classifier(start.arch, start.small_stem, start.image_size, num_classes, start.artifact,
-                             from_head_layer, load_weights=load_weights)  # fmt: skip
+                             from_head_layer, load_weights=load_weights, channels=start.channels)  # fmt: skip
     if load_weights:
         start.load_into(model.backbone)
     return model

@@ -127,12 +127,13 @@ class WeakStrongViews:
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.shift_flip = ShiftFlipViews(image_size, UNIT_MEAN, UNIT_STD)
+        channels = len(mean)  # the weak view stays in [0, 1] for RandAugment, for any channel count
+        self.shift_flip = ShiftFlipViews(image_size, UNIT_MEAN[:1] * channels, UNIT_STD[:1] * channels)
         self.randaugment = RandAugmentViews()
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, images: Tensor, sizes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> two (batch, 3, S, S) float32."""
+        """Shape: (batch, C, H, W) uint8 with valid sizes (batch, 2) -> two (batch, C, S, S) float32."""
         weak = self.shift_flip(images, sizes, generator)
         strong = self.randaugment(weak, generator)  # a new tensor: the weak view is kept
         mean, std = normalization(self.mean, self.std, images.device)

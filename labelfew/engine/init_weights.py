@@ -57,6 +57,7 @@ class Init:
         interpolation: the resize interpolation of the weights' config, when recorded.
         small_stem: the weights have labelfew's small-image stem (a labelfew artifact only).
         image_size: the labelfew artifact's image size, else None.
+        channels: input channels of the first conv (`labelfew.engine.init_channels.adapt_init`).
     """
 
     source: str
@@ -70,6 +71,7 @@ class Init:
     interpolation: str | None = None
     small_stem: bool = False
     image_size: int | None = None
+    channels: int = 3
 
     @property
     def name(self) -> str:
@@ -109,6 +111,7 @@ class _Read:
     interpolation: str | None = None
     small_stem: bool = False
     image_size: int | None = None
+    channels: int = 3
 
 
 def read_init(
@@ -139,13 +142,13 @@ def read_init(
         raise UserError(
             f"--init {source}: the file does not say which architecture it holds; pass --arch NAME"
         )
-    expected = build_backbone(wanted, small_stem=read.small_stem).state_dict()
+    expected = build_backbone(wanted, small_stem=read.small_stem, channels=read.channels).state_dict()
     chosen = _choose_prefix(source, read.tensors, expected, prefix)
     tensors, skipped = _match(source, read.tensors, expected, chosen)
     return Init(
         source=source, sha256=read.sha256, arch=wanted, tensors=tensors, skipped=skipped, prefix=chosen,
         mean=read.mean, std=read.std, interpolation=read.interpolation, small_stem=read.small_stem,
-        image_size=read.image_size,
+        image_size=read.image_size, channels=read.channels,
     )  # fmt: skip
 
 
@@ -244,7 +247,7 @@ def _read_artifact(path: Path) -> _Read:
         }
     return _Read(
         tensors, sha256_file(path), arch=spec.arch, mean=spec.mean, std=spec.std, small_stem=spec.small_stem,
-        image_size=spec.image_size,
+        image_size=spec.image_size, channels=spec.channels,
     )  # fmt: skip
 
 
@@ -262,7 +265,7 @@ def _read_export(folder: Path) -> _Read:
         read.tensors, read.sha256, arch=config.get("architecture") or read.arch,
         mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
         interpolation=cfg.get("interpolation"), small_stem=bool(spec.get("small_stem", False)),
-        image_size=spec.get("image_size"),
+        image_size=spec.get("image_size"), channels=int(cfg.get("input_size", [3])[0]),
     )  # fmt: skip
 
 
@@ -290,7 +293,7 @@ def read_timm(name: str, overlay: dict[str, Any] | None) -> _Read:
     tensors = {key: value.detach().clone() for key, value in model.state_dict().items()}
     return _Read(
         tensors, _timm_sha256(config, tensors), arch=arch, mean=tuple(config["mean"]), std=tuple(config["std"]),
-        interpolation=config.get("interpolation"),
+        interpolation=config.get("interpolation"), channels=int(config.get("input_size", [3])[0]),
     )  # fmt: skip
 
 

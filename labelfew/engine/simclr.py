@@ -201,8 +201,8 @@ def view_config(config: PretrainConfig, start: Start | None = None) -> ViewConfi
         min_scale=config.min_scale,
         color_strength=float(config.color_strength),  # 0 is a valid strength: no colour distortion
         blur=config.blur,
-        mean=mean,  # type: ignore[arg-type]  # three values: ViewConfig checks them
-        std=std,  # type: ignore[arg-type]
+        mean=mean,  # one value per channel: ViewConfig checks them
+        std=std,
     )
 
 

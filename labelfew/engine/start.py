@@ -16,10 +16,11 @@ from torch import nn
 
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.data.images import typical_image_side
+from labelfew.engine.init_channels import adapt_init, imagenet_statistics
 from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
 from labelfew.models import build_backbone
-from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, ModelSpec, uses_small_stem
+from labelfew.spec import ModelSpec, uses_small_stem
 
 DEFAULT_ARCH = "resnet18"
 """The architecture of a `--scratch` fine-tuning without `--arch`: SimCLR's CIFAR-10 backbone."""
@@ -27,7 +28,10 @@ DEFAULT_ARCH = "resnet18"
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where the weights come from: the pretrain artifact, `--init`'s weights, or nothing (scratch)."""
+    """Where the weights come from: the pretrain artifact, `--init`'s weights, or nothing (scratch).
+
+    ``channels`` is the model's input channel count; ``mean`` and ``std`` have one entry per channel.
+    """
 
     artifact: Artifact | None
     arch: str
@@ -36,6 +40,7 @@ class Start:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     init: Init | None = None
+    channels: int = 3
 
     def load_into(self, backbone: nn.Module) -> list[str]:
         """Copies `init`'s weights into ``backbone`` (strictly); returns the keys left random."""
@@ -44,7 +49,7 @@ class Start:
 
 def init_start(
     source: str | Init, arch: str | None, prefix: str | None, image_size: int | None, small_stem: bool | None,
-    paths: Sequence[Path],
+    paths: Sequence[Path], channels: int | None = None,
 ) -> Start:  # fmt: skip
     """`--init SOURCE`'s weights (or an `Init` already read) as a start, with the settings they bring.
 
@@ -52,13 +57,16 @@ def init_start(
     stem is the init's: a labelfew artifact keeps its own, and other weights keep their pretrained
     stem unless `small_stem` asks for the small-image stem, whose first conv then starts random
     (`Start.load_into` returns it, the stage says so). The image size is `image_size`, else a
-    labelfew artifact's, else the images' typical side (as without an init).
+    labelfew artifact's, else the images' typical side (as without an init). `channels` (None: the
+    init's own) adapts the init's first conv and mean/std to that many input channels
+    (`labelfew.engine.init_channels.adapt_init`: summed into 1 channel, as timm does).
 
     Raises:
         UserError: as `labelfew.engine.init_weights.read_init`, or `small_stem` against a labelfew
             artifact's own stem.
     """
     init = source if isinstance(source, Init) else read_init(source, arch=arch, prefix=prefix)
+    init = init if channels is None else adapt_init(init, channels)
     source = init.source
     if small_stem is not None and init.image_size is not None and small_stem != init.small_stem:
         raise UserError(
@@ -67,7 +75,8 @@ def init_start(
         )
     size = image_size or init.image_size or typical_image_side(list(paths))
     stem = init.small_stem if init.image_size is not None else bool(small_stem)
-    return Start(None, init.arch, size, stem, init.mean or IMAGENET_MEAN, init.std or IMAGENET_STD, init)
+    mean, std = (init.mean, init.std) if init.mean and init.std else imagenet_statistics(init.channels)
+    return Start(None, init.arch, size, stem, mean, std, init, init.channels)
 
 
 def load_pretrained(source: Path | None, arch: str | None, flag: str = "--from") -> Artifact:
@@ -90,12 +99,14 @@ def _check_arch(artifact: Artifact, arch: str | None, flag: str) -> None:
 
 
 def finetune_start(
-    source: Path | None, scratch: bool, arch: str | None, image_size: int | None, paths: Sequence[Path]
-) -> Start:
+    source: Path | None, scratch: bool, arch: str | None, image_size: int | None, paths: Sequence[Path],
+    channels: int = 3,
+) -> Start:  # fmt: skip
     """The pretrained backbone at `source`, or with `scratch` and none there, random init.
 
     The image size is the backbone's unless `image_size` is given; a scratch start without a
-    backbone takes it from the images (`paths`) and its stem from the size.
+    backbone takes it from the images (`paths`) and its stem from the size, and has `channels`
+    input channels (a backbone has its own).
 
     Raises:
         UserError: no backbone and not `scratch`, or an `arch` the backbone was not pretrained as.
@@ -110,9 +121,16 @@ def finetune_start(
         _check_arch(artifact, arch, "--from")
         spec = artifact.spec
         size = spec.image_size if image_size is None else image_size
-        return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std)
+        return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std, channels=spec.channels)
     size = typical_image_side(list(paths)) if image_size is None else image_size
-    return Start(None, arch or DEFAULT_ARCH, size, uses_small_stem(size), IMAGENET_MEAN, IMAGENET_STD)
+    return Start(
+        None,
+        arch or DEFAULT_ARCH,
+        size,
+        uses_small_stem(size),
+        *imagenet_statistics(channels),
+        channels=channels,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +157,12 @@ def frozen_backbone(init: Init, paths: Sequence[Path], image_size: int | None = 
     """
     size = init.image_size or image_size or typical_image_side(list(paths))
     start = init_start(init, arch=None, prefix=None, image_size=size, small_stem=None, paths=paths)
-    backbone = build_backbone(start.arch, small_stem=start.small_stem, image_size=start.image_size)
+    backbone = build_backbone(
+        start.arch, small_stem=start.small_stem, image_size=start.image_size, channels=start.channels
+    )
     start.load_into(backbone)
     spec = ModelSpec(
         start.arch, start.image_size, start.small_stem, int(backbone.num_features),  # type: ignore[arg-type]
-        start.mean, start.std, init=init.source, init_sha256=init.sha256,
+        start.mean, start.std, init=init.source, init_sha256=init.sha256, channels=start.channels,
     )  # fmt: skip
     return FrozenBackbone(backbone, spec, init)

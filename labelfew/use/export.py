@@ -9,6 +9,10 @@ Writes into one folder:
   models: `config.json` then holds the few lines of Python that rebuild them (`labelfew.rebuild`).
 - `model.onnx` (opset 18, dynamic batch) through PyTorch's torch.export-based ONNX exporter.
 
+Both take the model's channels (`labelfew.spec.ModelSpec.channels`): the input is
+``(batch, C, S, S)``, and timm's ``input_size`` is ``[C, S, S]`` (timm builds the model with
+``in_chans = C`` from it).
+
 Each file is checked before the command reports success: the timm rebuild must reproduce the
 labelfew model's outputs, and ONNX Runtime must match PyTorch within `ONNX_TOLERANCE`.
 """
@@ -29,6 +33,7 @@ from labelfew.config import ExportConfig
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
 from labelfew.models import Classifier, build_backbone, load_model
+from labelfew.spec import ModelSpec
 
 FORMATS = ("safetensors", "onnx", "both")
 ONNX_OPSET = 18  # the torch.export-based exporter's native opset; ONNX Runtime supports it
@@ -50,8 +55,8 @@ def run(config: ExportConfig) -> Path:
     artifact = resolve_model(config.source, ("classifier", "backbone"))
     model = load_model(artifact).eval()
     out = config.out or artifact.path.parent / "export"
-    size = artifact.spec.image_size
-    example = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    size, channels = artifact.spec.image_size, artifact.spec.channels
+    example = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     settings = _settings(artifact, model, out)
     written: list[Path] = []
     timm_files = config.format in ("safetensors", "both")
@@ -64,7 +69,7 @@ def run(config: ExportConfig) -> Path:
         settings["labelfew"]["onnx"] = {
             "file": "model.onnx",
             "opset": ONNX_OPSET,
-            "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "input": {"name": "images", "shape": ["batch", channels, size, size], "dtype": "float32"},
             "output": {"name": settings["labelfew"]["outputs"], "shape": ["batch", _output_width(model)]},
             "max_abs_difference_vs_pytorch": difference,
         }
@@ -75,7 +80,8 @@ def run(config: ExportConfig) -> Path:
         _check_rebuild(settings["labelfew"]["rebuild"], model, example, out / "config.json")
     if not config.quiet:
         console.print(
-            f"exported {artifact.stage} model {artifact.path} ({artifact.arch}, {size} px) to {out}/"
+            f"exported {artifact.stage} model {artifact.path} ({artifact.arch}, {size} px, "
+            f"{channels} channel{'s' if channels > 1 else ''}) to {out}/"
         )
         for path in written:
             console.print(f"  {path.name:<18} {_size(path.stat().st_size):>9}")
@@ -117,12 +123,13 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
     # timm resizes to floor(size / crop_pct): this crop_pct gives exactly labelfew's resize side
     crop_fraction = 1.0 if resize == size else size / (resize + 0.5)
     mean, std = list(spec.mean), list(spec.std)
+    input_size = [spec.channels, size, size]
     settings: dict[str, Any] = {
         "architecture": artifact.arch,
         "num_classes": len(class_names) if fine_tuned and head_layers == 0 else 0,
         "num_features": spec.num_features,
         "pretrained_cfg": {
-            "input_size": [3, size, size],
+            "input_size": input_size,
             "interpolation": "bicubic",
             "mean": mean,
             "std": std,
@@ -132,8 +139,11 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
     }
     if fine_tuned and head_layers == 0:
         settings["label_names"] = class_names
-    if _takes_image_size(artifact.arch, size):
-        settings["model_args"] = {"img_size": size}
+    model_args: dict[str, Any] = {"img_size": size} if _takes_image_size(artifact.arch, size) else {}
+    if spec.channels != 3:
+        model_args["in_chans"] = spec.channels
+    if model_args:
+        settings["model_args"] = model_args
     settings["labelfew"] = {
         "version": __version__,
         "stage": artifact.stage,
@@ -142,16 +152,25 @@ def _settings(artifact: Artifact, model: nn.Module, out: Path) -> dict[str, Any]
         "outputs": "logits" if fine_tuned else "features",
         "small_stem": spec.small_stem,
         "from_head_layer": head_layers,
-        "input_size": [3, size, size],
+        "input_size": input_size,
         "mean": mean,
         "std": std,
         "preprocessing": (
-            f"decode to RGB; resize the shorter side to {resize} px (bicubic, antialiased); centre crop "
+            f"{_decoding_text(spec)}; resize the shorter side to {resize} px (bicubic, antialiased); centre crop "
             f"{size}×{size}; scale to [0, 1]; subtract mean and divide by std per channel"
         ),
         "rebuild": _rebuild_code(artifact, model, out),
     }
     return settings
+
+
+def _decoding_text(spec: ModelSpec) -> str:
+    """How the images are decoded, in the words of config.json's ``preprocessing``."""
+    channels = {1: "8-bit grayscale (1 channel)", 3: "RGB"}.get(spec.channels, f"{spec.channels} channels")
+    if spec.window is None:
+        return f"decode to {channels}"
+    low, high = spec.window
+    return f"decode to {channels}, deeper images mapped to 8 bits through the window [{low:g}, {high:g}]"
 
 
 def _takes_image_size(arch: str, size: int) -> bool:
@@ -168,7 +187,9 @@ def _write_safetensors(artifact: Artifact, model: nn.Module, out: Path) -> list[
     backbone = model.backbone if isinstance(model, Classifier) else model
     tensors = dict(backbone.state_dict())
     spec = artifact.spec
-    timm_model = build_backbone(spec.arch, small_stem=spec.small_stem, image_size=spec.image_size)
+    timm_model = build_backbone(
+        spec.arch, small_stem=spec.small_stem, image_size=spec.image_size, channels=spec.channels
+    )
     if isinstance(model, Classifier) and model.head is None:
         timm_model.reset_classifier(model.classifier.out_features)  # type: ignore[operator]
         name = _classifier_name(timm_model, artifact)

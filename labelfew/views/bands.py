@@ -118,16 +118,16 @@ def resample_banded(images: Tensor, sources: list[int], rows: Taps, columns: Tap
     """``rows @ image @ columns.T`` per view and channel on the CPU, reading only each view's band.
 
     Args:
-        images: uint8 images on the CPU. Shape: (batch, 3, H, W).
+        images: uint8 images on the CPU, any channel count C. Shape: (batch, C, H, W).
         sources: The image of each view.
         rows: Weights of every output row over the input rows.
         columns: Weights of every output column over the input columns.
 
     Returns:
-        Shape: (views, 3, out_height, out_width), in the weights' dtype, unscaled (0-255).
+        Shape: (views, C, out_height, out_width), in the weights' dtype, unscaled (0-255).
     """
     out_height, out_width = rows.first.shape[1], columns.first.shape[1]
-    views = rows.weights.new_empty((len(sources), 3, out_height, out_width))
+    views = rows.weights.new_empty((len(sources), images.shape[1], out_height, out_width))
     for view, source in enumerate(sources):
         row_tiles = _tiles(rows, view, _tile(out_height))
         column_tiles = _tiles(columns, view, _tile(out_width))
@@ -136,21 +136,21 @@ def resample_banded(images: Tensor, sources: list[int], rows: Taps, columns: Tap
 
 
 def _resample_view(image: Tensor, rows: _Tiles, columns: _Tiles, out: Tensor) -> None:
-    """One view: rows on its band (3, h, w) -> (3, out_height, w), then columns -> ``out``.
+    """One view: rows on its band (C, h, w) -> (C, out_height, w), then columns -> ``out``.
 
     The last tile's window may run past the band's end by less than ``length``; it reads the next
     channel's pixels (or zeros after the last) with zero weights.
     """
     height, width = rows.end - rows.begin, columns.end - columns.begin
-    out_height = out.shape[1]
+    channels, out_height = out.shape[0], out.shape[1]
     dtype = rows.blocks.dtype
-    band_storage = torch.zeros(3 * height * width + rows.length * width, dtype=dtype)
-    band = band_storage[: 3 * height * width].view(3, height, width)
+    band_storage = torch.zeros(channels * height * width + rows.length * width, dtype=dtype)
+    band = band_storage[: channels * height * width].view(channels, height, width)
     band.copy_(image[:, rows.begin : rows.end, columns.begin : columns.end])
-    resized_storage = torch.zeros(3 * out_height * width + columns.length, dtype=dtype)
-    resized = resized_storage[: 3 * out_height * width].view(3, out_height, width)
+    resized_storage = torch.zeros(channels * out_height * width + columns.length, dtype=dtype)
+    resized = resized_storage[: channels * out_height * width].view(channels, out_height, width)
     tile_count, tile, _ = rows.blocks.shape
-    for channel in range(3):
+    for channel in range(channels):
         windows = band_storage.as_strided(
             (tile_count, rows.length, width), (rows.step * width, width, 1), channel * height * width
         )
@@ -159,12 +159,13 @@ def _resample_view(image: Tensor, rows: _Tiles, columns: _Tiles, out: Tensor) ->
         resized.copy_(resized.flip(1))
     tile_count, tile, _ = columns.blocks.shape
     windows = resized_storage.as_strided(
-        (tile_count, 3 * out_height, columns.length), (columns.step, width, 1)
+        (tile_count, channels * out_height, columns.length), (columns.step, width, 1)
     )
-    tiles = torch.bmm(windows, columns.blocks.transpose(1, 2)).view(tile_count, 3, out_height, tile)
+    tiles = torch.bmm(windows, columns.blocks.transpose(1, 2))
+    tiles = tiles.view(tile_count, channels, out_height, tile)
     if columns.mirrored:
         tiles = tiles.flip(0, 3)
-    out.view(3, out_height, tile_count, tile).copy_(tiles.permute(1, 2, 0, 3))
+    out.view(channels, out_height, tile_count, tile).copy_(tiles.permute(1, 2, 0, 3))
 
 
 def _tile(size: int) -> int:

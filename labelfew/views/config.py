@@ -13,6 +13,11 @@ One SimCLR view (Chen et al. 2020, https://arxiv.org/abs/2002.05709, appendix A)
    ~10% of the image side; off by default at 32 px or less (the paper drops it for CIFAR-10);
 6. conversion to float32 in ``[0, 1]`` and per-channel normalisation.
 
+The views follow the images' channels (one entry of ``mean`` / ``std`` per channel). For 1 channel:
+crop, flip, brightness and contrast jitter, blur; no hue, saturation or grayscale (the identity on
+a gray image). For N > 3 channels: crop, flip, brightness and contrast jitter drawn per channel
+(one factor per channel per view), blur; no hue, saturation or grayscale.
+
 `labelfew.views.simclr` makes these views for a whole batch on the training device; the
 per-image PIL version that the distribution tests compare it with is ``tests/reference/pil_views.py``.
 """
@@ -35,41 +40,64 @@ MIN_IMAGE_SIZE = 8
 MAX_COLOR_STRENGTH = 2.5
 """Hue jitter is ``0.2 * strength`` and torchvision allows at most 0.5."""
 
-RGBTriple = tuple[float, float, float]
+CHANNEL_VIEWS = (
+    "For 1 channel the views are crop, flip, brightness and contrast jitter and blur: no hue or "
+    "saturation. For N > 3 channels: crop, flip, brightness and contrast drawn per channel, blur."
+)
+"""The sentence `--help` quotes for the views of images that are not RGB (module docstring)."""
+
+ChannelStatistics = tuple[float, ...]
+"""One value per input channel: 3 for RGB, 1 for grayscale, N for multi-channel images."""
 
 
 def resolve_mean_std(
     mean: Sequence[float] | None = None, std: Sequence[float] | None = None
-) -> tuple[RGBTriple, RGBTriple]:
+) -> tuple[ChannelStatistics, ChannelStatistics]:
     """Checks normalisation statistics, defaulting to ImageNet's.
 
     Args:
-        mean: Three per-channel means in [0, 1] units, or None for `IMAGENET_MEAN`.
-        std: Three positive per-channel standard deviations, or None for `IMAGENET_STD`.
+        mean: One mean per input channel in [0, 1] units (3 for RGB, 1 for grayscale, N for
+            multi-channel images), or None for `IMAGENET_MEAN`.
+        std: One positive standard deviation per channel, as many as ``mean``, or None for
+            `IMAGENET_STD`.
 
     Returns:
-        ``(mean, std)`` as tuples of three floats (hashable, JSON-friendly).
+        ``(mean, std)`` as tuples of floats (hashable, JSON-friendly).
 
     Raises:
-        UserError: A value does not have three entries or a standard deviation is not positive.
+        UserError: ``mean`` and ``std`` differ in length, are empty, or a standard deviation is
+            not positive.
     """
-    resolved_mean = _three_floats(IMAGENET_MEAN if mean is None else mean, name="mean")
-    resolved_std = _three_floats(IMAGENET_STD if std is None else std, name="std")
+    resolved_mean = _channel_floats(IMAGENET_MEAN if mean is None else mean, name="mean")
+    resolved_std = _channel_floats(IMAGENET_STD if std is None else std, name="std")
+    if len(resolved_mean) != len(resolved_std):
+        raise UserError(
+            f"Normalisation mean {resolved_mean} and std {resolved_std} must have one value per "
+            "channel each (as many means as stds)."
+        )
     if any(not value > 0 for value in resolved_std):
         raise UserError(f"Normalisation std {resolved_std} has a value <= 0; use positive values.")
     return resolved_mean, resolved_std
 
 
-def _three_floats(values: Sequence[float], name: str) -> RGBTriple:
-    if isinstance(values, str) or len(values) != 3:
-        raise UserError(f"Normalisation {name} {values!r} must have one value per RGB channel (3).")
+def _channel_floats(values: Sequence[float], name: str) -> ChannelStatistics:
+    if isinstance(values, str) or len(values) == 0:
+        raise UserError(f"Normalisation {name} {values!r} must have one value per channel.")
     try:
-        first, second, third = (float(value) for value in values)
+        floats = tuple(float(value) for value in values)
     except (TypeError, ValueError) as error:
-        raise UserError(f"Normalisation {name} {values!r} must hold three numbers.") from error
-    if not all(math.isfinite(value) for value in (first, second, third)):
+        raise UserError(f"Normalisation {name} {values!r} must hold numbers.") from error
+    if not all(math.isfinite(value) for value in floats):
         raise UserError(f"Normalisation {name} {values!r} must hold finite numbers.")
-    return first, second, third
+    return floats
+
+
+def check_channels(images_channels: int, mean: ChannelStatistics) -> None:
+    """Raises ValueError unless a batch of ``images_channels`` channels fits the statistics ``mean``."""
+    if images_channels != len(mean):
+        raise ValueError(
+            f"images of {images_channels} channels, but normalisation statistics for {len(mean)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -89,8 +117,8 @@ class ViewConfig:
         blur: True forces the blur on, False off; None (default) turns it off for images of
             32 px or less, as the paper does for CIFAR-10, and on otherwise.
         mean: Per-channel normalisation mean (ImageNet's by default, what pretrained backbones
-            and timm expect).
-        std: Per-channel normalisation standard deviation.
+            and timm expect); its length is the channel count of the images (1, 3 or N).
+        std: Per-channel normalisation standard deviation, as many as ``mean``.
 
     Lists given for ``blur_sigma``, ``mean`` or ``std`` (from TOML or JSON) become tuples.
 
@@ -107,8 +135,8 @@ class ViewConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
     blur: bool | None = None
-    mean: RGBTriple = IMAGENET_MEAN
-    std: RGBTriple = IMAGENET_STD
+    mean: ChannelStatistics = IMAGENET_MEAN
+    std: ChannelStatistics = IMAGENET_STD
 
     def __post_init__(self) -> None:
         mean, std = resolve_mean_std(self.mean, self.std)
@@ -139,6 +167,11 @@ class ViewConfig:
                 f"Blur sigma range {self.blur_sigma} must be (low, high) with 0 < low <= high; "
                 "the paper uses (0.1, 2.0)."
             )
+
+    @property
+    def channels(self) -> int:
+        """The input channels the views are made for: one per entry of ``mean``."""
+        return len(self.mean)
 
     @property
     def blur_enabled(self) -> bool:

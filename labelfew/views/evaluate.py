@@ -6,7 +6,8 @@ to ``S``, so that a small square image is used whole. Sizes and crop anchors fol
 torchvision's ``Resize(int)`` and ``CenterCrop``, the resampling is Pillow's bicubic
 (`labelfew.views.ops`), and only the rows and columns the crop keeps are computed. An image that
 the source already stored at the evaluation side (`labelfew.data.images.load_resized`) is only
-cropped: its view equals torchvision's ``eval`` transform of the photo.
+cropped: its view equals torchvision's ``eval`` transform of the photo. Any channel count C works
+(``mean`` / ``std`` with C entries); each channel is resampled on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from labelfew.spec import eval_resize_side
-from labelfew.views.config import check_image_size, resized_extent, resolve_mean_std
+from labelfew.views.config import check_channels, check_image_size, resized_extent, resolve_mean_std
 from labelfew.views.ops import (
     bicubic_weights,
     check_images,
@@ -35,8 +36,9 @@ class EvalView:
 
     Args:
         image_size: Output side ``S`` in pixels.
-        mean: Normalisation mean; None for ImageNet's.
-        std: Normalisation standard deviation; None for ImageNet's.
+        mean: Normalisation mean, one per channel of the images (``ModelSpec.mean``); None for
+            ImageNet's (RGB).
+        std: Normalisation standard deviation, as many as ``mean``; None for ImageNet's.
     """
 
     def __init__(
@@ -47,16 +49,17 @@ class EvalView:
         self.mean, self.std = resolve_mean_std(mean, std)
 
     def __call__(self, images: Tensor, sizes: Tensor | None = None) -> Tensor:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32.
+        """Shape: (batch, C, H, W) uint8 with valid sizes (batch, 2) -> (batch, C, S, S) float32.
 
         Images already at the evaluation side (what both image sources store) are only cropped;
         the others are resampled, in one batched product.
         """
         sizes = full_sizes(images) if sizes is None else sizes.cpu()
         check_images(images, sizes)
+        check_channels(images.shape[1], self.mean)
         device, size = images.device, self.image_size
         if images.shape[0] == 0:
-            return torch.zeros(0, 3, size, size, device=device)
+            return torch.zeros(0, images.shape[1], size, size, device=device)
         plan = torch.tensor(
             [_resize_and_crop(height, width, size) for height, width in sizes.tolist()], dtype=torch.int64
         ).view(-1, 6)
@@ -65,7 +68,7 @@ class EvalView:
             if bool(cropped.all()):
                 views = _centre_crops(images, plan, size)
             else:
-                views = torch.empty(images.shape[0], 3, size, size, device=device)
+                views = torch.empty(images.shape[0], images.shape[1], size, size, device=device)
                 if bool(cropped.any()):
                     views[to_device(cropped, device)] = _centre_crops(images, plan, size, cropped)
                 resized = ~cropped
@@ -79,7 +82,7 @@ class EvalView:
 def _centre_crops(images: Tensor, plan: Tensor, size: int, where: Tensor | None = None) -> Tensor:
     """The ``size x size`` windows at each plan's crop anchor, in [0, 1] (as torchvision's ``ToDtype``).
 
-    Shape: returns (images in ``where``, 3, size, size), float32.
+    Shape: returns (images in ``where``, C, size, size), float32.
     """
     rows = torch.arange(images.shape[0]) if where is None else where.nonzero().flatten()
     windows = [
@@ -92,7 +95,7 @@ def _centre_crops(images: Tensor, plan: Tensor, size: int, where: Tensor | None 
 def _resized_crops(images: Tensor, plan: Tensor, size: int, where: Tensor) -> Tensor:
     """The centre crops of the images in ``where``, resized to the evaluation side on the way (bicubic).
 
-    Shape: returns (images in ``where``, 3, size, size), float32 in [0, 1].
+    Shape: returns (images in ``where``, C, size, size), float32 in [0, 1].
     """
     rows = where.nonzero().flatten()
     heights, widths, resized_heights, resized_widths, tops, lefts = plan[rows].float().unbind(dim=1)

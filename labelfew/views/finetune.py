@@ -1,6 +1,9 @@
 """Fine-tuning's views of a uint8 batch on the training device: random resized crop, flip, normalise;
 and FixMatch's weak view: flip and a small translation, at the scale the image is stored at.
 
+Every view takes C-channel images (1, 3 or N; ``mean`` / ``std`` with C entries): crops, flips and
+shifts move pixels and never mix channels.
+
 SimCLR fine-tunes with crops and flips only, no colour distortion (arXiv 2002.05709, appendix
 B.5; the official code crops with area fraction in [0.08, 1]). The crops are drawn as for the
 SimCLR views (`labelfew.views.params.sample_crops`, inside each image's own extent) and resampled
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from labelfew.spec import eval_resize_side
 from labelfew.views.config import (
+    check_channels,
     check_image_size,
     check_min_scale,
     finetune_min_scale,
@@ -60,8 +64,9 @@ class CropFlipViews:
 
     Args:
         image_size: Output side ``S`` in pixels.
-        mean: Normalisation mean; None for ImageNet's.
-        std: Normalisation standard deviation; None for ImageNet's.
+        mean: Normalisation mean, one per channel of the images (``ModelSpec.mean``); None for
+            ImageNet's (RGB).
+        std: Normalisation standard deviation, as many as ``mean``; None for ImageNet's.
         min_scale: Smallest crop area fraction; None picks `finetune_min_scale` (0.08 above
             64 px, 0.25 at 64 px or less).
     """
@@ -80,9 +85,10 @@ class CropFlipViews:
         self.mean, self.std = resolve_mean_std(mean, std)
 
     def __call__(self, images: Tensor, sizes: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32."""
+        """Shape: (batch, C, H, W) uint8 with valid sizes (batch, 2) -> (batch, C, S, S) float32."""
         sizes = full_sizes(images) if sizes is None else sizes.cpu()
         check_images(images, sizes)
+        check_channels(images.shape[1], self.mean)
         crops, flips = sample_crop_and_flip(images.shape[0], sizes, self.min_scale, FLIP_PROB, generator)
         device = images.device
         with torch.no_grad(), one_thread_on_cpu(device):
@@ -102,8 +108,9 @@ class ShiftFlipViews:
 
     Args:
         image_size: Output side ``S`` in pixels.
-        mean: Normalisation mean; None for ImageNet's.
-        std: Normalisation standard deviation; None for ImageNet's.
+        mean: Normalisation mean, one per channel of the images (``ModelSpec.mean``); None for
+            ImageNet's (RGB).
+        std: Normalisation standard deviation, as many as ``mean``; None for ImageNet's.
     """
 
     def __init__(
@@ -116,9 +123,10 @@ class ShiftFlipViews:
         self.mean, self.std = resolve_mean_std(mean, std)
 
     def __call__(self, images: Tensor, sizes: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """Shape: (batch, 3, H, W) uint8 with valid sizes (batch, 2) -> (batch, 3, S, S) float32."""
+        """Shape: (batch, C, H, W) uint8 with valid sizes (batch, 2) -> (batch, C, S, S) float32."""
         sizes = full_sizes(images) if sizes is None else sizes.cpu()
         check_images(images, sizes)
+        check_channels(images.shape[1], self.mean)
         count, size, device = images.shape[0], self.image_size, images.device
         extents = torch.tensor([resized_extent(h, w, self.side) for h, w in sizes.tolist()]).view(-1, 2)
         top, left, flip = sample_shift_and_flip(count, extents, size, self.padding, FLIP_PROB, generator)
@@ -131,7 +139,7 @@ class ShiftFlipViews:
             if bool(stored.all()):
                 views = gather_windows(images, rows, columns)
             else:
-                views = torch.empty(count, 3, size, size, device=device)
+                views = torch.empty(count, images.shape[1], size, size, device=device)
                 kept, resized = stored.nonzero().flatten(), (~stored).nonzero().flatten()
                 on_device = to_device(kept, device)
                 views[on_device] = gather_windows(images[on_device], rows[kept], columns[kept])
@@ -149,7 +157,7 @@ def _resized_windows(images: Tensor, where: Tensor, sizes: Tensor, extents: Tens
     """The windows of the images in ``where`` (not stored at the side), each resized to its extent
     first: Pillow's bicubic as the other views (`labelfew.views.ops`), only the picked pixels computed.
 
-    Shape: returns (images in ``where``, 3, S, S), float32 in [0, 1].
+    Shape: returns (images in ``where``, C, S, S), float32 in [0, 1].
     """
     height, width = images.shape[-2:]
     row_weights, column_weights = [], []

@@ -7,6 +7,8 @@ reversed), a whole-image resize followed by a centre crop (only the kept output 
 all just different weights, and the padding of a batch of images of different sizes gets no weight. Colour jitter,
 grayscale and blur follow torchvision's formulas on float tensors (hue through RGB -> HSV -> RGB;
 blur separable, one kernel per view, reflect padding, as shifted sums over the taps it needs).
+Resampling, blur and normalisation work on any channel count C; colour jitter and grayscale are
+RGB's (C = 3); `labelfew.views.channels` has the brightness and contrast of 1 or N channels.
 
 Remaining pixel differences from the per-image PIL reference come from its uint8 arithmetic:
 Pillow's ``Image.blend`` truncates (brightness, contrast and saturation each lose 0.2-0.4/255 on
@@ -56,10 +58,10 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
 
 
 def check_images(images: Tensor, sizes: Tensor | None = None) -> None:
-    """Raises ValueError unless ``images`` is uint8 (batch, 3, H, W) and ``sizes`` (batch, 2) fit in it."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+    """Raises ValueError unless ``images`` is uint8 (batch, C, H, W), C >= 1, and ``sizes`` (batch, 2) fit in it."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] < 1:
         raise ValueError(
-            f"expected uint8 images of shape (batch_size, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            f"expected uint8 images of shape (batch_size, channels, H, W), got {images.dtype} {tuple(images.shape)}"
         )
     if sizes is not None:
         if tuple(sizes.shape) != (images.shape[0], 2):
@@ -90,13 +92,13 @@ def resample(images: Tensor, sources: Tensor, rows: Taps, columns: Taps) -> Tens
     `use_bands` picks one by the multiply-adds the bands save.
 
     Args:
-        images: uint8 images. Shape: (batch, 3, H, W).
+        images: uint8 images, any channel count C. Shape: (batch, C, H, W).
         sources: The image of each view, on the CPU. Shape: (views,), int64.
         rows: Weights of every output row over the input rows (`bicubic_weights`).
         columns: Weights of every output column over the input columns.
 
     Returns:
-        Shape: (views, 3, out_height, out_width), in the weights' dtype (float32 from float boxes).
+        Shape: (views, C, out_height, out_width), in the weights' dtype (float32 from float boxes).
     """
     if use_bands(images, rows, columns):
         views = resample_banded(images, sources.tolist(), rows, columns)
@@ -134,7 +136,7 @@ def use_bands(images: Tensor, rows: Taps, columns: Taps) -> bool:
     dense = out_height * height * width + out_height * width * out_width
     row_bands, column_bands = _band_sizes(rows), _band_sizes(columns)
     banded = out_height * row_bands * column_bands + out_height * column_bands * out_width
-    saved = 3 * (dense * view_count - int(banded.sum()))
+    saved = images.shape[1] * (dense * view_count - int(banded.sum()))
     return saved > BAND_OVERHEAD * view_count
 
 
@@ -188,15 +190,15 @@ def gather_windows(images: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
     """``images[v, :, rows[v, i], columns[v, j]]`` as float views in [0, 1]: pixels copied, none resampled.
 
     One gather over the flattened pixels (on a CPU core ~2x faster than a gather of rows, then one
-    of columns). Shapes: (views, 3, H, W) uint8 and (views, S) int64 rows and columns on the CPU ->
-    (views, 3, S, S) float32.
+    of columns). Shapes: (views, C, H, W) uint8 and (views, S) int64 rows and columns on the CPU ->
+    (views, C, S, S) float32.
     """
-    count, _, height, width = images.shape
+    count, channels, height, width = images.shape
     size = rows.shape[1]
     index = (rows.unsqueeze(2) * width + columns.unsqueeze(1)).view(count, 1, size * size)
-    index = to_device(index, images.device).expand(count, 3, size * size)
-    picked = images.reshape(count, 3, height * width).gather(2, index)
-    return picked.view(count, 3, size, size).float().mul_(1 / 255)
+    index = to_device(index, images.device).expand(count, channels, size * size)
+    picked = images.reshape(count, channels, height * width).gather(2, index)
+    return picked.view(count, channels, size, size).float().mul_(1 / 255)
 
 
 def resized_pixel_weights(length: int, resized_length: int, input_size: int, picks: Tensor) -> Tensor:
@@ -214,18 +216,32 @@ def resized_pixel_weights(length: int, resized_length: int, input_size: int, pic
 def normalization(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """``(mean, std)`` as (1, 3, 1, 1) float32 tensors on ``device``, moved in one copy."""
+    """``(mean, std)`` as (1, C, 1, 1) float32 tensors on ``device``, moved in one copy (C = len(mean))."""
+    channels = len(mean)
     values = to_device(torch.tensor([*mean, *std], dtype=torch.float32), device)
-    return values[:3].view(1, 3, 1, 1), values[3:].view(1, 3, 1, 1)
+    return values[:channels].view(1, channels, 1, 1), values[channels:].view(1, channels, 1, 1)
 
 
 def normalize(views: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """In place: ``(views - mean) / std`` with (1, 3, 1, 1) statistics on the views' device."""
+    """In place: ``(views - mean) / std`` with (1, C, 1, 1) statistics on the views' device.
+
+    Raises:
+        ValueError: the statistics are not for the views' channel count.
+    """
+    if mean.shape[1] != views.shape[1]:
+        raise ValueError(
+            f"views of {views.shape[1]} channels, but normalisation statistics for {mean.shape[1]}"
+        )
     return views.sub_(mean).div_(std)
 
 
 def grayscale(views: Tensor) -> Tensor:
-    """Luma with torchvision's weights and arithmetic. Shape: (n, 3, H, W) -> (n, 1, H, W)."""
+    """Luma with torchvision's weights and arithmetic. Shape: (n, 3, H, W) -> (n, 1, H, W).
+
+    A 1-channel view is its own gray image (a copy), as torchvision's ``rgb_to_grayscale`` keeps it.
+    """
+    if views.shape[1] == 1:
+        return views.clone()
     red, green, blue = views.unbind(dim=1)
     gray = (
         red.mul(GRAYSCALE_WEIGHTS[0])

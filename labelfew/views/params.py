@@ -11,6 +11,7 @@ every device.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -45,6 +46,14 @@ class ViewParameters:
         blur: Whether the view is blurred (always False when the config's blur is off).
             Shape: (views,), bool.
         blur_sigma: Standard deviation of the blur in output pixels. Shape: (views,).
+        channel_brightness: For images of C != 3 channels, the brightness factor of each channel
+            (`labelfew.views.channels.channel_jitter`): 1 channel uses ``brightness``; N channels draw
+            one factor per channel per view from the same range. None for RGB. Shape: (views, C).
+        channel_contrast: The contrast factors, as ``channel_brightness``. Shape: (views, C).
+
+    For C != 3 the views get no hue, saturation or grayscale (the identity on one gray channel,
+    undefined on N channels): ``saturation``, ``hue`` and ``grayscale`` are drawn as for RGB (the
+    generator's stream is the same) and not used.
     """
 
     crop: Tensor
@@ -58,6 +67,8 @@ class ViewParameters:
     grayscale: Tensor
     blur: Tensor
     blur_sigma: Tensor
+    channel_brightness: Tensor | None = None
+    channel_contrast: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.flip.shape[0])
@@ -83,7 +94,7 @@ def sample_view_parameters(
     config: ViewConfig,
     generator: torch.Generator | None = None,
 ) -> ViewParameters:
-    """Draws the random parameters of ``view_count`` SimCLR views.
+    """Draws the random parameters of ``view_count`` SimCLR views of ``config.channels`` channels.
 
     Args:
         view_count: Number of views.
@@ -93,12 +104,13 @@ def sample_view_parameters(
         generator: A CPU generator for reproducible draws; None uses torch's global one.
 
     Returns:
-        Parameters on the CPU, one row per view.
+        Parameters on the CPU, one row per view. RGB draws exactly what it drew before channels
+        were a choice; N != 1, 3 channels draw their per-channel factors after everything else.
     """
     draw = Draw(view_count, generator)
     strength = config.color_strength
     factor_low, factor_high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
-    return ViewParameters(
+    parameters = ViewParameters(
         crop=sample_crops(draw, image_sizes, config.min_scale),
         flip=draw.uniform() < config.flip_prob,
         color_jitter=draw.uniform() < config.color_jitter_prob,
@@ -111,6 +123,15 @@ def sample_view_parameters(
         blur=(draw.uniform() < config.blur_prob) & config.blur_enabled,
         blur_sigma=draw.uniform(*config.blur_sigma).float(),
     )
+    channels = config.channels
+    if channels == 3:
+        return parameters
+    if channels == 1:
+        brightness, contrast = parameters.brightness[:, None], parameters.contrast[:, None]
+    else:
+        brightness = draw.uniform(factor_low, factor_high, columns=channels).float()
+        contrast = draw.uniform(factor_low, factor_high, columns=channels).float()
+    return dataclasses.replace(parameters, channel_brightness=brightness, channel_contrast=contrast)
 
 
 def view_sizes(image_sizes: ImageSizes, view_count: int) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,8 @@ sorted by the operation they drew, so that each operation runs once on a contigu
 five geometric operations share one ``grid_sample``); the order is then restored and Cutout masks
 every image in one ``masked_fill``. The pixel operations are in `labelfew.views.randaugment_ops`.
 
-Input and output: float views in ``[0, 1]`` of shape (batch, 3, H, W), not normalised (the weak
+Input and output: float views in ``[0, 1]`` of shape (batch, C, H, W), C = 1, 3 or N (what Color and
+Contrast do off RGB: `labelfew.views.randaugment_ops`), not normalised (the weak
 view itself, `labelfew.views.finetune.ShiftFlipViews`), on any device. Each operation computes what
 ``torchvision.transforms.v2.functional`` computes on one float image (``tests/views/test_randaugment.py``
 compares them image by image); geometric operations use nearest interpolation, as PIL's
@@ -205,7 +206,7 @@ class RandAugmentViews:
         self.generator = generator
 
     def __call__(self, views: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Shape: (batch, 3, H, W) float in [0, 1] -> the same shape, dtype and device, in [0, 1].
+        """Shape: (batch, C, H, W) float in [0, 1] -> the same shape, dtype and device, in [0, 1].
 
         Args:
             views: The views to augment (not modified).
@@ -226,13 +227,13 @@ class RandAugmentViews:
 
 
 def check_views(views: Tensor) -> None:
-    """Raises ValueError unless ``views`` is a float32 or float64 (batch, 3, H, W) tensor.
+    """Raises ValueError unless ``views`` is a float32 or float64 (batch, C, H, W) tensor, C >= 1.
 
     Half precision is refused: equalize bins to 256 levels and the affine grid needs the precision.
     """
-    if views.dtype not in (torch.float32, torch.float64) or views.ndim != 4 or views.shape[1] != 3:
+    if views.dtype not in (torch.float32, torch.float64) or views.ndim != 4 or views.shape[1] < 1:
         raise ValueError(
-            f"expected float32 views in [0, 1] of shape (batch_size, 3, H, W), got {views.dtype} {tuple(views.shape)}"
+            f"expected float32 views in [0, 1] of shape (batch_size, channels, H, W), got {views.dtype} {tuple(views.shape)}"
         )
 
 
@@ -240,7 +241,7 @@ def apply_randaugment(views: Tensor, parameters: RandAugmentParameters, fill: fl
     """Applies each view's operations in slot order, then its Cutout; returns a new tensor.
 
     Args:
-        views: Float views in [0, 1] on the device to work on. Shape: (views, 3, H, W).
+        views: Float views in [0, 1] on the device to work on. Shape: (views, C, H, W).
         parameters: One row per view, from `sample_randaugment` for this height and width.
         fill: Grey of Cutout and of the pixels geometric operations bring in.
 

@@ -1,8 +1,15 @@
 """The pixel operations of FixMatch's RandAugment on a batch of float views, each as torchvision's.
 
-Every function takes float views in [0, 1] of shape (n, 3, H, W) and, where the operation has one,
+Every function takes float views in [0, 1] of shape (n, C, H, W) and, where the operation has one,
 a value per view (shape (n,)), and computes what ``torchvision.transforms.v2.functional``
 computes on each float image (``tests/views/test_randaugment.py`` compares them image by image).
+
+Channels: every operation works on RGB and on 1 channel as torchvision does on a 1-channel image
+(PIL's mode "L"): Color (saturation) is the identity and Contrast blends with the image's own
+mean. On N channels (C not 1 or 3), which torchvision refuses for these two, Color is the identity
+and Contrast blends each channel with its own mean, as the SimCLR views' per-channel contrast; the
+other operations (AutoContrast, Equalize, Posterize, Solarize, Sharpness, geometry) already work
+channel by channel.
 `labelfew.views.randaugment` draws the values and calls these on the views that drew each operation.
 """
 
@@ -41,12 +48,22 @@ def brightness(views: Tensor, factor: Tensor) -> Tensor:
 
 
 def saturation(views: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the view's grayscale: PIL's Color (torchvision's ``adjust_saturation``)."""
+    """Blend with the view's grayscale: PIL's Color (torchvision's ``adjust_saturation``).
+
+    The identity off RGB (torchvision returns a 1-channel image unchanged).
+    """
+    if views.shape[1] != 3:
+        return views.clone()
     return blend(views, grayscale(views), factor)
 
 
 def contrast(views: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the mean of the view's grayscale (torchvision's ``adjust_contrast``)."""
+    """Blend with the mean of the view's grayscale (torchvision's ``adjust_contrast``).
+
+    Off RGB each channel blends with its own mean (1 channel: torchvision's).
+    """
+    if views.shape[1] != 3:
+        return blend(views, views.mean(dim=(-2, -1), keepdim=True), factor)
     return blend(views, grayscale(views).mean(dim=(-3, -2, -1), keepdim=True), factor)
 
 
@@ -110,7 +127,7 @@ def affine(views: Tensor, theta: Tensor, fill: float) -> Tensor:
     as torchvision's ``_apply_grid_transform``.
 
     Args:
-        views: Shape: (n, 3, H, W).
+        views: Shape: (n, C, H, W).
         theta: From `affine_matrices`. Shape: (n, 2, 3), on the views' device.
     """
     count, channels, height, width = views.shape

@@ -20,13 +20,20 @@ adjustments per call (``torch.randperm(4)``), not per image as torchvision does,
 a batch would share it; its crop resize is bilinear without anti-aliasing; and measured on the
 CPU it was slower than this module (``benchmarks/RESULTS.md``).
 
-Input: a uint8 batch padded to ``(batch_size, 3, H, W)`` with each image's valid ``(height,
-width)`` at its top left (`labelfew.data.batches.Batch`). Output: float32 views normalised with
-``config.mean`` / ``config.std``, shape (views, 3, S, S).
+Input: a uint8 batch padded to ``(batch_size, C, H, W)`` with each image's valid ``(height,
+width)`` at its top left (`labelfew.data.batches.Batch`), C the length of ``config.mean``. Output:
+float32 views normalised with ``config.mean`` / ``config.std``, shape (views, C, S, S).
+
+Channels: RGB (C = 3) gets the paper's views. For 1 channel: crop, flip, brightness and contrast
+jitter, blur; no hue or saturation (and no grayscale, the identity on gray): the brightness and
+contrast factors and their order are the RGB ColorJitter's, drawn the same way, restricted to
+those two. For N > 3 channels (and 2): the same geometric views and blur, and brightness and
+contrast per channel, one factor per channel per view (`labelfew.views.channels.channel_jitter`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,7 +42,8 @@ import torch
 from torch import Tensor
 
 from labelfew.views.bands import Taps
-from labelfew.views.config import ViewConfig
+from labelfew.views.channels import channel_jitter
+from labelfew.views.config import ViewConfig, check_channels
 from labelfew.views.ops import (
     BLEND,
     IDENTITY,
@@ -60,7 +68,7 @@ NO_HUE_SHIFT, NO_JITTER = 4, 5
 """Hue groups after the four positions: jitter whose hue shift is 0 (hue skipped), no jitter."""
 
 PairViews = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
-"""(uint8 images (B, 3, H, W), valid sizes (B, 2), generator) -> the two views of every image;
+"""(uint8 images (B, C, H, W), valid sizes (B, 2), generator) -> the two views of every image;
 `SimCLRViews` is one, the multi-process parity test passes fixed views."""
 
 
@@ -83,7 +91,7 @@ class SimCLRViews:
     def __call__(
         self, images: Tensor, sizes: Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Shape: (batch_size, 3, H, W) uint8 -> two of (batch_size, 3, image_size, image_size).
+        """Shape: (batch_size, C, H, W) uint8 -> two of (batch_size, C, image_size, image_size).
 
         Args:
             images: The padded batch.
@@ -115,7 +123,8 @@ def make_views(
     """Applies ``parameters`` to uint8 images: crop + resize, flip, jitter, grayscale, blur, normalise.
 
     Args:
-        images: uint8 RGB images on the device to work on. Shape: (batch_size, 3, H, W).
+        images: uint8 images on the device to work on, C = ``config.channels``.
+            Shape: (batch_size, C, H, W).
         parameters: One row per view, from `sample_view_parameters`, whose crops lie inside
             each source image's valid extent.
         config: The same view parameters the rows were drawn with (size, blur kernel, mean, std).
@@ -127,12 +136,14 @@ def make_views(
 
     Returns:
         Normalised float32 views in the order of ``parameters``, on ``images.device``.
-        Shape: (views, 3, image_size, image_size).
+        Shape: (views, C, image_size, image_size).
 
     Raises:
-        ValueError: ``images`` is not a uint8 (batch, 3, H, W) tensor, or the sizes disagree.
+        ValueError: ``images`` is not a uint8 (batch, C, H, W) tensor of ``config.channels``
+            channels, or the sizes disagree.
     """
     check_images(images)
+    check_channels(images.shape[1], config.mean)
     view_count = len(parameters)
     if sources is None:
         if view_count != images.shape[0]:
@@ -146,7 +157,7 @@ def make_views(
         rows, columns = crop_weights(images, crops[:, 1:5], crops[:, 5].bool(), size)
         if chunk >= view_count:
             return _sorted_views(images, plan, rows, columns, 0, view_count)[plan.restore]
-        views = torch.empty(view_count, 3, size, size, device=images.device)
+        views = torch.empty(view_count, images.shape[1], size, size, device=images.device)
         for start in range(0, view_count, chunk):
             end = min(start + chunk, view_count)
             views[plan.permutation[start:end]] = _sorted_views(images, plan, rows, columns, start, end)
@@ -154,7 +165,7 @@ def make_views(
 
 
 def _sorted_views(images: Tensor, plan: _Plan, rows: Taps, columns: Taps, start: int, end: int) -> Tensor:
-    """Views ``[start, end)`` of the plan's processing order. Shape: (end - start, 3, S, S)."""
+    """Views ``[start, end)`` of the plan's processing order. Shape: (end - start, C, S, S)."""
     steps = plan.steps(start, end)
     part = slice(start, end)
     views = resample(
@@ -165,6 +176,9 @@ def _sorted_views(images: Tensor, plan: _Plan, rows: Taps, columns: Taps, start:
     color_jitter(
         views[: steps.jitter_rows], plan.linear[jittered], plan.hue[jittered], steps.hue_ranges, steps.kinds
     )
+    if plan.channel_factors is not None and plan.brightness_first is not None:
+        factors = plan.channel_factors[part]
+        channel_jitter(views, factors[:, 0], factors[:, 1], plan.brightness_first[part])
     grayscale_ranges(views, steps.gray_ranges)
     gaussian_blur(views, plan.blur_kernels[part], steps.blur_ranges)
     return normalize(views, plan.mean, plan.std)
@@ -197,13 +211,19 @@ class _Plan:
     flags: list[tuple[int, bool, bool, int]]  # per view: hue group, grayscale, blurred, blur radius
     permutation: Tensor  # (views,) on the CPU: processing position -> original view
     restore: Tensor  # (views,): views[restore] is in the original order
-    mean: Tensor  # (1, 3, 1, 1) normalisation mean
-    std: Tensor  # (1, 3, 1, 1) normalisation standard deviation
+    mean: Tensor  # (1, C, 1, 1) normalisation mean
+    std: Tensor  # (1, C, 1, 1) normalisation standard deviation
+    channel_factors: Tensor | None = None  # C != 3: (views, 2, C) brightness, contrast factors
+    brightness_first: Tensor | None = None  # C != 3: (views,) bool, brightness before contrast
 
     @classmethod
     def build(
         cls, parameters: ViewParameters, config: ViewConfig, sources: Tensor, device: torch.device
     ) -> _Plan:
+        channel_jitter_parameters = parameters
+        if parameters.channel_brightness is not None:  # no RGB jitter or grayscale off RGB
+            off = torch.zeros_like(parameters.color_jitter)
+            parameters = dataclasses.replace(parameters, color_jitter=off, grayscale=off)
         hue_at = (parameters.jitter_order == HUE).long().argmax(dim=1)
         hue_group = torch.where(parameters.hue != 0, hue_at, NO_HUE_SHIFT)
         hue_group = torch.where(parameters.color_jitter, hue_group, NO_JITTER)
@@ -225,7 +245,7 @@ class _Plan:
         host_crops = flat[:, :6]
         flat = to_device(flat, device)
         constants = to_device(torch.tensor([*config.mean, *config.std]), device)
-        view_count = flat.shape[0]
+        view_count, channels = flat.shape[0], config.channels
         return cls(
             host_crops=host_crops,
             linear=flat[:, 6:18].reshape(view_count, 4, 3),
@@ -235,8 +255,9 @@ class _Plan:
             flags=[(group, bool(gray), bool(blur), radius) for group, gray, blur, radius in flags.tolist()],
             permutation=permutation,
             restore=to_device(torch.argsort(permutation), device),
-            mean=constants[:3].view(1, 3, 1, 1),
-            std=constants[3:].view(1, 3, 1, 1),
+            mean=constants[:channels].view(1, channels, 1, 1),
+            std=constants[channels:].view(1, channels, 1, 1),
+            **_channel_jitter_plan(channel_jitter_parameters, permutation, device),
         )
 
     def steps(self, start: int, end: int) -> _Steps:
@@ -254,6 +275,30 @@ class _Plan:
             gray_ranges=_runs([gray for _, gray, _, _ in flags]),
             blur_ranges=tuple((first, last, max(radius[first:last])) for first, last in blur_runs),
         )
+
+
+def _channel_jitter_plan(
+    parameters: ViewParameters, permutation: Tensor, device: torch.device
+) -> dict[str, Tensor]:
+    """`_Plan`'s ``channel_factors`` and ``brightness_first`` in processing order; none for RGB.
+
+    A view without jitter gets factors 1 (the identity); brightness comes first where the
+    ColorJitter order drawn for the view puts it before contrast.
+    """
+    if parameters.channel_brightness is None or parameters.channel_contrast is None:
+        return {}
+    jitter = parameters.color_jitter[:, None]
+    factors = torch.stack(
+        [torch.where(jitter, parameters.channel_brightness, 1.0),
+         torch.where(jitter, parameters.channel_contrast, 1.0)],
+        dim=1,
+    )  # fmt: skip
+    order = parameters.jitter_order
+    brightness_first = (order == BRIGHTNESS).long().argmax(dim=1) < (order == CONTRAST).long().argmax(dim=1)
+    return {
+        "channel_factors": to_device(factors[permutation].float(), device),
+        "brightness_first": to_device(brightness_first[permutation], device),
+    }
 
 
 def _runs(flags: list[bool]) -> tuple[tuple[int, int], ...]:

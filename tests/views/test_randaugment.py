@@ -56,7 +56,7 @@ def torchvision_operation(name: str, image: torch.Tensor, value: float) -> torch
     if name == "Solarize":
         return F.solarize(image, value)
     if name == "Rotate":
-        return F.rotate(image, value, interpolation=F.InterpolationMode.NEAREST, fill=GREY)
+        return F.rotate(image, value, interpolation=F.InterpolationMode.NEAREST, fill=GREY[: image.shape[0]])
     shear = math.degrees(math.atan(value))
     arguments = {
         "ShearX": {"shear": [shear, 0.0], "translate": [0, 0], "center": [0, 0]},
@@ -64,7 +64,7 @@ def torchvision_operation(name: str, image: torch.Tensor, value: float) -> torch
         "TranslateX": {"shear": [0.0, 0.0], "translate": [int(value), 0]},
         "TranslateY": {"shear": [0.0, 0.0], "translate": [0, int(value)]},
     }[name]
-    return F.affine(image, angle=0.0, scale=1.0, fill=GREY, **arguments)  # type: ignore[arg-type]
+    return F.affine(image, angle=0.0, scale=1.0, fill=GREY[: image.shape[0]], **arguments)  # type: ignore[arg-type]
 
 
 def torchvision_views(views: torch.Tensor, parameters: RandAugmentParameters) -> torch.Tensor:
@@ -125,6 +125,29 @@ def test_each_operation_equals_torchvision_image_by_image(operation: int, height
 
 def test_a_drawn_batch_equals_torchvision_applied_image_by_image() -> None:
     views = sample_views(96, 32, 32, seed=1)
+    parameters = sample_randaugment(96, 32, 32, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(
+        apply_randaugment(views, parameters), torchvision_views(views, parameters), rtol=0, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("operation", range(len(OPERATIONS)), ids=[op.name for op in OPERATIONS])
+def test_each_operation_off_rgb_is_torchvisions_on_each_channel_as_a_gray_image(
+    operation: int, channels: int
+) -> None:
+    """1 channel: torchvision's ops on a 1-channel image (PIL's mode "L": Color is the identity,
+    Contrast blends with the image's mean). N channels: the same, channel by channel."""
+    views = torch.cat([sample_views(12, 20, 28, seed=channel)[:, :1] for channel in range(channels)], dim=1)
+    parameters = fixed_parameters(operation, 12, 20, 28)
+    reference = torch.cat(
+        [torchvision_views(views[:, channel : channel + 1], parameters) for channel in range(channels)], dim=1
+    )
+    torch.testing.assert_close(apply_randaugment(views, parameters), reference, rtol=0, atol=1e-6)
+
+
+def test_a_drawn_batch_of_one_channel_equals_torchvision_image_by_image() -> None:
+    views = sample_views(96, 32, 32, seed=1)[:, :1]
     parameters = sample_randaugment(96, 32, 32, torch.Generator().manual_seed(3))
     torch.testing.assert_close(
         apply_randaugment(views, parameters), torchvision_views(views, parameters), rtol=0, atol=1e-6

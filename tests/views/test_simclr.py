@@ -379,8 +379,9 @@ def test_views_of_a_padded_batch_equal_views_of_each_image_alone() -> None:
 def parameters_row(parameters: ViewParameters, row: int) -> ViewParameters:
     return ViewParameters(
         **{
-            field.name: getattr(parameters, field.name)[row : row + 1]
+            field.name: None if value is None else value[row : row + 1]
             for field in dataclasses.fields(parameters)
+            for value in [getattr(parameters, field.name)]
         }
     )
 
@@ -450,7 +451,7 @@ def test_invalid_inputs_raise() -> None:
     two_views = SimCLRViews(ViewConfig(image_size=16))
     with pytest.raises(ValueError, match="uint8"):
         two_views(torch.rand(2, 3, 16, 16))
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(ValueError, match="images of 1 channels, but normalisation statistics for 3"):
         two_views(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
     parameters = batched(ViewConfig(image_size=16), (16, 16), count=3)
     with pytest.raises(ValueError, match="sources"):
