@@ -63,7 +63,8 @@ def file_window(dataset: Any) -> VoiWindow | None:
 
 
 def _pixel_array(dataset: Any, path: Path) -> np.ndarray:
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if "file_meta" in dataset else None
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     try:
         return np.asarray(dataset.pixel_array)
     except Exception as error:  # pydicom raises RuntimeError, NotImplementedError, ValueError, ...

@@ -163,7 +163,9 @@ def read_raw(path: Path) -> RawPixels:
     try:
         return _read_pillow(path)
     except _PILLOW_ERRORS as error:
-        if path.suffix.lower() in TIFF_SUFFIXES and not _has_tifffile():
+        if path.suffix.lower() in TIFF_SUFFIXES and _has_tifffile():
+            return _read_tiff(path)  # e.g. 4 gray samples, which Pillow has no mode for
+        if path.suffix.lower() in TIFF_SUFFIXES:
             raise BadImage(
                 f"{printable(path)}: {error} (a TIFF Pillow cannot read: {TIFF_INSTALL})"
             ) from error
@@ -199,9 +201,9 @@ def _to_channels(eight: np.ndarray, rgb: np.ndarray | None, channels: int, path:
         return np.repeat(eight, 3, axis=2)
     if channels == own:
         return eight
+    reads = f"--channels {own}" if own > 3 else "--channels 1 or 3"
     raise BadImage(
-        f"{printable(path)}: {own} channel(s), but the model takes {channels} "
-        f"({'1 or 3' if own <= 3 else own} would read it)"
+        f"{printable(path)}: {own} channel(s), but images are decoded to {channels} ({reads} reads it)"
     )
 
 
@@ -244,7 +246,8 @@ def header_extent(path: Path) -> tuple[int, int] | None:
         pass
     if path.suffix.lower() in TIFF_SUFFIXES and _has_tifffile():
         try:
-            return _read_tiff(path).values.shape[:2]  # type: ignore[return-value]
+            height, width = _read_tiff(path).values.shape[:2]
+            return int(height), int(width)
         except BadImage:
             return None
     return None

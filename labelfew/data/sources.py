@@ -120,8 +120,8 @@ def training_batches(
     """
     side = stored_side(image_size)
     if place == "workers" and decode_on == "device":
-        files = RawFiles(paths, side, labels, decoding)
-        return DeviceDecodedBatches(files, order, accelerator.device, workers), []
+        raw = RawFiles(paths, side, labels, decoding)
+        return DeviceDecodedBatches(raw, order, accelerator.device, workers), []
     if place == "workers":
         files = DecodedFiles(paths, side, labels, decoding=decoding)
         return StreamBatches(files, order, accelerator.device, workers), []
