@@ -131,9 +131,9 @@ def write_dicom_folder(
 
 
 def multichannel_pixels(image: np.ndarray, channels: int = 4, bits: int = 8) -> np.ndarray:
-    """(height, width, `channels`) from a [0, 1] image: the image, its negative, its transpose and
+    """(height, width, `channels`) from a [0, 1] image: the image, its negative, its upside-down copy and
     shifted copies, as uint8 (`bits` 8) or uint16 values up to ``2**bits - 1``."""
-    planes = [image, 1.0 - image, image.T, np.roll(image, 3, axis=1)]
+    planes = [image, 1.0 - image, image[::-1], np.roll(image, 3, axis=1)]
     planes += [np.roll(image, shift, axis=0) for shift in range(1, channels)]
     stacked = np.stack(planes[:channels], axis=-1)
     return np.rint(stacked * (2**bits - 1)).astype(np.uint8 if bits == 8 else np.uint16)

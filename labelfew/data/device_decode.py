@@ -128,8 +128,11 @@ class RawFiles(Dataset[RawImage]):
             data = self.paths[index].read_bytes()
         except OSError as error:
             raise BadImage(f"{self.paths[index]}: {error}") from error
-        baseline, orientation = device_decodable(data)
-        if not baseline or self.decoding.channels != 3:
+        try:
+            baseline, orientation = device_decodable(data) if self.decoding.channels == 3 else (False, 1)
+        except BadImage:  # not a file Pillow opens (a DICOM, a TIFF for tifffile): the CPU decoder decides
+            baseline, orientation = False, 1
+        if not baseline:
             pixels = load_resized(self.paths[index], self.side, decoding=self.decoding)
             return RawImage(index, label, pixels=pixels)
         jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)

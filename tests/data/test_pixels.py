@@ -156,7 +156,7 @@ def test_a_4_channel_tiff_round_trips_exactly(tmp_path: Path, planar: bool) -> N
     file = write_multichannel_tiff(tmp_path / "cells.tif", pixels, planar=planar)
     assert np.array_equal(decode_array(file, Decoding(channels=4)), pixels)
     assert np.array_equal(display_image(file, Decoding(channels=4)), pixels[..., :3])  # first three
-    with pytest.raises(BadImage, match="4 channel.*--channels 4"):
+    with pytest.raises(BadImage, match=r"4 channel.*--channels 4"):
         decode_array(file)
     assert header_extent(file) == (24, 24)
 
