@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelfew.data.images import BadImage
 from labelfew.data.pixels import decoded, read_raw
@@ -95,20 +95,29 @@ def thumbnail(path: Path) -> np.ndarray | None:
     """
     side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    image.draft(image.mode, (2 * THUMBNAIL_SIDE, 2 * THUMBNAIL_SIDE))
-                    gray = ImageOps.exif_transpose(image).convert("L")  # as load_rgb turns it
-                else:
-                    gray = None
+        gray = _jpeg_draft(path)
         if gray is None:
             gray = _gray(path)
         return np.asarray(gray.resize(side, Image.Resampling.BOX), dtype=np.float32)
     except (BadImage, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning):  # fmt: skip
         return None
+
+
+def _jpeg_draft(path: Path) -> Image.Image | None:
+    """A JPEG's luma decoded at a reduced scale (Pillow's draft mode), upright; None for other files
+    (and for those Pillow cannot open: `labelfew.data.pixels` decides about them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (UnidentifiedImageError, ValueError, SyntaxError, EOFError):
+            return None
+        with image:
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                image.draft(image.mode, (2 * THUMBNAIL_SIDE, 2 * THUMBNAIL_SIDE))
+                return ImageOps.exif_transpose(image).convert("L")  # as load_rgb turns it
+    return None
 
 
 def _gray(path: Path) -> Image.Image:

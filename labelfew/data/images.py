@@ -218,7 +218,9 @@ def load_resized(path: Path, side: int, enlarge: bool = False, decoding: Decodin
     Raises:
         BadImage: as `labelfew.data.pixels.decode_array`.
     """
-    pixels = np.array(decode_array(path, decoding), dtype=np.uint8)  # writable (torch.from_numpy warns)
+    pixels = decode_array(path, decoding)
+    if not pixels.flags.writeable:  # torch.from_numpy warns on a read-only array
+        pixels = pixels.copy()
     height, width = pixels.shape[:2]
     if min(width, height) > side or (enlarge and min(width, height) < side):
         new_height, new_width = resized_extent(height, width, side)

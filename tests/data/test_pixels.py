@@ -234,3 +234,14 @@ def test_different_channel_counts_above_3_name_two_files(tmp_path: Path) -> None
     write_deep(tmp_path / "gray.png", deep_pixels(image))
     with pytest.raises(UserError, match=r"gray\.png has 1 or 3 channels.*four\.tif has 4"):
         survey_images([tmp_path / "four.tif", tmp_path / "gray.png"])
+
+
+def test_thumbnails_of_multichannel_and_dicom_files(tmp_path: Path) -> None:
+    from labelfew.data.image_hashes import thumbnail
+
+    pixels = multichannel_pixels(digits(1, 1, 40)[0][0], channels=4)
+    file = write_multichannel_tiff(tmp_path / "cells.tif", pixels)
+    expected = Image.fromarray(pixels[..., :3]).convert("L").resize((32, 32), Image.Resampling.BOX)
+    assert np.array_equal(thumbnail(file), np.asarray(expected, dtype=np.float32))  # type: ignore[arg-type]
+    dicom = write_dicom(tmp_path / "a.dcm", deep_pixels(digits(1, 1, 40)[0][0]), window=(2048.0, 4096.0))
+    assert thumbnail(dicom) is not None
