@@ -16,7 +16,8 @@ channels as the file really has, then windowed to 8 bits and converted to ``deco
 - **Channels**: 1 keeps gray images as they are and turns colour into luma (Pillow's ``L``:
   ``(299 R + 587 G + 114 B) / 1000``); 3 copies gray into three channels (as always); N takes only
   files with exactly N channels (multi-channel TIFF: Pillow when it can, else ``tifffile``). Any
-  other count is a `BadImage` naming it. A TIFF's channels are its samples (an RGBA TIFF has 4).
+  other count is a `BadImage` naming it. A TIFF's channels are its samples (an RGBA TIFF has 4)
+  or its pages (`labelfew.data.tiff`).
 - **DICOM** (``.dcm``/``.dicom``, or the ``DICM`` preamble; needs ``labelfew[dicom]``): the pixel
   data times RescaleSlope plus RescaleIntercept; the file's first WindowCenter/WindowWidth, by
   DICOM's VOI formula (PS3.3 C.11.2.1.2, `VoiWindow`), when ``decoding.file_windows``; MONOCHROME1
@@ -31,7 +32,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -158,13 +158,16 @@ def read_raw(path: Path) -> RawPixels:
         from labelfew.data.dicom import read_dicom
 
         return read_dicom(path)
-    if path.suffix.lower() in TIFF_SUFFIXES and _needs_tifffile(path):
-        return _read_tiff(path)
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        from labelfew.data.tiff import has_tifffile, needs_tifffile, read_tiff
+
+        if needs_tifffile(path):
+            return read_tiff(path)
     try:
         return _read_pillow(path)
     except _PILLOW_ERRORS as error:
-        if path.suffix.lower() in TIFF_SUFFIXES and _has_tifffile():
-            return _read_tiff(path)  # e.g. 4 gray samples, which Pillow has no mode for
+        if path.suffix.lower() in TIFF_SUFFIXES and has_tifffile():
+            return read_tiff(path)  # e.g. 4 gray samples, which Pillow has no mode for
         if path.suffix.lower() in TIFF_SUFFIXES:
             raise BadImage(
                 f"{printable(path)}: {error} (a TIFF Pillow cannot read: {TIFF_INSTALL})"
@@ -244,13 +247,11 @@ def header_extent(path: Path) -> tuple[int, int] | None:
         return height, width
     except (*_PILLOW_ERRORS, BadImage):
         pass
-    if path.suffix.lower() in TIFF_SUFFIXES and _has_tifffile():
-        try:
-            height, width = _read_tiff(path).values.shape[:2]
-            return int(height), int(width)
-        except BadImage:
-            return None
-    return None
+    if path.suffix.lower() not in TIFF_SUFFIXES:
+        return None
+    from labelfew.data.tiff import has_tifffile, tiff_extent
+
+    return tiff_extent(path) if has_tifffile() else None
 
 
 def check_decoders(paths: list[Path]) -> None:
@@ -336,55 +337,3 @@ def _has_dicom_preamble(path: Path) -> bool:
             return file.read(132)[128:] == b"DICM"
     except OSError:
         return False
-
-
-def _has_tifffile() -> bool:
-    try:
-        import tifffile  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _needs_tifffile(path: Path) -> bool:
-    """Whether a TIFF is one Pillow would read wrongly: deeper than 8 bits, or channels beyond 4 or in pages."""
-    if not _has_tifffile():
-        return False
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
-            sizes = zip(series.axes, series.shape, strict=True)
-            axes = "".join(axis for axis, size in sizes if size > 1 or axis in "YX")
-            dtype = np.dtype(series.dtype)
-    except Exception:  # tifffile raises many types on files it cannot parse; Pillow then decides
-        return False
-    eight_bit = dtype in (np.dtype(np.uint8), np.dtype(bool))
-    return not (eight_bit and axes in ("YX", "YXS") and (axes == "YX" or series.shape[-1] <= 4))
-
-
-def _read_tiff(path: Path) -> RawPixels:
-    """A TIFF's first series through tifffile: ``YX``, ``YXS``, ``SYX`` or ``CYX`` axes; others refused."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tiff:
-            series = tiff.series[0]
-            data: Any = series.asarray()
-            orientation = int(getattr(tiff.pages.first.tags.get("Orientation"), "value", 1) or 1)
-    except Exception as error:  # tifffile raises many types on broken files
-        raise BadImage(f"{printable(path)}: {error}") from error
-    keep = [index for index, size in enumerate(data.shape) if size > 1 or series.axes[index] in "YX"]
-    axes = "".join(series.axes[index] for index in keep)
-    data = data.reshape([data.shape[index] for index in keep])
-    if axes == "YX":
-        data = data[..., None]
-    elif axes in ("SYX", "CYX"):
-        data = np.moveaxis(data, 0, -1)
-    elif axes not in ("YXS", "YXC"):
-        raise BadImage(
-            f"{printable(path)}: a TIFF with axes {axes} {data.shape}; labelfew reads YX with channels"
-        )
-    data = orient_array(data, orientation if 1 <= orientation <= 8 else 1)
-    return RawPixels(data, deep=data.dtype not in (np.dtype(np.uint8), np.dtype(bool)))

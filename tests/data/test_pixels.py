@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from medical_images import (
     deep_pixels,
     digits,
@@ -19,6 +20,7 @@ from medical_images import (
 )
 from PIL import Image, ImageOps
 
+from labelfew.data.device_decode import orient
 from labelfew.data.images import load_resized, load_rgb, require_images
 from labelfew.data.pixels import (
     BadImage,
@@ -200,6 +202,8 @@ def test_orient_array_is_pillows_exif_transpose(orientation: int) -> None:
     image.info["exif"] = exif.tobytes()
     expected = np.asarray(ImageOps.exif_transpose(image))
     assert np.array_equal(orient_array(pixels, orientation), expected)
+    on_device = orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation)  # nvJPEG's path
+    assert np.array_equal(on_device.permute(1, 2, 0).numpy(), expected)
 
 
 def test_survey_picks_channels_and_window_and_measures_mean_and_std(tmp_path: Path) -> None:
@@ -245,3 +249,31 @@ def test_thumbnails_of_multichannel_and_dicom_files(tmp_path: Path) -> None:
     assert np.array_equal(thumbnail(file), np.asarray(expected, dtype=np.float32))  # type: ignore[arg-type]
     dicom = write_dicom(tmp_path / "a.dcm", deep_pixels(digits(1, 1, 40)[0][0]), window=(2048.0, 4096.0))
     assert thumbnail(dicom) is not None
+
+
+def test_a_rotated_multichannel_tiff_is_turned_upright_and_its_header_says_so(tmp_path: Path) -> None:
+    import tifffile
+
+    pixels = multichannel_pixels(digits(1, 1, 8)[0][0][:, :5], channels=4)  # 8 x 5
+    tifffile.imwrite(
+        tmp_path / "turned.tif",
+        pixels,
+        photometric="minisblack",
+        planarconfig="contig",
+        extratags=[(274, 3, 1, 6, True)],
+    )
+    assert np.array_equal(
+        decode_array(tmp_path / "turned.tif", Decoding(channels=4)), orient_array(pixels, 6)
+    )
+    assert header_extent(tmp_path / "turned.tif") == (5, 8)
+
+
+def test_a_multi_page_tiff_has_its_pages_as_channels_and_its_first_page_as_rgb(tmp_path: Path) -> None:
+    import tifffile
+
+    pages = multichannel_pixels(digits(1, 1, 12)[0][0], channels=5)
+    tifffile.imwrite(tmp_path / "pages.tif", np.moveaxis(pages, -1, 0), photometric="minisblack")
+    assert tifffile.TiffFile(tmp_path / "pages.tif").series[0].axes == "QYX"
+    assert np.array_equal(decode_array(tmp_path / "pages.tif", Decoding(channels=5)), pages)
+    with Image.open(tmp_path / "pages.tif") as first:  # what Pillow, and labelfew before, read
+        assert np.array_equal(decode_array(tmp_path / "pages.tif"), np.asarray(first.convert("RGB")))
