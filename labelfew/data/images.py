@@ -88,7 +88,8 @@ def scan_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Pat
     (`is_run_folder`): a run's own ``views.png`` must never become a training image.
 
     Raises:
-        UserError: `root` does not exist or is not a folder.
+        UserError: `root` does not exist or is not a folder, or holds DICOM files and pydicom is
+            not installed (`labelfew.data.pixels.check_decoders`: before any long work).
     """
     root = Path(root)
     if not root.exists():
@@ -129,6 +130,7 @@ def scan_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Pat
                 skipped.append(f"{printable(entry.path)}: {reason}")
             else:
                 found.append(Path(entry.path))
+    check_decoders(found)
     return FoundImages(sorted(found), sorted(skipped))
 
 
@@ -173,15 +175,13 @@ def find_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Pat
 
 
 def require_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Path] = ()) -> FoundImages:
-    """`scan_images(root)`, or a UserError when the folder holds no image file, or DICOM files
-    without pydicom (`labelfew.data.pixels.check_decoders`)."""
+    """`scan_images(root)`, or a UserError when the folder holds no image file."""
     found = scan_images(root, follow_links=follow_links, exclude=exclude)
     if not found.paths:
         skipped = f" ({len(found.skipped)} skipped, e.g. {found.skipped[0]})" if found.skipped else ""
         raise UserError(
             f"{printable(root)}: no image files (jpg, png, webp, bmp, tif, gif, pgm, dcm) found, searched recursively{skipped}"
         )
-    check_decoders(found.paths)
     return found
 
 

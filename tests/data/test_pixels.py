@@ -277,3 +277,13 @@ def test_a_multi_page_tiff_has_its_pages_as_channels_and_its_first_page_as_rgb(t
     assert np.array_equal(decode_array(tmp_path / "pages.tif", Decoding(channels=5)), pages)
     with Image.open(tmp_path / "pages.tif") as first:  # what Pillow, and labelfew before, read
         assert np.array_equal(decode_array(tmp_path / "pages.tif"), np.asarray(first.convert("RGB")))
+
+
+def test_signed_dicom_values_keep_their_sign(tmp_path: Path) -> None:
+    stored = np.array([[-1000, -10], [0, 900]], dtype=np.int16)
+    file = write_dicom(tmp_path / "signed.dcm", stored, signed=True, bits_stored=16)
+    assert np.array_equal(read_raw(file).values[..., 0], stored)
+    expected = _hand_window(stored, -1000.0, 1000.0)
+    assert np.array_equal(
+        decode_array(file, Decoding(channels=1, window=(-1000.0, 1000.0)))[..., 0], expected
+    )
