@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from labelfew.data.pixels import DICOM_INSTALL, DICOM_PLUGINS, BadImage, RawPixels, VoiWindow, printable
+from labelfew.data.pixels import (
+    DICOM_INSTALL,
+    DICOM_PLUGINS,
+    BadImage,
+    RawPixels,
+    VoiWindow,
+    printable,
+    refuse_bombs,
+)
 
 
 def _pydicom(path: Path) -> Any:
@@ -92,6 +100,7 @@ def read_dicom(path: Path) -> RawPixels:
             f"{printable(path)}: a multi-frame DICOM ({frames} frames); labelfew reads single-frame "
             "files (save each frame, or slice, as its own file)"
         )
+    refuse_bombs(path, int(dataset.get("Rows", 0) or 0) * int(dataset.get("Columns", 0) or 0))
     array = _pixel_array(dataset, path)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if array.ndim == 3:  # RGB (pydicom converts YBR to RGB)

@@ -130,6 +130,16 @@ class RawPixels:
         return RawPixels(self.values[rows, cols][None], self.deep, rgb, self.voi, self.invert)
 
 
+def refuse_bombs(path: Path, pixels: int) -> None:
+    """Pillow's decompression-bomb limit for the decoders that are not Pillow (tifffile, pydicom).
+
+    Raises:
+        BadImage: `pixels` is more than ``MAX_IMAGE_PIXELS``.
+    """
+    if pixels > MAX_IMAGE_PIXELS:
+        raise BadImage(f"{printable(path)}: {pixels} pixels, more than the limit of {MAX_IMAGE_PIXELS}")
+
+
 def apply_window(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """``round((v - low) * 255 / (high - low))`` clipped to 0-255, as uint8; ``high <= low``: a threshold at ``low``."""
     low, high = float(window[0]), float(window[1])

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from labelfew.data.pixels import BadImage, RawPixels, orient_array, printable
+from labelfew.data.pixels import BadImage, RawPixels, orient_array, printable, refuse_bombs
 
 CHANNEL_AXES = "SCQI"
 """tifffile's axis codes read as channels: samples, channels, and unnamed pages (Q, I)."""
@@ -69,8 +69,12 @@ def read_tiff(path: Path) -> RawPixels:
     try:
         with tifffile.TiffFile(path) as tiff:
             series = tiff.series[0]
+            sizes = dict(zip(series.axes, series.shape, strict=True))
+            refuse_bombs(path, int(sizes.get("Y", 0)) * int(sizes.get("X", 0)))
             data: Any = series.asarray()
             orientation = int(getattr(tiff.pages.first.tags.get("Orientation"), "value", 1) or 1)
+    except BadImage:
+        raise
     except Exception as error:  # tifffile raises many types on broken files
         raise BadImage(f"{printable(path)}: {error}") from error
     axes = _axes(series)

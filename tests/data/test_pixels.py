@@ -287,3 +287,17 @@ def test_signed_dicom_values_keep_their_sign(tmp_path: Path) -> None:
     assert np.array_equal(
         decode_array(file, Decoding(channels=1, window=(-1000.0, 1000.0)))[..., 0], expected
     )
+
+
+def test_tifffile_and_pydicom_files_above_the_pixel_limit_are_bad_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import labelfew.data.pixels as pixels_module
+
+    dicom = write_dicom(tmp_path / "big.dcm", np.zeros((8, 8), dtype=np.uint16))
+    tiff = write_multichannel_tiff(tmp_path / "big.tif", np.zeros((8, 8, 5), dtype=np.uint8))
+    assert decode_array(tiff, Decoding(channels=5)).shape == (8, 8, 5)
+    monkeypatch.setattr(pixels_module, "MAX_IMAGE_PIXELS", 40)
+    for path in (dicom, tiff):
+        with pytest.raises(BadImage, match="64 pixels, more than the limit of 40"):
+            decode_array(path, Decoding(channels=5 if path == tiff else 1))
