@@ -301,3 +301,13 @@ def test_tifffile_and_pydicom_files_above_the_pixel_limit_are_bad_images(
     for path in (dicom, tiff):
         with pytest.raises(BadImage, match="64 pixels, more than the limit of 40"):
             decode_array(path, Decoding(channels=5 if path == tiff else 1))
+
+
+def test_a_16_bit_pgm_is_found_and_windowed(tmp_path: Path) -> None:
+    values = (np.arange(20, dtype=np.uint16).reshape(4, 5) * 200).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "frame.pgm")
+    assert require_images(tmp_path).paths == [tmp_path / "frame.pgm"]
+    window = Decoding(channels=1, window=(0.0, 3800.0))
+    assert np.array_equal(
+        decode_array(tmp_path / "frame.pgm", window)[..., 0], _hand_window(values, 0.0, 3800.0)
+    )
