@@ -24,8 +24,9 @@ class Batch:
     """Images of one step, as both image sources deliver them.
 
     Attributes:
-        images: uint8 RGB, padded with zeros to the batch's largest height and width, each
-            image at the top left. Shape: (batch_size, 3, H, W).
+        images: uint8, C channels (`labelfew.spec.Decoding.channels`: 3 for RGB, 1 for gray, N),
+            padded with zeros to the batch's largest height and width, each image at the top left.
+            Shape: (batch_size, C, H, W).
         sizes: Each image's valid ``(height, width)``. Shape: (batch_size, 2), int64, on the CPU.
         indices: Dataset index of each image. Shape: (batch_size,), int64, on the CPU.
         labels: Class index of each image, or None for unlabelled images. Shape: (batch_size,), int64.
@@ -59,15 +60,16 @@ class Batch:
         return replace(self, images=self.images.pin_memory(), labels=labels)
 
 
-def pad_images(arrays: Sequence[np.ndarray | Tensor]) -> tuple[Tensor, Tensor]:
+def pad_images(arrays: Sequence[np.ndarray | Tensor], channels: int = 3) -> tuple[Tensor, Tensor]:
     """Stacks images of different sizes into one zero-padded batch, each at the top left.
 
     Args:
-        arrays: uint8 images, each (height, width, 3) as numpy arrays (a decoder's layout) or
-            (3, height, width) as tensors.
+        arrays: uint8 images, each (height, width, C) as numpy arrays (a decoder's layout) or
+            (C, height, width) as tensors.
+        channels: C when `arrays` is empty (else the images' own).
 
     Returns:
-        ``(images, sizes)``: shapes (batch, 3, H, W) uint8 and (batch, 2) int64.
+        ``(images, sizes)``: shapes (batch, C, H, W) uint8 and (batch, 2) int64.
     """
     tensors = [
         torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
@@ -77,7 +79,8 @@ def pad_images(arrays: Sequence[np.ndarray | Tensor]) -> tuple[Tensor, Tensor]:
     ]
     sizes = torch.tensor([tuple(tensor.shape[1:]) for tensor in tensors], dtype=torch.int64).reshape(-1, 2)
     height, width = (int(value) for value in sizes.max(dim=0).values) if tensors else (0, 0)
-    images = torch.zeros(len(tensors), 3, height, width, dtype=torch.uint8)
+    channels = int(tensors[0].shape[0]) if tensors else channels
+    images = torch.zeros(len(tensors), channels, height, width, dtype=torch.uint8)
     for row, tensor in enumerate(tensors):
         images[row, :, : tensor.shape[1], : tensor.shape[2]] = tensor
     return images, sizes

@@ -8,6 +8,9 @@ the JPEGs of a whole batch in one call of ``torchvision.io.decode_jpeg(list, dev
 bicubic as `labelfew.data.images.load_resized`. Files the device decoder cannot take (not a JPEG, a
 progressive or CMYK JPEG, a file it refuses) are decoded on the CPU by the one decoder, one by one,
 and counted in `DeviceDecodedBatches.cpu_fallbacks`, so the batches hold the same images either way.
+nvJPEG decodes to RGB only: a run whose `Decoding` has other than 3 channels decodes every file on
+the CPU (JPEGs are 8-bit, so no window is involved). The EXIF orientation is applied on the device
+as `labelfew.data.pixels.orient_array` applies it on the CPU (Pillow's ``exif_transpose``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 from labelfew.config.training import DECODE_PLACES
 from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import BadImage, load_resized
+from labelfew.data.pixels import EXIF_ORIENTATION
 from labelfew.errors import UserError
+from labelfew.spec import Decoding
 from labelfew.views.config import resized_extent
 
-EXIF_ORIENTATION = 0x0112
 MAX_ATTEMPTS = 16
 """Consecutive unreadable files a worker skips over before it gives up (as the streaming source)."""
 
@@ -63,7 +67,7 @@ class RawImage:
         index: Dataset index of the file.
         label: Class index, or -1.
         jpeg: The file's bytes (uint8, 1-D) when the device decoder can take it, else None.
-        pixels: (height, width, 3) uint8 from `load_resized` when it cannot, else None.
+        pixels: (height, width, C) uint8 from `load_resized` when it cannot, else None.
         orientation: The EXIF orientation tag (1-8; 1 is upright) of a JPEG.
         bad: Dataset indices of undecodable files skipped on the way to this one.
     """
@@ -102,10 +106,17 @@ class RawFiles(Dataset[RawImage]):
         paths: Image files.
         side: The shorter side is shrunk to at most this (on the device for JPEGs).
         labels: Class index of every file, or None.
+        decoding: Channels and window of the images; nvJPEG takes JPEGs only when it has 3 channels.
     """
 
-    def __init__(self, paths: Sequence[Path], side: int, labels: Sequence[int] | None = None) -> None:
-        self.paths, self.side = list(paths), side
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        side: int,
+        labels: Sequence[int] | None = None,
+        decoding: Decoding = Decoding(),
+    ) -> None:
+        self.paths, self.side, self.decoding = list(paths), side, decoding
         self.labels = list(labels) if labels is not None else None
 
     def __len__(self) -> int:
@@ -117,9 +128,13 @@ class RawFiles(Dataset[RawImage]):
             data = self.paths[index].read_bytes()
         except OSError as error:
             raise BadImage(f"{self.paths[index]}: {error}") from error
-        baseline, orientation = device_decodable(data)
+        try:
+            baseline, orientation = device_decodable(data) if self.decoding.channels == 3 else (False, 1)
+        except BadImage:  # not a file Pillow opens (a DICOM, a TIFF for tifffile): the CPU decoder decides
+            baseline, orientation = False, 1
         if not baseline:
-            return RawImage(index, label, pixels=load_resized(self.paths[index], self.side))
+            pixels = load_resized(self.paths[index], self.side, decoding=self.decoding)
+            return RawImage(index, label, pixels=pixels)
         jpeg = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return RawImage(index, label, jpeg=jpeg, orientation=orientation)
 
@@ -138,7 +153,7 @@ class RawFiles(Dataset[RawImage]):
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:
-    """``image`` (3, H, W) turned upright by its EXIF orientation, as Pillow's ``exif_transpose``."""
+    """``image`` (C, H, W) turned upright by its EXIF orientation, as Pillow's ``exif_transpose``."""
     if orientation in (2, 4, 5, 7):  # the mirrored ones: flip left-right first
         image = image.flip(-1)
     turns = {3: 2, 4: 2, 5: 1, 6: 3, 7: 3, 8: 1}.get(orientation, 0)  # counter-clockwise quarter turns
@@ -146,7 +161,7 @@ def orient(image: Tensor, orientation: int) -> Tensor:
 
 
 def shrink(image: Tensor, side: int) -> Tensor:
-    """``image`` (3, H, W) uint8 with its shorter side shrunk to ``side``: `load_resized`'s resize."""
+    """``image`` (C, H, W) uint8 with its shorter side shrunk to ``side``: `load_resized`'s resize."""
     height, width = image.shape[-2:]
     if min(height, width) <= side:
         return image
@@ -182,11 +197,12 @@ def _decode(jpegs: list[Tensor], device: torch.device, decode_jpeg: Any, mode: A
         return decoded
 
 
-def pad_on_device(images: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    """`labelfew.data.batches.pad_images` for (3, h, w) tensors already on ``device``."""
+def pad_on_device(images: list[Tensor], device: torch.device, channels: int = 3) -> tuple[Tensor, Tensor]:
+    """`labelfew.data.batches.pad_images` for (C, h, w) tensors already on ``device``."""
     sizes = torch.tensor([tuple(image.shape[1:]) for image in images], dtype=torch.int64).reshape(-1, 2)
     height, width = (int(value) for value in sizes.max(dim=0).values) if images else (0, 0)
-    batch = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=device)
+    channels = int(images[0].shape[0]) if images else channels
+    batch = torch.zeros(len(images), channels, height, width, dtype=torch.uint8, device=device)
     for row, image in enumerate(images):
         batch[row, :, : image.shape[1], : image.shape[2]] = image
     return batch, sizes
@@ -271,7 +287,7 @@ class DeviceDecodedBatches:
         )
 
     def _image(self, item: RawImage, decoded: Tensor | None) -> Tensor | None:
-        """``item``'s image on the device (3, h, w): decoded there, or on the CPU when it is not a
+        """``item``'s image on the device (C, h, w): decoded there, or on the CPU when it is not a
         baseline JPEG or the device decoder refused it; None when it cannot be decoded at all."""
         if decoded is not None:
             self.device_decoded += 1
@@ -279,7 +295,9 @@ class DeviceDecodedBatches:
         pixels = item.pixels
         if pixels is None:
             try:
-                pixels = load_resized(self.files.paths[item.index], self.files.side)
+                pixels = load_resized(
+                    self.files.paths[item.index], self.files.side, decoding=self.files.decoding
+                )
             except BadImage:
                 return None
         self.cpu_fallbacks += 1

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from labelfew.data.images import BadImage, load_rgb
+from labelfew.data.images import BadImage
+from labelfew.data.pixels import decoded, read_raw
 from labelfew.fileio import atomic_write, sha256_file
+from labelfew.spec import Decoding
 
 HASH_CHARACTERS = 16
 """Hex characters kept of each sha256: 64 bits, so a chance collision in a million-image set has
@@ -85,26 +87,47 @@ def thumbnail(path: Path) -> np.ndarray | None:
     """The 32 × 32 grayscale thumbnail of an image file (aspect not kept), or None if it cannot be decoded.
 
     A JPEG is decoded at a reduced scale in the DCT domain (Pillow's draft mode), ~10× faster for
-    photos, which is what lets a first pass over a large folder finish in minutes.
+    photos, which is what lets a first pass over a large folder finish in minutes. Any other file
+    goes through `labelfew.data.pixels` with its own channels (the first three of a multi-channel
+    TIFF) and, when deep, its own window, so a copy is found whatever the run's decoding.
 
     Shape: -> (32, 32) float32
     """
     side = (THUMBNAIL_SIDE, THUMBNAIL_SIDE)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    image.draft(image.mode, (2 * THUMBNAIL_SIDE, 2 * THUMBNAIL_SIDE))
-                    gray = ImageOps.exif_transpose(image).convert("L")  # as load_rgb turns it
-                else:
-                    gray = None
+        gray = _jpeg_draft(path)
         if gray is None:
-            gray = load_rgb(path).convert("L")
+            gray = _gray(path)
         return np.asarray(gray.resize(side, Image.Resampling.BOX), dtype=np.float32)
     except (BadImage, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning):  # fmt: skip
         return None
+
+
+def _jpeg_draft(path: Path) -> Image.Image | None:
+    """A JPEG's luma decoded at a reduced scale (Pillow's draft mode), upright; None for other files
+    (and for those Pillow cannot open: `labelfew.data.pixels` decides about them)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (UnidentifiedImageError, ValueError, SyntaxError, EOFError):
+            return None
+        with image:
+            if image.format == "JPEG" and image.mode in ("RGB", "L"):
+                image.draft(image.mode, (2 * THUMBNAIL_SIDE, 2 * THUMBNAIL_SIDE))
+                return ImageOps.exif_transpose(image).convert("L")  # as load_rgb turns it
+    return None
+
+
+def _gray(path: Path) -> Image.Image:
+    """The file's luma (`labelfew.data.pixels`): 8-bit RGB as `load_rgb` decodes it, then Pillow's ``L``."""
+    raw = read_raw(path)
+    channels = 3 if raw.rgb is not None or raw.channels == 3 else raw.channels
+    pixels = decoded(raw, Decoding(channels=channels), path)
+    if channels == 1:
+        return Image.fromarray(np.ascontiguousarray(pixels[..., 0]), "L")
+    return Image.fromarray(np.ascontiguousarray(pixels[..., :3]), "RGB").convert("L")
 
 
 def layouts(thumbnails: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """Finding, decoding and resizing images.
 
-Every stage reads images through `load_rgb`, so every mode (palette, CMYK, 16-bit, alpha,
-animated GIF) is turned into 8-bit RGB the same way, every photo is turned upright by its EXIF
-orientation, and every undecodable file raises the same `BadImage` error that the image sources
-count and skip. Every command lists a folder through `scan_images` (regular files only, no link
+Every file is decoded by `labelfew.data.pixels` (`load_resized` for the models, `load_rgb` and
+`labelfew.data.pixels.display_image` for people), so every mode (palette, CMYK, 16-bit, float,
+alpha, animated GIF, multi-channel TIFF, DICOM) is turned into 8-bit pixels the same way, every
+photo is turned upright by its EXIF orientation, and every undecodable file raises the same
+`BadImage` error that the image sources count and skip. Every command lists a folder through `scan_images` (regular files only, no link
 out of the folder unless asked, never a run folder) and shows a file name through `printable`. Both image sources (the in-memory
 store and the streaming workers) decode through `load_resized`, so they hold the same pixels.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +22,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as functional
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
+from labelfew.data.pixels import MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
+from labelfew.data.pixels import BadImage as BadImage
+from labelfew.data.pixels import check_decoders, decode_array, display_image, header_extent
+from labelfew.data.pixels import printable as printable
 from labelfew.errors import UserError
+from labelfew.spec import Decoding
 from labelfew.views.config import resized_extent
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-
-# Pillow refuses images above ~179 MPixel (2 x MAX_IMAGE_PIXELS) as decompression bombs; keep
-# that limit and turn its warning zone into an error so that one huge file cannot exhaust memory.
-MAX_IMAGE_PIXELS = 89_478_485
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class BadImage(Exception):
-    """A file that exists but cannot be decoded as an image."""
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".gif",
+        ".pgm",
+        ".ppm",
+        ".pnm",
+        ".dcm",
+        ".dicom",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -53,16 +64,6 @@ class FoundImages:
 
     paths: list[Path]
     skipped: list[str] = field(default_factory=list)
-
-
-def printable(path: Path | str) -> str:
-    """`path` as text that any terminal, CSV or JSON file can hold.
-
-    A file name that is not valid UTF-8 comes from the filesystem with surrogate escapes
-    (`os.fsdecode`), which raise UnicodeEncodeError when printed or written as UTF-8; its
-    undecodable bytes are shown as ``\\xNN`` instead. Every other name is unchanged.
-    """
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def skipped_note(skipped: Sequence[str], shown: int = 3) -> str:
@@ -87,7 +88,8 @@ def scan_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Pat
     (`is_run_folder`): a run's own ``views.png`` must never become a training image.
 
     Raises:
-        UserError: `root` does not exist or is not a folder.
+        UserError: `root` does not exist or is not a folder, or holds DICOM files and pydicom is
+            not installed (`labelfew.data.pixels.check_decoders`: before any long work).
     """
     root = Path(root)
     if not root.exists():
@@ -128,6 +130,7 @@ def scan_images(root: Path, *, follow_links: bool = False, exclude: Sequence[Pat
                 skipped.append(f"{printable(entry.path)}: {reason}")
             else:
                 found.append(Path(entry.path))
+    check_decoders(found)
     return FoundImages(sorted(found), sorted(skipped))
 
 
@@ -177,95 +180,29 @@ def require_images(root: Path, *, follow_links: bool = False, exclude: Sequence[
     if not found.paths:
         skipped = f" ({len(found.skipped)} skipped, e.g. {found.skipped[0]})" if found.skipped else ""
         raise UserError(
-            f"{printable(root)}: no image files (jpg, png, webp, bmp, tif, gif) found, searched recursively{skipped}"
+            f"{printable(root)}: no image files (jpg, png, webp, bmp, tif, gif, pgm, dcm) found, searched recursively{skipped}"
         )
     return found
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decodes one image file into 8-bit RGB (first frame of animations).
+    """Decodes one image file into 8-bit RGB (first frame of animations): `display_image` with
+    the default `Decoding` (see `labelfew.data.pixels` for every rule).
 
     Palette and alpha images are composited on white, so transparent regions do not turn
-    black; 16-bit and float images are scaled to 8 bits; CMYK is converted by Pillow.
+    black; deep (16-bit, float) images go through their own (0.5%, 99.5%) percentiles; CMYK is
+    converted by Pillow; photos are turned upright by their EXIF orientation.
 
     Raises:
         BadImage: the file is empty, truncated, not an image, a decompression bomb, or
             cannot be read.
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                image.load()
-                return _to_rgb(_upright(image))
-    except (
-        OSError,
-        ValueError,
-        SyntaxError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-        EOFError,
-    ) as error:
-        raise BadImage(f"{printable(path)}: {error}") from error
+    return display_image(path, Decoding())
 
 
-EXIF_ORIENTATION = 0x0112
-"""The EXIF tag that says how a camera held sideways stored its pixels (1 = as stored)."""
-
-
-def _orientation(image: Image.Image) -> int:
-    """The image's EXIF orientation, 1 when absent or unreadable (malformed metadata is not fatal)."""
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # Pillow raises several types on malformed EXIF; the pixels are still good
-        return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image as its EXIF orientation says it was taken (`PIL.ImageOps.exif_transpose`).
-
-    Phone photos are stored sideways with an orientation tag; the labelling page's browser honours
-    it, so the model must see the same upright photo the person labelled.
-    """
-    if _orientation(image) == 1:
-        return image
-    return ImageOps.exif_transpose(image)
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I;16"):
-        # A fixed gain keeps a pixel value the same grey in every image of a folder (Pillow's own
-        # convert would clip everything above 255 to white).
-        image = image.convert("F").point(lambda value: value * (255.0 / 65535.0)).convert("L")
-    elif image.mode in ("I", "F"):
-        image = _stretch_to_8_bits(image.convert("F"), unit_range=image.mode == "F")
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
-def _stretch_to_8_bits(image: Image.Image, unit_range: bool) -> Image.Image:
-    """Mode-F pixels to 8 bits: scaled from [0, 1] when `unit_range` (float images) and they fit,
-    kept when already within [0, 255], else stretched from the image's own minimum and maximum."""
-    extrema: Any = image.getextrema()
-    low, high = float(extrema[0]), float(extrema[1])
-    if unit_range and low >= 0.0 and high <= 1.0:
-        low, scale = 0.0, 255.0
-    elif low >= 0.0 and high <= 255.0:
-        low, scale = 0.0, 1.0
-    else:
-        scale = 255.0 / (high - low) if high > low else 0.0
-    return image.point(lambda value: (value - low) * scale).convert("L")
-
-
-def load_resized(path: Path, side: int, enlarge: bool = False) -> np.ndarray:
-    """The whole image as uint8 pixels, its shorter side shrunk to ``side`` if it is longer.
+def load_resized(path: Path, side: int, enlarge: bool = False, decoding: Decoding = Decoding()) -> np.ndarray:
+    """The whole image as uint8 pixels decoded by `decoding` (`labelfew.data.pixels.decode_array`),
+    its shorter side shrunk to ``side`` if it is longer.
 
     Never upsampled unless ``enlarge`` (evaluation: the shorter side then becomes ``side`` either
     way), aspect ratio kept, the longer side by torchvision's ``Resize(int)`` rule
@@ -275,14 +212,15 @@ def load_resized(path: Path, side: int, enlarge: bool = False) -> np.ndarray:
     2.9 ms for a 500 x 375 photo on one core, `benchmarks/views_224.py`).
 
     Returns:
-        Shape: (height, width, 3), uint8, ``min(height, width) <= side`` (``== side`` when enlarging).
+        Shape: (height, width, C), uint8, C = ``decoding.channels``, ``min(height, width) <= side``
+        (``== side`` when enlarging).
 
     Raises:
-        BadImage: as `load_rgb`.
+        BadImage: as `labelfew.data.pixels.decode_array`.
     """
-    pixels = np.array(
-        load_rgb(path), dtype=np.uint8
-    )  # a writable copy (torch.from_numpy warns on a read-only one)
+    pixels = decode_array(path, decoding)
+    if not pixels.flags.writeable:  # torch.from_numpy warns on a read-only array
+        pixels = pixels.copy()
     height, width = pixels.shape[:2]
     if min(width, height) > side or (enlarge and min(width, height) < side):
         new_height, new_width = resized_extent(height, width, side)
@@ -304,15 +242,8 @@ def stored_extent(height: int, width: int, side: int) -> tuple[int, int]:
 
 def image_extent(path: Path) -> tuple[int, int] | None:
     """``(height, width)`` from the file's header (no decoding), upright as `load_rgb` decodes it,
-    or None if it cannot be opened."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if _orientation(image) >= 5:  # a quarter turn: `load_rgb` swaps the sides
-                width, height = height, width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError):
-        return None
-    return height, width
+    or None if it cannot be opened (`labelfew.data.pixels.header_extent`)."""
+    return header_extent(path)
 
 
 def typical_image_side(paths: Sequence[Path], sample: int = 64, cap: int = 224) -> int:
@@ -322,13 +253,8 @@ def typical_image_side(paths: Sequence[Path], sample: int = 64, cap: int = 224) 
     Undecodable files in the sample are ignored.
     """
     step = max(1, len(paths) // sample)
-    sides = []
-    for path in list(paths)[::step][:sample]:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue
+    extents = [header_extent(path) for path in list(paths)[::step][:sample]]
+    sides = [min(extent) for extent in extents if extent is not None]
     if not sides:
         raise UserError(
             f"none of the {len(paths)} image files could be opened; check the folder holds images"

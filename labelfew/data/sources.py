@@ -9,6 +9,7 @@ same views. ``auto`` picks ``device`` when the decoded images fit the memory bud
 
 A streamed source decodes each batch's JPEGs on the CPU in its workers, or (``--decode-on device``)
 on the training GPU with nvJPEG while the workers only read the files (`labelfew.data.device_decode`).
+Every source decodes with the run's `labelfew.spec.Decoding` (channels and window).
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ from labelfew.data.images import printable
 from labelfew.data.store import MemoryBatches, decode_images, fits_in_memory, store_device, stored_side
 from labelfew.data.stream import DecodedFiles, StreamBatches
 from labelfew.errors import UserError
+from labelfew.spec import Decoding
 
 AUGMENT_PLACES = ("auto", "device", "workers")
 """``--augment-on`` values: ``device`` is the in-memory store, ``workers`` the streaming source."""
 
 
 def augment_place(
-    requested: str, budget_gib: float, paths: Sequence[Path], image_size: int, decode_on: str = "auto"
+    requested: str,
+    budget_gib: float,
+    paths: Sequence[Path],
+    image_size: int,
+    decode_on: str = "auto",
+    decoding: Decoding = Decoding(),
 ) -> str:
     """The image source, ``device`` (in-memory store) or ``workers`` (streaming), ``auto`` resolved.
 
@@ -50,7 +57,7 @@ def augment_place(
         return requested
     if decode_on == "device":
         return "workers"
-    fits = fits_in_memory(paths, stored_side(image_size), int(budget_gib * 2**30))
+    fits = fits_in_memory(paths, stored_side(image_size), int(budget_gib * 2**30), decoding.channels)
     return "device" if fits else "workers"
 
 
@@ -87,6 +94,7 @@ def training_batches(
     labels: Sequence[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     decode_on: str = "cpu",
+    decoding: Decoding = Decoding(),
 ) -> tuple[EpochBatches, list[str]]:
     """This process's training batches from ``place`` (resolved), and the files found undecodable.
 
@@ -108,14 +116,17 @@ def training_batches(
         labels: Class index of every file, or None.
         on_progress: Progress callback of the decoding (`decode_progress`), or None.
         decode_on: Where a streamed source decodes, ``cpu`` or ``device`` (`check_decode_on`).
+        decoding: Channels and window of the decoded images (`labelfew.data.pixels`).
     """
     side = stored_side(image_size)
     if place == "workers" and decode_on == "device":
-        return DeviceDecodedBatches(RawFiles(paths, side, labels), order, accelerator.device, workers), []
+        raw = RawFiles(paths, side, labels, decoding)
+        return DeviceDecodedBatches(raw, order, accelerator.device, workers), []
     if place == "workers":
-        files = DecodedFiles(paths, side, labels)
+        files = DecodedFiles(paths, side, labels, decoding=decoding)
         return StreamBatches(files, order, accelerator.device, workers), []
-    store = decode_images(paths, side, budget=int(budget_gib * 2**30), on_progress=on_progress)
+    budget = int(budget_gib * 2**30)
+    store = decode_images(paths, side, budget=budget, on_progress=on_progress, decoding=decoding)
     store = store.to(store_device(store.nbytes, accelerator.device))
     kept_labels = None
     if labels is not None:

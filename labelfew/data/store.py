@@ -14,6 +14,10 @@ full-area crop is still shrunk to ``S`` as from a larger photo and the evaluatio
 stored image is only a centre crop. Every image is kept whole: its shorter side is shrunk to the
 stored side when it is longer (never upsampled), the aspect ratio kept, so the random crops cover
 the whole photo as in the paper. The memory budget counts these real bytes.
+
+Images are stored as the decoder gives them (`labelfew.data.pixels`): C channels of 8 bits
+(``decoding.channels``), deep images already through the run's window, so the store of a
+grayscale folder takes a third of an RGB one and every source holds the same bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch import Tensor
 from labelfew.data.batches import Batch, EpochOrder
 from labelfew.data.images import BadImage, image_extent, load_resized, printable, stored_extent
 from labelfew.errors import UserError
-from labelfew.spec import eval_resize_side
+from labelfew.spec import Decoding, eval_resize_side
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 """Bytes of decoded images kept in memory by default (4 GiB: ~16,000 photos of 4:3 at 256 px)."""
@@ -46,13 +50,15 @@ def stored_side(image_size: int) -> int:
     return eval_resize_side(image_size)
 
 
-def image_bytes(height: int, width: int, side: int) -> int:
-    """Bytes of one decoded RGB uint8 image of ``height x width`` stored at ``side``."""
+def image_bytes(height: int, width: int, side: int, channels: int = 3) -> int:
+    """Bytes of one decoded uint8 image of ``height x width`` with ``channels`` stored at ``side``."""
     stored_height, stored_width = stored_extent(height, width, side)
-    return 3 * stored_height * stored_width
+    return channels * stored_height * stored_width
 
 
-def estimate_decoded_bytes(paths: Sequence[Path], side: int, sample: int = ESTIMATE_SAMPLE) -> int:
+def estimate_decoded_bytes(
+    paths: Sequence[Path], side: int, sample: int = ESTIMATE_SAMPLE, channels: int = 3
+) -> int:
     """The decoded bytes of ``paths`` at ``side``, from the headers of an evenly spaced sample.
 
     Headers give an image's size without decoding it (a few tenths of a millisecond per file),
@@ -63,15 +69,17 @@ def estimate_decoded_bytes(paths: Sequence[Path], side: int, sample: int = ESTIM
         return 0
     step = max(1, len(paths) // sample)
     extents = _read_extents([paths[index] for index in range(0, len(paths), step)][:sample])
-    sizes = [image_bytes(*extent, side) for extent in extents if extent is not None]
+    sizes = [image_bytes(*extent, side, channels) for extent in extents if extent is not None]
     if not sizes:
         return 0
     return round(sum(sizes) / len(sizes) * len(paths))
 
 
-def fits_in_memory(paths: Sequence[Path], side: int, budget: int = DEFAULT_MEMORY_BUDGET) -> bool:
-    """Whether ``paths`` decoded at ``side`` take at most ``budget`` bytes (estimated from headers)."""
-    return estimate_decoded_bytes(paths, side) <= budget
+def fits_in_memory(
+    paths: Sequence[Path], side: int, budget: int = DEFAULT_MEMORY_BUDGET, channels: int = 3
+) -> bool:
+    """Whether ``paths`` decoded at ``side`` with ``channels`` take at most ``budget`` bytes (from headers)."""
+    return estimate_decoded_bytes(paths, side, channels=channels) <= budget
 
 
 @dataclass
@@ -79,11 +87,12 @@ class ImageStore:
     """Decoded images in one flat uint8 buffer, each at its own extent.
 
     Attributes:
-        pixels: Every image's (3, height, width) pixels, one after the other. Shape: (bytes,), uint8.
+        pixels: Every image's (C, height, width) pixels, one after the other. Shape: (bytes,), uint8.
         offsets: Where each image starts in ``pixels``. Shape: (N,), int64.
         sizes: Each image's ``(height, width)``. Shape: (N, 2), int64.
         paths: The files decoded, in row order.
         skipped: ``"path: reason"`` for every file that could not be decoded.
+        channels: C, every image's channel count (`labelfew.spec.Decoding.channels`).
     """
 
     pixels: Tensor
@@ -91,6 +100,7 @@ class ImageStore:
     sizes: Tensor
     paths: list[Path]
     skipped: list[str] = field(default_factory=list)
+    channels: int = 3
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -102,11 +112,13 @@ class ImageStore:
 
     def to(self, device: torch.device | str) -> ImageStore:
         """The same store with ``pixels`` on ``device`` (where batches are gathered)."""
-        return ImageStore(self.pixels.to(device), self.offsets, self.sizes, self.paths, self.skipped)
+        return ImageStore(
+            self.pixels.to(device), self.offsets, self.sizes, self.paths, self.skipped, self.channels
+        )
 
     def _is_uniform(self) -> bool:
         """Whether every image has the same size and the buffer holds them back to back, nothing else."""
-        count = 3 * int(self.sizes[0, 0]) * int(self.sizes[0, 1])
+        count = self.channels * int(self.sizes[0, 0]) * int(self.sizes[0, 1])
         return (
             bool((self.sizes == self.sizes[0]).all())
             and self.nbytes == len(self) * count
@@ -116,19 +128,20 @@ class ImageStore:
     def gather(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """The images of ``rows`` as a padded batch on the store's device, and their sizes.
 
-        Shape: (batch, 3, H, W) uint8 with the batch's largest height and width, and (batch, 2).
+        Shape: (batch, C, H, W) uint8 with the batch's largest height and width, and (batch, 2).
         """
         sizes = self.sizes[rows]
         height, width = (int(value) for value in sizes.max(dim=0).values)
-        if self._is_uniform():  # CIFAR, STL-10: the buffer is one (N, 3, H, W) tensor
-            images = self.pixels.view(len(self), 3, height, width)
+        channels = self.channels
+        if self._is_uniform():  # CIFAR, STL-10: the buffer is one (N, C, H, W) tensor
+            images = self.pixels.view(len(self), channels, height, width)
             return images[rows.to(self.pixels.device)], sizes
-        images = torch.zeros(len(rows), 3, height, width, dtype=torch.uint8, device=self.pixels.device)
+        images = torch.zeros(len(rows), channels, height, width, dtype=torch.uint8, device=self.pixels.device)
         for row, (start, (image_height, image_width)) in enumerate(
             zip(self.offsets[rows].tolist(), sizes.tolist(), strict=True)
         ):
-            count = 3 * image_height * image_width
-            image = self.pixels[start : start + count].view(3, image_height, image_width)
+            count = channels * image_height * image_width
+            image = self.pixels[start : start + count].view(channels, image_height, image_width)
             images[row, :, :image_height, :image_width] = image
         return images, sizes
 
@@ -139,6 +152,7 @@ def decode_images(
     budget: int = DEFAULT_MEMORY_BUDGET,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    decoding: Decoding = Decoding(),
 ) -> ImageStore:
     """Decodes every file with `labelfew.data.images.load_resized` (see the module docstring).
 
@@ -151,6 +165,7 @@ def decode_images(
         budget: Largest number of bytes the decoded images may take.
         workers: Decoding threads; None uses every core this process may run on.
         on_progress: Called as ``on_progress(done, total)`` after each chunk of files.
+        decoding: Channels and window of the decoded images (`labelfew.data.pixels`).
 
     Returns:
         The decoded images; undecodable files are left out and listed in ``skipped``.
@@ -167,7 +182,7 @@ def decode_images(
         [stored_extent(*extent, side) if extent is not None else (0, 0) for extent in extents],
         dtype=torch.int64,
     )
-    counts = 3 * sizes[:, 0] * sizes[:, 1]
+    counts = decoding.channels * sizes[:, 0] * sizes[:, 1]
     needed = int(counts.sum())
     if needed > budget:
         raise UserError(
@@ -181,7 +196,7 @@ def decode_images(
         for index, e in enumerate(extents)
         if e is None
     }
-    _decode_into(pixels, offsets, sizes, paths, side, threads, failures, on_progress)
+    _decode_into(pixels, offsets, sizes, paths, (side, decoding), threads, failures, on_progress)
     if len(failures) == len(paths):
         raise UserError(f"None of the {len(paths)} image files could be decoded, e.g. {failures[0]}")
     kept = torch.tensor([index for index in range(len(paths)) if index not in failures])
@@ -191,6 +206,7 @@ def decode_images(
         sizes=sizes[kept],
         paths=[Path(paths[index]) for index in kept.tolist()],
         skipped=[failures[index] for index in sorted(failures)],
+        channels=decoding.channels,
     )
 
 
@@ -199,37 +215,38 @@ def _decode_into(
     offsets: Tensor,
     sizes: Tensor,
     paths: Sequence[Path],
-    side: int,
+    how: tuple[int, Decoding],
     threads: int,
     failures: dict[int, str],
     on_progress: Callable[[int, int], None] | None,
 ) -> None:
-    """Decodes the files whose header could be read into their slices of ``pixels``."""
-    chunk = 256
+    """Decodes the files whose header could be read into their slices of ``pixels`` (at ``how``:
+    the stored side and the decoding)."""
+    chunk, channels = 256, how[1].channels
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for start in range(0, len(paths), chunk):
             indices = [
                 index for index in range(start, min(start + chunk, len(paths))) if index not in failures
             ]
-            for index, result in zip(indices, pool.map(_decode, [paths[i] for i in indices], [side] * len(indices)), strict=True):  # fmt: skip
+            for index, result in zip(indices, pool.map(_decode, [paths[i] for i in indices], [how] * len(indices)), strict=True):  # fmt: skip
                 height, width = sizes[index].tolist()
                 if isinstance(result, str):
                     failures[index] = result
-                elif result.shape != (height, width, 3):
+                elif result.shape != (height, width, channels):
                     failures[index] = f"{printable(paths[index])}: decoded size differs from its header"
                 else:
-                    count = 3 * height * width
+                    count = channels * height * width
                     start_byte = int(offsets[index])
-                    target = pixels[start_byte : start_byte + count].view(3, height, width)
+                    target = pixels[start_byte : start_byte + count].view(channels, height, width)
                     target.copy_(torch.from_numpy(result).permute(2, 0, 1))
             if on_progress is not None:
                 on_progress(min(start + chunk, len(paths)), len(paths))
 
 
-def _decode(path: Path, side: int) -> np.ndarray | str:
-    """`load_resized`'s pixels, or the reason the file failed."""
+def _decode(path: Path, how: tuple[int, Decoding]) -> np.ndarray | str:
+    """`load_resized`'s pixels at ``how`` (side, decoding), or the reason the file failed."""
     try:
-        return load_resized(path, side)
+        return load_resized(path, how[0], decoding=how[1])
     except BadImage as error:
         return str(error)
 

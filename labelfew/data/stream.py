@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from labelfew.data.batches import Batch, EpochOrder, pad_images
 from labelfew.data.images import BadImage, load_resized
+from labelfew.spec import Decoding
 
 MAX_ATTEMPTS = 16
 """Consecutive undecodable files a worker skips over before it gives up."""
 
 Item = tuple[np.ndarray, int, int, list[int]]
-"""(pixels (H, W, 3) uint8, dataset index, label or -1, indices of undecodable files skipped)."""
+"""(pixels (H, W, C) uint8, dataset index, label or -1, indices of undecodable files skipped)."""
 
 
 class DecodedFiles(Dataset[Item]):
@@ -44,12 +45,18 @@ class DecodedFiles(Dataset[Item]):
         side: The shorter side is shrunk to at most this (`labelfew.data.images.load_resized`).
         labels: Class index of every file, or None.
         enlarge: A shorter side below ``side`` is enlarged to it (evaluation; training never enlarges).
+        decoding: Channels and window of the decoded images (`labelfew.data.pixels`).
     """
 
     def __init__(
-        self, paths: Sequence[Path], side: int, labels: Sequence[int] | None = None, enlarge: bool = False
+        self,
+        paths: Sequence[Path],
+        side: int,
+        labels: Sequence[int] | None = None,
+        enlarge: bool = False,
+        decoding: Decoding = Decoding(),
     ) -> None:
-        self.paths, self.side, self.enlarge = list(paths), side, enlarge
+        self.paths, self.side, self.enlarge, self.decoding = list(paths), side, enlarge, decoding
         self.labels = list(labels) if labels is not None else None
 
     def __len__(self) -> int:
@@ -60,7 +67,7 @@ class DecodedFiles(Dataset[Item]):
         for attempt in range(MAX_ATTEMPTS):
             current = (index + attempt) % len(self.paths)
             try:
-                pixels = load_resized(self.paths[current], self.side, self.enlarge)
+                pixels = load_resized(self.paths[current], self.side, self.enlarge, self.decoding)
             except BadImage:
                 bad.append(current)
                 continue
@@ -135,7 +142,7 @@ class FileBatch(Batch):
 
 
 InOrderItem = tuple[int, np.ndarray | None, str]
-"""(file index, pixels (H, W, 3) uint8 or None, why the file could not be decoded or "")."""
+"""(file index, pixels (H, W, C) uint8 or None, why the file could not be decoded or "")."""
 
 
 class FilesInOrder(Dataset[InOrderItem]):
@@ -146,25 +153,27 @@ class FilesInOrder(Dataset[InOrderItem]):
         side: The shorter side is resized to this, up or down (`labelfew.data.images.load_resized`
             with ``enlarge``): torchvision's ``Resize(side)`` of the PIL image, so the evaluation
             view is only a crop of it.
+        decoding: Channels and window of the decoded images (`labelfew.data.pixels`).
     """
 
-    def __init__(self, paths: Sequence[Path], side: int) -> None:
-        self.paths, self.side = list(paths), side
+    def __init__(self, paths: Sequence[Path], side: int, decoding: Decoding = Decoding()) -> None:
+        self.paths, self.side, self.decoding = list(paths), side, decoding
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> InOrderItem:
         try:
-            return index, load_resized(self.paths[index], self.side, enlarge=True), ""
+            return index, load_resized(self.paths[index], self.side, enlarge=True, decoding=self.decoding), ""
         except BadImage as error:
             return index, None, str(error.__cause__ or error)
 
 
-def collate_in_order(items: list[InOrderItem]) -> FileBatch:
-    """Pads the decodable images of consecutive files into a `FileBatch` (possibly of no image)."""
+def collate_in_order(items: list[InOrderItem], channels: int = 3) -> FileBatch:
+    """Pads the decodable images of consecutive files into a `FileBatch` (possibly of no image,
+    then of ``channels`` channels: ``functools.partial`` it for a model of C != 3)."""
     good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
-    images, sizes = pad_images([pixels for _, pixels in good])
+    images, sizes = pad_images([pixels for _, pixels in good], channels)
     return FileBatch(
         images=images,
         sizes=sizes,

@@ -217,26 +217,27 @@ def test_cmyk_is_converted(tmp_path: Path) -> None:
     assert red > 200 and green < 60 and blue < 60
 
 
-def test_16_bit_grayscale_uses_a_fixed_gain(tmp_path: Path) -> None:
-    values = np.array([[0, 65535, 32768, 1000]], dtype=np.uint16)
+def test_16_bit_grayscale_goes_through_its_own_percentiles_without_a_window(tmp_path: Path) -> None:
+    # No fixed /65535 any more (issue 26): a 12-bit image spans the 8 bits (`tests/data/test_pixels.py`).
+    values = np.arange(0, 4000, 4, dtype=np.uint16).reshape(20, 50)
     Image.fromarray(values).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
     rgb = _pixels(load_rgb(tmp_path / "g16.png"))
-    assert rgb.dtype == np.uint8
-    assert list(rgb[0, :, 0]) == [0, 255, 127, 3]
-    # A dark image stays dark (no per-image stretch) and a constant one keeps its grey.
-    Image.fromarray(np.full((2, 2), 1000, dtype=np.uint16)).save(tmp_path / "dark.png")
-    assert np.all(_pixels(load_rgb(tmp_path / "dark.png")) == 3)
+    low, high = np.percentile(values, (0.5, 99.5))
+    expected = np.clip(np.rint((values - low) * 255.0 / (high - low)), 0, 255)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb[..., 0], expected)
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    Image.fromarray(np.full((2, 2), 1000, dtype=np.uint16)).save(tmp_path / "flat.png")
+    assert np.all(_pixels(load_rgb(tmp_path / "flat.png")) == 0)  # a constant image: nothing above its window
 
 
-def test_float_images_in_unit_range_are_scaled_and_others_stretched(tmp_path: Path) -> None:
-    Image.fromarray(np.array([[0.0, 1.0, 0.5]], dtype=np.float32)).save(tmp_path / "unit.tif")
-    assert list(_pixels(load_rgb(tmp_path / "unit.tif"))[0, :, 1]) == [0, 255, 127]
-    Image.fromarray(np.array([[-2.0, 2.0, 0.0]], dtype=np.float32)).save(tmp_path / "wide.tif")
-    assert list(_pixels(load_rgb(tmp_path / "wide.tif"))[0, :, 2]) == [0, 255, 127]
-    Image.fromarray(np.full((2, 2), -5.0, dtype=np.float32)).save(tmp_path / "flat.tif")
-    flat = _pixels(load_rgb(tmp_path / "flat.tif"))
-    assert flat.shape == (2, 2, 3) and np.all(flat == 0)
+def test_float_images_are_windowed_like_integer_ones(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[-2.0, 2.0, 0.5]], dtype=np.float32)).save(tmp_path / "wide.tif")
+    window = np.percentile([-2.0, 2.0, 0.5], (0.5, 99.5))
+    expected = np.clip(
+        np.rint((np.array([-2.0, 2.0, 0.5]) - window[0]) * 255 / (window[1] - window[0])), 0, 255
+    )
+    assert list(_pixels(load_rgb(tmp_path / "wide.tif"))[0, :, 2]) == list(expected)
 
 
 def test_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
