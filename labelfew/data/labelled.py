@@ -17,6 +17,7 @@ from labelfew.data.labels import LabeledImages
 from labelfew.data.store import DEFAULT_MEMORY_BUDGET
 from labelfew.data.subsets import balanced_subset, multilabel_holdout
 from labelfew.errors import UserError
+from labelfew.spec import Decoding
 
 
 def held_out_split(
@@ -86,14 +87,15 @@ def _refuse_unless(skip_bad: bool, bad: list[str], count: int) -> None:
 
 def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size: int, seed: int, image_size: int,
                      accelerator: Any, workers: int, balanced: bool = False,
-                     skip_bad: bool = False) -> tuple[EpochBatches, list[str]]:  # fmt: skip
+                     skip_bad: bool = False, decoding: Decoding = Decoding()) -> tuple[EpochBatches, list[str]]:  # fmt: skip
     """The labelled images as uint8 batches from the store when they fit, else the stream
     (`labelfew.data.sources`), and the files found undecodable before training.
 
     `batch_size` is the global batch, capped by the images there are; each process takes its
     share. The last incomplete batch is dropped, so no step sees a single image (a BatchNorm in
     training mode cannot normalise one, e.g. the head layer of ``--from-head-layer 1``). With
-    `balanced`, every class is drawn equally often (with replacement).
+    `balanced`, every class is drawn equally often (with replacement). `decoding`: the model's
+    channels and window (`labelfew.spec.ModelSpec.decoding`).
 
     Raises:
         UserError: a labelled image cannot be decoded and `skip_bad` is False (`readable_labels`).
@@ -108,9 +110,9 @@ def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size:
                        weights=weights)  # fmt: skip
     paths = list(labeled.paths)
     budget = DEFAULT_MEMORY_BUDGET / 2**30
-    place = sources.augment_place("auto", budget, paths, image_size)
+    place = sources.augment_place("auto", budget, paths, image_size, decoding=decoding)
     batches, undecodable = sources.training_batches(paths, place, image_size, order, accelerator, budget,
-                                                    workers=workers, labels=targets)  # fmt: skip
+                                                    workers=workers, labels=targets, decoding=decoding)  # fmt: skip
     if undecodable:
         _refuse_unless(skip_bad, undecodable, len(paths))
     return batches, undecodable
@@ -118,13 +120,14 @@ def labelled_batches(labeled: LabeledImages, class_names: list[str], batch_size:
 
 def unlabeled_batches(paths: list[Path], labels: list[int] | None, batch_size: int, seed: int, image_size: int,
                       accelerator: Any, *, root: Path, place: str, memory_budget: float, workers: int,
-                      on_progress: Callable[[int, int], None] | None = None) -> tuple[EpochBatches, list[str]]:  # fmt: skip
+                      on_progress: Callable[[int, int], None] | None = None,
+                      decoding: Decoding = Decoding()) -> tuple[EpochBatches, list[str]]:  # fmt: skip
     """Unlabeled images as uint8 batches from the same store or stream as pretraining
     (`labelfew.data.sources`) in their own seeded order, and the files found undecodable.
 
     `batch_size` is the global batch, capped by the images there are; each process takes its
     share and the last incomplete batch is dropped. `labels` (a folder of class folders) only
-    serve the logged pseudo-label accuracy.
+    serve the logged pseudo-label accuracy. `decoding`: the model's channels and window.
 
     Raises:
         UserError: too few decodable images under `root` for one batch per process.
@@ -132,7 +135,8 @@ def unlabeled_batches(paths: list[Path], labels: list[int] | None, batch_size: i
     per_process = max(1, min(batch_size, len(paths)) // accelerator.num_processes)
     order = EpochOrder(len(paths), per_process, seed, accelerator.process_index, accelerator.num_processes)
     batches, undecodable = sources.training_batches(paths, place, image_size, order, accelerator, memory_budget,
-                                                    workers=workers, labels=labels, on_progress=on_progress)  # fmt: skip
+                                                    workers=workers, labels=labels, on_progress=on_progress,
+                                                    decoding=decoding)  # fmt: skip
     if len(batches) == 0:
         raise UserError(f"{root}: too few decodable images for one batch of {accelerator.num_processes}")
     return batches, undecodable
