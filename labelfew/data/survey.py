@@ -68,6 +68,29 @@ class ImageSurvey:
         """The `Decoding` the survey's statistics were computed with."""
         return Decoding(self.channels, self.window, self.file_windows)
 
+    def describe(self, asked_window: bool) -> str | None:
+        """The stage's line about its input, or None for 8-bit RGB with nothing to say.
+
+        Args:
+            asked_window: The window was given with `--window` (not the sample's percentiles).
+        """
+        parts = []
+        if self.channels != 3:
+            parts.append(f"{self.channels} channel{'s' if self.channels > 1 else ''}")
+        if self.deep and self.window is not None:
+            low, high = self.window
+            origin = "--window" if asked_window else (
+                f"the {PERCENTILES[0]:g}/{PERCENTILES[1]:g} percentiles of {self.sampled} sampled files")  # fmt: skip
+            parts.append(f"values {low:g} to {high:g} mapped to 0-255 ({origin})")
+        elif self.deep:
+            parts.append("DICOM files' own windows")
+        if self.multichannel is not None and self.channels != self.multichannel:
+            parts.append(
+                f"the images have {self.multichannel} channels, {self.channels} are used: "
+                f"pass --channels {self.multichannel} to train on all of them"
+            )
+        return "input: " + "; ".join(parts) if parts else None
+
     def record(self) -> dict[str, Any]:
         """The survey as JSON-ready values for run.json."""
         record = asdict(self)

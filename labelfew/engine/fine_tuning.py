@@ -36,6 +36,7 @@ from labelfew.losses import classification_loss
 from labelfew.models import Classifier, build_classifier
 from labelfew.multilabel import binary_cross_entropy
 from labelfew.optim import build_finetune_optimizer, finetune_learning_rate, finetune_schedule
+from labelfew.spec import Decoding
 from labelfew.views.finetune import CropFlipViews
 
 LISTED_FILES = 100_000
@@ -160,7 +161,7 @@ def prepare_training(config: FinetuneConfig, start: Start, class_names: list[str
                                          decay_classifier=config.fixmatch is not None)  # fmt: skip
     loader, undecodable = labelled_batches(labeled, class_names, config.batch_size, config.seed, start.image_size,
                                            accelerator, default_workers(config.workers), config.balanced,
-                                           skip_bad=config.skip_bad)  # fmt: skip
+                                           skip_bad=config.skip_bad, decoding=start.decoding)  # fmt: skip
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_augmentations(accelerator, config.seed)
     views = CropFlipViews(start.image_size, start.mean, start.std)
@@ -172,7 +173,7 @@ def prepare_training(config: FinetuneConfig, start: Start, class_names: list[str
     workers = default_workers(config.workers)
     parts = fixmatch_training(accelerator.unwrap_model(model), loader, unlabeled, settings, views, config.label_smoothing,
                               class_weights=weights, labelled_batch=min(config.batch_size, len(labeled)), seed=config.seed + 1,
-                              workers=workers, show=not config.quiet, accelerator=accelerator)  # fmt: skip
+                              workers=workers, show=not config.quiet, accelerator=accelerator, decoding=start.decoding)  # fmt: skip
     undecodable += parts.skipped
     return Training(model, optimizer, parts.loader, undecodable, parts.step, parts.ema, parts.pseudo_labels)
 
@@ -185,7 +186,7 @@ def fingerprint(
     weights as the values trained with, and early stopping, only when they are used)."""
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "labels", "source", "logger",
                "unlabeled", "follow_links", "skip_bad", "init", "init_prefix", "label_delimiter", "class_weights",
-               "early_stop"}  # fmt: skip
+               "early_stop", "channels", "window"}  # fmt: skip
     if config.fixmatch is None:
         ignored |= {"method", *FIXMATCH_OPTIONS}
     values = {
@@ -199,6 +200,11 @@ def fingerprint(
                  f"{train.relative_key(path)} ({label})" for path, label in zip(train.paths, train.labels, strict=True))}  # fmt: skip
     if start.init is not None:
         found |= {"init_sha256": start.init.sha256, "init_prefix": start.init.prefix}
+    if start.decoding != Decoding():  # an 8-bit RGB run keeps the keys of one before --channels
+        found["decoding"] = dataclasses.asdict(start.decoding) | {
+            "mean": list(start.mean),
+            "std": list(start.std),
+        }
     weights = run_class_weights(config, train.class_names, train)
     if weights is not None:
         found["class_weights"] = weights

@@ -45,6 +45,7 @@ from labelfew.engine.counts import EpochCounts
 from labelfew.engine.ema import ModelEMA
 from labelfew.engine.trainer import StepFunction
 from labelfew.losses import classification_loss, fixmatch_unlabeled_loss
+from labelfew.spec import Decoding
 from labelfew.views.finetune import CropFlipViews, ShiftFlipViews
 from labelfew.views.ops import normalization, normalize
 from labelfew.views.randaugment import RandAugmentViews
@@ -92,10 +93,12 @@ def find_unlabeled(root: Path, class_names: list[str], follow_links: bool = Fals
 
 
 def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: int, seed: int, image_size: int,
-                   accelerator: Any, workers: int, show: bool) -> tuple[WithLabelled, list[str]]:  # fmt: skip
+                   accelerator: Any, workers: int, show: bool,
+                   decoding: Decoding = Decoding()) -> tuple[WithLabelled, list[str]]:  # fmt: skip
     """`count` unlabeled images a step (the global batch, μ × the labelled one), from the same store
     or stream as pretraining (`labelfew.data.sources`) in their own seeded order, each batch carrying
-    the next labelled batch (`WithLabelled`); and the files found undecodable.
+    the next labelled batch (`WithLabelled`); and the files found undecodable. `decoding`: the
+    model's channels and window.
 
     Raises:
         UserError: too few decodable images for one batch per process.
@@ -103,8 +106,9 @@ def paired_batches(labelled: EpochBatches, unlabeled: UnlabeledImages, count: in
     budget = DEFAULT_MEMORY_BUDGET / 2**30
     batches, undecodable = unlabeled_batches(
         unlabeled.paths, unlabeled.labels, count, seed, image_size, accelerator, root=unlabeled.root, workers=workers,
-        place=sources.augment_place("auto", budget, unlabeled.paths, image_size), memory_budget=budget,
+        place=sources.augment_place("auto", budget, unlabeled.paths, image_size, decoding=decoding), memory_budget=budget,
         on_progress=sources.decode_progress(console) if show and accelerator.is_main_process else None,
+        decoding=decoding,
     )  # fmt: skip
     return WithLabelled(batches, labelled), undecodable
 
@@ -227,14 +231,16 @@ class FixMatchTraining:
 
 def fixmatch_training(model: nn.Module, labelled: EpochBatches, unlabeled: UnlabeledImages, settings: FixMatchSettings,
                       views: CropFlipViews, label_smoothing: float, *, labelled_batch: int, seed: int, workers: int, show: bool,
-                      accelerator: Any, class_weights: Sequence[float] | None = None) -> FixMatchTraining:  # fmt: skip
+                      accelerator: Any, class_weights: Sequence[float] | None = None,
+                      decoding: Decoding = Decoding()) -> FixMatchTraining:  # fmt: skip
     """FixMatch's parts around the unwrapped `model` and the labelled batches: μ × the labelled
     batch (global) of unlabeled images a step (their own order, `seed`), weak and strong views on the
     device (`views` gives their side and normalisation: the labelled images get the weak view, not
-    its crop), and the moving average, which sets `model`'s BatchNorm momentum (`ModelEMA`)."""
+    its crop), and the moving average, which sets `model`'s BatchNorm momentum (`ModelEMA`).
+    `decoding`: the model's channels and window, for the unlabeled images."""
     count = min(settings.mu * labelled_batch, len(unlabeled.paths))  # global, as `labelled_batch`
     paired, skipped = paired_batches(
-        labelled, unlabeled, count, seed, views.image_size, accelerator, workers, show
+        labelled, unlabeled, count, seed, views.image_size, accelerator, workers, show, decoding
     )
     pseudo_labels = PseudoLabels(accelerator.device, has_labels=unlabeled.labels is not None)
     weak = ShiftFlipViews(views.image_size, views.mean, views.std)

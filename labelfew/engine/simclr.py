@@ -23,13 +23,15 @@ from labelfew.config.training import DEFAULT_EPOCHS, INIT_EPOCHS
 from labelfew.data import sources
 from labelfew.data.device_decode import decode_place
 from labelfew.data.images import typical_image_side
-from labelfew.engine.start import DEFAULT_ARCH, Start, init_start
+from labelfew.data.survey import ImageSurvey
+from labelfew.engine.init_channels import imagenet_statistics
+from labelfew.engine.start import DEFAULT_ARCH, Start, fed_by, init_start, survey_options
 from labelfew.engine.trainer import FitResult
 from labelfew.errors import UserError
 from labelfew.fileio import default_run_folder
 from labelfew.models import build_backbone
 from labelfew.optim import scaled_learning_rate
-from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, uses_small_stem
+from labelfew.spec import IMAGENET_MEAN, IMAGENET_STD, Decoding, uses_small_stem
 from labelfew.views.config import ViewConfig
 
 LISTED_FILES = 100_000
@@ -49,7 +51,7 @@ def run_folder(config: PretrainConfig) -> Path:
 
 def read_init(config: PretrainConfig, paths: list[Path]) -> Start | None:
     """`--init`'s weights as a start (None without `--init`), with the arch, size, stem and mean/std
-    they bring (`labelfew.engine.start.init_start`).
+    they bring (`labelfew.engine.start.init_start`), at their own channel count (`fed` adapts them).
 
     Call it before any image is opened, so that a bad init fails in one line before the first
     header is read.
@@ -64,12 +66,34 @@ def read_init(config: PretrainConfig, paths: list[Path]) -> Start | None:
     )
 
 
+def survey(config: PretrainConfig, paths: list[Path]) -> ImageSurvey:
+    """The images' channels, window and statistics as `--channels`/`--window` ask, from a sample
+    seeded by `--seed` (`labelfew.engine.start.survey_options`)."""
+    return survey_options(paths, config.channels, config.window, config.seed)
+
+
+def fed(config: PretrainConfig, init: Start | None, found: ImageSurvey) -> Start:
+    """What the backbone starts from (`init`, or random init), fed the images `found` describes:
+    an init of another channel count adapted to theirs (`labelfew.engine.init_channels`), their
+    window, and for a random init of 1 or N channels their mean and std (`labelfew.engine.start.fed_by`)."""
+    assert config.arch is not None and config.image_size is not None  # resolved
+    if init is not None and init.init is not None and init.channels != found.channels:
+        init = init_start(init.init, config.arch, config.init_prefix, config.image_size, config.small_stem,
+                          [], channels=found.channels)  # fmt: skip
+    if init is None:
+        mean, std = imagenet_statistics(found.channels)
+        init = Start(None, config.arch, config.image_size, bool(config.small_stem), mean, std,
+                     channels=found.channels)  # fmt: skip
+    return fed_by(init, found)
+
+
 def resolve(
     config: PretrainConfig,
     paths: list[Path],
     processes: int = 1,
     device: torch.device | None = None,
     init: Start | None = None,
+    decoding: Decoding = Decoding(),
 ) -> PretrainConfig:
     """Fills the automatic values (arch, epochs, batch, image size, stem, colour strength, blur,
     warmup, image source, decode place, output).
@@ -92,7 +116,12 @@ def resolve(
     epochs = config.epochs or (INIT_EPOCHS if init is not None else DEFAULT_EPOCHS)
     warmup = min(10.0, epochs / 10) if config.warmup_epochs is None else config.warmup_epochs
     augment_on = sources.augment_place(
-        config.augment_on, config.memory_budget, paths, image_size, decode_on=config.decode_on
+        config.augment_on,
+        config.memory_budget,
+        paths,
+        image_size,
+        decode_on=config.decode_on,
+        decoding=decoding,
     )
     return dataclasses.replace(
         config,
@@ -108,14 +137,6 @@ def resolve(
         out=run_folder(config),
         batch_size=batch,
     )
-
-
-def start_of(config: PretrainConfig, init: Start | None) -> Start:
-    """What the backbone starts from: `init`, or random init fed with ImageNet's mean and std."""
-    assert config.arch is not None and config.image_size is not None  # resolved
-    if init is not None:
-        return init
-    return Start(None, config.arch, config.image_size, bool(config.small_stem), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def automatic_batch(config: PretrainConfig, image_count: int, processes: int) -> int:
@@ -193,7 +214,7 @@ def learning_rate(config: PretrainConfig) -> float:
 
 def view_config(config: PretrainConfig, start: Start | None = None) -> ViewConfig:
     """The view parameters of a resolved config, normalised with `start`'s mean and std (ImageNet's
-    without one): an init is fed what it was trained on."""
+    RGB ones without one): an init is fed what it was trained on; the views take its channel count."""
     assert config.image_size is not None and config.color_strength is not None  # set by `resolve`
     mean, std = (start.mean, start.std) if start is not None else (IMAGENET_MEAN, IMAGENET_STD)
     return ViewConfig(
@@ -215,9 +236,11 @@ def fingerprint(config: PretrainConfig, paths: list[Path], start: Start | None =
     init's path (its sha256 says whether the weights are the same). A run without `--init` has the
     keys of a run before `--init` existed, and one without `--queue` those of a run before the
     queue existed, so that their checkpoints still resume; with `--queue`, its settings are compared.
+    The same holds for the decoding: an 8-bit RGB run has the keys of a run before `--channels`
+    existed; another run compares its resolved channels and window.
     """
     ignored = {"out", "quiet", "workers", "checkpoint_every", "restart", "max_bad_fraction", "data", "logger",
-               "memory_budget", "compile", "follow_links", "decode_on", "init"}  # fmt: skip
+               "memory_budget", "compile", "follow_links", "decode_on", "init", "channels", "window"}  # fmt: skip
     if not config.queue:
         ignored |= {"queue", "key_momentum", "key_momentum_ramp"}
     values = {key: value for key, value in to_json(config).items() if key not in ignored}
@@ -226,7 +249,15 @@ def fingerprint(config: PretrainConfig, paths: list[Path], start: Start | None =
     # the list itself names the files that appeared or vanished when a resume is refused
     kept = {"_image_list_sha256": names} if len(names) <= LISTED_FILES else {}
     init = {"init_sha256": start.init.sha256} if start is not None and start.init is not None else {}
-    return {**values, **init, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16], **kept}
+    decoding = {} if start is None or start.decoding == Decoding() else {"decoding": _decoding_record(start)}
+    return {**values, **init, **decoding, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16],
+            **kept}  # fmt: skip
+
+
+def _decoding_record(start: Start) -> dict[str, Any]:
+    """The input a model is fed: channels, window, whether DICOM windows won, mean and std."""
+    return {"channels": start.channels, "window": None if start.window is None else list(start.window),
+            "file_windows": start.file_windows, "mean": list(start.mean), "std": list(start.std)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +276,7 @@ class RunFacts:
         random_keys: tensors of the init left at random (a small stem over an ImageNet stem).
         decoded: files decoded on the device and on the CPU (`sources.decode_record`), or empty
             when the CPU decoded.
+        survey: what the seeded sample of the images said (`labelfew.data.survey.ImageSurvey.record`).
     """
 
     images: int
@@ -257,6 +289,7 @@ class RunFacts:
     start: Start | None = None
     random_keys: list[str] = dataclasses.field(default_factory=list)
     decoded: dict[str, int] = dataclasses.field(default_factory=dict)
+    survey: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def run_record(
@@ -277,6 +310,7 @@ def run_record(
             "skipped_files": facts.skipped,
             **facts.decoded,
         },
+        **({"input": {**_decoding_record(facts.start), "survey": facts.survey}} if facts.start else {}),
         **({"automatic_batch": facts.batch_note} if facts.batch_note else {}),
         **({"init": {**init.record(), "skipped": init.skipped, "random": facts.random_keys}} if init else {}),
         "metrics": {

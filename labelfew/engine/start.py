@@ -11,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
+from labelfew.config.shared import parse_channels, parse_window
 from labelfew.data.images import typical_image_side
+from labelfew.data.survey import ImageSurvey, survey_images
 from labelfew.engine.init_channels import adapt_init, imagenet_statistics
 from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
 from labelfew.models import build_backbone
-from labelfew.spec import ModelSpec, uses_small_stem
+from labelfew.spec import Decoding, ModelSpec, uses_small_stem
 
 DEFAULT_ARCH = "resnet18"
 """The architecture of a `--scratch` fine-tuning without `--arch`: SimCLR's CIFAR-10 backbone."""
@@ -30,7 +33,8 @@ DEFAULT_ARCH = "resnet18"
 class Start:
     """Where the weights come from: the pretrain artifact, `--init`'s weights, or nothing (scratch).
 
-    ``channels`` is the model's input channel count; ``mean`` and ``std`` have one entry per channel.
+    ``channels`` is the model's input channel count; ``mean`` and ``std`` have one entry per channel;
+    ``window`` and ``file_windows`` say how deep images become 8 bits (`labelfew.spec.Decoding`).
     """
 
     artifact: Artifact | None
@@ -41,6 +45,25 @@ class Start:
     std: tuple[float, ...]
     init: Init | None = None
     channels: int = 3
+    window: tuple[float, float] | None = None
+    file_windows: bool = True
+
+    @property
+    def decoding(self) -> Decoding:
+        """How the images are decoded for this start (channels and window)."""
+        return Decoding(self.channels, self.window, self.file_windows)
+
+    def spec(self, num_features: int, **fields: Any) -> ModelSpec:
+        """The `ModelSpec` of a model from this start: its arch, size, stem, normalisation, channels,
+        window and `init`'s lineage, with ``fields`` (head, classes, ...) on top."""
+        lineage: dict[str, Any] = {}
+        if self.init is not None:
+            lineage = {"init": self.init.source, "init_sha256": self.init.sha256}
+        return ModelSpec(
+            self.arch, self.image_size, self.small_stem, num_features, self.mean, self.std,
+            channels=self.channels, window=self.window, file_windows=self.file_windows,
+            **{**lineage, **fields},
+        )  # fmt: skip
 
     def load_into(self, backbone: nn.Module) -> list[str]:
         """Copies `init`'s weights into ``backbone`` (strictly); returns the keys left random."""
@@ -100,16 +123,17 @@ def _check_arch(artifact: Artifact, arch: str | None, flag: str) -> None:
 
 def finetune_start(
     source: Path | None, scratch: bool, arch: str | None, image_size: int | None, paths: Sequence[Path],
-    channels: int = 3,
+    channels: str = "auto", window: str | None = None, seed: int = 0,
 ) -> Start:  # fmt: skip
     """The pretrained backbone at `source`, or with `scratch` and none there, random init.
 
     The image size is the backbone's unless `image_size` is given; a scratch start without a
-    backbone takes it from the images (`paths`) and its stem from the size, and has `channels`
-    input channels (a backbone has its own).
+    backbone takes it from the images (`paths`) and its stem from the size, and its channels and
+    window from `--channels`/`--window` and the images (`data_start`); a backbone brings its own.
 
     Raises:
-        UserError: no backbone and not `scratch`, or an `arch` the backbone was not pretrained as.
+        UserError: no backbone and not `scratch`, an `arch` the backbone was not pretrained as, or
+            `--channels`/`--window` against the backbone's own.
     """
     artifact: Artifact | None = None
     try:
@@ -117,19 +141,79 @@ def finetune_start(
     except UserError:
         if not scratch:
             raise
-    if artifact is not None:
-        _check_arch(artifact, arch, "--from")
-        spec = artifact.spec
-        size = spec.image_size if image_size is None else image_size
-        return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std, channels=spec.channels)
-    size = typical_image_side(list(paths)) if image_size is None else image_size
-    return Start(
-        None,
-        arch or DEFAULT_ARCH,
-        size,
-        uses_small_stem(size),
-        *imagenet_statistics(channels),
-        channels=channels,
+    if artifact is None:
+        return data_start(None, arch, None, image_size, paths, channels, window, seed)
+    _check_arch(artifact, arch, "--from")
+    spec = artifact.spec
+    _check_decoding(artifact, channels, window)
+    size = spec.image_size if image_size is None else image_size
+    return Start(artifact, spec.arch, size, spec.small_stem, spec.mean, spec.std, channels=spec.channels,
+                 window=spec.window, file_windows=spec.file_windows)  # fmt: skip
+
+
+def _check_decoding(artifact: Artifact, channels: str, window: str | None) -> None:
+    """Refuses `--channels`/`--window` that differ from what the backbone at `artifact` was trained on."""
+    spec = artifact.spec
+    asked = parse_channels(channels)
+    if asked is not None and asked != spec.channels:
+        raise UserError(
+            f"--channels {channels}: the backbone {artifact.path} was pretrained on {spec.channels} "
+            "channel(s); drop --channels (it follows the backbone) or pretrain again"
+        )
+    if window is not None and parse_window(window) != spec.window:
+        raise UserError(
+            f"--window {window}: the backbone {artifact.path} was pretrained with window {spec.window}; "
+            "drop --window (it follows the backbone) or pretrain again"
+        )
+
+
+def survey_options(paths: Sequence[Path], channels: str, window: str | None, seed: int) -> ImageSurvey:
+    """The images' channels, window and statistics from a sample seeded by `seed`, as `--channels`
+    and `--window` ask (`labelfew.data.survey.survey_images`; a window given by hand applies to
+    DICOM files too).
+
+    Raises:
+        UserError: files of more than 3 channels whose counts differ (naming two).
+    """
+    return survey_images(
+        paths, channels=parse_channels(channels), window=parse_window(window), file_windows=window is None,
+        seed=seed,
+    )  # fmt: skip
+
+
+def data_start(
+    init: Init | None, arch: str | None, prefix: str | None, image_size: int | None, paths: Sequence[Path],
+    channels: str, window: str | None, seed: int,
+) -> Start:  # fmt: skip
+    """A start without a pretrain artifact — `init`'s weights (`init_start`) or random init —
+    fed the images at `paths` as `--channels`/`--window` and a seeded survey of them say
+    (`survey_options`, `fed_by`): an RGB init of a gray folder becomes a 1-channel model."""
+    surveyed = survey_options(paths, channels, window, seed)
+    if init is not None:
+        start = init_start(init, arch, prefix, image_size, None, paths, channels=surveyed.channels)
+    else:
+        size = typical_image_side(list(paths)) if image_size is None else image_size
+        mean, std = imagenet_statistics(surveyed.channels)
+        start = Start(
+            None, arch or DEFAULT_ARCH, size, uses_small_stem(size), mean, std, channels=surveyed.channels
+        )
+    return fed_by(start, surveyed)
+
+
+def fed_by(start: Start, survey: ImageSurvey) -> Start:
+    """`start` fed the images `survey` describes: their channels and window; a random init also
+    takes their mean and std, except for 3 channels, which keep ImageNet's (every RGB figure in
+    benchmarks/RESULTS.md was trained with them, and timm's backbones expect them).
+
+    A start from weights (`--init`, a pretrain artifact) keeps the mean and std they were trained
+    with; its channel count must already be the survey's (`init_start`'s ``channels``).
+    """
+    assert start.channels == survey.channels, "adapt the init to the survey's channels first"
+    mean, std = start.mean, start.std
+    if start.init is None and start.artifact is None and survey.channels != 3 and survey.mean:
+        mean, std = survey.mean, survey.std
+    return dataclasses.replace(
+        start, mean=mean, std=std, window=survey.window, file_windows=survey.file_windows
     )
 
 
@@ -161,8 +245,5 @@ def frozen_backbone(init: Init, paths: Sequence[Path], image_size: int | None = 
         start.arch, small_stem=start.small_stem, image_size=start.image_size, channels=start.channels
     )
     start.load_into(backbone)
-    spec = ModelSpec(
-        start.arch, start.image_size, start.small_stem, int(backbone.num_features),  # type: ignore[arg-type]
-        start.mean, start.std, init=init.source, init_sha256=init.sha256, channels=start.channels,
-    )  # fmt: skip
+    spec = start.spec(int(backbone.num_features))  # type: ignore[arg-type]
     return FrozenBackbone(backbone, spec, init)

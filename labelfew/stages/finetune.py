@@ -56,13 +56,12 @@ from labelfew.engine.fine_tuning import (
 from labelfew.engine.fixmatch import PSEUDO_LABEL_METRICS, UnlabeledImages, find_unlabeled
 from labelfew.engine.init_weights import Init, init_name, read_init
 from labelfew.engine.loggers import check_loggers, open_loggers
-from labelfew.engine.start import Start, finetune_start, init_start
+from labelfew.engine.start import Start, data_start, finetune_start
 from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, head_spec
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
 from labelfew.report.tables import print_lr_search
-from labelfew.spec import ModelSpec
 from labelfew.use.held_out import epoch_scores, frozen_features, multi_label_threshold
 from labelfew.use.inference import (
     EvalImages,
@@ -231,8 +230,7 @@ def _linear(config: FinetuneConfig, start: Start, class_names: list[str], train:
     started = time.perf_counter()
     model = start_classifier(start, len(class_names), config.from_head_layer).requires_grad_(False)
     frozen = nn.Sequential(model.backbone, *([model.head] if model.head is not None else []))
-    spec = ModelSpec(start.arch, start.image_size, start.small_stem, int(model.backbone.num_features),  # type: ignore[arg-type]
-                     start.mean, start.std)  # fmt: skip
+    spec = start.spec(int(model.backbone.num_features))  # type: ignore[arg-type]
     features, indices, bad = frozen_features(frozen, list(train.paths), spec, config.batch_size, config.workers,
                                              config.skip_bad, config.quiet or not accelerator.is_main_process)  # fmt: skip
     kept = LabeledImages(
@@ -266,8 +264,10 @@ def _start(config: FinetuneConfig, init: Init | None, paths: tuple[Path, ...]) -
     """`--init`'s weights (their stem and mean/std, the image size as `init_start` says), else
     `--from`'s pretrained backbone, or random init with `--scratch`."""
     if init is None:
-        return finetune_start(config.source, config.scratch, config.arch, config.image_size, paths)
-    return init_start(init, config.arch, config.init_prefix, config.image_size, None, paths)
+        return finetune_start(config.source, config.scratch, config.arch, config.image_size, paths,
+                              config.channels, config.window, config.seed)  # fmt: skip
+    return data_start(init, config.arch, config.init_prefix, config.image_size, paths, config.channels,
+                      config.window, config.seed)  # fmt: skip
 
 
 def _warn_if_imbalanced(config: FinetuneConfig, labeled: LabeledImages, accelerator: Any) -> None:
@@ -358,9 +358,9 @@ def _save(config: FinetuneConfig, start: Start, model: nn.Module, artifact: Path
     lineage = start.artifact.spec if start.artifact is not None and not config.scratch else None
     init, init_sha256 = (start.init.source, start.init.sha256) if start.init else (
         (lineage.init, lineage.init_sha256) if lineage else (None, None))  # fmt: skip
-    spec = ModelSpec(
-        start.arch, start.image_size, start.small_stem, width, start.mean, start.std, head,
-        config.from_head_layer, tuple(class_names), config.scratch, init, init_sha256,
+    spec = start.spec(
+        width, head=head, from_head_layer=config.from_head_layer, class_names=tuple(class_names),
+        scratch=config.scratch, init=init, init_sha256=init_sha256,
         multi_label=learning_rate["threshold"] is not None, threshold=learning_rate["threshold"],
     )  # fmt: skip
     method = {"method": config.method} if config.method != "supervised" else {}

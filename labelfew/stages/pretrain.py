@@ -38,7 +38,7 @@ from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, warmup_cosine
 from labelfew.report.views_figure import write_views_figure
-from labelfew.spec import SMALL_IMAGE_SIDE, HeadSpec, ModelSpec
+from labelfew.spec import SMALL_IMAGE_SIDE, Decoding, HeadSpec
 from labelfew.views.simclr import PairViews, SimCLRViews
 
 STAGE = register_stage(
@@ -52,10 +52,12 @@ STAGE = register_stage(
 )
 
 
-def build_model(config: PretrainConfig) -> SimCLRModel:
-    """Backbone + projection head for a resolved config."""
+def build_model(config: PretrainConfig, channels: int = 3) -> SimCLRModel:
+    """Backbone (of ``channels`` input channels) + projection head for a resolved config."""
     assert config.arch is not None  # resolved
-    backbone = build_backbone(config.arch, small_stem=bool(config.small_stem), image_size=config.image_size)
+    backbone = build_backbone(
+        config.arch, small_stem=bool(config.small_stem), image_size=config.image_size, channels=channels
+    )
     width = int(backbone.num_features)  # type: ignore[arg-type]
     head = ProjectionHead(
         width,
@@ -122,9 +124,12 @@ def run(config: PretrainConfig) -> Path:
     sources.check_decode_on(config.decode_on, config.augment_on, accelerator.device)  # before any image
     init = simclr.read_init(config, paths)  # is opened: a bad value or init fails in one line, early
     automatic_batch = config.batch_size is None
-    config = simclr.resolve(config, paths, accelerator.num_processes, accelerator.device, init)
+    surveyed = simclr.survey(config, paths)  # channels, window, statistics: a seeded sample of the files
+    config = simclr.resolve(
+        config, paths, accelerator.num_processes, accelerator.device, init, surveyed.decoding
+    )
     simclr.check(config, len(paths))
-    start = simclr.start_of(config, init)
+    start = simclr.fed(config, init, surveyed)
     note = simclr.batch_note(config, len(paths)) if automatic_batch else None
     sync_bn = use_sync_batchnorm(config.sync_bn, accelerator)
     # The default run folder has a timestamp: use the main process's, on every process.
@@ -133,7 +138,7 @@ def run(config: PretrainConfig) -> Path:
     )
     assert config.out is not None and config.batch_size is not None  # resolved
     loader, undecodable = build_batches(
-        config, paths, accelerator, engine.per_process_batch(config.batch_size, accelerator)
+        config, paths, accelerator, engine.per_process_batch(config.batch_size, accelerator), start.decoding
     )
     simclr.check_bad(config, undecodable, len(paths))  # known before training on the device path
     model, optimizer, random_keys, keys = _prepare_model(config, start, sync_bn, accelerator, len(loader))
@@ -142,11 +147,11 @@ def run(config: PretrainConfig) -> Path:
     views = SimCLRViews(simclr.view_config(config, start))
     facts = simclr.RunFacts(
         len(paths), found.skipped, lr, engine.describe_device(accelerator), accelerator.num_processes,
-        batchnorm_description(sync_bn, accelerator), note, start, random_keys,
+        batchnorm_description(sync_bn, accelerator), note, start, random_keys, survey=surveyed.record(),
     )  # fmt: skip
     run_loggers = None
     if accelerator.is_main_process:
-        _announce(config, facts)
+        _announce(config, facts, surveyed.describe(asked_window=config.window is not None))
         run_loggers = open_loggers(config.logger, config.out / "pretrain", to_json(config))
         write_views_figure(loader, views, config.out / "pretrain" / "views.png", run_loggers)
     fingerprint = simclr.fingerprint(config, paths, start)
@@ -169,7 +174,7 @@ def _prepare_model(
     across processes, channels-last on a GPU, compiled on request) and its optimizer at the resolved
     lr, both prepared by Accelerate; the backbone's tensors `start` left random; and with `--queue`,
     the momentum encoder (a copy of the prepared model, compiled with it on request) and its key queue."""
-    model = build_model(config)
+    model = build_model(config, start.channels)
     random_keys = start.load_into(model.backbone)  # strict: every other tensor is the init's
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -238,11 +243,15 @@ def _estimate_printer(
 
 
 def build_batches(
-    config: PretrainConfig, paths: list[Path], accelerator: Any, per_process: int
+    config: PretrainConfig,
+    paths: list[Path],
+    accelerator: Any,
+    per_process: int,
+    decoding: Decoding = Decoding(),
 ) -> tuple[EpochBatches, list[str]]:
     """This process's uint8 training batches from the image source ``config.augment_on`` names,
-    decoded where ``config.decode_on`` says (`labelfew.data.sources`), and the files found
-    undecodable before training."""
+    decoded where ``config.decode_on`` says (`labelfew.data.sources`) as ``decoding`` says (channels,
+    window), and the files found undecodable before training."""
     assert config.image_size is not None
     order = EpochOrder(
         len(paths), per_process, config.seed, accelerator.process_index, accelerator.num_processes
@@ -252,15 +261,22 @@ def build_batches(
         paths, config.augment_on, config.image_size, order, accelerator, config.memory_budget,
         workers=engine.default_workers(config.workers),
         on_progress=sources.decode_progress(engine.console) if show else None, decode_on=config.decode_on,
+        decoding=decoding,
     )  # fmt: skip
 
 
-def _announce(config: PretrainConfig, facts: simclr.RunFacts) -> None:
-    """The run's summary line (after the automatic batch's and the init's lines), unless `--quiet`."""
+def _announce(config: PretrainConfig, facts: simclr.RunFacts, input_note: str | None = None) -> None:
+    """The run's summary line (after the automatic batch's, the input's and the init's lines),
+    unless `--quiet`."""
     if config.quiet:
         return
     init = facts.start.init if facts.start is not None else None
-    for line in (facts.batch_note, init.summary() if init else None, _random_note(facts.random_keys)):
+    for line in (
+        facts.batch_note,
+        input_note,
+        init.summary() if init else None,
+        _random_note(facts.random_keys),
+    ):
         if line:
             engine.console.print(line, markup=False)
     assert config.batch_size is not None
@@ -301,12 +317,9 @@ def _save(
     """Writes backbone.safetensors and head.safetensors with the model's spec (its init's mean/std
     and sha256 among it) as metadata, then run.json (`simclr.run_record`)."""
     assert config.arch is not None and config.image_size is not None and config.batch_size is not None
-    start = facts.start or simclr.start_of(config, None)
+    assert facts.start is not None  # `run` sets it
     width = int(model.backbone.num_features)
-    init = start.init
-    spec = ModelSpec(config.arch, config.image_size, bool(config.small_stem), num_features=width,
-                     mean=start.mean, std=start.std, init=init.source if init else None,
-                     init_sha256=init.sha256 if init else None)  # fmt: skip
+    spec = facts.start.spec(width)
     metadata = {"stage": "pretrain", **spec.to_metadata(), "config": json.dumps(to_json(config))}
     backbone_hash = save_tensors(artifact, model.backbone.state_dict(), metadata)
     hidden = width if config.projection_hidden is None else config.projection_hidden
