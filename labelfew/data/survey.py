@@ -84,11 +84,6 @@ class ImageSurvey:
             parts.append(f"values {low:g} to {high:g} mapped to 0-255 ({origin})")
         elif self.deep:
             parts.append("DICOM files' own windows")
-        if self.multichannel is not None and self.channels != self.multichannel:
-            parts.append(
-                f"the images have {self.multichannel} channels, {self.channels} are used: "
-                f"pass --channels {self.multichannel} to train on all of them"
-            )
         return "input: " + "; ".join(parts) if parts else None
 
     def record(self) -> dict[str, Any]:

@@ -173,12 +173,20 @@ def survey_options(paths: Sequence[Path], channels: str, window: str | None, see
     DICOM files too).
 
     Raises:
-        UserError: files of more than 3 channels whose counts differ (naming two).
+        UserError: files of more than 3 channels whose counts differ (naming two), or whose count
+            is not the one asked for.
     """
-    return survey_images(
+    surveyed = survey_images(
         paths, channels=parse_channels(channels), window=parse_window(window), file_windows=window is None,
         seed=seed,
     )  # fmt: skip
+    many = surveyed.multichannel
+    if many is not None and surveyed.channels != many:  # no decoder drops channels silently
+        raise UserError(
+            f"--channels {channels}: the images have {many} channels (--channels auto takes 1 or 3); "
+            f"pass --channels {many} to train on all of them"
+        )
+    return surveyed
 
 
 def data_start(
