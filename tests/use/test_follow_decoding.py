@@ -30,7 +30,7 @@ from labelfew.data.labels import read_labels
 from labelfew.data.pixels import decode_array
 from labelfew.data.survey import survey_images
 from labelfew.engine.init_weights import read_init
-from labelfew.models import build_model, features_model, load_model
+from labelfew.models import build_model, load_model
 from labelfew.spec import Decoding, ModelSpec
 from labelfew.stages import distill, evaluate, select
 from labelfew.use.embed import embed
@@ -56,7 +56,9 @@ def gray(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4-channel TIFF digits, two classes of 3."""
-    return write_multichannel_folder(tmp_path_factory.mktemp("four") / "images", channels=4, per_class=3, classes=2)
+    return write_multichannel_folder(
+        tmp_path_factory.mktemp("four") / "images", channels=4, per_class=3, classes=2
+    )
 
 
 def _spec(channels: int, window: tuple[float, float] | None = None, **more: object) -> ModelSpec:
@@ -93,9 +95,16 @@ def test_predict_feeds_a_windowed_one_channel_model_its_pixels(gray: Path, tmp_p
     spec = _spec(1, WINDOW, class_names=("0", "1"))
     model = _save(spec, tmp_path / "run" / "finetune" / "model.safetensors", "finetune")
     out = tmp_path / "predictions.csv"
-    predict(PredictConfig(images=gray, out=out, source=tmp_path / "run" / "finetune", top_k=2, workers=0, quiet=True))
+    predict(
+        PredictConfig(
+            images=gray, out=out, source=tmp_path / "run" / "finetune", top_k=2, workers=0, quiet=True
+        )
+    )
     with out.open(newline="") as stream:
-        rows = {Path(row["path"]).parent.name + "/" + Path(row["path"]).name: row for row in csv.DictReader(stream)}
+        rows = {
+            Path(row["path"]).parent.name + "/" + Path(row["path"]).name: row
+            for row in csv.DictReader(stream)
+        }
     paths = find_images(gray)
     probabilities = torch.softmax(_reference(model, paths, spec), dim=1)
     for path, expected in zip(paths, probabilities, strict=True):
@@ -158,7 +167,9 @@ def test_an_rgb_init_is_summed_into_the_gray_datas_one_channel(gray: Path, rgb_i
     assert (given.spec.channels, given.spec.window) == (3, WINDOW)  # a run's decoding wins over the survey
 
 
-def test_the_label_page_shows_twelve_bit_images_as_gray_through_the_window(gray: Path, rgb_init: Path) -> None:
+def test_the_label_page_shows_twelve_bit_images_as_gray_through_the_window(
+    gray: Path, rgb_init: Path
+) -> None:
     out = gray.parent / "picks" / "to-label.csv"
     select.run(SelectConfig(folder=gray, budget=3, out=out, init=str(rgb_init), workers=0, quiet=True))
     thumbnails = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', out.with_suffix(".html").read_text())
@@ -191,4 +202,6 @@ def test_the_student_takes_the_teachers_channels_and_window(gray: Path, tmp_path
     first = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
     assert first.in_channels == 1
     logits = run_model(model, find_images(gray), student.spec, workers=0).values
-    torch.testing.assert_close(logits, _reference(model, find_images(gray), student.spec), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits, _reference(model, find_images(gray), student.spec), atol=1e-5, rtol=1e-4
+    )
