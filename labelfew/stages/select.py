@@ -348,7 +348,14 @@ def _record(
         "seed": config.seed,
         "labels": [str(path.absolute()) for path in config.labels],
         "pretrain": str(pretrained.path.absolute()) if pretrained else None,
-        "init": {**own.init.record(), "image_size": own.spec.image_size} if own else None,
+        "init": {
+            **own.init.record(),
+            "image_size": own.spec.image_size,
+            "channels": own.spec.channels,
+            "window": own.spec.window,
+        }
+        if own
+        else None,
         "finetune": str(model.path.absolute()) if model else None,
     }
     atomic_write_text(config.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import json
 import re
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
+from labelfew import engine
 from labelfew.artifacts import load_artifact, save_tensors, write_run_json
-from labelfew.config import DistillConfig, EmbedConfig, PredictConfig, SelectConfig
+from labelfew.config import DistillConfig, EmbedConfig, EvaluateConfig, PredictConfig, SelectConfig
 from labelfew.data.images import find_images
 from labelfew.data.labels import read_labels
 from labelfew.data.pixels import decode_array
@@ -35,7 +37,8 @@ from labelfew.spec import Decoding, ModelSpec
 from labelfew.stages import distill, evaluate, select
 from labelfew.use.embed import embed
 from labelfew.use.frozen_init import init_backbone
-from labelfew.use.inference import run_model
+from labelfew.use.held_out import frozen_features
+from labelfew.use.inference import held_out_images, held_out_scores, run_model
 from labelfew.use.predict import predict
 
 WINDOW = (300.0, 3500.0)
@@ -143,6 +146,25 @@ def test_evaluate_runs_each_model_with_its_own_window(gray: Path, tmp_path: Path
     torch.testing.assert_close(features, _reference(backbone, paths, pretrained), atol=1e-5, rtol=1e-4)
 
 
+def test_fine_tunings_held_out_scores_decode_as_the_model(gray: Path, tmp_path: Path) -> None:
+    """`held_out_images(..., decoding=)` (validation) and `frozen_features` (`--method linear`) with a
+    windowed 1-channel model: the held-out cross-entropy and the features are the reference's."""
+    labeled, classes = read_labels(gray), ["0", "1"]
+    spec = _spec(1, WINDOW, class_names=tuple(classes))
+    model = _save(spec, tmp_path / "finetune" / "model.safetensors", "finetune")
+    accelerator = engine.make_accelerator("no", seed=0)
+    images = held_out_images(labeled, classes, 32, spec.mean, spec.std, batch_size=3, workers=0,
+                             accelerator=accelerator, decoding=spec.decoding)  # fmt: skip
+    logits = _reference(model, list(labeled.paths), spec)
+    targets = torch.tensor(labeled.label_indices(classes))
+    top1, loss = held_out_scores(model, images, accelerator)
+    assert top1 == pytest.approx(float((logits.argmax(dim=1) == targets).float().mean()))
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(logits, targets)), rel=1e-4)
+    features, kept, bad = frozen_features(model, list(labeled.paths), spec, 4, 0, skip_bad=False, quiet=True)
+    torch.testing.assert_close(features, logits, atol=1e-5, rtol=1e-4)
+    assert (kept, bad) == (list(range(len(labeled))), [])
+
+
 @pytest.fixture(scope="module")
 def rgb_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An RGB labelfew backbone with equal per-channel mean and std (so its 1-channel sum is exact)."""
@@ -167,6 +189,19 @@ def test_an_rgb_init_is_summed_into_the_gray_datas_one_channel(gray: Path, rgb_i
     assert (given.spec.channels, given.spec.window) == (3, WINDOW)  # a run's decoding wins over the survey
 
 
+def test_evaluate_init_sees_the_images_as_the_runs_backbone(
+    gray: Path, rgb_init: Path, tmp_path: Path
+) -> None:
+    """`evaluate --init` beside a 1-channel windowed run: the init is summed to 1 channel and decodes with
+    the run's window (every row sees the same pixels), and its kNN row is scored."""
+    _save(_spec(1, WINDOW), tmp_path / "run" / "pretrain" / "backbone.safetensors", "pretrain")
+    result = evaluate.run(EvaluateConfig(test=gray, bank=gray, source=tmp_path / "run", init=str(rgb_init),
+                                         allow_overlap=True, knn_k=3, workers=0, quiet=True))  # fmt: skip
+    assert (result["models"]["init"]["channels"], result["models"]["init"]["window"]) == (1, WINDOW)
+    methods = [row["method"] for row in result["rows"]]
+    assert any(method.startswith("kNN (init") for method in methods), methods
+
+
 def test_the_label_page_shows_twelve_bit_images_as_gray_through_the_window(
     gray: Path, rgb_init: Path
 ) -> None:
@@ -179,6 +214,8 @@ def test_the_label_page_shows_twelve_bit_images_as_gray_through_the_window(
         pixels = np.asarray(image)
         assert image.mode == "L"
         assert int(pixels.max()) - int(pixels.min()) >= 200  # today's /65535 scale spans 16 levels
+    record = json.loads(out.with_suffix(".json").read_text())["init"]  # the survey's decoding, recorded
+    assert (record["channels"], record["window"]) == (1, list(survey_images(find_images(gray)).window or ()))
 
 
 def test_the_four_channel_page_says_it_shows_the_first_three(four: Path, tmp_path: Path) -> None:
