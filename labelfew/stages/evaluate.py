@@ -228,7 +228,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "models": {
             "pretrain": str(models.pretrain.path) if models.pretrain else None,
             "finetunes": [str(a.path) for a in models.finetunes],
-            "init": {**own.init.record(), "image_size": own.spec.image_size} if own is not None else None,
+            "init": {**own.init.record(), "image_size": own.spec.image_size, "channels": own.spec.channels,
+                     "window": own.spec.window} if own is not None else None,
         },
         "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "wall_seconds": time.perf_counter() - started,
