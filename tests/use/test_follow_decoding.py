@@ -14,19 +14,27 @@ import csv
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from medical_images import write_deep_folder, write_multichannel_folder
+from medical_images import deep_pixels, digits, write_deep, write_deep_folder, write_multichannel_folder
 from PIL import Image
 from safetensors import safe_open
 from torch import nn
 
 from labelfew import engine
 from labelfew.artifacts import load_artifact, save_tensors, write_run_json
-from labelfew.config import DistillConfig, EmbedConfig, EvaluateConfig, PredictConfig, SelectConfig
+from labelfew.config import (
+    DistillConfig,
+    EmbedConfig,
+    EvaluateConfig,
+    PredictConfig,
+    SelectConfig,
+    SimilarConfig,
+)
 from labelfew.data.images import find_images
 from labelfew.data.labels import read_labels
 from labelfew.data.pixels import decode_array
@@ -40,6 +48,7 @@ from labelfew.use.frozen_init import init_backbone
 from labelfew.use.held_out import frozen_features
 from labelfew.use.inference import held_out_images, held_out_scores, run_model
 from labelfew.use.predict import predict
+from labelfew.use.similar import similar
 
 WINDOW = (300.0, 3500.0)
 """A window of the 12-bit digits that is not their own (0.5%, 99.5%) percentiles."""
@@ -187,6 +196,23 @@ def test_an_rgb_init_is_summed_into_the_gray_datas_one_channel(gray: Path, rgb_i
     torch.testing.assert_close(features, _reference(rgb, paths, three), atol=1e-4, rtol=1e-4)
     given = init_backbone(read_init(str(rgb_init)), paths, decoding=Decoding(3, WINDOW))
     assert (given.spec.channels, given.spec.window) == (3, WINDOW)  # a run's decoding wins over the survey
+
+
+def test_similar_embeds_the_query_as_the_init_index_was(rgb_init: Path, tmp_path: Path) -> None:
+    """`embed --init` on 12-bit gray files of different brightness records the survey's window (not any
+    one file's own); `similar` decodes its query with it, so a copy of an indexed file finds that file
+    at similarity 1."""
+    folder = tmp_path / "images"
+    for index, (image, _) in enumerate(digits(3, classes=2)):
+        write_deep(folder / f"{index}.png", deep_pixels(image * (0.3 + 0.12 * index), seed=index))
+    out = tmp_path / "index.safetensors"
+    embed(EmbedConfig(images=folder, out=out, init=str(rgb_init), workers=0, quiet=True))
+    recorded = ModelSpec.from_metadata(load_artifact(out).metadata)
+    assert (recorded.channels, recorded.window) == (1, survey_images(find_images(folder)).window)
+    original = folder / "1.png"
+    query = Path(shutil.copy(original, tmp_path / "query.png"))
+    best = similar(SimilarConfig(query=query, index=out, top_k=1))[0]
+    assert best.path.resolve() == original.resolve() and best.similarity == pytest.approx(1.0, abs=1e-5)
 
 
 def test_evaluate_init_sees_the_images_as_the_runs_backbone(
