@@ -2,7 +2,9 @@
 figures and fine-tuning's validation all go through `model_outputs`.
 
 Images come from the streaming source's decoder (`labelfew.data.stream`: DataLoader workers decode
-and resize the shorter side to the spec's evaluation side, Pillow's bicubic as torchvision's
+as the model's spec says, `ModelSpec.decoding`: its channel count and the window of deep images, so a
+1- or N-channel, windowed model is fed what it was trained on, and resize the shorter side to the
+spec's evaluation side, Pillow's bicubic as torchvision's
 ``Resize`` on a PIL image) and become model inputs on the model's device through the one view
 executor (`labelfew.views.evaluate.EvalView`, here only its centre crop and the recorded
 mean/std), so the inputs are torchvision's resize + centre crop + normalise of the photo.
