@@ -5,6 +5,7 @@ weights, or random init). `labelfew.stages.distill` trains one into the other.""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import timm
@@ -135,12 +136,19 @@ def _init_student(config: DistillConfig, spec: ModelSpec) -> Student:
         channels=spec.channels,
     )
     assert start.init is not None
-    if (start.mean, start.std) != (spec.mean, spec.std):
+    if not _same(start.mean, spec.mean) or not _same(start.std, spec.std):
         raise UserError(
             f"--init {config.init}: its weights expect mean {start.mean} and std {start.std}, the teacher "
             f"{spec.mean} and {spec.std}; teacher and student see the same images, so use weights of the teacher's"
         )
     return Student("init", start.arch, start.small_stem, None, start.init)
+
+
+def _same(values: tuple[float, ...], others: tuple[float, ...]) -> bool:
+    """The same statistics to float precision (an init's adapted mean is an average: 0.4000000000000001)."""
+    if len(values) != len(others):
+        return False
+    return all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(values, others, strict=True))
 
 
 def _pretrained_stem(config: DistillConfig, start: Artifact) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -40,6 +41,7 @@ from labelfew.data.labels import read_labels
 from labelfew.data.pixels import decode_array
 from labelfew.data.survey import survey_images
 from labelfew.engine.init_weights import read_init
+from labelfew.engine.student import build_student, student_start
 from labelfew.models import build_model, load_model
 from labelfew.spec import Decoding, ModelSpec
 from labelfew.stages import distill, evaluate, select
@@ -268,3 +270,24 @@ def test_the_student_takes_the_teachers_channels_and_window(gray: Path, tmp_path
     torch.testing.assert_close(
         logits, _reference(model, find_images(gray), student.spec), atol=1e-5, rtol=1e-4
     )
+
+
+def test_an_init_student_of_a_one_channel_teacher_sums_the_rgb_conv(rgb_init: Path, tmp_path: Path) -> None:
+    """`distill --init` RGB weights for a 1-channel teacher: the student's first conv is the RGB one summed
+    over the colour axis (timm's rule), its other weights the init's as they are."""
+    teacher = _spec(1, WINDOW, class_names=("0", "1"))
+    teacher = dataclasses.replace(teacher, mean=(0.4,), std=(0.3,))  # the init's mean/std, averaged
+    config = DistillConfig(unlabeled=tmp_path, init=str(rgb_init), workers=0, quiet=True)
+    student = build_student(student_start(config, load_artifact(_teacher(teacher, tmp_path))), teacher)
+    rgb = load_artifact(rgb_init).tensors
+    key = next(name for name, value in rgb.items() if value.ndim == 4)  # the stem's first conv
+    state = student.backbone.state_dict()
+    torch.testing.assert_close(state[key], rgb[key].sum(dim=1, keepdim=True))
+    other = next(name for name, value in rgb.items() if value.ndim == 4 and name != key)
+    torch.testing.assert_close(state[other], rgb[other])
+
+
+def _teacher(spec: ModelSpec, folder: Path) -> Path:
+    path = folder / "run" / "finetune" / "model.safetensors"
+    _save(spec, path, "finetune")
+    return path
