@@ -5,6 +5,7 @@ weights, or random init). `labelfew.stages.distill` trains one into the other.""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import timm
@@ -88,6 +89,7 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
         return _init_student(config, spec)
     if config.from_pretrain is not None:
         start = load_pretrained(config.from_pretrain, config.arch, "--from-pretrain")
+        _check_channels(start, spec)
         kind = "self" if start.arch == spec.arch else "pretrain"
         return Student(kind, start.arch, _pretrained_stem(config, start), start)
     if config.arch is not None and config.arch != spec.arch:
@@ -106,22 +108,47 @@ def student_start(config: DistillConfig, teacher: Artifact) -> Student:
     return Student("self", start.arch, _pretrained_stem(config, start), start)
 
 
+def _check_channels(start: Artifact, spec: ModelSpec) -> None:
+    """A `--from-pretrain` backbone of another channel count than the teacher's is refused: the
+    student is fed the teacher's images."""
+    if start.spec.channels != spec.channels:
+        raise UserError(
+            f"--from-pretrain {start.path}: pretrained on {start.spec.channels}-channel images, the teacher on "
+            f"{spec.channels}; the student sees the teacher's images, so pass a backbone pretrained on them"
+        )
+
+
 def _init_student(config: DistillConfig, spec: ModelSpec) -> Student:
-    """`--init`'s weights with their stem (`labelfew.engine.start.init_start`), at the teacher's size.
+    """`--init`'s weights with their stem (`labelfew.engine.start.init_start`), at the teacher's size,
+    adapted to the teacher's channels (`labelfew.engine.init_channels.adapt_init`: an RGB init summed
+    into one channel, as timm does).
 
     Raises:
         UserError: as `init_start`, or an init normalised otherwise than the teacher (both see one view).
     """
     start = init_start(
-        config.init or "", config.arch, config.init_prefix, spec.image_size, config.small_stem, []
+        config.init or "",
+        config.arch,
+        config.init_prefix,
+        spec.image_size,
+        config.small_stem,
+        [],
+        channels=spec.channels,
     )
     assert start.init is not None
-    if (start.mean, start.std) != (spec.mean, spec.std):
+    if not _same(start.mean, spec.mean) or not _same(start.std, spec.std):
         raise UserError(
             f"--init {config.init}: its weights expect mean {start.mean} and std {start.std}, the teacher "
             f"{spec.mean} and {spec.std}; teacher and student see the same images, so use weights of the teacher's"
         )
     return Student("init", start.arch, start.small_stem, None, start.init)
+
+
+def _same(values: tuple[float, ...], others: tuple[float, ...]) -> bool:
+    """The same statistics to float precision (an init's adapted mean is an average: 0.4000000000000001)."""
+    if len(values) != len(others):
+        return False
+    return all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(values, others, strict=True))
 
 
 def _pretrained_stem(config: DistillConfig, start: Artifact) -> bool:
@@ -137,10 +164,15 @@ def _pretrained_stem(config: DistillConfig, start: Artifact) -> bool:
 
 def build_student(student: Student, spec: ModelSpec) -> Classifier:
     """The pretrained backbone (`--init`'s, or a random one) + a zero-initialised linear layer for
-    the teacher's classes."""
+    the teacher's classes, taking the teacher's input channels (`spec.channels`)."""
     assert spec.class_names is not None
     model = build_classifier(
-        student.arch, student.small_stem, spec.image_size, len(spec.class_names), student.artifact
+        student.arch,
+        student.small_stem,
+        spec.image_size,
+        len(spec.class_names),
+        student.artifact,
+        channels=spec.channels,
     )
     if student.init is not None:
         load_init(model.backbone, student.init, student.small_stem)

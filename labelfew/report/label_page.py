@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from labelfew.data.images import BadImage, load_rgb
+from labelfew.data.images import BadImage, display_image
 from labelfew.fileio import atomic_write_text
+from labelfew.spec import Decoding
 
 THUMBNAIL_SIDE = 128
 
@@ -54,16 +55,27 @@ class PageItem:
     earlier: str = ""
 
 
-def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE, quality: int = 80) -> str:
-    """A small JPEG of the image as a data URI ("" for a file that cannot be decoded)."""
+def thumbnail_uri(
+    path: Path, decoding: Decoding = Decoding(), side: int = THUMBNAIL_SIDE, quality: int = 80
+) -> str:
+    """A small JPEG of the image as the model sees it (`labelfew.data.pixels.display_image` with the
+    model's `decoding`: gray as gray, deep images through its window, N channels as their first
+    three) as a data URI ("" for a file that cannot be decoded)."""
     try:
-        image = load_rgb(path)
+        image = display_image(path, decoding)
     except BadImage:
         return ""
     image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def channels_note(decoding: Decoding) -> str:
+    """The line a page or figure shows of images of more than 3 channels ("" for 1 or 3)."""
+    if decoding.channels <= 3:
+        return ""
+    return f"These images have {decoding.channels} channels; pictures show the first three as red, green and blue."
 
 
 def page_id(paths: Sequence[str]) -> str:
@@ -173,9 +185,10 @@ if (inputs.length) inputs[0].focus();
 
 
 def render_label_page(
-    items: Sequence[PageItem], classes: Sequence[str], title: str, download_name: str
+    items: Sequence[PageItem], classes: Sequence[str], title: str, download_name: str, note: str = ""
 ) -> str:
     """The whole page as one HTML string (escaped; the data block cannot close its script tag).
+    `note`: a line under the hint (`channels_note`).
 
     Images to label come first, grouped by cluster; images labelled earlier follow in a section
     of their own, so that the download holds every label and a round replaces none.
@@ -194,6 +207,7 @@ def render_label_page(
         f"<b>Download {name}</b> (every label on this page, earlier rounds' included) and save it in "
         "this page's folder: its paths are relative to it. Then: "
         f"<code>labelfew finetune --labels {name}</code></p>",
+        *([f'<p class="hint">{escape(note)}</p>'] if note else []),
         f'<div id="bar"><button id="download" type="button">Download {name}</button> '
         '<span id="count"></span> <span class="legend" id="legend"></span></div>',
         '<datalist id="classes">'
@@ -250,7 +264,8 @@ def write_label_page(
     classes: Sequence[str],
     title: str,
     download_name: str = "labels.csv",
+    note: str = "",
 ) -> Path:
     """Writes the page atomically and returns its path."""
-    atomic_write_text(out, render_label_page(items, classes, title, download_name))
+    atomic_write_text(out, render_label_page(items, classes, title, download_name, note))
     return out

@@ -28,12 +28,13 @@ from PIL import Image
 
 from labelfew import engine
 from labelfew.artifacts import Artifact, stages
-from labelfew.data.images import BadImage, load_rgb
+from labelfew.data.images import BadImage, display_image
 from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_text
 from labelfew.models import features_model, load_model
 from labelfew.report.html import Shown, page_path, render_html
+from labelfew.report.label_page import channels_note
 from labelfew.use.inference import run_model
 
 TSNE_MAX_POINTS = 5000  # t-SNE above this takes minutes on a CPU; PCA is used instead
@@ -225,7 +226,8 @@ def misclassified_figure(items: Sequence[tuple[Image.Image, str, str, float]]) -
     for axes in grid.flat:
         axes.axis("off")
     for axes, (image, true, predicted, confidence) in zip(grid.flat, items, strict=False):
-        axes.imshow(image, interpolation="nearest" if max(image.size) < 128 else "antialiased")
+        gray = {"cmap": "gray", "vmin": 0, "vmax": 255} if image.mode == "L" else {}  # else a colour map
+        axes.imshow(image, interpolation="nearest" if max(image.size) < 128 else "antialiased", **gray)
         axes.set_title(f"true: {_short(true)}\npredicted: {_short(predicted)} ({confidence:.2f})", fontsize=9)
     return figure
 
@@ -252,7 +254,8 @@ def _mistakes(
     class_names: list[str],
     options: dict[str, Any],
 ) -> list[tuple[Image.Image, str, str, float]]:
-    """The fine-tuned model's most confident mistakes on the test set."""
+    """The fine-tuned model's most confident mistakes on the test set, pictured as the model decodes
+    them (`labelfew.data.pixels.display_image`)."""
     paths = list(test.paths)
     outputs = run_model(load_model(artifact), paths, artifact.spec, description="plots: classify", **options)
     probabilities = torch.softmax(outputs.values, dim=1)
@@ -263,7 +266,7 @@ def _mistakes(
     items = []
     for row in wrong.tolist():
         try:
-            image = load_rgb(paths[outputs.kept[row]])
+            image = display_image(paths[outputs.kept[row]], artifact.spec.decoding)
         except BadImage:
             continue
         image.thumbnail((256, 256))
@@ -321,6 +324,7 @@ def write_report(
     if mistakes:
         model = page_path(tuned[0].path, run_folder)
         caption = f"Up to {MAX_MISTAKES_SHOWN} wrong predictions with the highest confidence; model {model}."
+        caption += (" " + channels_note(tuned[0].spec.decoding)).rstrip()
         figures.append(
             (misclassified_figure(mistakes), Shown("misclassified.png", "Most confident mistakes", caption))
         )

@@ -52,6 +52,7 @@ from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.losses import distillation_loss
 from labelfew.models import Classifier, load_model
 from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine_fraction
+from labelfew.spec import ModelSpec
 from labelfew.views.finetune import CropFlipViews
 
 
@@ -155,21 +156,22 @@ def labelled_images(config: DistillConfig, class_names: list[str]) -> LabeledIma
 
 
 def build_batches(config: DistillConfig, paths: list[Path], known: list[int] | None, labeled: LabeledImages | None,
-                  class_names: list[str], image_size: int, place: str, accelerator: Any) -> tuple[WithLabelled, list[str]]:  # fmt: skip
+                  spec: ModelSpec, place: str, accelerator: Any) -> tuple[WithLabelled, list[str]]:  # fmt: skip
     """The unlabeled uint8 batches (`labelfew.data.labelled.unlabeled_batches`) with the labelled ones
     (their own order, seed + 1) attached, and the files found undecodable; --batch-size is the
-    global batch of each."""
+    global batch of each. Both are decoded as the teacher's images were (`spec.decoding`), at its size."""
+    image_size, class_names, decoding = spec.image_size, list(spec.class_names or ()), spec.decoding
     workers = engine.default_workers(config.workers)
     show = accelerator.is_main_process and not config.quiet
     unlabeled, undecodable = unlabeled_batches(
         paths, known, config.batch_size, config.seed, image_size, accelerator, root=config.unlabeled, place=place,
         memory_budget=config.memory_budget, workers=workers,
-        on_progress=sources.decode_progress(engine.console) if show else None,
+        on_progress=sources.decode_progress(engine.console) if show else None, decoding=decoding,
     )  # fmt: skip
     if labeled is None:
         return WithLabelled(unlabeled, None), undecodable
     labelled, unreadable = labelled_batches(labeled, class_names, config.batch_size, config.seed + 1, image_size,
-                                            accelerator, workers)  # fmt: skip
+                                            accelerator, workers, decoding=decoding)  # fmt: skip
     return WithLabelled(unlabeled, labelled), unreadable + undecodable
 
 
@@ -253,13 +255,12 @@ def run(config: DistillConfig) -> Path:
     found = require_images(config.unlabeled, follow_links=config.follow_links)
     paths = found.paths
     engine.per_process_batch(config.batch_size, accelerator)
-    place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size)
+    place = sources.augment_place(config.augment_on, config.memory_budget, paths, spec.image_size,
+                                  decoding=spec.decoding)  # fmt: skip
     out = engine.on_main_process(accelerator, lambda: prepare_stage_folder(
         config.out or default_out(teacher_artifact, student), config.restart, source=config.unlabeled))  # fmt: skip
     known = folder_labels(paths, config.unlabeled, class_names)
-    loader, undecodable = build_batches(
-        config, paths, known, labeled, class_names, spec.image_size, place, accelerator
-    )
+    loader, undecodable = build_batches(config, paths, known, labeled, spec, place, accelerator)
     batch = min(config.batch_size, len(paths)) // accelerator.num_processes * accelerator.num_processes
     lr = learning_rate(config, batch)
     model, optimizer, teacher = _prepare_models(config, student, teacher_artifact, lr, accelerator)

@@ -28,7 +28,7 @@ from labelfew.data.labels import LabeledImages, read_labels
 from labelfew.data.overlap import BANK, HASH_CACHE, Leaks, guard
 from labelfew.engine.init_weights import Init, read_init
 from labelfew.engine.loggers import check_loggers, open_loggers
-from labelfew.engine.start import FrozenBackbone, frozen_backbone
+from labelfew.engine.start import FrozenBackbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
 from labelfew.models import build_model, load_model
@@ -37,6 +37,7 @@ from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import plots
 from labelfew.report import tables as report
 from labelfew.spec import ModelSpec
+from labelfew.use.frozen_init import data_decoding, init_backbone
 from labelfew.use.inference import run_model
 
 __all__ = ["backbone_features", "finetuned_logits", "knn_scores", "linear_probe_scores", "run"]
@@ -205,7 +206,7 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     if class_names is None:
         raise UserError("nothing to evaluate: no pretrain or finetune artifact found")
     test.label_indices(class_names)  # a test class the models do not know: refused now, not after the bank
-    own = frozen_backbone(init, test.paths, _image_size(models)) if init is not None else None
+    own = _own(init, models, bank, test, config.seed) if init is not None else None
     out = config.out or models.run_folder / "evaluate"
     leaks = check_overlap(test, bank, models, config.allow_overlap, config.quiet, out / HASH_CACHE)
     skipped: dict[str, str] = {}
@@ -227,7 +228,8 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
         "models": {
             "pretrain": str(models.pretrain.path) if models.pretrain else None,
             "finetunes": [str(a.path) for a in models.finetunes],
-            "init": {**own.init.record(), "image_size": own.spec.image_size} if own is not None else None,
+            "init": {**own.init.record(), "image_size": own.spec.image_size, "channels": own.spec.channels,
+                     "window": own.spec.window} if own is not None else None,
         },
         "device": str(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "wall_seconds": time.perf_counter() - started,
@@ -236,10 +238,15 @@ def run(config: EvaluateConfig) -> dict[str, Any]:
     return result
 
 
-def _image_size(models: Models) -> int | None:
-    """The run's models' input side (`--init` features are compared at it when the init records none)."""
+def _own(
+    init: Init, models: Models, bank: LabeledImages | None, test: LabeledImages, seed: int
+) -> FrozenBackbone:
+    """`--init`'s backbone as the run's models see images: at their input side (when the init records
+    none) and their decoding; without a run, the bank's (surveyed with `seed`; never the test set's)."""
     known = [models.pretrain] if models.pretrain is not None else models.finetunes
-    return known[0].spec.image_size if known else None
+    spec = known[0].spec if known else None
+    decoding = spec.decoding if spec else data_decoding(bank.paths if bank is not None else test.paths, seed)
+    return init_backbone(init, test.paths, spec.image_size if spec else None, decoding)
 
 
 def _write(

@@ -44,11 +44,13 @@ from labelfew.config import SelectConfig
 from labelfew.data.images import printable, scan_images, skipped_note
 from labelfew.data.labels import LabeledImages, read_label_files
 from labelfew.engine.init_weights import Init, read_init
-from labelfew.engine.start import FrozenBackbone, frozen_backbone
+from labelfew.engine.start import FrozenBackbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 from labelfew.models import features_model, load_model
-from labelfew.report.label_page import PageItem, thumbnail_uri, write_label_page
+from labelfew.report.label_page import PageItem, channels_note, thumbnail_uri, write_label_page
+from labelfew.spec import Decoding
+from labelfew.use.frozen_init import init_backbone
 from labelfew.use.inference import run_model
 
 console = Console()
@@ -236,23 +238,33 @@ def _write(
     clusters: np.ndarray,
     classes: list[str],
     known: LabeledImages | None,
+    decoding: Decoding,
 ) -> Path:
-    """Writes the CSV and the page beside it (the picks, then the earlier labels); returns the page's path."""
+    """Writes the CSV and the page beside it (the picks, then the earlier labels), thumbnails as the
+    embedding model decodes the images (`decoding`); returns the page's path."""
     folder = config.out.absolute().parent
     rows = [_relative(path, folder) for path in chosen]
     atomic_write_text(config.out, "path,label\n" + "".join(f"{_csv_cell(row)},\n" for row in rows))
     sizes = np.bincount(clusters)
     items = [
-        PageItem(row, pick.cluster, int(sizes[pick.cluster]), pick.reason, thumbnail_uri(path))
+        PageItem(row, pick.cluster, int(sizes[pick.cluster]), pick.reason, thumbnail_uri(path, decoding))
         for row, pick, path in zip(rows, picks, chosen, strict=True)
     ]
     if known is not None:
         items += [
-            PageItem(_relative(path, folder), -1, 0, "labelled earlier", thumbnail_uri(path), earlier=label)
+            PageItem(
+                _relative(path, folder),
+                -1,
+                0,
+                "labelled earlier",
+                thumbnail_uri(path, decoding),
+                earlier=label,
+            )
             for path, label in zip(known.paths, known.labels, strict=True)
         ]
     title = f"{len(chosen)} images to label from {config.folder.name or config.folder}"
-    return write_label_page(config.out.with_suffix(".html"), items, classes, title, download_name(config))
+    page = config.out.with_suffix(".html")
+    return write_label_page(page, items, classes, title, download_name(config), channels_note(decoding))
 
 
 def _csv_cell(text: str) -> str:
@@ -281,7 +293,9 @@ def run(config: SelectConfig) -> Path:
             f"--budget {config.budget}: {config.folder} has only {available} unlabelled images; use at most {available}"
         )
     strategy = _strategy(config, model)
-    own = frozen_backbone(init, paths, model.spec.image_size if model else None) if init else None
+    # --init sees the folder as the fine-tuned model does, else as a survey of it finds
+    size, decoding = (model.spec.image_size, model.spec.decoding) if model else (None, None)
+    own = init_backbone(init, paths, size, decoding, config.seed) if init else None
     embeddings, kept = _embed(paths, pretrained, own, config)
     labelled = labelled[kept]
     if config.budget > len(kept) - int(labelled.sum()):
@@ -293,7 +307,10 @@ def run(config: SelectConfig) -> Path:
     decoded = set(kept)
     skipped = found.skipped + [printable(path) for index, path in enumerate(paths) if index not in decoded]
     chosen = [paths[kept[pick.row]] for pick in picks]
-    page = _write(config, chosen, picks, clusters, _classes(config, model, known), known)
+    decoding = (
+        own.spec.decoding if own is not None else pretrained.spec.decoding if pretrained else Decoding()
+    )
+    page = _write(config, chosen, picks, clusters, _classes(config, model, known), known, decoding)
     if not config.quiet:
         reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(p.reason for p in picks).items())
         console.print(
@@ -331,7 +348,14 @@ def _record(
         "seed": config.seed,
         "labels": [str(path.absolute()) for path in config.labels],
         "pretrain": str(pretrained.path.absolute()) if pretrained else None,
-        "init": {**own.init.record(), "image_size": own.spec.image_size} if own else None,
+        "init": {
+            **own.init.record(),
+            "image_size": own.spec.image_size,
+            "channels": own.spec.channels,
+            "window": own.spec.window,
+        }
+        if own
+        else None,
         "finetune": str(model.path.absolute()) if model else None,
     }
     atomic_write_text(config.out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")

@@ -16,12 +16,12 @@ from labelfew.artifacts import Artifact, resolve_model, save_tensors
 from labelfew.config import EmbedConfig
 from labelfew.data.images import require_images
 from labelfew.engine.init_weights import Init, read_init
-from labelfew.engine.start import frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
 from labelfew.spec import ModelSpec
 from labelfew.use.files import console, relative_path, report_bad, report_skipped, shown, write_csv
+from labelfew.use.frozen_init import init_backbone
 from labelfew.use.inference import run_model
 
 
@@ -75,10 +75,11 @@ def _backbone(
 ) -> tuple[nn.Module, ModelSpec, dict[str, str]]:
     """The backbone to embed with, its spec, and what the embeddings file records of where it came from.
 
-    An `--init` backbone is recorded by its source, sha256 and key prefix (`source_stage` "init").
+    An `--init` backbone is recorded by its source, sha256 and key prefix (`source_stage` "init"), and
+    decodes the images as a survey of them finds (`labelfew.use.frozen_init`; the index records it).
     """
     if init is not None:
-        own = frozen_backbone(init, paths)
+        own = init_backbone(init, paths)
         record = {"source": init.source, "source_stage": "init", "source_sha256": init.sha256,
                   "init_prefix": init.prefix}  # fmt: skip
         return own.model, own.spec, record

@@ -2,7 +2,9 @@
 figures and fine-tuning's validation all go through `model_outputs`.
 
 Images come from the streaming source's decoder (`labelfew.data.stream`: DataLoader workers decode
-and resize the shorter side to the spec's evaluation side, Pillow's bicubic as torchvision's
+as the model's spec says, `ModelSpec.decoding`: its channel count and the window of deep images, so a
+1- or N-channel, windowed model is fed what it was trained on, and resize the shorter side to the
+spec's evaluation side, Pillow's bicubic as torchvision's
 ``Resize`` on a PIL image) and become model inputs on the model's device through the one view
 executor (`labelfew.views.evaluate.EvalView`, here only its centre crop and the recorded
 mean/std), so the inputs are torchvision's resize + centre crop + normalise of the photo.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ from labelfew.data.labels import LabeledImages
 from labelfew.data.stream import DecodedFiles, FileBatch, FilesInOrder, collate, collate_in_order
 from labelfew.errors import UserError
 from labelfew.multilabel import multi_hot
-from labelfew.spec import ModelSpec, eval_resize_side
+from labelfew.spec import Decoding, ModelSpec, eval_resize_side
 from labelfew.views.evaluate import EvalView
 
 
@@ -77,7 +80,7 @@ def model_outputs(
     The model's train/eval mode is restored afterwards (fine-tuning validates between epochs).
     `target` None leaves model and batches where they are (a loader prepared by Accelerate).
 
-    Shape: batch.images (batch_size, 3, H, W) uint8 -> outputs (batch_size, width); a batch of
+    Shape: batch.images (batch_size, C, H, W) uint8 -> outputs (batch_size, width); a batch of
     no image (every file undecodable) gets outputs of shape (0,).
     """
     was_training = model.training
@@ -97,16 +100,17 @@ def model_outputs(
 
 
 def file_images(paths: list[Path], spec: ModelSpec, batch_size: int, workers: int | None) -> EvalImages:
-    """`paths` in file order, decoded at the spec's evaluation side, with the spec's evaluation view.
+    """`paths` in file order, decoded as the spec's model was trained (`ModelSpec.decoding`: its
+    channels and window) at its evaluation side, with the spec's evaluation view.
 
     Each batch is a `labelfew.data.stream.FileBatch`: the decodable files' images and `indices`,
     and `errors` (file index -> reason) for the others.
     """
     loader = DataLoader(
-        FilesInOrder(paths, eval_resize_side(spec.image_size)),
+        FilesInOrder(paths, eval_resize_side(spec.image_size), decoding=spec.decoding),
         batch_size=batch_size,
         num_workers=engine.default_workers(workers),
-        collate_fn=collate_in_order,
+        collate_fn=partial(collate_in_order, channels=spec.channels),
         pin_memory=torch.cuda.is_available(),
     )
     return EvalImages(loader, EvalView(spec.image_size, spec.mean, spec.std))
@@ -121,6 +125,7 @@ def held_out_images(
     batch_size: int,
     workers: int | None,
     accelerator: Any,
+    decoding: Decoding = Decoding(),
 ) -> EvalImages:
     """Labelled held-out images for `accuracy` / `held_out_scores`, sharded by Accelerate.
 
@@ -137,9 +142,12 @@ def held_out_images(
         batch_size: The global batch (each process takes its share, at most the images there are).
         workers: DataLoader worker processes (None: `labelfew.engine.default_workers`).
         accelerator: The run's Accelerator (its device and process shards).
+        decoding: The model's channels and window (`ModelSpec.decoding`), as its training images had.
     """
     labels = labeled.label_indices(class_names)
-    files = DecodedFiles(list(labeled.paths), eval_resize_side(image_size), labels, enlarge=True)
+    files = DecodedFiles(
+        list(labeled.paths), eval_resize_side(image_size), labels, enlarge=True, decoding=decoding
+    )
     per_process = max(1, min(batch_size, len(labeled)) // accelerator.num_processes)
     workers = engine.default_workers(workers)
     loader = DataLoader(files, batch_size=per_process, num_workers=workers, collate_fn=collate,

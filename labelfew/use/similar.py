@@ -13,12 +13,12 @@ from torch import nn
 from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
 from labelfew.config import SimilarConfig
 from labelfew.engine.init_weights import read_init
-from labelfew.engine.start import frozen_backbone
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
 from labelfew.spec import ModelSpec
 from labelfew.use.files import console, shown
+from labelfew.use.frozen_init import init_backbone
 from labelfew.use.inference import run_model
 
 
@@ -96,7 +96,8 @@ def _index_backbone(index: Artifact, source: Path | None) -> tuple[nn.Module, Mo
             f"--init {origin} is not the weights {index.path} was built with; pass --from with those "
             "or rerun `labelfew embed`"
         )
-    own = frozen_backbone(init, [], image_size=int(index.metadata["image_size"]))
+    recorded = ModelSpec.from_metadata(index.metadata, index.path)  # the decoding the index was embedded with
+    own = init_backbone(init, [], recorded.image_size, recorded.decoding)
     return own.model, own.spec
 
 
