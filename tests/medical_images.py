@@ -15,15 +15,16 @@ import numpy as np
 from PIL import Image
 
 
-def digits(per_class: int, classes: int = 3, side: int = 32) -> list[tuple[np.ndarray, int]]:
-    """The first `per_class` digits of each of the first `classes` classes, as float images in
-    [0, 1] of ``side x side`` (bright ink on black; bicubic from scikit-learn's 8 x 8), with their class."""
+def digits(per_class: int, classes: int = 3, side: int = 32, skip: int = 0) -> list[tuple[np.ndarray, int]]:
+    """`per_class` digits of each of the first `classes` classes (after the first `skip` of each: a
+    test set apart from a training set), as float images in [0, 1] of ``side x side`` (bright ink on
+    black; bicubic from scikit-learn's 8 x 8), with their class."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
     chosen: list[tuple[np.ndarray, int]] = []
     for label in range(classes):
-        for pixels in data.images[data.target == label][:per_class]:
+        for pixels in data.images[data.target == label][skip : skip + per_class]:
             image = Image.fromarray((pixels / 16.0).astype(np.float32), "F")
             resized = np.asarray(image.resize((side, side), Image.Resampling.BICUBIC), dtype=np.float64)
             chosen.append((resized.clip(0.0, 1.0), label))
@@ -50,10 +51,16 @@ def write_deep(path: Path, pixels: np.ndarray) -> Path:
 
 
 def write_deep_folder(
-    root: Path, per_class: int = 10, classes: int = 3, side: int = 32, bits: int = 12, suffix: str = ".png"
+    root: Path,
+    per_class: int = 10,
+    classes: int = 3,
+    side: int = 32,
+    bits: int = 12,
+    suffix: str = ".png",
+    skip: int = 0,
 ) -> Path:
     """Digits as `bits`-bit gray files with noise (16-bit containers, values up to ``2**bits - 1``)."""
-    for index, (image, label) in enumerate(digits(per_class, classes, side)):
+    for index, (image, label) in enumerate(digits(per_class, classes, side, skip)):
         write_deep(root / str(label) / f"{index:04d}{suffix}", deep_pixels(image, bits, seed=index))
     return root
 
@@ -120,10 +127,10 @@ def write_dicom(
 
 
 def write_dicom_folder(
-    root: Path, per_class: int = 10, classes: int = 3, side: int = 32, windowed: bool = True
+    root: Path, per_class: int = 10, classes: int = 3, side: int = 32, windowed: bool = True, skip: int = 0
 ) -> Path:
     """Digits as 12-bit CT-like DICOM files (slope 1, intercept -1024; a window of the ink when `windowed`)."""
-    for index, (image, label) in enumerate(digits(per_class, classes, side)):
+    for index, (image, label) in enumerate(digits(per_class, classes, side, skip)):
         window = (1024.0, 2048.0) if windowed else None
         write_dicom(root / str(label) / f"{index:04d}.dcm", deep_pixels(image, seed=index),
                     slope=1.0, intercept=-1024.0, window=window)  # fmt: skip
@@ -152,10 +159,16 @@ def write_multichannel_tiff(path: Path, pixels: np.ndarray, planar: bool = False
 
 
 def write_multichannel_folder(
-    root: Path, channels: int = 4, per_class: int = 10, classes: int = 3, side: int = 32, bits: int = 8
+    root: Path,
+    channels: int = 4,
+    per_class: int = 10,
+    classes: int = 3,
+    side: int = 32,
+    bits: int = 8,
+    skip: int = 0,
 ) -> Path:
     """Digits as `channels`-channel TIFFs (`multichannel_pixels`)."""
-    for index, (image, label) in enumerate(digits(per_class, classes, side)):
+    for index, (image, label) in enumerate(digits(per_class, classes, side, skip)):
         pixels = multichannel_pixels(image, channels, bits)
         write_multichannel_tiff(root / str(label) / f"{index:04d}.tif", pixels)
     return root

@@ -120,7 +120,7 @@ def _val_loader(
 ) -> EvalImages:
     """The held-out images as the evaluation view sees them, sharded by Accelerate (for `accuracy`)."""
     return held_out_images(labeled, class_names, start.image_size, start.mean, start.std,
-                           config.batch_size, config.workers, accelerator)  # fmt: skip
+                           config.batch_size, config.workers, accelerator, decoding=start.decoding)  # fmt: skip
 
 
 def _learning_rate(
