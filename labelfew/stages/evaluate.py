@@ -31,17 +31,18 @@ from labelfew.engine.loggers import check_loggers, open_loggers
 from labelfew.engine.start import FrozenBackbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_json
-from labelfew.models import build_model, load_model
+from labelfew.models import load_model
 from labelfew.multilabel import DEFAULT_THRESHOLD, frozen_rows, metrics, multi_hot
 from labelfew.probes import knn_k, knn_scores, linear_probe_scores
 from labelfew.report import plots
 from labelfew.report import tables as report
 from labelfew.spec import ModelSpec
 from labelfew.use.frozen_init import data_decoding, init_backbone
-from labelfew.use.inference import run_model
+from labelfew.use.inference import backbone_features, finetuned_logits, labelled_outputs, random_model
 
 __all__ = ["backbone_features", "finetuned_logits", "knn_scores", "linear_probe_scores", "run"]
-"""`knn_scores` and `linear_probe_scores` live in `labelfew.probes`; the benchmarks import them from here."""
+"""`knn_scores` and `linear_probe_scores` live in `labelfew.probes`, `backbone_features` and
+`finetuned_logits` in `labelfew.use.inference`; the benchmarks import them from here."""
 
 
 @dataclass(frozen=True)
@@ -80,58 +81,6 @@ def find_models(source: Path | None, init: Init | None = None) -> Models:
         parent = (classifiers[0].run_info().get("parent") or {}).get("path")
         pretrain = load_artifact(Path(parent), "pretrain") if parent and Path(parent).is_file() else None
     return Models(pretrain, classifiers, run_folder, unusable)
-
-
-def _outputs(
-    model: nn.Module, spec: ModelSpec, labeled: LabeledImages, class_names: list[str], batch_size: int,
-    workers: int | None, skipped: dict[str, str] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The model's outputs on the decodable labelled images, and their class indices.
-
-    Each undecodable image is added to `skipped` (its path -> why), so that the report counts and names it.
-    """
-    labels = torch.tensor(labeled.label_indices(class_names), dtype=torch.long)
-    outputs = run_model(model, list(labeled.paths), spec, batch_size, workers)
-    if skipped is not None:
-        skipped.update({str(labeled.paths[index]): reason for index, reason in outputs.errors.items()})
-    return outputs.values, labels[outputs.kept]
-
-
-def _random(spec: ModelSpec, seed: int) -> nn.Module:
-    """An untrained model of `spec`, the same for the same seed (the random-init baseline)."""
-    torch.manual_seed(seed)
-    return build_model(spec)
-
-
-def backbone_features(
-    artifact: Artifact,
-    labeled: LabeledImages,
-    class_names: list[str],
-    batch_size: int = 256,
-    workers: int | None = None,
-    random_init: bool = False,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen backbone features of labelled images (eval transform) and their class indices.
-
-    Shape: -> features (N, num_features), labels (N,)
-    """
-    model = _random(artifact.spec, seed) if random_init else load_model(artifact)
-    return _outputs(model, artifact.spec, labeled, class_names, batch_size, workers)
-
-
-def finetuned_logits(
-    artifact: Artifact,
-    labeled: LabeledImages,
-    class_names: list[str],
-    batch_size: int = 256,
-    workers: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of a fine-tuned model on labelled images, and their class indices.
-
-    Shape: -> logits (N, num_classes), labels (N,)
-    """
-    return _outputs(load_model(artifact), artifact.spec, labeled, class_names, batch_size, workers)
 
 
 def _bank_source(config: EvaluateConfig, models: Models) -> Path:
@@ -338,7 +287,9 @@ def _frozen(models: Models, own: FrozenBackbone | None, config: EvaluateConfig) 
         found.append(Frozen(f" (init {own.init.name})", lambda: own.model, own.spec, BANK, details=details))
     base = found[0].spec if found else None
     if config.random_baseline and base is not None:
-        found.append(Frozen(" (random init)", lambda: _random(base, config.seed), base, BANK, probe=False))
+        found.append(
+            Frozen(" (random init)", lambda: random_model(base, config.seed), base, BANK, probe=False)
+        )
     return found
 
 
@@ -354,8 +305,10 @@ def _frozen_rows(
     """kNN (and the linear probe) rows of one backbone."""
     assert bank is not None  # read whenever there is a backbone to score
     backbone = frozen.build()
-    bank_x, bank_y = _outputs(backbone, frozen.spec, bank, class_names, config.batch_size, config.workers)
-    test_x, test_y = _outputs(
+    bank_x, bank_y = labelled_outputs(
+        backbone, frozen.spec, bank, class_names, config.batch_size, config.workers
+    )
+    test_x, test_y = labelled_outputs(
         backbone, frozen.spec, test, class_names, config.batch_size, config.workers, skipped
     )
     if test.multi_label:
@@ -396,7 +349,7 @@ def _finetune_row(
     skipped: dict[str, str],
     leaks: Leaks,
 ) -> dict[str, Any]:
-    logits, labels = _outputs(
+    logits, labels = labelled_outputs(
         load_model(artifact), artifact.spec, test, class_names, config.batch_size, config.workers, skipped
     )
     name = model_label(artifact)

@@ -26,10 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from labelfew import engine
+from labelfew.artifacts import Artifact
 from labelfew.data.batches import Batch
 from labelfew.data.labels import LabeledImages
 from labelfew.data.stream import DecodedFiles, FileBatch, FilesInOrder, collate, collate_in_order
 from labelfew.errors import UserError
+from labelfew.models import build_model, load_model
 from labelfew.multilabel import multi_hot
 from labelfew.spec import Decoding, ModelSpec, eval_resize_side
 from labelfew.views.evaluate import EvalView
@@ -259,3 +261,55 @@ def held_out_multi_label(
         scores.append(probabilities.cpu())
         targets.append(multi_hot(masks.cpu(), logits.shape[1]))
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+def labelled_outputs(
+    model: nn.Module, spec: ModelSpec, labeled: LabeledImages, class_names: list[str], batch_size: int,
+    workers: int | None, skipped: dict[str, str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The model's outputs on the decodable labelled images, and their class indices.
+
+    Each undecodable image is added to `skipped` (its path -> why), so that the report counts and names it.
+    """
+    labels = torch.tensor(labeled.label_indices(class_names), dtype=torch.long)
+    outputs = run_model(model, list(labeled.paths), spec, batch_size, workers)
+    if skipped is not None:
+        skipped.update({str(labeled.paths[index]): reason for index, reason in outputs.errors.items()})
+    return outputs.values, labels[outputs.kept]
+
+
+def random_model(spec: ModelSpec, seed: int) -> nn.Module:
+    """An untrained model of `spec`, the same for the same seed (the random-init baseline)."""
+    torch.manual_seed(seed)
+    return build_model(spec)
+
+
+def backbone_features(
+    artifact: Artifact,
+    labeled: LabeledImages,
+    class_names: list[str],
+    batch_size: int = 256,
+    workers: int | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen backbone features of labelled images (eval transform) and their class indices.
+
+    Shape: -> features (N, num_features), labels (N,)
+    """
+    model = random_model(artifact.spec, seed) if random_init else load_model(artifact)
+    return labelled_outputs(model, artifact.spec, labeled, class_names, batch_size, workers)
+
+
+def finetuned_logits(
+    artifact: Artifact,
+    labeled: LabeledImages,
+    class_names: list[str],
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a fine-tuned model on labelled images, and their class indices.
+
+    Shape: -> logits (N, num_classes), labels (N,)
+    """
+    return labelled_outputs(load_model(artifact), artifact.spec, labeled, class_names, batch_size, workers)
