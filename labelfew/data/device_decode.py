@@ -41,11 +41,13 @@ MAX_ATTEMPTS = 16
 """Consecutive unreadable files a worker skips over before it gives up (as the streaming source)."""
 
 
-def decode_place(requested: str, device: torch.device, streamed: bool) -> str:
-    """``cpu`` or ``device``: where the streamed JPEGs of a run are decoded, ``auto`` resolved.
+def decode_place(requested: str, device: torch.device, streamed: bool, channels: int = 3) -> str:
+    """``cpu`` or ``device``: where the streamed JPEGs of a run are decoded, ``auto`` resolved (the
+    device only for RGB: nvJPEG decodes 3-channel JPEGs, so a run of `channels` 1 or N decodes on the CPU).
 
     Raises:
-        UserError: an unknown value, or ``device`` on a machine without CUDA (nvJPEG is CUDA only).
+        UserError: an unknown value, or ``device`` on a machine without CUDA (nvJPEG is CUDA only),
+            or ``device`` for a model of other than 3 channels.
     """
     if requested not in DECODE_PLACES:
         raise UserError(f"--decode-on {requested}: use one of {', '.join(DECODE_PLACES)}")
@@ -54,8 +56,13 @@ def decode_place(requested: str, device: torch.device, streamed: bool) -> str:
             f"--decode-on device decodes JPEGs with nvJPEG on a CUDA GPU; this run is on {device.type}: "
             "leave --decode-on at auto (or cpu)"
         )
+    if requested == "device" and channels != 3:
+        raise UserError(
+            f"--decode-on device decodes RGB JPEGs with nvJPEG; this run's images have {channels} "
+            "channel(s): leave --decode-on at auto (or cpu)"
+        )
     if requested == "auto":
-        return "device" if device.type == "cuda" and streamed else "cpu"
+        return "device" if device.type == "cuda" and streamed and channels == 3 else "cpu"
     return requested
 
 

@@ -127,7 +127,9 @@ def resolve(
         config,
         arch=arch,
         augment_on=augment_on,
-        decode_on=decode_place(config.decode_on, device, streamed=augment_on == "workers"),
+        decode_on=decode_place(
+            config.decode_on, device, streamed=augment_on == "workers", channels=decoding.channels
+        ),
         image_size=image_size,
         small_stem=stem,
         color_strength=(0.5 if small else 1.0) if config.color_strength is None else config.color_strength,

@@ -125,6 +125,14 @@ def test_decode_on_device_needs_cuda() -> None:
     assert decode_place("auto", torch.device("cuda"), streamed=False) == "cpu"
 
 
+def test_decode_on_device_is_for_rgb_only() -> None:
+    """nvJPEG gives 3 channels: a 1- or N-channel run decodes on the CPU, and asking for the device refuses."""
+    assert decode_place("auto", torch.device("cuda"), streamed=True, channels=1) == "cpu"
+    assert decode_place("auto", torch.device("cuda"), streamed=True, channels=4) == "cpu"
+    with pytest.raises(UserError, match=r"--decode-on device decodes RGB JPEGs .* 1 channel"):
+        decode_place("device", torch.device("cuda"), streamed=True, channels=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA GPU")
 def test_nvjpeg_matches_the_cpu_decoder(hymenoptera: Path) -> None:
     paths = _photos(hymenoptera, 8)
