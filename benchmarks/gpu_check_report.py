@@ -273,7 +273,11 @@ def throughput_summary(name: str, work: Path, steps: dict[str, dict[str, Any]]) 
             "views_per_second": row.get("views_per_second"),
             "peak_memory_gib": row.get("peak_memory_gib"),
             "status": row.get("status"),
-            "notes": {k: row[k] for k in ("workers", "store_device", "resize", "decode_seconds", "decode") if k in row},
+            "notes": {
+                k: row[k]
+                for k in ("workers", "store_device", "resize", "decode_seconds", "decode")
+                if k in row
+            },
         }
     summary["a_over_b"] = ratio(rates.get("labelfew"), rates.get("lightly"))
     summary["a_over_c"] = ratio(rates.get("labelfew"), rates.get("bare"))

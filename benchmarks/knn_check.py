@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 # labelfew imports: every one is here, so that a module that moves is fixed in one place.
-from labelfew.artifacts import load_artifact, resolve_artifact
+from labelfew.artifacts import load_artifact
 from labelfew.data.labels import read_labels
+from labelfew.registry import resolve_artifact
 from labelfew.stages.evaluate import backbone_features, knn_scores
 
 

@@ -55,7 +55,9 @@ class Experiment:
         if args.test_images:
             self.test = balanced_subset(self.test, per_class=args.test_images // 10, seed=0)
         truth = {path.resolve(): label for path, label in zip(train.paths, train.labels, strict=True)}
-        self.pool_paths = [Path(os.path.normpath(path.absolute())) for path in find_images(pool, follow_links=True)]
+        self.pool_paths = [
+            Path(os.path.normpath(path.absolute())) for path in find_images(pool, follow_links=True)
+        ]
         self.pool = LabeledImages(
             tuple(self.pool_paths), tuple(truth[path.resolve()] for path in self.pool_paths), pool.absolute()
         )
@@ -131,8 +133,15 @@ def pretrained_run(args: argparse.Namespace, recipe: dict[str, Any], pool: Path)
         return run_folder, 0.0
     overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else {}
     pretrain.run(
-        build_config(PretrainConfig, recipe, data=pool, out=run_folder, quiet=args.quiet, follow_links=True,
-                     **overrides)
+        build_config(
+            PretrainConfig,
+            recipe,
+            data=pool,
+            out=run_folder,
+            quiet=args.quiet,
+            follow_links=True,
+            **overrides,
+        )
     )
     return run_folder, (time.perf_counter() - started) / 60
 

@@ -9,8 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from labelfew.artifacts import Artifact, either, load_artifact, stage_names
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.errors import UserError
+from labelfew.registry import either, stage_names
 from labelfew.spec import HeadSpec, ModelSpec
 
 

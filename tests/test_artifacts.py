@@ -15,18 +15,13 @@ import timm
 import torch
 from PIL import Image
 
-from labelfew import __version__, artifacts
-from labelfew.artifacts import (
-    FORMAT_VERSION,
-    load_artifact,
-    resolve_artifact,
-    save_tensors,
-    write_run_json,
-)
+from labelfew import __version__, registry
+from labelfew.artifacts import FORMAT_VERSION, load_artifact, save_tensors, write_run_json
 from labelfew.config import PretrainConfig
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import build_backbone, features_model, load_model
+from labelfew.registry import resolve_artifact
 from labelfew.spec import ModelSpec
 from labelfew.stages import pretrain
 from labelfew.use.inference import run_model
@@ -288,7 +283,7 @@ def test_resolve_with_nothing_found(tmp_path: Path) -> None:
 
 def _model(folder: Path, stage: str, mtime: float, scratch: bool = False) -> Path:
     """A small but real artifact of `stage` (a registered name) with its run.json."""
-    info = artifacts.stage_info(stage)
+    info = registry.stage_info(stage)
     spec = ModelSpec("test_resnet", 32, True, 96)
     if info.kind == "classifier":
         spec = dataclasses.replace(spec, class_names=("a", "b"), scratch=scratch)
@@ -300,26 +295,26 @@ def _model(folder: Path, stage: str, mtime: float, scratch: bool = False) -> Pat
 
 
 @pytest.fixture
-def distill(monkeypatch: pytest.MonkeyPatch) -> artifacts.StageInfo:
+def distill(monkeypatch: pytest.MonkeyPatch) -> registry.StageInfo:
     """A stage that exists only in this test: registering it is all a new stage module does."""
-    info = artifacts.StageInfo(
+    info = registry.StageInfo(
         "distill", file="model.safetensors", folder="distill", kind="classifier", label=lambda _: "distilled"
     )
-    monkeypatch.setitem(artifacts._STAGES, "distill", info)
+    monkeypatch.setitem(registry._STAGES, "distill", info)
     return info
 
 
 def test_the_stages_register_themselves() -> None:
-    names = [info.name for info in artifacts.stages()]
+    names = [info.name for info in registry.stages()]
     assert names[:2] == ["pretrain", "finetune"]
-    assert artifacts.stage_info("pretrain").file == "backbone.safetensors"
-    assert artifacts.stage_info("finetune").kind == "classifier"
+    assert registry.stage_info("pretrain").file == "backbone.safetensors"
+    assert registry.stage_info("finetune").kind == "classifier"
     with pytest.raises(KeyError, match="not registered"):
-        artifacts.stage_info("nonsense")
+        registry.stage_info("nonsense")
 
 
 def test_find_models_lists_every_model_of_a_run_through_the_registry(
-    tmp_path: Path, distill: artifacts.StageInfo
+    tmp_path: Path, distill: registry.StageInfo
 ) -> None:
     run = tmp_path / "run"
     backbone = _model(run / "pretrain", "pretrain", 1000)
@@ -330,20 +325,20 @@ def test_find_models_lists_every_model_of_a_run_through_the_registry(
     distilled = _model(run / "distill-10pc", "distill", 4000)
     (run / "evaluate").mkdir()
     (run / "evaluate" / "report.json").write_text("{}")
-    models, folder, unusable = artifacts.find_models(run)
+    models, folder, unusable = registry.find_models(run)
     assert unusable == []
     assert folder == run
     assert [model.path for model in models] == [distilled, tuned, scratch, backbone]
-    assert [artifacts.model_label(model) for model in models] == [
+    assert [registry.model_label(model) for model in models] == [
         "distilled", "fine-tuned", "fine-tuned (scratch)", "pretrain",
     ]  # fmt: skip
-    assert [model.path for model in artifacts.find_models(run / "finetune-10pc")[0]] == [tuned]
-    assert [model.path for model in artifacts.find_models(scratch)[0]] == [scratch]
-    assert artifacts.find_models(None, runs_root=tmp_path)[1] == run
+    assert [model.path for model in registry.find_models(run / "finetune-10pc")[0]] == [tuned]
+    assert [model.path for model in registry.find_models(scratch)[0]] == [scratch]
+    assert registry.find_models(None, runs_root=tmp_path)[1] == run
 
 
 def test_find_models_finds_a_model_by_what_its_folder_holds_and_names_unusable_folders(
-    tmp_path: Path, distill: artifacts.StageInfo
+    tmp_path: Path, distill: registry.StageInfo
 ) -> None:
     """`finetune --out runs/x/ft-auto` was left out (found by the `finetune*` prefix), without a word."""
     run = tmp_path / "run"
@@ -354,13 +349,13 @@ def test_find_models_finds_a_model_by_what_its_folder_holds_and_names_unusable_f
     _model(run / "finetune-lost", "finetune", 4000).unlink()
     (run / "notes").mkdir()
     (run / "notes" / "todo.txt").write_text("not a stage")
-    models, _, unusable = artifacts.find_models(run)
+    models, _, unusable = registry.find_models(run)
     assert [model.path for model in models] == [auto, backbone, student]
     assert [model.stage for model in models] == ["finetune", "pretrain", "distill"]
     assert len(unusable) == 2
     assert "finetune-lost" in unusable[0] and "model.safetensors is missing" in unusable[0]
     assert "finetune-unfinished" in unusable[1] and "no run.json" in unusable[1]
-    assert artifacts.resolve_model(run, ("classifier",)).path == student
+    assert registry.resolve_model(run, ("classifier",)).path == student
     assert resolve_artifact(run, ("finetune",)) == auto
 
 
@@ -369,27 +364,27 @@ def test_find_models_leaves_out_a_corrupt_model_of_a_run_with_a_line(tmp_path: P
     backbone = _model(run / "pretrain", "pretrain", 1000)
     broken = _model(run / "finetune", "finetune", 2000)
     broken.write_bytes(b"truncated")
-    models, _, unusable = artifacts.find_models(run)
+    models, _, unusable = registry.find_models(run)
     assert [model.path for model in models] == [backbone]
     assert len(unusable) == 1 and "corrupt" in unusable[0]
 
 
 def test_resolve_model_prefers_kind_then_a_self_supervised_start_then_newest(
-    tmp_path: Path, distill: artifacts.StageInfo
+    tmp_path: Path, distill: registry.StageInfo
 ) -> None:
     run = tmp_path / "run"
     backbone = _model(run / "pretrain", "pretrain", 1000)
     tuned = _model(run / "finetune-10pc", "finetune", 2000)
     scratch = _model(run / "finetune-scratch-10pc", "finetune", 3000, scratch=True)
-    assert artifacts.resolve_model(run, ("classifier",)).path == tuned  # not the newer baseline
-    assert artifacts.resolve_model(run, ("backbone", "classifier")).path == backbone
-    assert artifacts.resolve_model(run / "finetune-scratch-10pc", ("classifier",)).path == scratch
+    assert registry.resolve_model(run, ("classifier",)).path == tuned  # not the newer baseline
+    assert registry.resolve_model(run, ("backbone", "classifier")).path == backbone
+    assert registry.resolve_model(run / "finetune-scratch-10pc", ("classifier",)).path == scratch
     distilled = _model(run / "distill-10pc", "distill", 4000)
-    assert artifacts.resolve_model(run, ("classifier",)).path == distilled
-    assert artifacts.resolve_model(backbone, ("classifier",)).path == backbone  # a file, as given
+    assert registry.resolve_model(run, ("classifier",)).path == distilled
+    assert registry.resolve_model(backbone, ("classifier",)).path == backbone  # a file, as given
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no completed finetune or distill artifact"):
-        artifacts.resolve_model(tmp_path / "empty", ("classifier",))
+        registry.resolve_model(tmp_path / "empty", ("classifier",))
 
 
 # --- an artifact written by labelfew before this layout still loads and predicts the same -------
@@ -402,7 +397,7 @@ def test_the_v1_fixture_loads_and_predicts_what_it_predicted(monkeypatch: pytest
     monkeypatch.setattr("labelfew.use.inference.device", lambda: torch.device("cpu"))
     expected = json.loads((FIXTURES / "v1_expected.json").read_text(encoding="utf-8"))
     paths = [FIXTURES / "v1_images" / name for name in expected["paths"]]
-    models = artifacts.find_models(FIXTURES / "v1_run").models
+    models = registry.find_models(FIXTURES / "v1_run").models
     assert [model.stage for model in models] == ["finetune", "pretrain"]
     tuned, pretrained = models
     logits = run_model(load_model(tuned), paths, tuned.spec, workers=0)
@@ -413,5 +408,5 @@ def test_the_v1_fixture_loads_and_predicts_what_it_predicted(monkeypatch: pytest
     classes = tuned.spec.class_names
     assert classes is not None
     assert [classes[index] for index in logits.values.argmax(dim=1).tolist()] == expected["predicted"]
-    assert artifacts.resolve_model(FIXTURES / "v1_run", ("classifier",)).path == tuned.path
-    assert artifacts.model_label(tuned) == "fine-tuned"
+    assert registry.resolve_model(FIXTURES / "v1_run", ("classifier",)).path == tuned.path
+    assert registry.model_label(tuned) == "fine-tuned"

@@ -2,7 +2,7 @@
 
 A stage never imports another stage; a use command never imports a stage; a module never imports
 a layer above its own. The one import of the `labelfew.stages` package from below is
-`labelfew/use/__init__.py`, which only fills the stage registry (`artifacts.register_stage`).
+`labelfew/use/__init__.py`, which only fills the stage registry (`registry.register_stage`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "labelfew.config": 0,
     # 1: the only reader and writer of weights, and the stage registry
     "labelfew.artifacts": 1,
+    "labelfew.registry": 1,
     # 2: models and the maths
     "labelfew.models": 2,
     "labelfew.losses": 2,

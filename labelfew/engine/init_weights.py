@@ -25,17 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from labelfew.artifacts import Artifact, load_artifact, resolve_artifact, stage_names
+from labelfew.artifacts import Artifact, load_artifact, read_weights
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import build_backbone
+from labelfew.registry import resolve_artifact, stage_names
 
 TIMM_PREFIX = "timm:"
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 OPTIONAL = "num_batches_tracked"
 """BatchNorm's step counter: not a weight, and absent from many checkpoints."""
 SHOWN = 3
@@ -186,53 +184,15 @@ def _read_source(source: str, timm_overlay: dict[str, Any] | None) -> _Read:
             f"--init {source}: no such file or folder; pass timm:NAME[.TAG], a .safetensors/.pth file, "
             "an exported folder or a labelfew run"
         )
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
-    raise UserError(
-        f"--init {source}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt or .bin"
-    )
+    return _read_file(path)
 
 
-def _read_safetensors(path: Path) -> _Read:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            metadata = dict(reader.metadata() or {})
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"--init {path}: not a readable safetensors file ({error})") from None
+def _read_file(path: Path) -> _Read:
+    """A weights file (`labelfew.artifacts.read_weights`); a labelfew artifact with its spec."""
+    tensors, metadata = read_weights(path, f"--init {path}")
     if "stage" in metadata and "arch" in metadata:
         return _read_artifact(path)
-    tensors = load_file(str(path))
     return _Read(tensors, sha256_file(path), arch=metadata.get("architecture") or metadata.get("arch"))
-
-
-def _read_pickle(path: Path) -> _Read:
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
-            why = "it holds Python objects, not only tensors, which torch.load(weights_only=True) refuses to run"
-        raise UserError(
-            f"--init {path}: cannot be read as weights ({why}); save its state_dict instead"
-        ) from None
-    tensors = _flatten(loaded)
-    if not tensors:
-        raise UserError(f"--init {path}: holds no tensors")
-    return _Read(tensors, sha256_file(path))
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Tensor]:
-    """Nested dicts (``{"state_dict": {"module.x": t}}``) as one dict of dotted keys to tensors."""
-    if isinstance(value, Tensor):
-        return {prefix[:-1]: value}
-    if isinstance(value, Mapping):
-        flat: dict[str, Tensor] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {}
 
 
 def _read_artifact(path: Path) -> _Read:
@@ -259,7 +219,7 @@ def _read_export(folder: Path) -> _Read:
     section = config.get("labelfew", {})
     spec = section.get("spec", {}) if isinstance(section, dict) else {}
     cfg = config.get("pretrained_cfg", {})
-    read = _read_safetensors(folder / "model.safetensors")
+    read = _read_file(folder / "model.safetensors")
     mean, std = cfg.get("mean"), cfg.get("std")
     return _Read(
         read.tensors, read.sha256, arch=config.get("architecture") or read.arch,

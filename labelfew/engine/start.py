@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.config.shared import parse_channels, parse_window
 from labelfew.data.images import typical_image_side
 from labelfew.data.survey import ImageSurvey, survey_images
@@ -23,6 +23,7 @@ from labelfew.engine.init_channels import adapt_init, imagenet_statistics
 from labelfew.engine.init_weights import Init, load_init, read_init
 from labelfew.errors import UserError
 from labelfew.models import build_backbone
+from labelfew.registry import resolve_artifact
 from labelfew.spec import Decoding, ModelSpec, uses_small_stem
 
 DEFAULT_ARCH = "resnet18"

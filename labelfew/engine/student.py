@@ -10,12 +10,13 @@ from pathlib import Path
 
 import timm
 
-from labelfew.artifacts import Artifact, find_models, load_artifact, resolve_artifact
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.config import DistillConfig
 from labelfew.engine.init_weights import Init, init_name, load_init
 from labelfew.engine.start import init_start, load_pretrained
 from labelfew.errors import UserError
 from labelfew.models import Classifier, build_backbone, build_classifier
+from labelfew.registry import find_models, resolve_artifact
 from labelfew.spec import ModelSpec
 
 
@@ -50,7 +51,7 @@ class Student:
 def find_teacher(source: Path | None) -> Artifact:
     """The run's model fine-tuned from a self-supervised (or `--init`) start, not a `--scratch`
     baseline: `--from`'s file or stage folder, else the newest such finetune model of the run,
-    whatever its folder is called (`labelfew.artifacts.find_models`).
+    whatever its folder is called (`labelfew.registry.find_models`).
 
     Raises:
         UserError: no fine-tuned model, another stage's file, or only `--scratch` baselines.

@@ -27,12 +27,13 @@ import torch
 from PIL import Image
 
 from labelfew import engine
-from labelfew.artifacts import Artifact, stages
+from labelfew.artifacts import Artifact
 from labelfew.data.images import BadImage, display_image
 from labelfew.data.labels import LabeledImages
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_text
 from labelfew.models import features_model, load_model
+from labelfew.registry import stages
 from labelfew.report.html import Shown, page_path, render_html
 from labelfew.report.label_page import channels_note
 from labelfew.use.inference import run_model

@@ -1,7 +1,7 @@
 """The stages, one module each (pretrain, finetune, evaluate, select, ...).
 
 Importing this package imports every module in it, so that each stage registers what it writes
-(`labelfew.artifacts.register_stage`) before any `--from` is resolved: a new stage is one new
+(`labelfew.registry.register_stage`) before any `--from` is resolved: a new stage is one new
 module here, found by every command without a list to extend. No stage imports another.
 """
 

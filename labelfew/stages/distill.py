@@ -26,14 +26,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from labelfew import engine
-from labelfew.artifacts import (
-    Artifact,
-    StageInfo,
-    register_stage,
-    save_tensors,
-    stage_info,
-    write_run_json,
-)
+from labelfew.artifacts import Artifact, save_tensors, write_run_json
 from labelfew.config import DistillConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, LabelledPairBatch, WithLabelled
@@ -52,6 +45,7 @@ from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.losses import distillation_loss
 from labelfew.models import Classifier, load_model
 from labelfew.optim import build_finetune_optimizer, scaled_learning_rate, warmup_cosine_fraction
+from labelfew.registry import StageInfo, register_stage, stage_info
 from labelfew.spec import ModelSpec
 from labelfew.views.finetune import CropFlipViews
 

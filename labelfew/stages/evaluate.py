@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from labelfew import artifacts, engine
-from labelfew.artifacts import Artifact, load_artifact, model_label, stage_info
+from labelfew import engine, registry
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.config import EvaluateConfig, to_json
 from labelfew.data import multilabel as multilabel_data
 from labelfew.data.class_weights import imbalance
@@ -34,6 +34,7 @@ from labelfew.fileio import atomic_write_json
 from labelfew.models import load_model
 from labelfew.multilabel import DEFAULT_THRESHOLD, frozen_rows, metrics, multi_hot
 from labelfew.probes import knn_k, knn_scores, linear_probe_scores
+from labelfew.registry import model_label, stage_info
 from labelfew.report import plots
 from labelfew.report import tables as report
 from labelfew.spec import ModelSpec
@@ -71,8 +72,8 @@ def find_models(source: Path | None, init: Init | None = None) -> Models:
     """
     if init is not None and source is None:
         name = re.sub(r"[^\w.-]", "_", init.name)
-        return Models(None, [], artifacts.RUNS_ROOT / f"init-{name}", [])
-    models, run_folder, unusable = artifacts.find_models(source)
+        return Models(None, [], registry.RUNS_ROOT / f"init-{name}", [])
+    models, run_folder, unusable = registry.find_models(source)
     backbones = [model for model in models if stage_info(model.stage).kind == "backbone"]
     classifiers = [model for model in models if stage_info(model.stage).kind == "classifier"]
     pretrain = backbones[0] if backbones else None

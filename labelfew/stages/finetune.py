@@ -25,13 +25,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from labelfew import engine
-from labelfew.artifacts import (
-    Artifact,
-    StageInfo,
-    load_artifact,
-    register_stage,
-    write_run_json,
-)
+from labelfew.artifacts import Artifact, load_artifact, write_run_json
 from labelfew.config import FinetuneConfig, to_json
 from labelfew.data import multilabel
 from labelfew.data.class_weights import imbalance_warning
@@ -61,6 +55,7 @@ from labelfew.errors import UserError
 from labelfew.fileio import prepare_stage_folder, sha256_file
 from labelfew.models import Classifier, head_spec
 from labelfew.optim import finetune_learning_rate, finetune_schedule, fixmatch_learning_rate
+from labelfew.registry import StageInfo, register_stage
 from labelfew.report.tables import print_lr_search
 from labelfew.use.held_out import epoch_scores, frozen_features, multi_label_threshold
 from labelfew.use.inference import (

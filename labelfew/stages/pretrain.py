@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from labelfew import engine
-from labelfew.artifacts import StageInfo, register_stage, save_tensors, write_run_json
+from labelfew.artifacts import save_tensors, write_run_json
 from labelfew.config import PretrainConfig, to_json
 from labelfew.data import sources
 from labelfew.data.batches import Batch, EpochBatches, EpochOrder
@@ -37,6 +37,7 @@ from labelfew.fileio import prepare_stage_folder
 from labelfew.losses import nt_xent_loss
 from labelfew.models import ProjectionHead, SimCLRModel, build_backbone
 from labelfew.optim import build_optimizer, parameter_groups, warmup_cosine
+from labelfew.registry import StageInfo, register_stage
 from labelfew.report.views_figure import write_views_figure
 from labelfew.spec import SMALL_IMAGE_SIDE, Decoding, HeadSpec
 from labelfew.views.simclr import PairViews, SimCLRViews

@@ -32,14 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from labelfew import selection
-from labelfew.artifacts import (
-    Artifact,
-    load_artifact,
-    resolve_artifact,
-    resolve_model,
-    stage_info,
-    stage_names,
-)
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.config import SelectConfig
 from labelfew.data.images import printable, scan_images, skipped_note
 from labelfew.data.labels import LabeledImages, read_label_files
@@ -48,6 +41,7 @@ from labelfew.engine.start import FrozenBackbone
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write_text
 from labelfew.models import features_model, load_model
+from labelfew.registry import resolve_artifact, resolve_model, stage_info, stage_names
 from labelfew.report.label_page import PageItem, channels_note, thumbnail_uri, write_label_page
 from labelfew.spec import Decoding
 from labelfew.use.frozen_init import init_backbone

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from torch import nn
 
-from labelfew.artifacts import Artifact, resolve_model, save_tensors
+from labelfew.artifacts import Artifact, save_tensors
 from labelfew.config import EmbedConfig
 from labelfew.data.images import require_images
 from labelfew.engine.init_weights import Init, read_init
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
+from labelfew.registry import resolve_model
 from labelfew.spec import ModelSpec
 from labelfew.use.files import console, relative_path, report_bad, report_skipped, shown, write_csv
 from labelfew.use.frozen_init import init_backbone

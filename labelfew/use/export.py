@@ -28,11 +28,12 @@ from rich.console import Console
 from torch import nn
 
 from labelfew import __version__
-from labelfew.artifacts import Artifact, resolve_model, save_tensors
+from labelfew.artifacts import Artifact, save_tensors
 from labelfew.config import ExportConfig
 from labelfew.errors import UserError
 from labelfew.fileio import atomic_write, atomic_write_json, sha256_file
 from labelfew.models import Classifier, build_backbone, load_model
+from labelfew.registry import resolve_model
 from labelfew.spec import ModelSpec
 
 FORMATS = ("safetensors", "onnx", "both")

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from labelfew.artifacts import Artifact, resolve_model
+from labelfew.artifacts import Artifact
 from labelfew.config import PredictConfig
 from labelfew.data.images import require_images
 from labelfew.errors import UserError
 from labelfew.models import load_model
+from labelfew.registry import resolve_model
 from labelfew.use.files import console, relative_path, report_bad, report_skipped, shown, write_csv
 from labelfew.use.inference import Outputs, run_model
 

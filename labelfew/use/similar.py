@@ -10,12 +10,13 @@ from pathlib import Path
 from rich.table import Table
 from torch import nn
 
-from labelfew.artifacts import Artifact, load_artifact, resolve_artifact
+from labelfew.artifacts import Artifact, load_artifact
 from labelfew.config import SimilarConfig
 from labelfew.engine.init_weights import read_init
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import features_model, load_model
+from labelfew.registry import resolve_artifact
 from labelfew.spec import ModelSpec
 from labelfew.use.files import console, shown
 from labelfew.use.frozen_init import init_backbone

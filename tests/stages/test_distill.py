@@ -18,7 +18,7 @@ from conftest import TinyRun, copy_tiny_run
 from safetensors.torch import save_file
 
 from labelfew import engine
-from labelfew.artifacts import find_models, load_artifact, model_label
+from labelfew.artifacts import load_artifact
 from labelfew.config import DistillConfig, EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.engine.checkpoint import check_fingerprint
@@ -27,6 +27,7 @@ from labelfew.fileio import sha256_file
 from labelfew.losses import distillation_loss
 from labelfew.models import load_model
 from labelfew.optim import parameter_groups
+from labelfew.registry import find_models, model_label
 from labelfew.stages import distill, evaluate, finetune
 from labelfew.views.finetune import CropFlipViews
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from labelfew.artifacts import load_artifact, model_label
+from labelfew.artifacts import load_artifact
 from labelfew.cli import app
 from labelfew.config import FinetuneConfig, PretrainConfig
 from labelfew.data.labels import LabeledImages, read_label_files
@@ -38,6 +38,7 @@ from labelfew.optim import (
     fixmatch_schedule,
     warmup_cosine_fraction,
 )
+from labelfew.registry import model_label
 from labelfew.stages import finetune, pretrain
 from labelfew.use import held_out
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from labelfew import engine
-from labelfew.artifacts import load_artifact, model_label
+from labelfew.artifacts import load_artifact
 from labelfew.config import EvaluateConfig, FinetuneConfig
 from labelfew.data.batches import Batch, LabelledPairBatch
 from labelfew.data.labelled import held_out_split
@@ -28,6 +28,7 @@ from labelfew.engine.fixmatch import PseudoLabels, WeakStrongViews, find_unlabel
 from labelfew.engine.start import finetune_start
 from labelfew.errors import UserError
 from labelfew.models import Classifier, build_classifier, load_model
+from labelfew.registry import model_label
 from labelfew.stages import evaluate, finetune
 from labelfew.use import held_out
 from labelfew.views.finetune import ShiftFlipViews

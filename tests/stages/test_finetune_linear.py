@@ -13,7 +13,7 @@ from conftest import TinyRun, copy_tiny_run
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from labelfew.artifacts import load_artifact, model_label
+from labelfew.artifacts import load_artifact
 from labelfew.cli import app
 from labelfew.config import (
     DistillConfig,
@@ -27,6 +27,7 @@ from labelfew.data.labels import read_label_files, read_labels
 from labelfew.engine import linear_head, lr_search
 from labelfew.errors import UserError
 from labelfew.models import load_model
+from labelfew.registry import model_label
 from labelfew.stages import distill, evaluate, finetune, select
 from labelfew.use import export
 from labelfew.use.predict import predict
