@@ -311,3 +311,19 @@ def test_a_16_bit_pgm_is_found_and_windowed(tmp_path: Path) -> None:
     assert np.array_equal(
         decode_array(tmp_path / "frame.pgm", window)[..., 0], _hand_window(values, 0.0, 3800.0)
     )
+
+
+def test_a_survey_reads_jpegs_at_a_draft_scale_and_measures_the_same(
+    hymenoptera: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder of large photos is surveyed from libjpeg's reduced decode: the shapes shrink, the
+    channels and statistics do not move (against a full decode of the same sample)."""
+    import labelfew.data.survey as survey
+
+    paths = sorted(hymenoptera.rglob("*.jpg"))[:40]
+    assert read_raw(paths[0], draft=64).values.shape[0] * 8 == read_raw(paths[0]).values.shape[0]
+    drafted = survey.survey_images(paths, channels=1)
+    monkeypatch.setattr(survey, "SURVEY_DRAFT", None)
+    full = survey.survey_images(paths, channels=1)
+    assert drafted.channels == full.channels == 1
+    assert abs(drafted.mean[0] - full.mean[0]) < 0.01 and abs(drafted.std[0] - full.std[0]) < 0.01
