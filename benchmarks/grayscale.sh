@@ -6,7 +6,8 @@
 # into three RGB channels. Each arm pretrains (64 px, test_resnet, 30 epochs, batch 64, as the
 # hymenoptera rows of RESULTS.md), fine-tunes with the defaults and evaluates, seeds 0-2; the
 # pretraining's wall and CPU time come from /usr/bin/time.
-#   bash benchmarks/grayscale.sh [WORK]        # ~25 min on 2 idle CPU cores
+#   bash benchmarks/grayscale.sh [WORK]                  # ~15 min on 2 idle CPU cores
+#   PHASES=pretrain bash benchmarks/grayscale.sh [WORK]  # the pretrainings alone, timed (~4 min)
 set -u
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 W=${1:-/tmp/grayscale}
@@ -31,22 +32,32 @@ for path in sorted(source.glob("*/*/*.jpg")):
         image.save(target)
 PY
 t() { echo "== $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg): $*"; /usr/bin/time -f "wall %e s, user %U s, sys %S s" "$@"; }
+# Phase 1 (PHASES=pretrain runs only this: the CPU times want idle cores): every pretraining back to
+# back, timed; phase 2: fine-tune and evaluate each.
 for seed in 0 1 2; do
   for arm in gray12 rgb8; do
-    R=$W/runs/$arm-$seed
     channels=$([ $arm = gray12 ] && echo auto || echo 3)
-    t python -m labelfew pretrain $W/$arm/train --channels $channels --arch test_resnet --image-size 64 --no-small-stem --epochs 30 --batch-size 64 --seed $seed --workers 0 --out $R --quiet
-    t python -m labelfew finetune --labels $W/$arm/train --from $R --seed $seed --workers 0 --quiet
-    t python -m labelfew evaluate --test $W/$arm/val --from $R --bank $W/$arm/train --workers 0 --quiet
+    t python -m labelfew pretrain $W/$arm/train --channels $channels --arch test_resnet --image-size 64 --no-small-stem --epochs 30 --batch-size 64 --seed $seed --workers 0 --out $W/runs/$arm-$seed --restart --quiet
   done
 done
+if [ "${PHASES:-all}" = all ]; then
+  for seed in 0 1 2; do
+    for arm in gray12 rgb8; do
+      R=$W/runs/$arm-$seed
+      t python -m labelfew finetune --labels $W/$arm/train --from $R --seed $seed --workers 0 --quiet
+      t python -m labelfew evaluate --test $W/$arm/val --from $R --bank $W/$arm/train --workers 0 --quiet
+    done
+  done
+fi
 echo "== done $(date +%T)"
-python - "$W" <<'PY'  # top-1 of every row, per arm and seed
+python - "$W" <<'PY'  # top-1 of every row, per arm and seed, and what the pretraining was fed
 import json, sys
 from pathlib import Path
 for run in sorted((Path(sys.argv[1]) / "runs").iterdir()):
-    report = json.loads((run / "evaluate" / "report.json").read_text())
-    spec = json.loads((run / "pretrain" / "run.json").read_text())
-    print(f"{run.name:10s} channels {spec.get('channels', '?')} window {spec.get('window', '-')} | " + " | ".join(
-        f"{row['method']}: {100 * row['top1']:.1f}" for row in report["rows"]))
+    fed = json.loads((run / "pretrain" / "run.json").read_text())
+    report = run / "evaluate" / "report.json"
+    rows = json.loads(report.read_text())["rows"] if report.is_file() else []
+    print(f"{run.name:10s} channels {fed['input']['channels']} window {fed['input']['window']} "
+          f"final loss {fed['metrics']['final_loss']:.4f} | "
+          + " | ".join(f"{row['method']}: {100 * row['top1']:.1f}" for row in rows))
 PY
