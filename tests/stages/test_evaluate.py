@@ -278,7 +278,9 @@ def test_several_label_sets_without_bank_are_refused_before_any_work(
         write_run_json(run / name, {"stage": "finetune", "labels": {"path": str(labels)},
                                     "artifacts": {"model.safetensors": {"sha256": digest}}})  # fmt: skip
     monkeypatch.setattr(evaluate, "guard", lambda *args, **kwargs: pytest.fail("hashing started"))
-    monkeypatch.setattr("labelfew.use.inference.run_model", lambda *args, **kwargs: pytest.fail("a model ran"))
+    monkeypatch.setattr(
+        "labelfew.use.inference.run_model", lambda *args, **kwargs: pytest.fail("a model ran")
+    )
     with pytest.raises(UserError, match=r"fine-tuned on 2 label sets .*pass --bank"):
         evaluate.run(EvaluateConfig(test=tiny_run["test"], source=run, workers=0, quiet=True))
 
@@ -429,7 +431,9 @@ def test_a_bad_init_exits_2_before_any_image_is_opened(
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not weights at all")
     monkeypatch.setattr(evaluate, "guard", lambda *args, **kwargs: pytest.fail("hashing started"))
-    monkeypatch.setattr("labelfew.use.inference.run_model", lambda *args, **kwargs: pytest.fail("a model ran"))
+    monkeypatch.setattr(
+        "labelfew.use.inference.run_model", lambda *args, **kwargs: pytest.fail("a model ran")
+    )
     monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("an image was opened"))
     runner = CliRunner()
     args = ["evaluate", "--test", str(tiny_run["test"]), "--bank", str(tiny_run["bank"]), "--init", str(bad)]
