@@ -201,10 +201,7 @@ def fingerprint(
     if start.init is not None:
         found |= {"init_sha256": start.init.sha256, "init_prefix": start.init.prefix}
     if start.decoding != Decoding():  # an 8-bit RGB run keeps the keys of one before --channels
-        found["decoding"] = dataclasses.asdict(start.decoding) | {
-            "mean": list(start.mean),
-            "std": list(start.std),
-        }
+        found["decoding"] = start.decoding_record()
     weights = run_class_weights(config, train.class_names, train)
     if weights is not None:
         found["class_weights"] = weights

@@ -251,15 +251,9 @@ def fingerprint(config: PretrainConfig, paths: list[Path], start: Start | None =
     # the list itself names the files that appeared or vanished when a resume is refused
     kept = {"_image_list_sha256": names} if len(names) <= LISTED_FILES else {}
     init = {"init_sha256": start.init.sha256} if start is not None and start.init is not None else {}
-    decoding = {} if start is None or start.decoding == Decoding() else {"decoding": _decoding_record(start)}
+    decoding = {} if start is None or start.decoding == Decoding() else {"decoding": start.decoding_record()}
     return {**values, **init, **decoding, "images": len(paths), "image_list_sha256": listing.hexdigest()[:16],
             **kept}  # fmt: skip
-
-
-def _decoding_record(start: Start) -> dict[str, Any]:
-    """The input a model is fed: channels, window, whether DICOM windows won, mean and std."""
-    return {"channels": start.channels, "window": None if start.window is None else list(start.window),
-            "file_windows": start.file_windows, "mean": list(start.mean), "std": list(start.std)}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,7 +306,7 @@ def run_record(
             "skipped_files": facts.skipped,
             **facts.decoded,
         },
-        **({"input": {**_decoding_record(facts.start), "survey": facts.survey}} if facts.start else {}),
+        **({"input": {**facts.start.decoding_record(), "survey": facts.survey}} if facts.start else {}),
         **({"automatic_batch": facts.batch_note} if facts.batch_note else {}),
         **({"init": {**init.record(), "skipped": init.skipped, "random": facts.random_keys}} if init else {}),
         "metrics": {

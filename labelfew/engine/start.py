@@ -54,6 +54,12 @@ class Start:
         """How the images are decoded for this start (channels and window)."""
         return Decoding(self.channels, self.window, self.file_windows)
 
+    def decoding_record(self) -> dict[str, Any]:
+        """The input a model is fed, as JSON values (lists, so that a record read back from a
+        checkpoint's fingerprint.json compares equal): channels, window, file_windows, mean, std."""
+        return {"channels": self.channels, "window": None if self.window is None else list(self.window),
+                "file_windows": self.file_windows, "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
+
     def spec(self, num_features: int, **fields: Any) -> ModelSpec:
         """The `ModelSpec` of a model from this start: its arch, size, stem, normalisation, channels,
         window and `init`'s lineage, with ``fields`` (head, classes, ...) on top."""

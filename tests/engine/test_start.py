@@ -63,3 +63,22 @@ def test_init_start_takes_an_init_already_read(tiny_pretrained: Path) -> None:
         again.mean,
         again.std,
     )
+
+
+def test_a_windowed_starts_decoding_record_compares_equal_after_a_json_round_trip() -> None:
+    """Fingerprints are read back from fingerprint.json: a tuple window would never equal its list,
+    and a windowed run could never resume."""
+    import json
+
+    from labelfew.engine.start import Start
+
+    start = Start(None, "test_resnet", 32, True, (0.5,), (0.25,), channels=1, window=(0.0, 4095.0))
+    record = start.decoding_record()
+    assert json.loads(json.dumps(record)) == record
+    assert record == {
+        "channels": 1,
+        "window": [0.0, 4095.0],
+        "file_windows": True,
+        "mean": [0.5],
+        "std": [0.25],
+    }
