@@ -155,9 +155,8 @@ def read_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[s
         UserError: ``"{what}: ..."``: unreadable, not only tensors, no tensors, or another format.
     """
     if path.suffix == ".safetensors":
+        metadata = weights_metadata(path, what)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as reader:
-                metadata = dict(reader.metadata() or {})
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise UserError(f"{what}: not a readable safetensors file ({error})") from None
@@ -176,6 +175,21 @@ def read_weights(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[s
     if not tensors:
         raise UserError(f"{what}: holds no tensors")
     return tensors, {}
+
+
+def weights_metadata(path: Path, what: str) -> dict[str, str]:
+    """A weights file's metadata without its tensors: a safetensors header's, {} for other files.
+
+    Raises:
+        UserError: ``"{what}: ..."``: an unreadable safetensors file.
+    """
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as reader:
+            return dict(reader.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"{what}: not a readable safetensors file ({error})") from None
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:

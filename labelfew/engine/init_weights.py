@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from labelfew.artifacts import Artifact, load_artifact, read_weights
+from labelfew.artifacts import Artifact, load_artifact, read_weights, weights_metadata
 from labelfew.errors import UserError
 from labelfew.fileio import sha256_file
 from labelfew.models import build_backbone
@@ -188,10 +188,12 @@ def _read_source(source: str, timm_overlay: dict[str, Any] | None) -> _Read:
 
 
 def _read_file(path: Path) -> _Read:
-    """A weights file (`labelfew.artifacts.read_weights`); a labelfew artifact with its spec."""
-    tensors, metadata = read_weights(path, f"--init {path}")
+    """A weights file (`labelfew.artifacts.read_weights`); a labelfew artifact with its spec (read
+    once, by `load_artifact`, which also checks its sha256)."""
+    metadata = weights_metadata(path, f"--init {path}")
     if "stage" in metadata and "arch" in metadata:
         return _read_artifact(path)
+    tensors, metadata = read_weights(path, f"--init {path}")
     return _Read(tensors, sha256_file(path), arch=metadata.get("architecture") or metadata.get("arch"))
 
 
