@@ -6,8 +6,8 @@ pretraining time on the same machine, back to back, then the label part of
 
 Equal time is given by the number of epochs. First every configuration's step is timed in this
 process, in its steady state (the real `pretrain.contrastive_step` with the recipe's model, views,
-temperature and LARS, on random 32 px uint8 images, the queue already full, the momentum update
-after each step), then each gets ``epochs = round(budget / (seconds per step × steps per epoch))``,
+temperature and LARS, placed and autocast as `pretrain` does, on random 32 px uint8 images, the
+queue already full, the momentum update after each step), then each gets ``epochs = round(budget / (seconds per step × steps per epoch))``,
 so that its warmup and cosine schedule are those of a whole run of that length (a run cut at a
 time limit would end at a high learning rate instead). The budget is the recipe's own pretraining
 (its batch, no queue, its epochs) at its measured speed, or ``--minutes``. The actual pretraining
@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
+from labelfew import engine
 from labelfew.config import PretrainConfig, build_config, load_recipe
 from labelfew.data.batches import Batch
 from labelfew.engine import simclr
 from labelfew.engine.key_queue import KeyQueue
 from labelfew.optim import build_optimizer, parameter_groups
-from labelfew.stages.pretrain import build_model, contrastive_step
+from labelfew.stages.pretrain import build_model, channels_last, contrastive_step
 from labelfew.views.simclr import SimCLRViews
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,17 +59,25 @@ def pretrain_config(recipe: dict[str, Any], batch: int, queue: int, images: int)
 
 
 def seconds_per_step(config: PretrainConfig, steps: int, warmup: int = 3) -> float:
-    """The median of `steps` timed steady-state steps of `pretrain`'s step for `config`, on the CPU."""
+    """The median of `steps` timed steady-state steps of `pretrain`'s step for `config`, placed and
+    autocast as `pretrain` places them (channels-last, its auto precision), on this machine."""
     assert config.batch_size is not None and config.image_size is not None
     torch.manual_seed(0)
+    accelerator = engine.make_accelerator(config.precision, seed=0, cpu_bf16=True)
+    memory_format = channels_last(accelerator.device)
     model = build_model(config).train()
-    keys = None
-    if config.queue:
-        keys = KeyQueue(model, config.queue, config.projection_dim, config.key_momentum)
-        keys.enqueue(torch.randn(config.queue, config.projection_dim))  # full: the steady state's cost
+    if memory_format:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config.optimizer, parameter_groups(model, config.weight_decay),  # type: ignore[arg-type]
                                 lr=simclr.learning_rate(config))  # fmt: skip
-    step = contrastive_step(config.temperature, False, SimCLRViews(simclr.view_config(config)), keys)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    keys = None
+    if config.queue:
+        keys = KeyQueue(accelerator.unwrap_model(model), config.queue, config.projection_dim,
+                        config.key_momentum, autocast=accelerator.autocast)  # fmt: skip
+        keys.enqueue(torch.randn(config.queue, config.projection_dim))  # full: the steady state's cost
+    views = SimCLRViews(simclr.view_config(config))
+    step = contrastive_step(config.temperature, memory_format, views, keys)
     side = config.image_size
     images = torch.randint(0, 256, (config.batch_size, 3, side, side), dtype=torch.uint8)
     sizes = torch.full((config.batch_size, 2), side, dtype=torch.int64)
@@ -94,7 +103,7 @@ def plan(args: argparse.Namespace, recipe: dict[str, Any]) -> list[dict[str, Any
         budget = 60 * args.minutes
     else:
         reference = pretrain_config(recipe, int(base.get("batch_size", 256)), 0, images)
-        assert reference.batch_size is not None
+        assert reference.batch_size is not None and reference.epochs is not None
         steps = reference.epochs * (images // reference.batch_size)
         budget = steps * seconds_per_step(reference, args.calibration_steps)
     print(f"budget {budget / 60:.1f} min ({'--minutes' if args.minutes else 'the recipe without a queue'})")

@@ -153,7 +153,12 @@ class PretrainConfig(Validated):
         help="Gaussian blur, p = 0.5, σ ∈ [0.1, 2], kernel ≈ 10% of the side (the paper drops it for CIFAR).",
         shown="off at ≤ 32 px",
     )
-    precision: str = option("auto", PRECISION)
+    precision: str = option(
+        "auto",
+        PRECISION,
+        help="bf16, fp16 or no (float32); auto: bf16 on GPUs that support it and on CPUs with native "
+        "bf16 (AVX512-BF16 or AMX), else no.",
+    )
     augment_on: str = option(
         "auto",
         choices=("auto", "device", "workers"),

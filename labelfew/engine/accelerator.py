@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from rich.console import Console
 
@@ -55,10 +56,18 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
-def make_accelerator(precision: str, seed: int) -> Accelerator:
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast makes
+    convolutions faster; elsewhere oneDNN emulates it, slower than float32."""
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def make_accelerator(precision: str, seed: int, cpu_bf16: bool = False) -> Accelerator:
     """An Accelerator for this process, with `precision` resolved and the data order seeded.
 
-    auto precision is bf16 on GPUs that support it, else no. The data loaders it prepares use
+    auto precision is bf16 on GPUs that support it and, with `cpu_bf16` (pretraining, whose CPU
+    step was measured so: benchmarks/RESULTS.md), on CPUs with native bf16 instructions; else no. The data loaders it prepares use
     Accelerate's seedable sampler: epoch e's order is a function of (`seed`, e) alone, identical
     on every process (each takes its own part) and after a resume. On a machine without a GPU
     that was launched with several processes, Accelerate is told to use the CPU: it then joins
@@ -71,13 +80,18 @@ def make_accelerator(precision: str, seed: int) -> Accelerator:
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        gpu_bf16 = cuda and torch.cuda.is_bf16_supported()
+        precision = "bf16" if gpu_bf16 or (cpu_bf16 and not _has_gpu() and native_cpu_bf16()) else "no"
     if precision not in ("no", "bf16", "fp16"):
         raise UserError(f"--precision {precision}: use bf16, fp16, no or auto")
     if precision == "fp16" and not cuda:
         raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use --precision bf16 or no")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or no")
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # one process running stages of different precision (a script, the benchmarks, the tests):
+        # Accelerate keeps one precision per process; the process group (PartialState) stays
+        AcceleratorState._reset_state()
     launched = launched_processes()
     accelerator = Accelerator(
         mixed_precision=precision,
