@@ -10,8 +10,10 @@ temperature and LARS, placed and autocast as `pretrain` does, on random 32 px ui
 queue already full, the momentum update after each step), then each gets ``epochs = round(budget / (seconds per step × steps per epoch))``,
 so that its warmup and cosine schedule are those of a whole run of that length (a run cut at a
 time limit would end at a high learning rate instead). The budget is the recipe's own pretraining
-(its batch, no queue, its epochs) at its measured speed, or ``--minutes``. The actual pretraining
-time of every run is reported beside the budget, so a wrong estimate shows.
+(its batch, no queue, its epochs) at its measured speed, or ``--minutes``. The real loop
+spends a little more per step than the timed step (the loader's batches, the trainer's logging):
+`--overhead-ms` adds that, measured from one real run, to every configuration's step. The actual
+pretraining time of every run is reported beside the budget, so a wrong estimate shows.
 
     python benchmarks/queue_equal_time.py                       # the whole comparison (hours)
     python benchmarks/queue_equal_time.py --dry-run             # the timings and commands only
@@ -105,13 +107,13 @@ def plan(args: argparse.Namespace, recipe: dict[str, Any]) -> list[dict[str, Any
         reference = pretrain_config(recipe, int(base.get("batch_size", 256)), 0, images)
         assert reference.batch_size is not None and reference.epochs is not None
         steps = reference.epochs * (images // reference.batch_size)
-        budget = steps * seconds_per_step(reference, args.calibration_steps)
+        budget = steps * (seconds_per_step(reference, args.calibration_steps) + args.overhead_ms / 1000)
     print(f"budget {budget / 60:.1f} min ({'--minutes' if args.minutes else 'the recipe without a queue'})")
     rows = []
     for batch in args.batches:
         for queue in args.queues:
             config = pretrain_config(recipe, batch, queue, images)
-            step = seconds_per_step(config, args.calibration_steps)
+            step = seconds_per_step(config, args.calibration_steps) + args.overhead_ms / 1000
             steps_per_epoch = images // batch
             epochs = max(1, round(budget / (step * steps_per_epoch)))
             rows.append({"batch": batch, "queue": queue, "seconds_per_step": step, "epochs": epochs,
@@ -163,6 +165,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="label subset seeds")
     parser.add_argument("--unlabeled-images", type=int, help="override the recipe's [benchmark] value")
     parser.add_argument("--calibration-steps", type=int, default=20, help="timed steps per configuration")
+    parser.add_argument("--overhead-ms", type=float, default=0.0,
+                        help="the real loop's time per step beyond the timed step (loader, trainer), added "
+                        "to every configuration's: a run's wall seconds / steps - its timed step")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch threads for the timing (default: torch's)")
     parser.add_argument("--dry-run", action="store_true", help="time the steps and print the commands only")
     parser.add_argument("--cache", type=Path, help="label_efficiency's --cache (the unpacked CIFAR-10)")
