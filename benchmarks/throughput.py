@@ -19,17 +19,18 @@ backward, LARS update), all in one process, on the same model, batch and device:
       nvJPEG on CUDA; `labelfew.data.device_decode`, `pretrain --decode-on device`).
 
 Any row may be measured again with the step changed, as one more row: `NAME+VARIANT[+VARIANT]`
-with the variants `channels_last` (model and views in channels-last memory format, what pretrain
-does on GPUs), `bf16` (bf16 autocast; on a CPU only where it has native bf16 instructions, checked
-by a try-run, else the row says why not) and `compile` (`torch.compile` of the model), e.g. for the
-faster CPU step of issue 27:
+with the variants `channels_last` (model and views in channels-last memory format), `bf16` (bf16
+autocast; on a CPU only where it has native bf16 instructions, checked by a try-run, else the row
+says why not) and `compile` (`torch.compile` of the model), e.g. for the faster CPU step of issue 27:
 
     python benchmarks/throughput.py --arch resnet18 --device cpu --rows \
-        labelfew,lightly,labelfew+channels_last,labelfew+bf16,labelfew+compile --skip-data-only
+        labelfew,lightly,labelfew+channels_last,labelfew+bf16,labelfew+channels_last+bf16 --skip-data-only
 
-Both labelfew rows and the bare step use the same autocast precision and memory format as
-`pretrain` (bf16 and channels_last on GPUs); lightly gets the same, so the rows differ only in
-their data path, loss, optimizer and lightly's one forward pass per view. Rows are timed in
+On a GPU every row runs as `pretrain` does there (bf16 autocast, channels-last), lightly's too, so
+the rows differ only in their data path, loss, optimizer and lightly's one forward pass per view.
+On the CPU the plain rows run float32 in the contiguous format, as lightly's examples do; `pretrain`
+itself now runs its CPU step as `labelfew+channels_last`, and as `labelfew+channels_last+bf16` on
+CPUs with native bf16 (benchmarks/RESULTS.md, issue 27). Rows are timed in
 interleaved rounds (a change of machine load hits all alike) and the median round is reported.
 A second table measures the data paths alone (without a model): views/s of the view makers, and
 images/s of the streaming source's decoding alone with 1 and 2 workers and with the views made in
@@ -278,12 +279,12 @@ class Bench:
 
     def bf16_refusal(self) -> str | None:
         """Why bf16 autocast is not measured here (None: it is): on a CPU, without native bf16
-        instructions (oneDNN's check, AVX512-BF16 or AMX) it would be emulated and slow, and a
+        instructions (AVX512-BF16 or AMX, `engine.native_cpu_bf16`, pretrain's check) it would be emulated and slow, and a
         bf16 convolution must run (try-run)."""
         if self.device.type != "cpu":
             return None
         capability = torch.backends.cpu.get_cpu_capability()
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not engine.native_cpu_bf16():
             return f"no native bf16 on this CPU ({capability}): not measured"
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):

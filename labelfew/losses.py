@@ -103,19 +103,31 @@ def _check_inputs(z1: Tensor, z2: Tensor, temperature: float) -> None:
         )
 
 
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None) -> Tensor:
+def nt_xent_loss(
+    z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None, keys: Tensor | None = None
+) -> Tensor:
     """Per-process NT-Xent loss (SimCLR eq. 1) against the negatives of the global batch (and a queue).
 
-    How queued keys enter: the queries are the online projections of both views (with gradient);
-    each query's positive is its partner view's online projection (as without a queue, not a
-    momentum key: MoCo's positive is a key, SimCLRv2 keeps SimCLR's pairs and uses the memory "as
-    negative examples"); its negatives are the other 2N - 2 online views of the global batch plus
-    every row of ``queue``, without gradient:
+    Without ``keys``: SimCLR. Each anchor (the online projection of a view, with gradient) is
+    contrasted with the other 2N - 1 online views of the global batch; its positive is its
+    partner view:
 
-        loss(i, j) = -log( exp(s_ij / t) / (sum_{k != i} exp(s_ik / t) + sum_q exp(sim(z_i, q) / t)) )
+        loss(i, j) = -log( exp(s_ij / t) / sum_{k != i} exp(s_ik / t) )
 
-    at the same temperature ``t``. An empty or absent queue gives plain NT-Xent, computed exactly
-    as before the queue existed.
+    With ``keys`` (`pretrain --queue`, SimCLRv2's memory as its authors describe it: "the contrasting
+    examples are from momentum encoder from current and past batches, which is consistent with
+    MoCo", google-research/simclr issue 115): the same formula, with every candidate a momentum
+    key, without gradient: anchor i's positive is the key of its partner view, its negatives the
+    keys of the other 2N - 2 views of the global batch (its own view's key is left out, as the
+    anchor itself is in SimCLR) and every row of ``queue`` (keys of earlier steps):
+
+        loss(i, j) = -log( exp(sim(z_i, k_j) / t)
+                           / (sum_{k != i} exp(sim(z_i, k_k) / t) + sum_q exp(sim(z_i, q) / t)) )
+
+    Positives and negatives then come from one encoder. Online positives against momentum-key
+    negatives (the first version of `--queue`) let the trained encoder separate itself from its
+    lagging copy instead of learning features: the pretraining loss rose at the end of the
+    schedule and kNN fell 11-17 points (benchmarks/RESULTS.md, issue 27).
 
     Computed in float32 even under autocast (float64 inputs stay float64): the logits are
     divided by a small temperature and exponentiated, which half precision does badly.
@@ -127,37 +139,42 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | Non
             Shape: (local_batch_size, dim).
         temperature: divides the cosine similarities; SimCLR uses 0.1 for large batches
             with LARS and 0.5 for CIFAR-10 (paper, appendix B.9).
-        queue: extra negatives, the same on every process (keys of earlier steps, gathered over
-            processes before they were queued); normalised here, never differentiated.
-            Shape: (queued_keys, dim); None or 0 rows: no queue.
+        queue: extra negatives (only with ``keys``), the same on every process (keys of earlier
+            steps, gathered over processes before they were queued); normalised here, never
+            differentiated. Shape: (queued_keys, dim); None or 0 rows: no queue.
+        keys: the momentum encoder's projections of this step's views, the first views of every
+            process in rank order, then the second views (`KeyQueue.encode`); never differentiated.
+            Shape: (2 * global_batch_size, dim).
 
     Returns:
         Scalar mean over this process's 2 * local_batch_size anchors. Its mean over processes
         is the loss of the global batch.
 
     Raises:
-        ValueError: non-positive temperature, or projections (or queue) of different or wrong shapes.
+        ValueError: non-positive temperature, or projections, keys or queue of wrong shapes.
     """
     _check_inputs(z1, z2, temperature)
-    if queue is not None and (queue.ndim != 2 or queue.shape[1] != z1.shape[1]):
-        raise ValueError(f"NT-Xent's queue must have shape (keys, {z1.shape[1]}), got {tuple(queue.shape)}.")
+    _check_keys(z1, queue, keys)
     with torch.autocast(device_type=z1.device.type, enabled=False):
         if torch.finfo(z1.dtype).bits < 32:
             z1, z2 = z1.float(), z2.float()
         anchors = functional.normalize(torch.cat([z1, z2], dim=0), dim=1)
         local_size = z1.shape[0]
-        all_z1 = gather_with_grad(anchors[:local_size])
-        all_z2 = gather_with_grad(anchors[local_size:])
-        candidates = torch.cat([all_z1, all_z2], dim=0)
+        if keys is None:
+            candidates = torch.cat(
+                [gather_with_grad(anchors[:local_size]), gather_with_grad(anchors[local_size:])]
+            )
+        else:
+            candidates = functional.normalize(keys.detach().to(anchors.dtype), dim=1)
+        global_size = candidates.shape[0] // 2
         if queue is not None and queue.shape[0] > 0:  # after the batch: the columns below stay
-            keys = functional.normalize(queue.detach().to(anchors.dtype), dim=1)
-            candidates = torch.cat([candidates, keys], dim=0)
-        global_size = all_z1.shape[0]
+            queued = functional.normalize(queue.detach().to(anchors.dtype), dim=1)
+            candidates = torch.cat([candidates, queued], dim=0)
         logits = anchors @ candidates.T / temperature
 
         rank = torch_distributed.get_rank() if _is_distributed() else 0
         local_rows = torch.arange(local_size, device=z1.device) + rank * local_size
-        # Column of each anchor itself, and of its positive (the other view of its image).
+        # Column of each anchor itself (or its own view's key), and of its positive (the other view).
         self_columns = torch.cat([local_rows, local_rows + global_size])
         positive_columns = torch.cat([local_rows + global_size, local_rows])
         anchor_index = torch.arange(2 * local_size, device=z1.device)
@@ -165,6 +182,21 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | Non
         self_mask[anchor_index, self_columns] = True
         logits = logits.masked_fill(self_mask, float("-inf"))
         return functional.cross_entropy(logits, positive_columns)
+
+
+def _check_keys(z1: Tensor, queue: Tensor | None, keys: Tensor | None) -> None:
+    """Raises ValueError for momentum keys or a queue that NT-Xent cannot use with ``z1``."""
+    dim = z1.shape[1]
+    if queue is not None and queue.shape[0] > 0 and keys is None:
+        raise ValueError("NT-Xent's queue needs this step's momentum keys (keys=): its negatives are keys.")
+    if queue is not None and (queue.ndim != 2 or queue.shape[1] != dim):
+        raise ValueError(f"NT-Xent's queue must have shape (keys, {dim}), got {tuple(queue.shape)}.")
+    world = torch_distributed.get_world_size() if _is_distributed() else 1
+    if keys is not None and tuple(keys.shape) != (2 * world * z1.shape[0], dim):
+        raise ValueError(
+            f"NT-Xent's keys must have shape ({2 * world * z1.shape[0]}, {dim}) (both views of the "
+            f"global batch), got {tuple(keys.shape)}."
+        )
 
 
 def _float_logits(logits: Tensor) -> Tensor:

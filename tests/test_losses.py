@@ -88,32 +88,55 @@ def test_float32_under_autocast_and_for_half_inputs() -> None:
     torch.testing.assert_close(half_loss, expected, rtol=0, atol=0.05)
 
 
-@pytest.mark.parametrize("queued", [1, 5, 40])
+@pytest.mark.parametrize("queued", [0, 1, 5, 40])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_queue_matches_reference_loop(batch_size: int, queued: int) -> None:
-    """Queued keys are extra negatives in every denominator; no gradient reaches them."""
+def test_keys_and_queue_match_the_reference_loop(batch_size: int, queued: int) -> None:
+    """With momentum keys, the positive and the in-batch negatives are keys and the queued keys
+    are more negatives in every denominator; no gradient reaches keys or queue."""
     generator = torch.Generator().manual_seed(batch_size * 100 + queued)
     z1, z2 = (torch.randn(batch_size, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    keys = torch.randn(2 * batch_size, 16, generator=generator, dtype=torch.float64).requires_grad_()
     queue = torch.randn(queued, 16, generator=generator, dtype=torch.float64).requires_grad_()
 
-    def with_queue(function):
-        return lambda first, second, temperature: function(first, second, temperature, queue=queue)
+    def with_keys(function):
+        return lambda first, second, temperature: function(first, second, temperature, queue=queue, keys=keys)
 
-    loss, grad_z1, grad_z2 = _loss_and_grads(with_queue(nt_xent_loss), z1, z2, 0.2)
-    expected_loss, expected_z1, expected_z2 = _loss_and_grads(with_queue(reference_nt_xent), z1, z2, 0.2)
+    loss, grad_z1, grad_z2 = _loss_and_grads(with_keys(nt_xent_loss), z1, z2, 0.2)
+    expected_loss, expected_z1, expected_z2 = _loss_and_grads(with_keys(reference_nt_xent), z1, z2, 0.2)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-9)
     torch.testing.assert_close(grad_z1, expected_z1, rtol=0, atol=1e-9)
     torch.testing.assert_close(grad_z2, expected_z2, rtol=0, atol=1e-9)
-    assert loss > nt_xent_loss(z1, z2, 0.2)  # more negatives, a larger loss
-    nt_xent_loss(z1.requires_grad_(), z2, 0.2, queue=queue).backward()
-    assert queue.grad is None  # the keys are constants of the step (MoCo's stop-gradient)
+    nt_xent_loss(z1.requires_grad_(), z2, 0.2, queue=queue, keys=keys).backward()
+    assert queue.grad is None and keys.grad is None  # constants of the step (MoCo's stop-gradient)
+
+
+def test_more_queued_keys_give_a_larger_loss() -> None:
+    generator = torch.Generator().manual_seed(5)
+    z1, z2 = (torch.randn(4, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    keys, queue = torch.cat([z1, z2]) + 0.1, torch.randn(9, 16, generator=generator, dtype=torch.float64)
+    assert nt_xent_loss(z1, z2, 0.2, queue=queue, keys=keys) > nt_xent_loss(z1, z2, 0.2, keys=keys)
+
+
+def test_keys_equal_to_the_online_views_give_simclrs_loss_with_gradient_through_the_anchors_only() -> None:
+    """The same formula: keys equal to the online projections give plain NT-Xent's value, and a
+    gradient without the candidates' part (the keys are constants)."""
+    generator = torch.Generator().manual_seed(6)
+    z1, z2 = (torch.randn(5, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    keys = torch.cat([z1, z2])
+    torch.testing.assert_close(
+        nt_xent_loss(z1, z2, 0.3, keys=keys), nt_xent_loss(z1, z2, 0.3), rtol=0, atol=1e-12
+    )
+    _, plain_z1, _ = _loss_and_grads(nt_xent_loss, z1, z2, 0.3)
+    _, key_z1, _ = _loss_and_grads(lambda a, b, t: nt_xent_loss(a, b, t, keys=keys), z1, z2, 0.3)
+    assert not torch.allclose(key_z1, plain_z1)  # plain NT-Xent also differentiates its candidates
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_identical_embeddings_and_keys_give_log_of_all_candidates(batch_size: int) -> None:
-    # Every similarity is 1: each anchor's softmax is uniform over 2N - 1 views and the K keys.
+    # Every similarity is 1: each anchor's softmax is uniform over 2N - 1 keys and the K queued keys.
     z = torch.ones(batch_size, 8, dtype=torch.float64)
-    loss = nt_xent_loss(z, 2 * z, temperature=0.5, queue=torch.full((7, 8), 0.3, dtype=torch.float64))
+    loss = nt_xent_loss(z, 2 * z, 0.5, queue=torch.full((7, 8), 0.3, dtype=torch.float64),
+                        keys=torch.full((2 * batch_size, 8), 4.0, dtype=torch.float64))  # fmt: skip
     assert loss.item() == pytest.approx(math.log(2 * batch_size - 1 + 7), abs=1e-9)
 
 
@@ -125,10 +148,14 @@ def test_empty_queue_is_plain_nt_xent_bit_for_bit() -> None:
     assert torch.equal(nt_xent_loss(z1, z2, 0.5, queue=None), plain)
 
 
-def test_rejects_a_queue_of_another_width() -> None:
+def test_rejects_a_queue_of_another_width_keys_of_another_shape_and_a_queue_without_keys() -> None:
     z = torch.randn(2, 4)
     with pytest.raises(ValueError, match="queue must have shape"):
-        nt_xent_loss(z, z, 0.5, queue=torch.randn(3, 5))
+        nt_xent_loss(z, z, 0.5, queue=torch.randn(3, 5), keys=torch.randn(4, 4))
+    with pytest.raises(ValueError, match=r"keys must have shape \(4, 4\)"):
+        nt_xent_loss(z, z, 0.5, keys=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="queue needs this step's momentum keys"):
+        nt_xent_loss(z, z, 0.5, queue=torch.randn(3, 4))
 
 
 def test_single_process_gather_is_the_identity() -> None:

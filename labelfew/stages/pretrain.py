@@ -83,8 +83,9 @@ def contrastive_step(
     `labelfew.views.simclr.SimCLRViews`, drawing from the batch's seeded generator), both in one
     forward pass (so BN sees all 2N views), then NT-Xent.
 
-    With ``keys`` (`--queue`), the queued keys are extra negatives of this step's loss, then the
-    momentum encoder's keys of the same views (one more forward pass, no gradient) are queued; the
+    With ``keys`` (`--queue`), the momentum encoder makes the keys of the same views (one more
+    forward pass, no gradient): they are this step's positives and in-batch negatives, the queued
+    keys of earlier steps are more negatives (`nt_xent_loss`), and then they are queued; the
     trainer updates the momentum encoder after the optimizer step (`labelfew.engine.key_queue`).
 
     NT-Xent runs in float32 under mixed precision (`nt_xent_loss` upcasts half-precision
@@ -100,8 +101,9 @@ def contrastive_step(
         z1, z2 = projections.chunk(2)
         if keys is None:
             return nt_xent_loss(z1, z2, temperature), images.shape[0]
-        loss = nt_xent_loss(z1, z2, temperature, queue=keys.negatives())
-        keys.enqueue(keys.encode(images))
+        made = keys.encode(images)  # this step's keys: the positives and in-batch negatives
+        loss = nt_xent_loss(z1, z2, temperature, queue=keys.negatives(), keys=made)
+        keys.enqueue(made)
         return loss, images.shape[0]
 
     return step

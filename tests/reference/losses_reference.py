@@ -38,11 +38,17 @@ def global_mean(value: Tensor) -> Tensor:
     return total / torch_distributed.get_world_size()
 
 
-def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None) -> Tensor:
-    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time; with
-    ``queue``, each of its rows is one more negative in every anchor's denominator (SimCLRv2's memory)."""
+def reference_nt_xent(
+    z1: Tensor, z2: Tensor, temperature: float, queue: Tensor | None = None, keys: Tensor | None = None
+) -> Tensor:
+    """SimCLR eq. 1 (https://arxiv.org/abs/2002.05709), one anchor and one candidate at a time. With
+    ``keys`` (both views' momentum keys, first views then second), every candidate is a key: the
+    positive is the partner view's key and the other views' keys are negatives, the anchor's own
+    view's key left out as the anchor itself is in SimCLR; each row of ``queue`` is one more negative
+    in every anchor's denominator (SimCLRv2's memory, as in MoCo)."""
     views = [z / torch.linalg.vector_norm(z) for z in list(z1) + list(z2)]
-    keys = [key.detach() / torch.linalg.vector_norm(key) for key in (queue if queue is not None else [])]
+    candidates = views if keys is None else [key.detach() / torch.linalg.vector_norm(key) for key in keys]
+    queued = [key.detach() / torch.linalg.vector_norm(key) for key in (queue if queue is not None else [])]
     batch_size = z1.shape[0]
     total = torch.zeros((), dtype=z1.dtype)
     for anchor in range(2 * batch_size):
@@ -51,11 +57,11 @@ def reference_nt_xent(z1: Tensor, z2: Tensor, temperature: float, queue: Tensor 
         for candidate in range(2 * batch_size):
             if candidate != anchor:
                 denominator = denominator + torch.exp(
-                    torch.dot(views[anchor], views[candidate]) / temperature
+                    torch.dot(views[anchor], candidates[candidate]) / temperature
                 )
-        for key in keys:
+        for key in queued:
             denominator = denominator + torch.exp(torch.dot(views[anchor], key) / temperature)
-        numerator = torch.exp(torch.dot(views[anchor], views[positive]) / temperature)
+        numerator = torch.exp(torch.dot(views[anchor], candidates[positive]) / temperature)
         total = total - torch.log(numerator / denominator)
     return total / (2 * batch_size)
 
