@@ -8,18 +8,31 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from labelfew.demo import write_digits
+from labelfew.engine import accelerator as accelerators
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _float32_pretraining_on_every_cpu() -> Iterator[None]:
+    """`pretrain --precision auto` is bf16 on CPUs with native bf16 (AVX512-BF16, AMX) and float32
+    elsewhere; the suite runs as on a CPU without it, so that its pretrained models, and what tests
+    read from them, are the same on every CI machine. `tests/stages/test_pretrain_cpu_step.py` and
+    `tests/engine/test_accelerator.py` patch it back to test the bf16 choice itself."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(accelerators, "native_cpu_bf16", lambda: False)
+        yield
+
 
 CopyPerClass = Callable[[Path, Path, int], Path]
 """copy_per_class(source, destination, per_class) -> destination"""

@@ -122,17 +122,18 @@ class PretrainConfig(Validated):
     queue: int = option(
         0,
         minimum=0,
-        help="Keep the last K key projections of a momentum copy of the encoder as extra NT-Xent "
-        "negatives (SimCLRv2's use of MoCo's memory); 0: plain SimCLR. Costs K × --projection-dim floats "
-        "and one more forward pass of both views per step (no backward); meant for small batches, where "
-        "the batch alone gives few negatives. At most 2 × the folder's images.",
+        help="Contrast against the last K keys of a momentum copy of the encoder too (SimCLRv2's use of "
+        "MoCo's memory: positive and negatives are the copy's keys); 0: plain SimCLR. Costs K × "
+        "--projection-dim floats and one more forward pass per step. For long runs of large models at "
+        "small batches; on the CPU recipe it lost 1.6–5.6 kNN points at equal time and was even at equal "
+        "epochs (benchmarks/RESULTS.md). At most 2 × the folder's images.",
     )
     key_momentum: float = option(
         KEY_MOMENTUM,
         minimum=0,
         below=1,
         help="With --queue: the momentum encoder follows the trained weights as m·key + (1 − m)·online "
-        "after every step (0.999 as MoCo v1/v2).",
+        "after every step (0.999 as MoCo v1/v2; 0.99 for runs of ~10,000 steps or fewer).",
     )
     key_momentum_ramp: bool = option(
         False,

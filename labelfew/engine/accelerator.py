@@ -67,9 +67,9 @@ def make_accelerator(precision: str, seed: int, cpu_bf16: bool = False) -> Accel
     """An Accelerator for this process, with `precision` resolved and the data order seeded.
 
     auto precision is bf16 on GPUs that support it and, with `cpu_bf16` (pretraining, whose CPU
-    step was measured so: benchmarks/RESULTS.md), on CPUs with native bf16 instructions; else no. The data loaders it prepares use
-    Accelerate's seedable sampler: epoch e's order is a function of (`seed`, e) alone, identical
-    on every process (each takes its own part) and after a resume. On a machine without a GPU
+    step was measured so: benchmarks/RESULTS.md), on CPUs with native bf16 instructions; else no.
+    The data loaders it prepares use Accelerate's seedable sampler: epoch e's order is a function
+    of (`seed`, e) alone, identical on every process (each takes its own part) and after a resume. On a machine without a GPU
     that was launched with several processes, Accelerate is told to use the CPU: it then joins
     the processes with gloo (by default it would ignore torchrun's environment on such a machine
     and let every process train alone on the whole data set).

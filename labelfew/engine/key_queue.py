@@ -3,11 +3,21 @@
 SimCLRv2 (Chen et al. 2020, arXiv 2006.10029, section 2) "incorporates the memory mechanism from
 MoCo": a memory network, whose weights are a moving average of the trained ones, and whose outputs
 are buffered as negative examples (MoCo: He et al. 2019, arXiv 1911.05722; MoCo v2: arXiv
-2003.04297; facebookresearch/moco, ``moco/builder.py``). How the keys enter the loss is written in
-`labelfew.losses.nt_xent_loss`: they only add negatives; the positives stay SimCLR's.
+2003.04297; facebookresearch/moco, ``moco/builder.py``). Its authors did not release that part; they
+describe it as "the contrasting examples are from momentum encoder from current and past batches,
+which is consistent with MoCo" (google-research/simclr issue 115). So every candidate of the loss
+is a key: each online view's positive is its partner view's key, its negatives the keys of the
+batch's other views and of the queue (`labelfew.losses.nt_xent_loss`, ``keys=``).
 
 The choices, and why:
 
+- **Keys on both sides of the fraction.** A first version kept SimCLR's online positives and
+  in-batch negatives and added the queue as negatives only. The trained encoder could then lower
+  the loss by moving away from where its lagging copy was, instead of learning features: on the
+  CPU recipe at equal time, kNN fell from 53.3% to 42.0% (K 4,096) and 36.1% (K 16,384), and the
+  pretraining loss rose again at the end of the schedule, when the copy caught up
+  (benchmarks/RESULTS.md, issue 27). With keys as every candidate, the anchor cannot tell its
+  positive from a negative by which encoder made it.
 - **Momentum.** After every optimizer step each parameter of the copy becomes ``m·key + (1 −
   m)·online`` with MoCo v1/v2's ``m = 0.999``, constant from the first step (the copy starts equal to
   the online weights, as MoCo initialises it; no warmup, unlike `ModelEMA`'s), or with
@@ -17,13 +27,12 @@ The choices, and why:
 - **BatchNorm.** The copy runs once over the same 2N views as the online encoder, in train mode, so
   its BatchNorm normalises them with this batch's statistics: the global batch's where the online
   model has SyncBatchNorm (the copy is made after the conversion, so it has it too). MoCo needs
-  shuffle-BN because its positive is a key from a separate pass over the same sub-batch as the
-  query: the two share that sub-batch's statistics and the queue's negatives do not, so BN alone
-  picks the positive out. Here no positive is a key: the anchor, its positive and the 2N − 2
-  in-batch negatives come from one online pass (SimCLR's argument, with sync-BN across GPUs,
-  arXiv 2002.05709, section 2.3), and every anchor of a step sees the same queued keys. Batch
-  statistics can at most tell "this batch" from "the queue", which makes queued negatives easier,
-  never the positive.
+  shuffle-BN because its positive is the only key of the query's sub-batch among the candidates
+  (its negatives are all queued): the positive shares the query's batch statistics and no negative
+  does, so BN alone picks it out. Here the positive is one of the 2N − 1 keys of the same pass,
+  all normalised with the same statistics (SimCLR's argument, with sync-BN across GPUs, arXiv
+  2002.05709, section 2.3): batch statistics can at most tell "this batch" from "the queue", which
+  makes queued negatives easier, never the positive.
 - **Processes.** The keys of every process are gathered, view by view in rank order, before they
   are queued: after a step the queue is the same on every process, and the same as one process's
   on the global batch. K counts keys of the global batch, 2 per image (both views).
