@@ -279,8 +279,8 @@ class Bench:
 
     def bf16_refusal(self) -> str | None:
         """Why bf16 autocast is not measured here (None: it is): on a CPU, without native bf16
-        instructions (AVX512-BF16 or AMX, `engine.native_cpu_bf16`, pretrain's check) it would be emulated and slow, and a
-        bf16 convolution must run (try-run)."""
+        instructions (AVX512-BF16 or AMX, `engine.native_cpu_bf16`, pretrain's check) it would be
+        emulated and slow, and a bf16 convolution must run (try-run)."""
         if self.device.type != "cpu":
             return None
         capability = torch.backends.cpu.get_cpu_capability()
